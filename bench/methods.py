@@ -27,13 +27,13 @@ from typing import Any
 
 from PIL import ImageOps
 
-from patcher.build import BuildOptions, build
-from patcher.merge import MergeOptions, merge_runs
-from patcher.methods import METHODS
-from patcher.pretrain import RECORD_FILENAME, PretrainOptions, reference_dir
-from patcher.runs import load_run, write_json
-from patcher.tasks import get_task
-from patcher.training import TrainConfig
+from patcher.data.tasks import get_task
+from patcher.runs.store import load_run, write_json
+from patcher.stages.build import BuildOptions, build
+from patcher.stages.merge import MergeOptions, merge_runs
+from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, reference_dir
+from patcher.training.loop import TrainConfig
+from patcher.training.methods import METHODS
 
 KINDS = ("zeroshot", "finetuned", "patched")
 SUPPORT = "fashion-mnist"

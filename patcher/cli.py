@@ -70,13 +70,13 @@ def build(
     """Fine-tune on one or more tasks with a method, interpolate with the zero-shot weights and choose alpha."""
     from rich.console import Console
 
-    from patcher.build import BuildOptions
-    from patcher.build import build as run_build
-    from patcher.report import accuracy_table, alpha_lines
-    from patcher.runs import load_run
+    from patcher.runs.report import accuracy_table, alpha_lines
+    from patcher.runs.store import load_run
+    from patcher.stages.build import BuildOptions
+    from patcher.stages.build import build as run_build
 
     try:
-        from patcher.methods import train_config
+        from patcher.training.methods import train_config
 
         params = dict(_key_value(item) for item in param or [])
         finetune = train_config(method, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -139,9 +139,9 @@ def merge(
     """Combine finished runs by task arithmetic: zero-shot + coefficient * the sum of their task vectors."""
     from rich.console import Console
 
-    from patcher.merge import MergeOptions, merge_runs
-    from patcher.report import accuracy_table, alpha_lines
-    from patcher.runs import load_run
+    from patcher.runs.report import accuracy_table, alpha_lines
+    from patcher.runs.store import load_run
+    from patcher.stages.merge import MergeOptions, merge_runs
 
     options = MergeOptions(runs=list(runs), out=out, support=[s.strip() for s in support.split(",") if s.strip()],
                            tolerance=tolerance, alpha=alpha, data_dir=data_dir, download=download, device=device)
@@ -173,9 +173,9 @@ def pretrain(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted pretraining.")] = False,
 ) -> None:
     """Train the offline reference mini CLIP (Fashion-MNIST and digits 0-4, contrastive); print its folder."""
-    from patcher.pretrain import PretrainOptions, reference_dir
-    from patcher.pretrain import pretrain as run_pretrain
-    from patcher.training import TrainConfig
+    from patcher.stages.pretrain import PretrainOptions, reference_dir
+    from patcher.stages.pretrain import pretrain as run_pretrain
+    from patcher.training.loop import TrainConfig
 
     options = PretrainOptions(
         model=model,
@@ -213,8 +213,8 @@ def show(run: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Print a run's summary table."""
     from rich.console import Console
 
-    from patcher.report import accuracy_table, alpha_lines
-    from patcher.runs import load_run
+    from patcher.runs.report import accuracy_table, alpha_lines
+    from patcher.runs.store import load_run
 
     try:
         manifest = load_run(run).manifest
@@ -388,7 +388,7 @@ def demo(
     bench: Annotated[bool, typer.Option(help="Benchmark patched against zero-shot.")] = True,
 ) -> None:
     """The offline demo: pretrain (or reuse) the mini CLIP, patch digits protecting Fashion-MNIST, export, serve."""
-    from patcher.demo import DemoOptions, run_demo
+    from patcher.stages.demo import DemoOptions, run_demo
 
     try:
         summary = run_demo(DemoOptions(serve=serve, bench=bench))
@@ -400,7 +400,7 @@ def demo(
 @app.command()
 def tasks() -> None:
     """List the registered tasks."""
-    from patcher.tasks import known_tasks
+    from patcher.data.tasks import known_tasks
 
     for name in known_tasks():
         typer.echo(name)

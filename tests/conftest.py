@@ -20,8 +20,8 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CLIP pretrained by `patcher pretrain` on Fashion-MNIST's val images and the digits 0-4 (~15 s)."""
-    from patcher.pretrain import PretrainOptions, Source, pretrain
-    from patcher.training import TrainConfig
+    from patcher.stages.pretrain import PretrainOptions, Source, pretrain
+    from patcher.training.loop import TrainConfig
 
     options = PretrainOptions(
         sources=[Source("fashion-mnist", "val", None, 0.6), Source("digits", "pretrain", [0, 1, 2, 3, 4], 0.4)],
@@ -36,8 +36,8 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Path:
     """A run directory from `patcher build` on digits (patch) and fashion-mnist (support) with the tiny CLIP."""
-    from patcher.build import BuildOptions, build
-    from patcher.training import TrainConfig
+    from patcher.stages.build import BuildOptions, build
+    from patcher.training.loop import TrainConfig
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     options = BuildOptions(

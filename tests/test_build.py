@@ -12,7 +12,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from patcher.cli import app
-from patcher.runs import load_run, sha256_file
+from patcher.runs.store import load_run, sha256_file
 
 runner = CliRunner()
 
@@ -133,7 +133,7 @@ def test_resume_refuses_other_options_and_missing_state(tmp_path: Path):
     out = tmp_path / "run"
     result = runner.invoke(app, [*BASE, "--task", "digits", "--out", str(out), "--resume"])
     assert result.exit_code == 2 and "nothing to resume" in result.output
-    from patcher.runs import prepare_staging
+    from patcher.runs.store import prepare_staging
 
     prepare_staging(out, {"task": "something else"}, resume=False)
     result = runner.invoke(app, [*BASE, "--task", "digits", "--out", str(out), "--resume"])

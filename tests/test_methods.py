@@ -8,18 +8,18 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from patcher.compat import import_open_clip
+from patcher.data.tasks import get_task
 from patcher.errors import PatcherError
-from patcher.heads import build_head
-from patcher.methods import MethodSetup, get_method, parse_params, train_config
-from patcher.methods.carft import ContextAwareFineTune, ContextParams, context_head
-from patcher.methods.flyp import ContrastiveFineTune, LabelAwareClipLoss, same_class_targets
-from patcher.methods.probe import LinearProbe, LinearProbeThenFineTune, ProbeThenFineTuneParams
-from patcher.methods.runner import run_stages
-from patcher.mixture import TaskMixture, split_batch
 from patcher.models import load_clip
-from patcher.states import HeadResolver, fill_missing, project_head, text_state
-from patcher.tasks import get_task
-from patcher.training import TrainConfig, train
+from patcher.models.heads import build_head
+from patcher.patching.states import HeadResolver, fill_missing, project_head, text_state
+from patcher.training.loop import TrainConfig, train
+from patcher.training.methods import MethodSetup, get_method, parse_params, train_config
+from patcher.training.methods.carft import ContextAwareFineTune, ContextParams, context_head
+from patcher.training.methods.flyp import ContrastiveFineTune, LabelAwareClipLoss, same_class_targets
+from patcher.training.methods.probe import LinearProbe, LinearProbeThenFineTune, ProbeThenFineTuneParams
+from patcher.training.methods.runner import run_stages
+from patcher.training.sampling import TaskMixture, split_batch
 
 open_clip = import_open_clip()
 

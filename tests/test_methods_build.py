@@ -11,12 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_methods_helpers import make_small_fashion, make_tiny_model, tiny_build
 
-from patcher.classifier import split_classifier_state
-from patcher.heads import build_head
-from patcher.methods import METHODS
+from patcher.data.tasks import get_task
 from patcher.models import load_clip
-from patcher.runs import load_run
-from patcher.tasks import get_task
+from patcher.models.classifier import split_classifier_state
+from patcher.models.heads import build_head
+from patcher.runs.store import load_run
+from patcher.training.methods import METHODS
 
 KINDS = ("zeroshot", "finetuned", "patched")
 pytestmark = pytest.mark.slow
@@ -104,7 +104,7 @@ def test_carft_records_its_parameters_and_logs_both_terms(runs: dict[str, Path])
 
 def test_an_interrupted_two_stage_build_resumes_to_the_same_weights(runs: dict[str, Path], world: dict,
                                                                      monkeypatch: pytest.MonkeyPatch):
-    import patcher.methods.runner as runner_module
+    import patcher.training.methods.runner as runner_module
 
     class Interrupt(Exception):
         pass

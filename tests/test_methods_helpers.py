@@ -9,10 +9,10 @@ import torch
 from PIL import ImageOps
 from safetensors.torch import save_file
 
-from patcher.build import BuildOptions, build
+from patcher.data.tasks import get_task
 from patcher.models import load_clip
-from patcher.tasks import get_task
-from patcher.training import TrainConfig
+from patcher.stages.build import BuildOptions, build
+from patcher.training.loop import TrainConfig
 
 TINY_STEPS = TrainConfig(steps=6, batch_size=16, lr=1e-3, warmup_steps=1, checkpoint_every=4, log_every=1)
 

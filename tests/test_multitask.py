@@ -13,9 +13,9 @@ from test_methods_helpers import make_inverted_digits, make_small_fashion, make_
 from typer.testing import CliRunner
 
 from patcher.cli import app
-from patcher.merge import MergeOptions, merge_runs
-from patcher.multitask import task_arithmetic
-from patcher.runs import load_run, sha256_file
+from patcher.patching.strategies import task_arithmetic
+from patcher.runs.store import load_run, sha256_file
+from patcher.stages.merge import MergeOptions, merge_runs
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from patcher.models import load_clip
-from patcher.pretrain import RECORD_FILENAME
+from patcher.stages.pretrain import RECORD_FILENAME
 
 
 @pytest.fixture(scope="module")

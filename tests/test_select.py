@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from patcher.select import DEFAULT_GRID, choose, golden_search, grid_search
+from patcher.patching.alpha import DEFAULT_GRID, choose, golden_search, grid_search
 
 
 def curve_from(patch: list[float], support: list[float]) -> dict[float, dict[str, float]]:

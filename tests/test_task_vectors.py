@@ -7,7 +7,7 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.models import load_clip
-from patcher.task_vectors import TaskVector, interpolate
+from patcher.patching.task_vectors import TaskVector, interpolate
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from patcher.data.tasks import get_task
 from patcher.errors import PatcherError
-from patcher.tasks import get_task
 
 
 def make_folder(root: Path, layout: dict[str, dict[str, int]]) -> Path:

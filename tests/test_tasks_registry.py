@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from patcher.data.tasks import PAINT_TASKS, Task, default_data_root, get_task, known_tasks
+from patcher.data.tasks.missing import first_line, missing_data_error
 from patcher.errors import PatcherError
-from patcher.tasks import PAINT_TASKS, Task, default_data_root, get_task, known_tasks
-from patcher.tasks.missing import first_line, missing_data_error
 
 EXPECTED_TASKS = {
     *("cars", "dtd", "eurosat", "gtsrb", "kitti", "mnist", "resisc45", "sun397", "svhn"),
@@ -133,7 +133,7 @@ def test_download_failure_is_named_in_one_line() -> None:
 
 def test_importing_the_registry_touches_neither_torchvision_nor_disk() -> None:
     code = (
-        "import sys; from patcher.tasks import get_task; t = get_task('gtsrb'); get_task('digits'); "
+        "import sys; from patcher.data.tasks import get_task; t = get_task('gtsrb'); get_task('digits'); "
         "print('torchvision' in sys.modules, 'open_clip' in sys.modules, 'sklearn' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

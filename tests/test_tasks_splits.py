@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from patcher.tasks.splits import holdout_indices, partition_indices, train_test_indices
+from patcher.data.tasks.splits import holdout_indices, partition_indices, train_test_indices
 
 
 @pytest.mark.parametrize(("n", "val_size"), [(100, 10), (599, 59), (12_000, 1_200), (60_000, 5_000), (2, 1)])

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from patcher.classifier import MultiHeadClassifier
-from patcher.finetune import finetune
 from patcher.models import load_clip
-from patcher.training import CHECKPOINT, TrainConfig, batch_indices, checkpoint_step, lr_factor
+from patcher.models.classifier import MultiHeadClassifier
+from patcher.training.loop import CHECKPOINT, TrainConfig, batch_indices, checkpoint_step, lr_factor
+from patcher.training.losses import finetune
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

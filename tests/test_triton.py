@@ -58,9 +58,9 @@ def _export(run: Path, out: Path) -> ExportCase:
     """`patcher export` (fp32 and fp16) of the session's tiny run, with the run's PyTorch classifier as reference."""
     from safetensors.torch import load_file
 
-    from patcher.classifier import MultiHeadClassifier, split_classifier_state
     from patcher.export import export_run
     from patcher.models import build_from_config, image_transform
+    from patcher.models.classifier import MultiHeadClassifier, split_classifier_state
 
     export_dir = Path(export_run(run, out=out, fp16=True))
     config = json.loads((run / "open_clip_config.json").read_text())
@@ -95,7 +95,7 @@ def case(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportCase
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[Image.Image]]:
     """Digits test images re-encoded as PNG files, and the decoded images."""
-    from patcher.tasks import get_task
+    from patcher.data.tasks import get_task
 
     test = get_task("digits").dataset("test")
     folder = tmp_path_factory.mktemp("digits-png")

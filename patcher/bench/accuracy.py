@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from patcher.errors import PatcherError
-from patcher.runs import Run
+from patcher.runs.store import Run
 
 SPLIT = "test"
 
@@ -20,9 +20,9 @@ def test_images(
     """Preprocessed test images of a task and their labels (a seeded subset of at most `limit`), and the split size."""
     from torch.utils.data import Subset
 
-    from patcher.data import preprocess_dataset
+    from patcher.data.preprocess import preprocess_dataset
+    from patcher.data.tasks import get_task
     from patcher.models import image_transform
-    from patcher.tasks import get_task
 
     config = json.loads(run.verified_file("open_clip_config.json").read_text())
     dataset = get_task(task).dataset(SPLIT, data_root=data_dir)

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from patcher.runs import write_json
+from patcher.runs.store import write_json
 
 RUNTIME_LABEL = {"triton": "Triton gRPC", "onnxruntime": "onnxruntime", "torch": "PyTorch eager"}
 

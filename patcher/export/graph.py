@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from patcher.classifier import MultiHeadClassifier, split_classifier_state
 from patcher.errors import PatcherError
+from patcher.export.naming import logits_output
 from patcher.models import build_from_config
-from patcher.naming import logits_output
+from patcher.models.classifier import MultiHeadClassifier, split_classifier_state
 
 INPUT_NAME = "image"
 EMBEDDING_OUTPUT = "embedding"

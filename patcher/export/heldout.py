@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from patcher.data import preprocess_dataset
+from patcher.data.preprocess import preprocess_dataset
+from patcher.data.tasks import get_task
 from patcher.errors import PatcherError
 from patcher.models import image_transform
-from patcher.tasks import get_task
 
 SPLIT = "val"
 

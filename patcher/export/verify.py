@@ -14,7 +14,7 @@ import torch
 from patcher.errors import PatcherError
 from patcher.export.graph import INPUT_NAME
 from patcher.export.heldout import HeldOut
-from patcher.naming import logits_output
+from patcher.export.naming import logits_output
 
 BATCH_SIZES = (1, 7, 64)
 FP32_MAX_ABS_DIFF = 1e-3

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from patcher.errors import PatcherError
-from patcher.naming import tensor_name
-from patcher.runs import read_format_json, sha256_file
+from patcher.export.naming import tensor_name
+from patcher.runs.store import read_format_json, sha256_file
 
 EXPORT_FORMAT = "patcher-export/1"
 EXPORT_JSON = "export.json"

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from patcher.errors import PatcherError
-from patcher.naming import tensor_name
-from patcher.runs import now_iso
+from patcher.export.naming import tensor_name
+from patcher.runs.store import now_iso
 from patcher.triton.configs import (
     Batching,
     classifier_config,

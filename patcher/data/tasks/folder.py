@@ -1,0 +1,75 @@
+"""A user's dataset in ImageFolder layout, named "folder:PATH" (PATH/train/<class>/..., PATH/test/...)."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from patcher.data.tasks import templates
+from patcher.data.tasks.loaders import torchvision_class
+from patcher.data.tasks.splits import train_test_indices
+from patcher.data.tasks.task import Task
+from patcher.data.tasks.views import ImageView
+from patcher.errors import PatcherError
+
+PREFIX = "folder:"
+LAYOUT = "train/<class>/<image> and optionally test/<class>/<image>"
+
+
+def folder_task(name: str) -> Task:
+    """The task "folder:PATH": class names from train/'s folders or classnames.txt, templates.txt optional."""
+    path = Path(name.removeprefix(PREFIX)).expanduser()
+    classes = class_folders(path)
+    names = read_lines(path / "classnames.txt") or tuple(folder.replace("_", " ") for folder in classes)
+    if len(names) != len(classes):
+        raise PatcherError(
+            f"{path / 'classnames.txt'} has {len(names)} names but {path / 'train'} has {len(classes)} class "
+            f"folders ({', '.join(classes)}): give one name per folder, in sorted folder order"
+        )
+    prompts = read_lines(path / "templates.txt") or templates.FOLDER_DEFAULT
+    return Task(name, names, prompts, partial(load_folder, path, classes))
+
+
+def class_folders(path: Path) -> tuple[str, ...]:
+    """The sorted class folder names under PATH/train (torchvision's ImageFolder order)."""
+    train = path / "train"
+    if not train.is_dir():
+        raise PatcherError(f"folder dataset {path} has no train/ folder: expected {LAYOUT}")
+    classes = sorted(entry.name for entry in os.scandir(train) if entry.is_dir())
+    if not classes:
+        raise PatcherError(f"folder dataset {path} has no class folders in train/: expected {LAYOUT}")
+    return tuple(classes)
+
+
+def read_lines(path: Path) -> tuple[str, ...]:
+    """The non-blank lines of a text file, stripped; empty when the file does not exist."""
+    if not path.is_file():
+        return ()
+    return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def load_folder(path: Path, classes: tuple[str, ...], part: str, root: Path, download: bool) -> Dataset:
+    """PATH/train or PATH/test; without PATH/test, a seeded stratified 4:1 split of PATH/train."""
+    if (path / "test").is_dir():
+        return open_folder(path, part, classes)[0]
+    train, labels = open_folder(path, "train", classes)
+    return ImageView(train, train_test_indices(labels, weights=(4, 1))[part])
+
+
+def open_folder(path: Path, part: str, classes: tuple[str, ...]) -> tuple[ImageView, list[int]]:
+    """PATH/<part> as an ImageFolder with labels numbered by `classes`: (dataset, labels)."""
+    image_folder = torchvision_class("ImageFolder")
+    try:
+        data = image_folder(str(path / part), allow_empty=True)
+    except OSError as error:
+        raise PatcherError(f"cannot read folder dataset {path / part} ({error}): expected {LAYOUT}") from error
+    unknown = sorted(set(data.classes) - set(classes))
+    if unknown:
+        raise PatcherError(f"{path / part} has class folders that train/ lacks: {', '.join(unknown)}")
+    if not data.samples:
+        raise PatcherError(f"folder dataset {path} has no images in {part}/: expected {LAYOUT}")
+    index = [classes.index(name) for name in data.classes]
+    return ImageView(data, target=index.__getitem__), [index[target] for target in data.targets]

@@ -1,0 +1,189 @@
+"""Loaders backed by torchvision's dataset classes, each naming the on-disk layout it expects.
+
+Every loader has the signature (part, root, download) -> Dataset of (RGB PIL image, int label) items,
+plus `dataset_class`: the torchvision class to use, by name or as a class (tests pass a subclass that
+skips the checksum check of the real archives, so that a small synthetic copy of the layout loads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset, Dataset
+
+from patcher.compat import import_torchvision
+from patcher.data.tasks import classnames
+from patcher.data.tasks.missing import open_dataset
+from patcher.data.tasks.splits import train_test_indices
+from patcher.data.tasks.views import ImageView
+from patcher.errors import PatcherError
+
+IDX_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
+
+
+def torchvision_class(spec: str | type) -> type:
+    """A class of torchvision.datasets by name, or `spec` itself when it is a class already."""
+    return getattr(import_torchvision().datasets, spec) if isinstance(spec, str) else spec
+
+
+def check_classes(
+    found: Sequence[str], expected: Sequence[str], title: str, where: Path, *, by_name: bool = True
+) -> None:
+    """Raise a PatcherError unless the dataset has the expected classes (else labels would be wrong).
+
+    With by_name=False only their number is compared (for datasets whose own names differ from CLIP's).
+    """
+    if list(found) == list(expected) or (not by_name and len(found) == len(expected)):
+        return
+    shown = ", ".join(list(found)[:5]) + (", ..." if len(found) > 5 else "")
+    raise PatcherError(
+        f"{title} under {where} has {len(found)} classes ({shown}); expected the {len(expected)} "
+        f"of the published dataset, starting {', '.join(list(expected)[:3])}"
+    )
+
+
+def load_mnist(part: str, root: Path, download: bool, dataset_class: str | type = "MNIST") -> Dataset:
+    """MNIST from root/MNIST/raw (IDX files)."""
+    cls = torchvision_class(dataset_class)
+    data = open_dataset(
+        lambda: cls(str(root), train=part == "train", download=download),
+        title="MNIST",
+        where=root / "MNIST" / "raw",
+        expected=IDX_FILES,
+        download=download,
+    )
+    return ImageView(data)
+
+
+def load_cifar10(part: str, root: Path, download: bool, dataset_class: str | type = "CIFAR10") -> Dataset:
+    """CIFAR-10 from root/cifar-10-batches-py (the pickled batches of the python version)."""
+    cls = torchvision_class(dataset_class)
+    data = open_dataset(
+        lambda: cls(str(root), train=part == "train", download=download),
+        title="CIFAR-10",
+        where=root / "cifar-10-batches-py",
+        expected="data_batch_1 to data_batch_5, test_batch and batches.meta",
+        download=download,
+    )
+    return ImageView(data)
+
+
+def load_cifar100(part: str, root: Path, download: bool, dataset_class: str | type = "CIFAR100") -> Dataset:
+    """CIFAR-100 (fine labels) from root/cifar-100-python."""
+    cls = torchvision_class(dataset_class)
+    data = open_dataset(
+        lambda: cls(str(root), train=part == "train", download=download),
+        title="CIFAR-100",
+        where=root / "cifar-100-python",
+        expected="train, test and meta",
+        download=download,
+    )
+    return ImageView(data)
+
+
+def load_stl10(part: str, root: Path, download: bool, dataset_class: str | type = "STL10") -> Dataset:
+    """STL-10's labelled train (5,000) and test (8,000) images from root/stl10_binary."""
+    cls = torchvision_class(dataset_class)
+    data = open_dataset(
+        lambda: cls(str(root), split=part, download=download),
+        title="STL-10",
+        where=root / "stl10_binary",
+        expected="train_X.bin, train_y.bin, test_X.bin, test_y.bin and unlabeled_X.bin",
+        download=download,
+    )
+    return ImageView(data)
+
+
+def load_svhn(part: str, root: Path, download: bool, dataset_class: str | type = "SVHN") -> Dataset:
+    """SVHN cropped digits from root/svhn (torchvision reads label 10 as digit 0)."""
+    cls = torchvision_class(dataset_class)
+    folder = root / "svhn"
+    data = open_dataset(
+        lambda: cls(str(folder), split=part, download=download),
+        title="SVHN",
+        where=folder,
+        expected="train_32x32.mat and test_32x32.mat",
+        download=download,
+    )
+    return ImageView(data)
+
+
+def load_gtsrb(part: str, root: Path, download: bool, dataset_class: str | type = "GTSRB") -> Dataset:
+    """GTSRB from root/gtsrb: class folders 00000..00042 for train, Final_Test and its CSV for test."""
+    cls = torchvision_class(dataset_class)
+    data = open_dataset(
+        lambda: cls(str(root), split=part, download=download),
+        title="GTSRB",
+        where=root / "gtsrb",
+        expected="GTSRB/Training/<00000..00042>/*.ppm, GTSRB/Final_Test/Images/*.ppm and GT-final_test.csv",
+        download=download,
+    )
+    return ImageView(data)
+
+
+def load_dtd(part: str, root: Path, download: bool, dataset_class: str | type = "DTD") -> Dataset:
+    """DTD partition 1 from root/dtd; the train part is its train and val lists together."""
+    cls = torchvision_class(dataset_class)
+    where = root / "dtd"
+    pieces = []
+    for split in ("train", "val") if part == "train" else ("test",):
+        data = open_dataset(
+            lambda split=split: cls(str(root), split=split, download=download),
+            title="DTD",
+            where=where,
+            expected="dtd/images/<class>/*.jpg and dtd/labels/{train,val,test}1.txt",
+            download=download,
+        )
+        check_classes(data.classes, classnames.DTD, "DTD", where)
+        pieces.append(data)
+    return ImageView(pieces[0] if len(pieces) == 1 else ConcatDataset(pieces))
+
+
+def load_eurosat(part: str, root: Path, download: bool, dataset_class: str | type = "EuroSAT") -> Dataset:
+    """EuroSAT RGB from root/eurosat/2750; it has no official split, so a seeded stratified 9:1 one."""
+    cls = torchvision_class(dataset_class)
+    where = root / "eurosat"
+    data = open_dataset(
+        lambda: cls(str(root), download=download),
+        title="EuroSAT",
+        where=where,
+        expected="2750/<class>/*.jpg for its 10 class folders AnnualCrop ... SeaLake",
+        download=download,
+    )
+    check_classes(data.classes, list(classnames.EUROSAT_FOLDERS), "EuroSAT", where)
+    return ImageView(data, train_test_indices(data.targets, weights=(9, 1))[part])
+
+
+def load_sun397(part: str, root: Path, download: bool, dataset_class: str | type = "SUN397") -> Dataset:
+    """SUN397 from root/SUN397; torchvision gives no split, so a seeded stratified 4:1 one."""
+    cls = torchvision_class(dataset_class)
+    where = root / "SUN397"
+    data = open_dataset(
+        lambda: cls(str(root), download=download),
+        title="SUN397",
+        where=where,
+        expected="ClassName.txt and <letter>/<class>/sun_*.jpg",
+        download=download,
+    )
+    check_classes(data.classes, classnames.SUN397, "SUN397", where, by_name=False)
+    # torchvision lists the files in file-system order; sorting by path makes the split reproducible.
+    paths = [str(path) for path in data._image_files]
+    return ImageView(data, train_test_indices(data._labels, weights=(4, 1), keys=paths)[part])
+
+
+def load_cars(part: str, root: Path, download: bool, dataset_class: str | type = "StanfordCars") -> Dataset:
+    """Stanford Cars from root/stanford_cars (torchvision's layout; its download URL no longer works)."""
+    cls = torchvision_class(dataset_class)
+    where = root / "stanford_cars"
+    data = open_dataset(
+        lambda: cls(str(root), split=part, download=False),
+        title="Stanford Cars",
+        where=where,
+        expected="devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, cars_test/ and "
+        "cars_test_annos_withlabels.mat",
+        download=download,
+        downloadable=False,
+    )
+    check_classes(data.classes, classnames.CARS, "Stanford Cars", where, by_name=False)
+    return ImageView(data)

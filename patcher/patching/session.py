@@ -1,0 +1,179 @@
+"""The pieces every patching strategy shares: fine-tune from a state, evaluate a state, choose alpha on a path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from patcher.data.evaluation import accuracies
+from patcher.data.preprocess import preprocess_dataset
+from patcher.data.tasks import Task
+from patcher.errors import PatcherError
+from patcher.models import LoadedModel, image_transform
+from patcher.models.classifier import HEAD_PREFIX, VISUAL_PREFIX, MultiHeadClassifier
+from patcher.patching.alpha import DEFAULT_GRID, SEARCHES, Selection, choose
+from patcher.patching.states import (
+    TEXT_PREFIX,
+    HeadResolver,
+    State,
+    fill_missing,
+    has_text,
+    part,
+    prefixed,
+    text_state,
+    visual_state,
+)
+from patcher.progress import make_progress
+from patcher.training.loop import TrainConfig
+from patcher.training.methods import Method, MethodSetup
+from patcher.training.methods.runner import run_stages
+
+AlphaPath = Callable[[float], State]  # alpha -> state: an interpolation or task-arithmetic path
+
+
+@dataclass
+class Splits:
+    """Preprocessed data: training splits of the patch tasks, held-out and test splits of every task."""
+
+    train: dict[str, TensorDataset]
+    val: dict[str, TensorDataset]
+    test: dict[str, TensorDataset]
+
+
+def prepare_splits(
+    train_tasks: list[Task], eval_tasks: list[Task], loaded: LoadedModel, data_dir: Path | None = None,
+    download: bool = False,
+) -> Splits:
+    """Preprocess once: train splits of `train_tasks`, val and test splits of `eval_tasks`."""
+    transform = image_transform(loaded.preprocess_cfg)
+
+    def prepare(task: Task, split: str) -> TensorDataset:
+        dataset = task.dataset(split, data_root=data_dir, download=download)
+        if len(dataset) == 0:
+            raise PatcherError(f"{task.name} has no images in its {split} split: check the dataset folder")
+        return preprocess_dataset(dataset, transform, f"preparing {task.name}/{split}")
+
+    return Splits(
+        train={task.name: prepare(task, "train") for task in train_tasks},
+        val={task.name: prepare(task, "val") for task in eval_tasks},
+        test={task.name: prepare(task, "test") for task in eval_tasks},
+    )
+
+
+@dataclass
+class Trained:
+    """A fine-tuned state and what produced it."""
+
+    state: State
+    method: Method
+    steps: int
+    configs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Session:
+    """One model, its tasks and data: fine-tunes methods from any state and scores any state."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        tasks: Mapping[str, Task],
+        zeroshot_heads: Mapping[str, torch.Tensor],
+        splits: Splits,
+        device: str = "cpu",
+        eval_batch_size: int = 256,
+    ) -> None:
+        self.loaded = loaded
+        self.tasks = dict(tasks)
+        self.splits = splits
+        self.device = device
+        self.eval_batch_size = eval_batch_size
+        self.resolver = HeadResolver(zeroshot_heads, tasks, loaded, device)
+        self.zeroshot = visual_state(loaded.model)
+        self._zeroshot_text: State | None = None
+
+    def zeroshot_text(self) -> State:
+        """The zero-shot text tower as `text.*`, copied the first time a state needs it (before any changes it)."""
+        if self._zeroshot_text is None:
+            self._zeroshot_text = text_state(self.loaded.model)
+        return self._zeroshot_text
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put a state's encoder and text tower (zero-shot where it has none) into the model."""
+        model = self.loaded.model
+        model.visual.load_state_dict(part(VISUAL_PREFIX, state))
+        text = part(TEXT_PREFIX, state) or (part(TEXT_PREFIX, self._zeroshot_text) if self._zeroshot_text else {})
+        model.load_state_dict(text, strict=False)
+
+    def complete(self, *states: Mapping[str, torch.Tensor]) -> list[State]:
+        """The states with the same keys: any key one lacks takes its zero-shot value."""
+        base = {**self.zeroshot, **prefixed(HEAD_PREFIX, self.resolver.zeroshot_heads)}
+        if any(has_text(state) for state in states):
+            base.update(self.zeroshot_text())
+        return fill_missing(states, base)
+
+    def fine_tune(
+        self,
+        method_class: type[Method],
+        params: Any,
+        start: Mapping[str, torch.Tensor],
+        tasks: list[str],
+        config: TrainConfig,
+        checkpoint_dir: Path | None = None,
+        log_path: Path | None = None,
+        step_offset: int = 0,
+        label: str = "",
+    ) -> Trained:
+        """Train `method_class` on `tasks` (balanced) from `start`; the state is `start` with what it trained."""
+        if "text" in method_class.trains:
+            self.zeroshot_text()
+        self.load(start)
+        setup = MethodSetup(self.loaded, {t: self.splits.train[t] for t in tasks}, self.tasks,
+                            self.resolver.heads(start), config, self.device)
+        method = method_class(setup, params)
+        configs = [{"stage": f"{label}{stage.name}", **stage.config.as_dict()} for stage in method.stages()]
+        steps = run_stages(method, self.device, checkpoint_dir, log_path, step_offset, label)
+        self.loaded.model.eval()
+        return Trained({**dict(start), **method.state()}, method, steps, configs)
+
+    def accuracy(self, state: Mapping[str, torch.Tensor], splits: Mapping[str, TensorDataset]) -> dict[str, float]:
+        """Top-1 accuracy (%) of the classifier this state gives, per task, on the given splits."""
+        encoder_state, heads = self.resolver.resolve(state)
+        encoder = self.loaded.model.visual
+        encoder.load_state_dict(encoder_state)
+        classifier = MultiHeadClassifier(encoder, {task: heads[task] for task in splits})
+        return accuracies(classifier, splits, self.eval_batch_size, self.device)
+
+    def select(
+        self,
+        path: AlphaPath,
+        patch: list[str],
+        support: list[str],
+        tolerance: float,
+        search: str,
+        fixed_alpha: float | None = None,
+        reference: Mapping[str, float] | None = None,
+        description: str = "choosing alpha",
+    ) -> Selection:
+        """Choose alpha on held-out data along `path` with PAINT's rule (search, or a fixed value reported)."""
+        with make_progress() as progress:
+            total = len(DEFAULT_GRID) if fixed_alpha is None else 3
+            bar = progress.add_task(description, total=total, status="")
+
+            def evaluate(alpha: float) -> dict[str, float]:
+                result = self.accuracy(path(alpha), self.splits.val)
+                shown = ", ".join(f"{t} {result[t]:.1f}%" for t in patch)
+                progress.update(bar, advance=1, status=f"alpha {alpha:g}: {shown}")
+                return result
+
+            if fixed_alpha is None:
+                selection = SEARCHES[search](evaluate, patch, support, tolerance, reference=reference)
+                progress.update(bar, total=selection.evaluations)
+                return selection
+            curve = {a: evaluate(a) for a in sorted({0.0, fixed_alpha, 1.0})}
+        chosen = choose(curve, patch, support, tolerance, reference)
+        return Selection(alpha=fixed_alpha, rule=f"fixed by --alpha {fixed_alpha:g}", curve=chosen.curve)

@@ -1,0 +1,106 @@
+"""Writing a run directory's files: the three classifiers, text towers, the alpha plot, manifest sections."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from patcher import __version__
+from patcher.models.classifier import classifier_state
+from patcher.models import LoadedModel, preprocess_spec
+from patcher.runs.plots import alpha_curve_plot
+from patcher.runs.store import STAGING_FINGERPRINT, file_record, library_versions
+from patcher.patching.alpha import DEFAULT_GRID, Selection
+from patcher.patching.states import TEXT_PREFIX, HeadResolver, State, has_text, part
+from patcher.data.tasks import Task
+
+KINDS = ("zeroshot", "finetuned", "patched")
+MODEL_FILES = {kind: f"models/{kind}.safetensors" for kind in KINDS}
+TEXT_FILES = {kind: f"text/{kind}.safetensors" for kind in ("finetuned", "patched")}
+
+
+def write_models(staging: Path, resolver: HeadResolver, states: Mapping[str, State],
+                 alphas: Mapping[str, float]) -> dict[str, str]:
+    """models/<kind>.safetensors for each state (encoder + every head), and text/<kind> where a text tower was
+    trained; returns the text files written by kind."""
+    (staging / "models").mkdir(exist_ok=True)
+    text_files = {}
+    for kind in KINDS:
+        encoder, heads = resolver.resolve(states[kind])
+        metadata = {"model": kind, "alpha": f"{alphas[kind]:g}"}
+        save_file(classifier_state(encoder, heads), str(staging / MODEL_FILES[kind]), metadata=metadata)
+        if kind in TEXT_FILES and has_text(states[kind]):
+            (staging / "text").mkdir(exist_ok=True)
+            text = {k: v.contiguous() for k, v in part(TEXT_PREFIX, states[kind]).items()}
+            save_file(text, str(staging / TEXT_FILES[kind]), metadata=metadata)
+            text_files[kind] = TEXT_FILES[kind]
+    return text_files
+
+
+def plot_curves(staging: Path, selection: Selection, patch: list[str], support: list[str], tolerance: float,
+                title: str, reference: Mapping[str, float] | None = None,
+                steps: list[tuple[str, Selection]] | None = None) -> None:
+    """alpha_curve.png for the final selection and alpha_curve_step<k>.png for each step of a sequential run."""
+    zeroshot = dict(reference) if reference is not None else selection.curve[0.0]
+    alpha_curve_plot(selection.curve, selection.alpha, staging / "alpha_curve.png", patch, zeroshot,
+                     tolerance if support else None, title=title)
+    for number, (task, step) in enumerate(steps or [], start=1):
+        alpha_curve_plot(step.curve, step.alpha, staging / f"alpha_curve_step{number}.png", [task], zeroshot,
+                         tolerance if support else None, title=f"step {number} ({task}): held-out accuracy")
+
+
+def model_record(loaded: LoadedModel, image_size: int | None) -> dict[str, Any]:
+    """The manifest's `model` section."""
+    return {
+        "name": loaded.name,
+        "pretrained": loaded.pretrained,
+        "image_size": image_size,
+        "weights_sha256": loaded.weights_sha256,
+        "embed_dim": loaded.embed_dim,
+        "preprocess": preprocess_spec(loaded.preprocess_cfg),
+    }
+
+
+def task_record(task: Task, role: str, sizes: Mapping[str, int]) -> dict[str, Any]:
+    """One entry of the manifest's `tasks` section."""
+    return {"role": role, "classnames": list(task.classnames), "templates": list(task.templates),
+            "sizes": dict(sizes)}
+
+
+def alpha_record(selection: Selection, mode: str, search: str, tolerance: float,
+                 reference: Mapping[str, float]) -> dict[str, Any]:
+    """The manifest's `alpha` section for the selection behind the patched model."""
+    return {
+        "mode": mode,
+        "chosen": selection.alpha,
+        "rule": selection.rule,
+        "tolerance": tolerance,
+        "search": search,
+        "evaluations": selection.evaluations,
+        "grid": list(DEFAULT_GRID),
+        "warning": selection.warning,
+        "curve": [{"alpha": a, "val_accuracy": acc} for a, acc in sorted(selection.curve.items())],
+        "zeroshot_val_accuracy": dict(reference),
+    }
+
+
+def files_record(staging: Path) -> dict[str, Any]:
+    """sha256 and size of every file in the staging directory (the manifest's `files`)."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != STAGING_FINGERPRINT
+                   and "checkpoints" not in p.relative_to(staging).parts)
+    return {str(p.relative_to(staging)): file_record(p) for p in files}
+
+
+def options_sha256(fingerprint: Mapping[str, Any]) -> str:
+    """sha256 of the options that determine a result."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Library versions and patcher's."""
+    return {**library_versions(), "patcher": __version__}

@@ -1,0 +1,221 @@
+"""`patcher pretrain`: contrastive image-text training of a small open_clip model on captioned images.
+
+Captions are a task's templates filled with its class names, so a model pretrained here knows the
+classes it saw by name and nothing about the others: the offline stand-in for a pretrained CLIP.
+The reference scenario: all of Fashion-MNIST's train split (its held-out val images excluded) and
+the digits 0-4 of the `pretrain` part of `digits`; digits 5-9 are never seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import Subset, TensorDataset
+
+from patcher import __version__
+from patcher.compat import import_open_clip
+from patcher.data.evaluation import predict
+from patcher.data.preprocess import preprocess_dataset
+from patcher.data.tasks import Task, get_task
+from patcher.errors import PatcherError
+from patcher.models import image_transform, load_clip
+from patcher.models.classifier import MultiHeadClassifier
+from patcher.models.heads import build_head
+from patcher.models.loading import CONFIG_FILENAME
+from patcher.runs.store import (
+    append_log,
+    file_record,
+    finish_staging,
+    library_versions,
+    now_iso,
+    prepare_staging,
+    trim_log,
+    write_json,
+)
+from patcher.training.loop import TrainConfig, batch_indices, checkpoint_step, pick_device, train
+
+open_clip = import_open_clip()
+
+WEIGHTS_FILENAME = "open_clip_model.safetensors"
+RECORD_FILENAME = "pretrain.json"
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass
+class Source:
+    """Images of one task's split, optionally only some classes, captioned with that task's templates."""
+
+    task: str
+    split: str
+    classes: list[int] | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class PretrainOptions:
+    """What `patcher pretrain` takes; the defaults are the offline reference model."""
+
+    sources: list[Source] = field(
+        default_factory=lambda: [
+            Source("fashion-mnist", "train", None, 0.75),
+            Source("digits", "pretrain", [0, 1, 2, 3, 4], 0.25),
+        ]
+    )
+    model: str = "patcher-mini"
+    image_size: int | None = None
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=600, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50, checkpoint_every=100
+        )
+    )
+    device: str = "auto"
+    data_dir: Path | None = None
+    download: bool = False
+    out: Path | None = None
+    resume: bool = False
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that determine the weights."""
+        data = asdict(self)
+        for key in ("device", "data_dir", "download", "out", "resume"):
+            data.pop(key)
+        for key in ("checkpoint_every", "log_every"):
+            data["train"].pop(key)
+        return json.loads(json.dumps(data, default=str))
+
+
+def default_models_dir() -> Path:
+    """Where pretrained reference models are cached: $PATCHER_CACHE/models, else ~/.cache/patcher/models."""
+    import os
+
+    root = os.environ.get("PATCHER_CACHE") or Path.home() / ".cache" / "patcher"
+    return Path(root) / "models"
+
+
+def reference_dir(options: PretrainOptions) -> Path:
+    """The cache folder of the model these options produce, named by their hash."""
+    digest = hashlib.sha256(json.dumps(options.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+    return default_models_dir() / f"{options.model}-{digest}"
+
+
+@dataclass
+class _CaptionedData:
+    images: torch.Tensor
+    labels: torch.Tensor
+    tokens: torch.Tensor  # [classes, templates, context]
+
+
+def _captioned(task: Task, source: Source, tokenizer: Any, transform: Any, options: PretrainOptions) -> _CaptionedData:
+    dataset = task.dataset(source.split, data_root=options.data_dir, download=options.download)
+    if source.classes is not None:
+        keep = [i for i in range(len(dataset)) if int(dataset[i][1]) in set(source.classes)]
+        dataset = Subset(dataset, keep)
+    if len(dataset) == 0:
+        raise PatcherError(f"{task.name}/{source.split} has no images of classes {source.classes}")
+    data: TensorDataset = preprocess_dataset(dataset, transform, f"preparing {task.name}/{source.split}")
+    captions = [[template.format(name) for template in task.templates] for name in task.classnames]
+    tokens = torch.stack([tokenizer(per_class) for per_class in captions])
+    return _CaptionedData(*data.tensors, tokens=tokens)
+
+
+def pretrain(options: PretrainOptions) -> Path:
+    """Train a small CLIP with the symmetric contrastive loss; write an open_clip `local-dir:` folder."""
+    started = time.perf_counter()
+    out = Path(options.out) if options.out else reference_dir(options)
+    if out.exists():
+        raise PatcherError(f"{out} already exists: pass another --out, or use it with --model local-dir:{out}")
+    if options.resume and options.out is None and not (out.parent / f".{out.name}.partial").exists():
+        raise PatcherError(f"nothing to resume for {out}: run without --resume")
+    device = pick_device(options.device)
+    torch.manual_seed(options.train.seed)
+    loaded = load_clip(options.model, None, options.image_size, device=device)
+    model = loaded.model
+    transform = image_transform(loaded.preprocess_cfg)
+    staging = prepare_staging(out, options.fingerprint(), options.resume)
+
+    sources = [_captioned(get_task(s.task), s, loaded.tokenizer, transform, options) for s in options.sources]
+    weights = torch.tensor([s.weight for s in options.sources], dtype=torch.float)
+    per_batch = _split_batch(options.train.batch_size, weights)
+    loss_fn = open_clip.ClipLoss()
+
+    def step_loss(step: int) -> torch.Tensor:
+        images, texts = [], []
+        for number, (data, count) in enumerate(zip(sources, per_batch, strict=True)):
+            index = batch_indices(len(data.labels), count, step, options.train.seed + 7919 * number)
+            generator = torch.Generator().manual_seed(options.train.seed * 104_729 + step * 31 + number)
+            template = torch.randint(data.tokens.shape[1], (count,), generator=generator)
+            images.append(data.images[index])
+            texts.append(data.tokens[data.labels[index], template])
+        image_features = model.encode_image(torch.cat(images).to(device), normalize=True)
+        text_features = model.encode_text(torch.cat(texts).to(device), normalize=True)
+        scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        return loss_fn(image_features, text_features, scale)
+
+    log_path = staging / "train.log"
+    checkpoint_dir = staging / "checkpoints"
+    checkpoint_dir.mkdir(exist_ok=True)
+    trim_log(log_path, checkpoint_step(checkpoint_dir))
+    tick = time.perf_counter()
+    train(model, model.parameters(), step_loss, options.train, device, checkpoint_dir,
+          lambda entry: append_log(log_path, entry), f"pretraining {options.model}")
+    train_seconds = time.perf_counter() - tick
+
+    model.eval()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(staging / WEIGHTS_FILENAME), metadata={"format": "pt"})
+    (staging / CONFIG_FILENAME).write_text(json.dumps(loaded.open_clip_config(), indent=2) + "\n")
+    evaluation = zero_shot_report(f"local-dir:{staging}", options.data_dir, device)
+    record = {
+        "format": "patcher-pretrain/1",
+        "created": now_iso(),
+        "options": options.fingerprint(),
+        "device": device,
+        "per_batch": dict(zip([f"{s.task}/{s.split}" for s in options.sources], per_batch, strict=True)),
+        "images": {f"{s.task}/{s.split}": len(d.labels) for s, d in zip(options.sources, sources, strict=True)},
+        "zero_shot": evaluation,
+        "files": {name: file_record(staging / name) for name in (WEIGHTS_FILENAME, CONFIG_FILENAME)},
+        "versions": {**library_versions(), "patcher": __version__},
+        "timings_s": {"train": round(train_seconds, 2), "total": round(time.perf_counter() - started, 2)},
+    }
+    write_json(staging / RECORD_FILENAME, record)
+    finish_staging(staging, out)
+    return out
+
+
+def _split_batch(batch_size: int, weights: torch.Tensor) -> list[int]:
+    counts = (weights / weights.sum() * batch_size).floor().long()
+    counts[0] += batch_size - int(counts.sum())
+    if (counts <= 0).any():
+        raise PatcherError(f"batch size {batch_size} is too small for {len(weights)} data sources")
+    return counts.tolist()
+
+
+@torch.no_grad()
+def zero_shot_report(model_name: str, data_dir: Path | None = None, device: str = "cpu",
+                     tasks: tuple[str, ...] = ("fashion-mnist", "digits")) -> dict[str, Any]:
+    """Zero-shot test accuracy per task and per class, so seen and unseen classes can be told apart."""
+    loaded = load_clip(model_name, None, device=device)
+    transform = image_transform(loaded.preprocess_cfg)
+    report: dict[str, Any] = {}
+    for name in tasks:
+        task = get_task(name)
+        head = build_head(loaded, list(task.classnames), list(task.templates), device)
+        classifier = MultiHeadClassifier(loaded.model.visual, {name: head})
+        images, labels = preprocess_dataset(task.dataset("test", data_root=data_dir), transform,
+                                            f"zero-shot {name}").tensors
+        correct = predict(classifier, images, name, device=device) == labels
+        per_class = {
+            task.classnames[c]: round(100.0 * correct[labels == c].float().mean().item(), 2)
+            for c in range(len(task.classnames))
+            if (labels == c).any()
+        }
+        report[name] = {"accuracy": round(100.0 * correct.float().mean().item(), 2), "per_class": per_class,
+                        "chance": round(100.0 / len(task.classnames), 2)}
+    return report

@@ -1,0 +1,115 @@
+"""What a fine-tuning method is: the stages it trains (module, parameters, loss) and the state it yields.
+
+The shared loop (`patcher.training.loop.train`) runs every stage; a method only says what to train and how
+to score a step. After training, `state()` gives the flat `visual.* / text.* / heads.<task>` entries the
+method changed (see `patcher.patching.states`), which the build interpolates with the starting state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from patcher.data.tasks import Task
+from patcher.errors import PatcherError
+from patcher.models import LoadedModel
+from patcher.patching.states import State
+from patcher.training.loop import TrainConfig
+
+
+@dataclass
+class Stage:
+    """One run of the training loop: the module a checkpoint saves, what is trained, and the step loss."""
+
+    name: str
+    module: nn.Module
+    parameters: list[nn.Parameter]
+    step_loss: Callable[[int], torch.Tensor]
+    config: TrainConfig
+
+
+@dataclass
+class MethodSetup:
+    """What a method starts from: the CLIP model (at the starting weights), data, heads and the main config."""
+
+    loaded: LoadedModel
+    train: dict[str, TensorDataset]
+    tasks: dict[str, Task]
+    heads: dict[str, torch.Tensor]
+    config: TrainConfig
+    device: str = "cpu"
+
+
+@dataclass
+class NoParams:
+    """A method without parameters of its own."""
+
+
+class Method(ABC):
+    """A fine-tuning method: subclasses set the class attributes and implement `stages` and `state`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    reference: ClassVar[str]
+    trains: ClassVar[tuple[str, ...]]  # what `state()` holds: "visual", "text", "heads"
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, setup: MethodSetup, params: Any) -> None:
+        self.setup = setup
+        self.params = params
+        self.device = setup.device
+
+    @classmethod
+    def default_config(cls) -> TrainConfig:
+        """The main stage's hyperparameters when the user gives none: PAINT's unless the method's paper differs."""
+        return TrainConfig()
+
+    @abstractmethod
+    def stages(self) -> list[Stage]:
+        """The training stages, in order (LP-FT has two)."""
+
+    @abstractmethod
+    def state(self) -> State:
+        """The flat entries this method trains, at their current values."""
+
+    def trained_heads(self) -> list[str]:
+        """Tasks whose head this method trains as a parameter."""
+        return []
+
+
+def parse_params(method: type[Method], raw: Mapping[str, Any]) -> Any:
+    """The method's Params from KEY=VALUE strings (or values), converted to each field's type."""
+    fields = {field.name: field for field in dataclasses.fields(method.Params)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        known = ", ".join(fields) or "none"
+        raise PatcherError(f"--method {method.name} has no parameter {unknown[0]!r} (its parameters: {known})")
+    values = {}
+    for key, value in raw.items():
+        kind = type(getattr(method.Params(), key))
+        try:
+            values[key] = value if isinstance(value, kind) else _convert(kind, str(value))
+        except (TypeError, ValueError):
+            raise PatcherError(f"--param {key}={value!r}: expected a {kind.__name__}") from None
+    return method.Params(**values)
+
+
+def _convert(kind: type, text: str) -> Any:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return lowered in ("true", "1", "yes")
+    return kind(text)
+
+
+def params_dict(params: Any) -> dict[str, Any]:
+    """A method's parameters as a plain dict for the manifest."""
+    return dataclasses.asdict(params)

@@ -1,0 +1,123 @@
+"""`flyp`: fine-tune like you pretrain (Goyal et al., CVPR 2023): both towers, CLIP's contrastive loss.
+
+Each training image is paired with a caption, one of its task's templates filled with its class name,
+and image and text towers are trained with open_clip's ClipLoss. The reference code uses the identity as
+the contrastive target, so two images of the same class in a batch (and their identical or paraphrased
+captions) are pushed apart as negatives. `LabelAwareClipLoss` makes every same-class pair a positive: the
+target of each row is spread evenly over the items of its class. Heads are rebuilt from the text tower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from patcher.compat import import_open_clip
+from patcher.errors import PatcherError
+from patcher.patching.states import State, text_state, visual_state
+from patcher.training.loop import TrainConfig
+from patcher.training.methods.base import Method, MethodSetup, Stage
+from patcher.training.sampling import SEED_STRIDE, TaskMixture
+
+open_clip = import_open_clip()
+
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at 100; so does `patcher pretrain`
+
+
+def same_class_targets(classes: torch.Tensor) -> torch.Tensor:
+    """[N, N] target distribution: row i uniform over the items whose class equals item i's."""
+    same = (classes[:, None] == classes[None, :]).float()
+    return same / same.sum(dim=1, keepdim=True)
+
+
+class LabelAwareClipLoss(open_clip.ClipLoss):
+    """open_clip's ClipLoss with soft targets over same-class pairs; identical to it when all classes differ."""
+
+    def forward(  # type: ignore[override]
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        classes: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Symmetric cross-entropy of image-to-text and text-to-image logits against same-class targets."""
+        if self.world_size > 1:
+            raise PatcherError("the label-aware FLYP loss gathers no labels across processes: train on one process")
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        targets = same_class_targets(classes.to(logits_per_image.device))
+        return (F.cross_entropy(logits_per_image.float(), targets)
+                + F.cross_entropy(logits_per_text.float(), targets.T)) / 2
+
+
+@dataclass
+class ContrastiveParams:
+    """FLYP's loss variant."""
+
+    same_class_positives: bool = True  # False: the reference code's identity target (same-class pairs negatives)
+
+
+class ContrastiveFineTune(Method):
+    """Image and text towers (and the temperature) trained contrastively on class-name captions."""
+
+    name = "flyp"
+    summary = "both towers trained with CLIP's contrastive loss on class-name captions; heads rebuilt from text"
+    reference = "Goyal et al., Finetune like you pretrain: improved finetuning of zero-shot vision models, CVPR 2023"
+    trains = ("visual", "text")
+    Params = ContrastiveParams
+
+    def __init__(self, setup: MethodSetup, params: ContrastiveParams) -> None:
+        super().__init__(setup, params)
+        torch.manual_seed(setup.config.seed)
+        self.model = setup.loaded.model.to(self.device)
+        self.mixture = TaskMixture(setup.train, setup.config.batch_size, setup.config.seed)
+        self.loss_fn = LabelAwareClipLoss()
+        self.same_class_positives = params.same_class_positives if params is not None else True
+        tokenizer = setup.loaded.tokenizer
+        self.tokens = {  # [classes, templates, context] per patch task
+            name: torch.stack([tokenizer([template.format(c) for template in setup.tasks[name].templates])
+                               for c in setup.tasks[name].classnames])
+            for name in setup.train
+        }
+        names = sorted({c for name in setup.train for c in setup.tasks[name].classnames})
+        self.class_ids = {  # a class is its name: two tasks' "7" caption the same concept
+            name: torch.tensor([names.index(c) for c in setup.tasks[name].classnames]) for name in setup.train
+        }
+
+    @classmethod
+    def default_config(cls) -> TrainConfig:
+        """FLYP's recipe (AdamW, lr 1e-5, wd 0.1, 500 warmup steps, cosine; their ImageNet run) on PAINT's steps."""
+        return TrainConfig(lr=1e-5, weight_decay=0.1, warmup_steps=500)
+
+    def captions(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, caption tokens, class ids) of the batch at `step`; each caption's template drawn by step."""
+        batch = self.mixture.batch(step)
+        texts, classes = [], []
+        for number, (task, where) in enumerate(batch.slices.items()):
+            labels = batch.labels[where]
+            generator = torch.Generator().manual_seed(self.setup.config.seed * 104_729 + step * 31
+                                                      + SEED_STRIDE * number)
+            template = torch.randint(self.tokens[task].shape[1], (len(labels),), generator=generator)
+            texts.append(self.tokens[task][labels, template])
+            classes.append(self.class_ids[task][labels])
+        return batch.inputs, torch.cat(texts), torch.cat(classes)
+
+    def step_loss(self, step: int) -> torch.Tensor:
+        """The label-aware contrastive loss of the batch at `step`."""
+        images, texts, classes = self.captions(step)
+        image_features = self.model.encode_image(images.to(self.device), normalize=True)
+        text_features = self.model.encode_text(texts.to(self.device), normalize=True)
+        scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        if not self.same_class_positives:
+            classes = torch.arange(len(classes))  # every item its own class: open_clip's ClipLoss target
+        return self.loss_fn(image_features, text_features, scale, classes)
+
+    def stages(self) -> list[Stage]:
+        """One stage: the whole CLIP model."""
+        return [Stage("flyp", self.model, list(self.model.parameters()), self.step_loss, self.setup.config)]
+
+    def state(self) -> State:
+        """Both towers: `visual.*` and `text.*`."""
+        return {**visual_state(self.model), **text_state(self.model)}

@@ -1,0 +1,41 @@
+"""`ft`: the image encoder trained with cross-entropy through the frozen zero-shot heads (PAINT)."""
+
+from __future__ import annotations
+
+import torch
+
+from patcher.models.classifier import VISUAL_PREFIX, MultiHeadClassifier
+from patcher.patching.states import State, prefixed
+from patcher.training.losses import classification_loss
+from patcher.training.methods.base import Method, MethodSetup, Stage
+from patcher.training.sampling import TaskMixture
+
+
+class FineTune(Method):
+    """Full fine-tuning of the image encoder; heads stay the zero-shot ones (Ilharco et al., 2022)."""
+
+    name = "ft"
+    summary = "image encoder trained through the frozen zero-shot heads"
+    reference = "Ilharco et al., Patching open-vocabulary models by interpolating weights (PAINT), NeurIPS 2022"
+    trains = ("visual",)
+
+    def __init__(self, setup: MethodSetup, params: object) -> None:
+        super().__init__(setup, params)
+        torch.manual_seed(setup.config.seed)
+        self.encoder = setup.loaded.model.visual
+        heads = {task: setup.heads[task] for task in setup.train}
+        self.classifier = MultiHeadClassifier(self.encoder, heads).to(self.device)
+        self.mixture = TaskMixture(setup.train, setup.config.batch_size, setup.config.seed)
+        self.cross_entropy = classification_loss(self.classifier, self.mixture, self.device)
+
+    def step_loss(self, step: int) -> torch.Tensor:
+        """Cross-entropy of the balanced batch at `step`."""
+        return self.cross_entropy(step)
+
+    def stages(self) -> list[Stage]:
+        """One stage: the encoder."""
+        return [Stage("ft", self.encoder, list(self.encoder.parameters()), self.step_loss, self.setup.config)]
+
+    def state(self) -> State:
+        """The encoder's weights as `visual.*`."""
+        return prefixed(VISUAL_PREFIX, self.encoder.state_dict())
