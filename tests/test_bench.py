@@ -82,7 +82,7 @@ def test_bench_run_covers_every_model_setting_and_baseline(report: dict[str, Any
     for row in report["results"]:
         _check_counts(row, SWEEP["max_requests"])
     assert report["run"]["manifest_sha256"] == report["run"]["manifest_sha256"].lower()
-    from patcher.runs.store import load_run
+    from patcher.runs.manifest import load_run
 
     assert report["run"]["manifest_sha256"] == load_run(run_copy).manifest_sha256
     assert (run_copy / "onnx" / "export.json").is_file()  # exported on the way

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from patcher.cli import app
-from patcher.runs.store import load_run, sha256_file
+from patcher.runs.manifest import load_run
+from patcher.runs.store import sha256_file
 
 runner = CliRunner()
 
@@ -95,7 +96,7 @@ BASE = ["build", "--model", "patcher-tiny", "--pretrained", "none", "--steps", "
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, arguments: list[str], message: str):
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "patcher.cli", *BASE, *arguments, "--out", str(out)],
+        [sys.executable, "-m", "patcher", *BASE, *arguments, "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr

@@ -16,7 +16,8 @@ from patcher.export import EXPORT_FORMAT, export_run, read_metadata
 from patcher.export.exporter import weights_file
 from patcher.export.graph import load_graph, reference_outputs
 from patcher.export.heldout import load_heldout
-from patcher.runs.store import file_record, load_run
+from patcher.runs.manifest import load_run
+from patcher.runs.store import file_record
 
 TASKS = ["digits", "fashion-mnist"]
 OUTPUTS = ["embedding", "logits_digits", "logits_fashion_mnist"]

@@ -15,7 +15,7 @@ from patcher.data.tasks import get_task
 from patcher.models import load_clip
 from patcher.models.classifier import split_classifier_state
 from patcher.models.heads import build_head
-from patcher.runs.store import load_run
+from patcher.runs.manifest import load_run
 from patcher.training.methods import METHODS
 
 KINDS = ("zeroshot", "finetuned", "patched")

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from patcher.cli import app
 from patcher.patching.strategies import task_arithmetic
-from patcher.runs.store import load_run, sha256_file
+from patcher.runs.manifest import load_run
+from patcher.runs.store import sha256_file
 from patcher.stages.merge import MergeOptions, merge_runs
 
 runner = CliRunner()

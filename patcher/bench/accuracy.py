@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from patcher.errors import PatcherError
-from patcher.runs.store import Run
+from patcher.runs.manifest import Run
 
 SPLIT = "test"
 

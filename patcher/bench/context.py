@@ -13,7 +13,7 @@ from patcher.bench.flops import flops_per_image
 from patcher.bench.outensemble import KIND as OUTENSEMBLE
 from patcher.bench.outensemble import export_outensemble, run_graphs
 from patcher.errors import PatcherError
-from patcher.runs.store import Run, load_run
+from patcher.runs.manifest import Run, load_run
 from patcher.triton.export_info import load_export
 
 

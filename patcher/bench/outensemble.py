@@ -20,7 +20,7 @@ from torch import nn
 from patcher.errors import PatcherError
 from patcher.export.graph import ExportGraph, load_graph
 from patcher.export.onnx_export import export_onnx, optimize_onnx, save_onnx
-from patcher.runs.store import Run
+from patcher.runs.manifest import Run
 from patcher.triton.configs import read_config, write_config
 from patcher.triton.repository import TEMPLATES, model_versions
 

@@ -25,7 +25,7 @@ from patcher.bench.sweep import Sweep, inprocess_runners, make_sweep, run_sweep
 from patcher.bench.targets import BYTES_KIND, ServedTarget, check_batches, describe, inspect_target
 from patcher.errors import PatcherError
 from patcher.progress import make_progress
-from patcher.runs.store import now_iso
+from patcher.runs.manifest import now_iso
 
 CLIENT = "closed loop: a thread per concurrency slot, blocking gRPC unary calls on one channel, request serialised once"
 DEFAULT_OUT = Path("bench/results")

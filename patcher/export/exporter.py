@@ -32,7 +32,8 @@ from patcher.export.onnx_export import (
 )
 from patcher.export.verify import check_loads, check_structure, failures, parity_report, thresholds
 from patcher.progress import console, make_progress
-from patcher.runs.store import Run, atomic_directory, load_run, sha256_file, write_json
+from patcher.runs.manifest import Run, load_run
+from patcher.runs.store import atomic_directory, sha256_file, write_json
 
 KINDS = ("patched", "zeroshot")
 CONFIG_FILE = "open_clip_config.json"

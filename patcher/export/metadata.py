@@ -11,7 +11,8 @@ import onnx
 from patcher import __version__
 from patcher.export.graph import EMBEDDING_OUTPUT, INPUT_NAME
 from patcher.export.naming import logits_output
-from patcher.runs.store import Run, file_record, library_versions, now_iso
+from patcher.runs.manifest import Run, library_versions, now_iso
+from patcher.runs.store import file_record
 
 EXPORT_FORMAT = "patcher-export/1"
 EXPORT_JSON = "export.json"

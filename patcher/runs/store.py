@@ -1,4 +1,4 @@
-"""Run and export directories: atomic writes, file hashes, and the manifest that later stages trust."""
+"""Writing run and export directories safely: atomic files and directories, staging for resumable jobs, hashes."""
 
 from __future__ import annotations
 
@@ -17,9 +17,6 @@ from typing import Any
 
 from patcher.errors import PatcherError
 
-RUN_FORMAT = "patcher-run/1"
-MANIFEST = "manifest.json"
-
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
@@ -35,16 +32,59 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of `path` to write; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file whole or not at all (temporary sibling, then an atomic rename)."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary sibling and an atomic rename."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(temporary, path)
+    """Write JSON whole or not at all."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def now_iso() -> str:
-    """The current UTC time in ISO-8601, to the second."""
-    return datetime.now(UTC).replace(microsecond=0).isoformat()
+@contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `target` while a stage writes it; PatcherError if another process holds it.
+
+    The lock is `flock` on a hidden sibling file, so it is released by the kernel when the holder dies,
+    even by kill -9: a stale lock can never block the next run.
+    """
+    import fcntl
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.with_name(f".{target.name}.lock")
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise PatcherError(f"{target} is being written by {holder}: wait for it to finish, "
+                               "or choose another output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -68,19 +108,6 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(staging, final)
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour a result depends on."""
-    import importlib.metadata as metadata
-
-    versions = {"python": sys.version.split()[0]}
-    for package in ("patcher", "torch", "open_clip_torch", "numpy", "onnx", "onnxruntime", "tritonclient"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 STAGING_FINGERPRINT = "options.json"
@@ -131,59 +158,3 @@ def trim_log(path: Path, step: int) -> None:
     path.write_text("".join(f"{line}\n" for line in lines))
 
 
-@dataclass
-class Run:
-    """A finished run directory whose manifest has been read."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        """The run's name, as recorded when it was built."""
-        return str(self.manifest["name"])
-
-    @property
-    def tasks(self) -> list[str]:
-        """Every task whose head the run carries, patch tasks first."""
-        return list(self.manifest["tasks"])
-
-    @property
-    def manifest_sha256(self) -> str:
-        """sha256 of manifest.json, which names everything else by hash."""
-        return sha256_file(self.path / MANIFEST)
-
-    def verified_file(self, relative: str) -> Path:
-        """Path of a file the manifest lists, after checking its sha256 against the manifest."""
-        record = self.manifest.get("files", {}).get(relative)
-        path = self.path / relative
-        if record is None:
-            raise PatcherError(f"{self.path} has no {relative} in its manifest: rebuild the run")
-        if not path.is_file():
-            raise PatcherError(f"{path} is missing: the run is incomplete, rebuild it")
-        if sha256_file(path) != record["sha256"]:
-            raise PatcherError(f"{path} does not match the sha256 in its manifest: the file is corrupt or edited")
-        return path
-
-
-def load_run(path: Path | str) -> Run:
-    """Read a run directory's manifest, refusing anything that is not a complete patcher run."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise PatcherError(f"{path} is not a directory: pass a run directory written by `patcher build`")
-    if not manifest_path.is_file():
-        raise PatcherError(f"{path} is not a patcher run (no {MANIFEST}): pass a directory from `patcher build`")
-    return Run(path=path, manifest=read_format_json(manifest_path, RUN_FORMAT, "rebuild the run"))
-
-
-def read_format_json(path: Path, expected_format: str, remedy: str) -> dict[str, Any]:
-    """A JSON record whose "format" must be `expected_format`; PatcherError (ending with `remedy`) otherwise."""
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise PatcherError(f"{path} is not valid JSON ({error.msg}): {remedy}") from error
-    if not isinstance(data, dict) or data.get("format") != expected_format:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise PatcherError(f"{path} has format {found!r}, expected {expected_format!r}: {remedy}")
-    return data

@@ -14,7 +14,8 @@ from patcher import __version__
 from patcher.models.classifier import classifier_state
 from patcher.models import LoadedModel, preprocess_spec
 from patcher.runs.plots import alpha_curve_plot
-from patcher.runs.store import STAGING_FINGERPRINT, file_record, library_versions
+from patcher.runs.store import STAGING_FINGERPRINT, file_record
+from patcher.runs.manifest import library_versions
 from patcher.patching.alpha import DEFAULT_GRID, Selection
 from patcher.patching.states import TEXT_PREFIX, HeadResolver, State, has_text, part
 from patcher.data.tasks import Task
@@ -89,18 +90,3 @@ def alpha_record(selection: Selection, mode: str, search: str, tolerance: float,
     }
 
 
-def files_record(staging: Path) -> dict[str, Any]:
-    """sha256 and size of every file in the staging directory (the manifest's `files`)."""
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != STAGING_FINGERPRINT
-                   and "checkpoints" not in p.relative_to(staging).parts)
-    return {str(p.relative_to(staging)): file_record(p) for p in files}
-
-
-def options_sha256(fingerprint: Mapping[str, Any]) -> str:
-    """sha256 of the options that determine a result."""
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def versions() -> dict[str, str]:
-    """Library versions and patcher's."""
-    return {**library_versions(), "patcher": __version__}

@@ -23,18 +23,9 @@ from patcher.patching.alpha import SEARCHES, Selection
 from patcher.patching.session import Session, Splits, prepare_splits
 from patcher.patching.strategies import RUNNERS, STRATEGIES, Outcome, Plan
 from patcher.progress import console, make_progress
-from patcher.runs.store import MANIFEST, RUN_FORMAT, finish_staging, now_iso, prepare_staging, write_json
-from patcher.runs.writer import (
-    MODEL_FILES,
-    alpha_record,
-    files_record,
-    model_record,
-    options_sha256,
-    plot_curves,
-    task_record,
-    versions,
-    write_models,
-)
+from patcher.runs.manifest import MANIFEST, RUN_FORMAT, files_record, now_iso, options_sha256, versions
+from patcher.runs.store import finish_staging, prepare_staging, write_json
+from patcher.runs.writer import MODEL_FILES, alpha_record, model_record, plot_curves, task_record, write_models
 from patcher.training.loop import TrainConfig, pick_device, precision_name
 from patcher.training.methods import get_method, params_dict, parse_params, train_config
 

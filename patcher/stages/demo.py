@@ -16,8 +16,9 @@ from typing import Any
 
 from rich.console import Console
 
+from patcher.runs.manifest import load_run
 from patcher.runs.report import accuracy_table, alpha_lines, markdown_table
-from patcher.runs.store import load_run, write_json
+from patcher.runs.store import write_json
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, pretrain, reference_dir
 from patcher.training.loop import TrainConfig

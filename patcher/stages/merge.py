@@ -26,18 +26,9 @@ from patcher.patching.session import Session, prepare_splits
 from patcher.patching.states import TEXT_PREFIX, State, prefixed
 from patcher.patching.strategies import task_arithmetic
 from patcher.progress import console
-from patcher.runs.store import MANIFEST, RUN_FORMAT, Run, atomic_directory, load_run, now_iso, write_json
-from patcher.runs.writer import (
-    MODEL_FILES,
-    TEXT_FILES,
-    alpha_record,
-    files_record,
-    options_sha256,
-    plot_curves,
-    task_record,
-    versions,
-    write_models,
-)
+from patcher.runs.manifest import MANIFEST, RUN_FORMAT, Run, files_record, load_run, now_iso, options_sha256, versions
+from patcher.runs.store import atomic_directory, write_json
+from patcher.runs.writer import MODEL_FILES, TEXT_FILES, alpha_record, plot_curves, task_record, write_models
 from patcher.stages.build import parse_alpha
 from patcher.training.loop import pick_device
 

@@ -29,16 +29,8 @@ from patcher.models import image_transform, load_clip
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.heads import build_head
 from patcher.models.loading import CONFIG_FILENAME
-from patcher.runs.store import (
-    append_log,
-    file_record,
-    finish_staging,
-    library_versions,
-    now_iso,
-    prepare_staging,
-    trim_log,
-    write_json,
-)
+from patcher.runs.manifest import library_versions, now_iso
+from patcher.runs.store import append_log, file_record, finish_staging, prepare_staging, trim_log, write_json
 from patcher.training.loop import TrainConfig, batch_indices, checkpoint_step, pick_device, train
 
 open_clip = import_open_clip()

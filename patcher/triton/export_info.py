@@ -10,7 +10,8 @@ from typing import Any
 
 from patcher.errors import PatcherError
 from patcher.export.naming import tensor_name
-from patcher.runs.store import read_format_json, sha256_file
+from patcher.runs.manifest import read_format_json
+from patcher.runs.store import sha256_file
 
 EXPORT_FORMAT = "patcher-export/1"
 EXPORT_JSON = "export.json"

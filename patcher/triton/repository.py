@@ -11,7 +11,7 @@ from typing import Any
 
 from patcher.errors import PatcherError
 from patcher.export.naming import tensor_name
-from patcher.runs.store import now_iso
+from patcher.runs.manifest import now_iso
 from patcher.triton.configs import (
     Batching,
     classifier_config,

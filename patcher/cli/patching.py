@@ -1,0 +1,201 @@
+"""Commands that make runs: build, merge, pretrain, show, demo, and the task and model listings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from patcher.cli.app import DataDir, Device, Download, comma_list, command
+from patcher.errors import PatcherError
+
+
+def print_run(path: Path) -> None:
+    """A run's accuracy table and how its alpha was chosen."""
+    from rich.console import Console
+
+    from patcher.runs.manifest import load_run
+    from patcher.runs.report import accuracy_table, alpha_lines
+
+    manifest = load_run(path).manifest
+    console = Console()
+    console.print(accuracy_table(manifest))
+    for line in alpha_lines(manifest):
+        console.print(line)
+
+
+@command
+def build(
+    task: Annotated[str, typer.Option(help="Task(s) to patch, comma-separated (see `patcher tasks`), or folder:PATH.")],
+    support: Annotated[str, typer.Option(help="Comma-separated supported tasks to protect.")] = "",
+    model: Annotated[str, typer.Option(help="open_clip model name, or local-dir:DIR.")] = "ViT-B-32",
+    pretrained: Annotated[
+        str, typer.Option(help="open_clip pretrained tag or checkpoint file; 'none' for random weights.")
+    ] = "openai",
+    image_size: Annotated[int | None, typer.Option(help="Override the model's input size (pixels).")] = None,
+    method: Annotated[str, typer.Option(
+        help="Fine-tuning method: ft (encoder through frozen zero-shot heads), lp (linear probe), lpft (probe, then "
+             "full fine-tuning), flyp (contrastive, both towers), carft (ft + context KL).")] = "ft",
+    param: Annotated[list[str] | None, typer.Option(
+        help="Method parameter KEY=VALUE, repeatable: lpft lp_steps/lp_lr/lp_weight_decay, carft kl_weight/"
+             "contexts (task or imagenet), flyp same_class_positives.")] = None,
+    multi: Annotated[str | None, typer.Option(
+        help="Several --task: joint (one fine-tune on the mixture), sequential (task after task) or parallel "
+             "(task vectors added, one coefficient). Default joint.")] = None,
+    alpha: Annotated[str, typer.Option(help="'auto' (chosen on held-out data) or a value in [0, 1].")] = "auto",
+    tolerance: Annotated[float, typer.Option(help="Points of accuracy a supported task may lose.")] = 1.0,
+    search: Annotated[str, typer.Option(help="Alpha search: golden (fewer evaluations) or grid (all 11).")] = "golden",
+    steps: Annotated[int | None, typer.Option(help="Training steps (default 2000).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global training batch size (default 128).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate, AdamW (default 1e-5; lp 1e-3).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 0.1; lp 0).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warmup steps (default 500; lp 0).")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Gradient norm clip (default 1.0).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for initialisation, batch order and augmentation.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default 500).")] = None,
+    device: Device = "auto",
+    data_dir: DataDir = None,
+    download: Download = False,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<task>-<method>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted build at --out.")] = False,
+) -> None:
+    """Fine-tune on one or more tasks with a method, interpolate with the zero-shot weights and choose alpha."""
+    from patcher.stages.build import BuildOptions
+    from patcher.stages.build import build as run_build
+    from patcher.training.methods import train_config
+
+    params = dict(_key_value(item) for item in param or [])
+    finetune = train_config(method, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                            warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed,
+                            checkpoint_every=checkpoint_every)
+    options = BuildOptions(
+        task=task, support=comma_list(support), model=model,
+        pretrained=None if pretrained.lower() == "none" else pretrained, image_size=image_size, method=method,
+        method_params=params, multi=multi, alpha=alpha, tolerance=tolerance, search=search, finetune=finetune,
+        epochs=epochs, data_dir=data_dir, download=download, device=device, out=out, resume=resume,
+    )
+    try:
+        path = run_build(options)
+    except KeyboardInterrupt:
+        hint = f" --out {out} --resume" if out else " with --out DIR (and --resume next time)"
+        typer.echo(f"interrupted: rerun the same command{hint} to continue from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
+    if path is None:  # a rank other than 0 of a distributed build: rank 0 reports
+        return
+    print_run(path)
+    typer.echo(f"run: {path}")
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, separator, value = item.partition("=")
+    if not separator or not key.strip():
+        raise PatcherError(f"--param {item!r} is not KEY=VALUE: e.g. --param kl_weight=0.5")
+    return key.strip(), value.strip()
+
+
+@command
+def merge(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to combine (one base model and architecture).")],
+    out: Annotated[Path, typer.Option(help="Directory for the merged run.")],
+    support: Annotated[str, typer.Option(help="More comma-separated supported tasks to protect.")] = "",
+    tolerance: Annotated[float, typer.Option(help="Points of accuracy a supported task may lose.")] = 1.0,
+    alpha: Annotated[str, typer.Option(help="Task-vector coefficient: 'auto' (grid 0..1 on held-out data) "
+                                            "or a value in [0, 1].")] = "auto",
+    device: Device = "auto",
+    data_dir: DataDir = None,
+    download: Download = False,
+) -> None:
+    """Combine finished runs by task arithmetic: zero-shot + coefficient * the sum of their task vectors."""
+    from patcher.stages.merge import MergeOptions, merge_runs
+
+    path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,
+                                   alpha=alpha, data_dir=data_dir, download=download, device=device))
+    print_run(path)
+    typer.echo(f"run: {path}")
+
+
+@command
+def pretrain(
+    model: Annotated[str, typer.Option(help="open_clip config to train from scratch.")] = "patcher-mini",
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 600,
+    batch_size: Annotated[int, typer.Option(help="Image-caption pairs per batch.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, batches and captions.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = 100,
+    device: Device = "auto",
+    data_dir: DataDir = None,
+    download: Download = False,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the reference-model cache).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted pretraining.")] = False,
+) -> None:
+    """Train the offline reference mini CLIP (contrastive, on captioned images); print its folder."""
+    import json
+
+    from patcher.stages.pretrain import PretrainOptions, reference_dir
+    from patcher.stages.pretrain import pretrain as run_pretrain
+    from patcher.training.loop import TrainConfig
+
+    options = PretrainOptions(
+        model=model,
+        train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                          checkpoint_every=checkpoint_every),
+        device=device, data_dir=data_dir, download=download, out=out, resume=resume,
+    )
+    target = out or reference_dir(options)
+    if out is None and (target / "pretrain.json").is_file():
+        typer.echo(f"up to date: {target}")
+        typer.echo(f"use it with: --model local-dir:{target}")
+        return
+    try:
+        path = run_pretrain(options)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command with --resume to continue", err=True)
+        raise typer.Exit(130) from None
+    record = json.loads((path / "pretrain.json").read_text())
+    for task, result in record["zero_shot"].items():
+        typer.echo(f"zero-shot {task}: {result['accuracy']:.2f}% (chance {result['chance']:.2f}%)")
+    typer.echo(f"model: {path}")
+    typer.echo(f"use it with: --model local-dir:{path}")
+
+
+@command
+def show(run: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Print a run's summary table."""
+    print_run(run)
+
+
+@command
+def demo(
+    serve: Annotated[bool, typer.Option(help="Serve with Triton and classify over gRPC.")] = True,
+    bench: Annotated[bool, typer.Option(help="Benchmark patched against zero-shot.")] = True,
+) -> None:
+    """The offline demo: pretrain (or reuse) the mini CLIP, patch digits protecting Fashion-MNIST, export, serve."""
+    from patcher.stages.demo import DemoOptions, run_demo
+
+    summary = run_demo(DemoOptions(serve=serve, bench=bench))
+    typer.echo(f"demo finished in {summary['total_s']:.0f} s; results in bench/results/demo.md")
+
+
+@command
+def tasks() -> None:
+    """List the registered tasks."""
+    from patcher.data.tasks import known_tasks
+
+    for name in known_tasks():
+        typer.echo(name)
+
+
+@command
+def models(pretrained: Annotated[bool, typer.Option(help="Also list pretrained tags.")] = False) -> None:
+    """List open_clip model names (and their pretrained tags)."""
+    from patcher.models.loading import open_clip
+
+    if pretrained:
+        for name, tag in open_clip.list_pretrained():
+            typer.echo(f"{name}\t{tag}")
+    else:
+        for name in open_clip.list_models():
+            typer.echo(name)
