@@ -27,7 +27,8 @@ from tritonclient.grpc import service_pb2
 
 from patcher.bench.loadgen import CHANNEL_OPTIONS, MODEL_INFER, open_channel, run_load
 from patcher.bench.machine import load_average, machine_info
-from patcher.runs.store import now_iso, write_json
+from patcher.runs.manifest import now_iso
+from patcher.runs.store import write_json
 
 SETTINGS = [(1, 1), (1, 4), (8, 4)]
 
@@ -194,7 +195,7 @@ def markdown(record: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from patcher.bench.context import ensure_export
     from patcher.bench.runner import distinct_free_ports
-    from patcher.runs.store import load_run
+    from patcher.runs.manifest import load_run
     from patcher.triton import TritonServer, write_repository
     from patcher.triton.configs import read_config, write_config
 

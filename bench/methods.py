@@ -28,7 +28,8 @@ from typing import Any
 from PIL import ImageOps
 
 from patcher.data.tasks import get_task
-from patcher.runs.store import load_run, write_json
+from patcher.runs.manifest import load_run
+from patcher.runs.store import write_json
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.merge import MergeOptions, merge_runs
 from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, reference_dir

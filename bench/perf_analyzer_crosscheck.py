@@ -33,7 +33,8 @@ from patcher.bench.results import result_row
 from patcher.bench.runner import DEFAULT_MAX_QUEUE_DELAY_US
 from patcher.bench.targets import inspect_target, payload
 from patcher.errors import PatcherError
-from patcher.runs.store import now_iso, write_json
+from patcher.runs.manifest import now_iso
+from patcher.runs.store import write_json
 
 VERSION = "2.51.0"
 WHEEL_BINARY = f"tritonclient-{VERSION}.data/data/bin/perf_analyzer"
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     from patcher.bench.context import ensure_export
-    from patcher.runs.store import load_run
+    from patcher.runs.manifest import load_run
     from patcher.triton.configs import read_config, write_config
     from patcher.triton.repository import write_repository
     from patcher.triton.server import TritonServer

@@ -15,8 +15,12 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
-def make_progress() -> Progress:
-    """A progress display on stderr with a bar, counts and times; silent when stderr is not a terminal."""
+def make_progress(enabled: bool | None = None) -> Progress:
+    """A progress display on stderr with a bar, counts and times; shown by rank 0 only unless `enabled` says."""
+    if enabled is None:
+        from patcher.distributed import is_main
+
+        enabled = is_main()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -26,5 +30,6 @@ def make_progress() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=not enabled,
     )
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from patcher.compat import import_open_clip
 from patcher.data.tasks import get_task
 from patcher.errors import PatcherError
 from patcher.models import load_clip
-from patcher.models.heads import build_head
-from patcher.patching.states import HeadResolver, fill_missing, project_head, text_state
+from patcher.models.heads import HeadResolver, build_head
+from patcher.models.state import project_head, text_state
+from patcher.patching.task_vectors import fill_missing
 from patcher.training.loop import TrainConfig, train
-from patcher.training.methods import MethodSetup, get_method, parse_params, train_config
+from patcher.data.items import TensorItems
+from patcher.data.loading import TrainSplit
+from patcher.training.methods import MethodSetup, get_method, parse_params, train_config, train_method
 from patcher.training.methods.carft import ContextAwareFineTune, ContextParams, context_head
 from patcher.training.methods.flyp import ContrastiveFineTune, LabelAwareClipLoss, same_class_targets
 from patcher.training.methods.probe import LinearProbe, LinearProbeThenFineTune, ProbeThenFineTuneParams
-from patcher.training.methods.runner import run_stages
 from patcher.training.sampling import TaskMixture, split_batch
 
 open_clip = import_open_clip()
@@ -84,10 +85,11 @@ def tiny() -> dict:
     loaded = load_clip("patcher-tiny")
     digits = get_task("digits")
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(40, 3, 28, 28, generator=generator), torch.randint(10, (40,), generator=generator))
+    images, labels = torch.randn(40, 3, 28, 28, generator=generator), torch.randint(10, (40,), generator=generator)
     head = build_head(loaded, list(digits.classnames), list(digits.templates))
     state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    return {"loaded": loaded, "task": digits, "data": data, "head": head, "state": state}
+    return {"loaded": loaded, "task": digits, "data": TrainSplit(TensorItems(images, labels)), "images": images,
+            "labels": labels, "head": head, "state": state}
 
 
 def _setup(tiny: dict, steps: int = 5, lr: float = 1e-3) -> MethodSetup:
@@ -129,7 +131,7 @@ def test_lp_leaves_the_encoder_unchanged_and_trains_a_unit_norm_head(tiny: dict)
     setup = _setup(tiny, steps=20, lr=1e-2)
     before = {k: v.clone() for k, v in setup.loaded.model.visual.state_dict().items()}
     method = LinearProbe(setup, parse_params(LinearProbe, {}))
-    run_stages(method)
+    train_method(method)
     after = setup.loaded.model.visual.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     head = method.state()["heads.digits"]
@@ -147,8 +149,8 @@ def test_lpft_fine_tuning_stage_starts_from_the_probed_head(tiny: dict):
     train(probe.module, probe.parameters, probe.step_loss, probe.config)
     probed = method.probe.head("digits").detach().clone()
     assert not torch.allclose(probed, tiny["head"])
-    images, labels = tiny["data"].tensors
-    index = TaskMixture({"digits": tiny["data"]}, 8, 0).indices("digits", 0)
+    images, labels = tiny["images"], tiny["labels"]
+    index = [key[0] for key in TaskMixture({"digits": tiny["data"]}, 8, 0).sampler("digits").keys(0)]
     features = F.normalize(method.encoder(images[index]), dim=-1)
     expected = F.cross_entropy(features @ probed, labels[index])
     assert finetune.step_loss(0).item() == pytest.approx(expected.item(), rel=1e-5)
@@ -164,7 +166,7 @@ def test_flyp_trains_both_towers_from_class_name_captions(tiny: dict):
     images, tokens, classes = method.captions(0)
     assert len(images) == len(tokens) == len(classes) == 8
     text_before = setup.loaded.model.token_embedding.weight.clone()
-    run_stages(method)
+    train_method(method)
     state = method.state()
     assert any(k.startswith("text.") for k in state) and any(k.startswith("visual.") for k in state)
     assert not torch.equal(setup.loaded.model.token_embedding.weight, text_before)
@@ -192,12 +194,14 @@ def test_missing_keys_are_filled_with_the_base_value():
 
 
 def test_mixture_batches_are_balanced_and_a_function_of_the_step():
-    data = {name: TensorDataset(torch.arange(n).float()[:, None], torch.zeros(n, dtype=torch.long))
+    data = {name: TrainSplit(TensorItems(torch.arange(n).float()[:, None], torch.zeros(n, dtype=torch.long)))
             for name, n in (("a", 10), ("b", 50))}
     mixture = TaskMixture(data, 7, seed=3)
     batch = mixture.batch(2)
     assert batch.slices == {"a": slice(0, 4), "b": slice(4, 7)}
-    assert torch.equal(batch.inputs, mixture.batch(2).inputs)
+    again = mixture.batch(2).inputs("cpu")  # a step read twice restarts the loaders there
+    assert torch.equal(batch.inputs("cpu"), again)
+    assert not torch.equal(mixture.batch(3).inputs("cpu"), again)
     assert split_batch(8, 3) == [3, 3, 2]
     with pytest.raises(PatcherError, match="batch size"):
         split_batch(1, 2)

@@ -13,8 +13,8 @@ from test_methods_helpers import make_small_fashion, make_tiny_model, tiny_build
 
 from patcher.data.tasks import get_task
 from patcher.models import load_clip
-from patcher.models.classifier import split_classifier_state
 from patcher.models.heads import build_head
+from patcher.models.state import split_classifier_state
 from patcher.runs.manifest import load_run
 from patcher.training.methods import METHODS
 
@@ -104,7 +104,7 @@ def test_carft_records_its_parameters_and_logs_both_terms(runs: dict[str, Path])
 
 def test_an_interrupted_two_stage_build_resumes_to_the_same_weights(runs: dict[str, Path], world: dict,
                                                                      monkeypatch: pytest.MonkeyPatch):
-    import patcher.training.methods.runner as runner_module
+    import patcher.training.methods.base as runner_module
 
     class Interrupt(Exception):
         pass

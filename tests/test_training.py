@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
+from patcher.data.items import TensorItems
+from patcher.data.loading import TrainSplit
+from patcher.data.tasks import get_task
 from patcher.models import load_clip
-from patcher.models.classifier import MultiHeadClassifier
-from patcher.training.loop import CHECKPOINT, TrainConfig, batch_indices, checkpoint_step, lr_factor
-from patcher.training.losses import finetune
+from patcher.training.loop import CHECKPOINT, TrainConfig, checkpoint_step, lr_factor, train
+from patcher.training.methods import MethodSetup
+from patcher.training.methods.ft import FineTune
+from patcher.training.sampling import batch_indices
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -29,24 +32,28 @@ def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
     assert torch.equal(batch_indices(100, 10, 7, seed=3), batch_indices(100, 10, 7, seed=3))
     assert not torch.equal(batch_indices(100, 10, 7, seed=3), batch_indices(100, 10, 7, seed=4))
     straddling = batch_indices(95, 10, 9, seed=0)  # 90..99 crosses into the second epoch
-    assert len(straddling) == 10
+    assert len(straddling) == 10 and len(set(straddling.tolist())) == 10
 
 
-def _tiny_classifier() -> MultiHeadClassifier:
+def _fine_tune(config: TrainConfig, checkpoint_dir: Path | None = None, log=None) -> FineTune:
+    """`ft` of a tiny CLIP's encoder on 48 random images through a random 3-way head."""
     torch.manual_seed(0)
     loaded = load_clip("patcher-tiny")
-    head = torch.nn.functional.normalize(torch.randn(64, 3), dim=0) * 10
-    return MultiHeadClassifier(loaded.model.visual, {"toy": head})
-
-
-def _toy_data() -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(48, 3, 32, 32, generator=generator), torch.randint(3, (48,), generator=generator))
+    images, labels = torch.randn(48, 3, 28, 28, generator=generator), torch.randint(3, (48,), generator=generator)
+    head = torch.nn.functional.normalize(torch.randn(64, 3, generator=generator), dim=0) * 10
+    task = get_task("digits")
+    setup = MethodSetup(loaded, {"toy": TrainSplit(TensorItems(images, labels))}, {"toy": task}, {"toy": head},
+                        config)
+    method = FineTune(setup, None)
+    train(method.encoder, method.encoder.parameters(), method.step_loss, config, "cpu", checkpoint_dir, log)
+    method.close()
+    return method
 
 
 def test_resume_reaches_the_same_weights(tmp_path: Path):
-    config = TrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=4)
-    straight = finetune(_tiny_classifier(), _toy_data(), "toy", config)
+    config = TrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=4, log_every=1)
+    straight = _fine_tune(config).state()
 
     class Interrupt(Exception):
         pass
@@ -57,27 +64,23 @@ def test_resume_reaches_the_same_weights(tmp_path: Path):
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    config_logged = TrainConfig(**{**config.as_dict(), "log_every": 1})
     with pytest.raises(Interrupt):
-        finetune(_tiny_classifier(), _toy_data(), "toy", config_logged, checkpoint_dir=checkpoints,
-                 log=stop_after_checkpoint)
+        _fine_tune(config, checkpoints, stop_after_checkpoint)
     assert (checkpoints / CHECKPOINT).is_file() and checkpoint_step(checkpoints) == 4
-    resumed = finetune(_tiny_classifier(), _toy_data(), "toy", config_logged, checkpoint_dir=checkpoints)
+    resumed = _fine_tune(config, checkpoints).state()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
 
 
 def test_finetuning_lowers_the_loss_through_a_frozen_head():
-    classifier = _tiny_classifier()
-    head_before = classifier.head("toy").clone()
-    data = _toy_data()
-    images, labels = data.tensors
+    config = TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=3)
+    untrained = _fine_tune(TrainConfig(steps=1, batch_size=16, lr=1e-12, warmup_steps=0))
+    method = _fine_tune(config)
+    images, labels = method.setup.train["toy"].items.inputs, method.setup.train["toy"].items.labels
 
-    def loss() -> float:
+    def loss(model: FineTune) -> float:
         with torch.no_grad():
-            return torch.nn.functional.cross_entropy(classifier(images, "toy")["toy"], labels).item()
+            return torch.nn.functional.cross_entropy(model.classifier(images, "toy")["toy"], labels).item()
 
-    before = loss()
-    finetune(classifier, data, "toy", TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=3))
-    assert loss() < before
-    assert torch.equal(classifier.head("toy"), head_before)
+    assert loss(method) < loss(untrained) - 0.1
+    assert torch.equal(method.classifier.head("toy"), untrained.classifier.head("toy"))

@@ -58,9 +58,11 @@ def _export(run: Path, out: Path) -> ExportCase:
     """`patcher export` (fp32 and fp16) of the session's tiny run, with the run's PyTorch classifier as reference."""
     from safetensors.torch import load_file
 
+    from patcher.data.transforms import eval_transform
     from patcher.export import export_run
-    from patcher.models import build_from_config, image_transform
-    from patcher.models.classifier import MultiHeadClassifier, split_classifier_state
+    from patcher.models import build_from_config
+    from patcher.models.classifier import MultiHeadClassifier
+    from patcher.models.state import split_classifier_state
 
     export_dir = Path(export_run(run, out=out, fp16=True))
     config = json.loads((run / "open_clip_config.json").read_text())
@@ -68,7 +70,7 @@ def _export(run: Path, out: Path) -> ExportCase:
     encoder, heads = split_classifier_state(load_file(str(run / "models" / "patched.safetensors")))
     model.visual.load_state_dict(encoder)
     classifier = MultiHeadClassifier(model.visual, heads).eval()
-    transform = image_transform(config["preprocess_cfg"])
+    transform = eval_transform(config["preprocess_cfg"])
 
     def torch_logits(images: list[Image.Image]) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -220,7 +222,7 @@ def test_fp16_models_and_a_missing_precision(case: ExportCase, tmp_path: Path) -
 
 
 def test_preprocessing_is_open_clips_bit_for_bit() -> None:
-    from patcher.models import image_transform
+    from patcher.data.transforms import eval_transform
 
     rng = np.random.default_rng(0)
     for size, resize_mode, (width, height), mode, fmt in [
@@ -242,7 +244,7 @@ def test_preprocessing_is_open_clips_bit_for_bit() -> None:
             "interpolation": "bicubic",
             "resize_mode": resize_mode,
         }
-        expected = image_transform(cfg)(Image.open(io.BytesIO(buffer.getvalue()))).numpy()
+        expected = eval_transform(cfg)(Image.open(io.BytesIO(buffer.getvalue()))).numpy()
         np.testing.assert_array_equal(preprocess_image(decode_image(buffer.getvalue()), spec), expected)
 
 

@@ -20,9 +20,8 @@ def test_images(
     """Preprocessed test images of a task and their labels (a seeded subset of at most `limit`), and the split size."""
     from torch.utils.data import Subset
 
-    from patcher.data.preprocess import preprocess_dataset
+    from patcher.data.loading import load_images
     from patcher.data.tasks import get_task
-    from patcher.models import image_transform
 
     config = json.loads(run.verified_file("open_clip_config.json").read_text())
     dataset = get_task(task).dataset(SPLIT, data_root=data_dir)
@@ -32,8 +31,7 @@ def test_images(
     if limit is not None and total > limit:
         indices = np.sort(np.random.default_rng(0).choice(total, size=limit, replace=False))
         dataset = Subset(dataset, indices.tolist())
-    data = preprocess_dataset(dataset, image_transform(config["preprocess_cfg"]), f"preparing {task}/{SPLIT}")
-    images, labels = data.tensors
+    images, labels = load_images(dataset, config["preprocess_cfg"], f"preparing {task}/{SPLIT}")
     return images.numpy(), labels.numpy(), total
 
 

@@ -10,6 +10,11 @@ import typer
 from patcher.cli.app import DataDir, Device, Download, comma_list, command
 from patcher.errors import PatcherError
 
+Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes per rank (default: cores - 1, <= 8).")]
+DataMode = Annotated[str, typer.Option(
+    help="auto: a split up to 256 MB of decoded pixels is held in RAM, a larger one streams (held-out and test "
+         "splits through a disk cache, training through DataLoader workers); memory or stream force either.")]
+
 
 def print_run(path: Path) -> None:
     """A run's accuracy table and how its alpha was chosen."""
@@ -55,6 +60,9 @@ def build(
     grad_clip: Annotated[float | None, typer.Option(help="Gradient norm clip (default 1.0).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for initialisation, batch order and augmentation.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default 500).")] = None,
+    augment: Annotated[bool, typer.Option(help="Train on open_clip's train transform (random resized crops).")] = True,
+    workers: Workers = None,
+    data_mode: DataMode = "auto",
     device: Device = "auto",
     data_dir: DataDir = None,
     download: Download = False,
@@ -62,6 +70,7 @@ def build(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted build at --out.")] = False,
 ) -> None:
     """Fine-tune on one or more tasks with a method, interpolate with the zero-shot weights and choose alpha."""
+    from patcher.data.loading import DataOptions
     from patcher.stages.build import BuildOptions
     from patcher.stages.build import build as run_build
     from patcher.training.methods import train_config
@@ -75,6 +84,7 @@ def build(
         pretrained=None if pretrained.lower() == "none" else pretrained, image_size=image_size, method=method,
         method_params=params, multi=multi, alpha=alpha, tolerance=tolerance, search=search, finetune=finetune,
         epochs=epochs, data_dir=data_dir, download=download, device=device, out=out, resume=resume,
+        data=DataOptions(workers=workers, augment=augment, mode=data_mode),
     )
     try:
         path = run_build(options)
@@ -103,15 +113,19 @@ def merge(
     tolerance: Annotated[float, typer.Option(help="Points of accuracy a supported task may lose.")] = 1.0,
     alpha: Annotated[str, typer.Option(help="Task-vector coefficient: 'auto' (grid 0..1 on held-out data) "
                                             "or a value in [0, 1].")] = "auto",
+    workers: Workers = None,
+    data_mode: DataMode = "auto",
     device: Device = "auto",
     data_dir: DataDir = None,
     download: Download = False,
 ) -> None:
     """Combine finished runs by task arithmetic: zero-shot + coefficient * the sum of their task vectors."""
+    from patcher.data.loading import DataOptions
     from patcher.stages.merge import MergeOptions, merge_runs
 
     path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,
-                                   alpha=alpha, data_dir=data_dir, download=download, device=device))
+                                   alpha=alpha, data_dir=data_dir, download=download, device=device,
+                                   data=DataOptions(workers=workers, mode=data_mode)))
     print_run(path)
     typer.echo(f"run: {path}")
 

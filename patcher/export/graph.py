@@ -14,7 +14,8 @@ from torch import nn
 from patcher.errors import PatcherError
 from patcher.export.naming import logits_output
 from patcher.models import build_from_config
-from patcher.models.classifier import MultiHeadClassifier, split_classifier_state
+from patcher.models.classifier import MultiHeadClassifier
+from patcher.models.state import split_classifier_state
 
 INPUT_NAME = "image"
 EMBEDDING_OUTPUT = "embedding"

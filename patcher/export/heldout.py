@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from patcher.data.preprocess import preprocess_dataset
+from patcher.data.loading import load_images
 from patcher.data.tasks import get_task
 from patcher.errors import PatcherError
-from patcher.models import image_transform
 
 SPLIT = "val"
 
@@ -42,15 +41,13 @@ def load_heldout(
     tasks: list[str], preprocess_cfg: dict[str, Any], per_task: int, data_dir: Path | None = None
 ) -> HeldOut:
     """Up to `per_task` images of each task's held-out (val) split, through open_clip's evaluation transform."""
-    transform = image_transform(preprocess_cfg)
     images, labels, spans, start = [], [], {}, 0
     for name in tasks:
         dataset = get_task(name).dataset(SPLIT, data_root=data_dir)
         if len(dataset) == 0:
             raise PatcherError(f"{name} has no images in its {SPLIT} split: the parity check needs some")
         subset = Subset(dataset, evenly_spaced(len(dataset), per_task))
-        prepared = preprocess_dataset(subset, transform, f"parity images {name}")
-        task_images, task_labels = prepared.tensors
+        task_images, task_labels = load_images(subset, preprocess_cfg, f"parity images {name}")
         images.append(task_images)
         labels.append(task_labels)
         spans[name] = slice(start, start + len(task_labels))

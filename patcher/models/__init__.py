@@ -3,7 +3,6 @@
 from patcher.models.loading import (
     LoadedModel,
     build_from_config,
-    image_transform,
     load_clip,
     preprocess_spec,
     state_dict_digest,
@@ -12,7 +11,6 @@ from patcher.models.loading import (
 __all__ = [
     "LoadedModel",
     "build_from_config",
-    "image_transform",
     "load_clip",
     "preprocess_spec",
     "state_dict_digest",

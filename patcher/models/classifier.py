@@ -8,9 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VISUAL_PREFIX = "visual."
-HEAD_PREFIX = "heads."
-
 
 class MultiHeadClassifier(nn.Module):
     """normalize(encoder(image)) @ head_t for every task t; heads are buffers, never trained."""
@@ -35,19 +32,3 @@ class MultiHeadClassifier(nn.Module):
         features = self.embed(images)
         tasks = [task] if task is not None else self.task_names
         return {name: features @ self.head(name).to(features.dtype) for name in tasks}
-
-
-def classifier_state(encoder_state: Mapping[str, torch.Tensor], heads: Mapping[str, torch.Tensor]) -> dict:
-    """The flat state a `models/*.safetensors` file stores: `visual.*` and `heads.<task>`."""
-    state = {f"{VISUAL_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in encoder_state.items()}
-    state.update({f"{HEAD_PREFIX}{task}": h.detach().cpu().float().contiguous() for task, h in heads.items()})
-    return state
-
-
-def split_classifier_state(
-    state: Mapping[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Inverse of `classifier_state`: (encoder state dict, heads by task)."""
-    encoder = {k[len(VISUAL_PREFIX) :]: v for k, v in state.items() if k.startswith(VISUAL_PREFIX)}
-    heads = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    return encoder, heads

@@ -1,17 +1,34 @@
-"""Zero-shot classification heads from the text tower, cached on disk by model weights and task."""
+"""Classification heads from the text tower: zero-shot heads (cached), and the heads a flat state implies.
+
+A state without `text.*` keys keeps the zero-shot heads; with them, every head is rebuilt from that text
+tower; a `heads.<task>` entry (a probed head) overrides both.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from patcher.compat import import_open_clip
-from patcher.models import LoadedModel
+from patcher.data.tasks import Task
+from patcher.errors import PatcherError
+from patcher.models.loading import LoadedModel
+from patcher.models.state import (
+    HEAD_PREFIX,
+    TEXT_PREFIX,
+    VISUAL_PREFIX,
+    State,
+    has_text,
+    head_scale,
+    part,
+    project_head,
+)
 
 open_clip = import_open_clip()
 
@@ -56,3 +73,47 @@ def zero_shot_head(
     save_file({"head": head.contiguous()}, str(temporary))
     os.replace(temporary, path)
     return head
+
+
+class HeadResolver:
+    """Turns a state into (encoder state, head of every task); text-tower states rebuild heads with the model."""
+
+    def __init__(
+        self,
+        zeroshot_heads: Mapping[str, torch.Tensor],
+        tasks: Mapping[str, Task],
+        loaded: LoadedModel | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.zeroshot_heads = {task: head.float() for task, head in zeroshot_heads.items()}
+        self.tasks = dict(tasks)
+        self.loaded = loaded
+        self.device = device
+        self.scales = {task: head_scale(head) for task, head in self.zeroshot_heads.items()}
+
+    def heads(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One head per task of the run for this state."""
+        heads = self.text_heads(part(TEXT_PREFIX, state)) if has_text(state) else dict(self.zeroshot_heads)
+        for task, head in part(HEAD_PREFIX, state).items():
+            heads[task] = project_head(head, self.scales[task])
+        return heads
+
+    def resolve(self, state: Mapping[str, torch.Tensor]) -> tuple[State, dict[str, torch.Tensor]]:
+        """(encoder state dict, heads by task): what a `models/*.safetensors` file holds."""
+        return part(VISUAL_PREFIX, state), self.heads(state)
+
+    @torch.no_grad()
+    def text_heads(self, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every task's head built from this text tower (loaded into the model's non-visual part)."""
+        if self.loaded is None:
+            raise PatcherError("this state has a text tower but no model was given to build heads with")
+        model = self.loaded.model
+        missing, unexpected = model.load_state_dict(dict(text), strict=False)
+        untouched = [key for key in missing if not key.startswith(VISUAL_PREFIX)]
+        if unexpected or untouched:
+            first = (unexpected or untouched)[0]
+            raise PatcherError(f"text tower does not fit the model ({first}): different architecture")
+        return {
+            name: build_head(self.loaded, list(task.classnames), list(task.templates), self.device)
+            for name, task in self.tasks.items()
+        }

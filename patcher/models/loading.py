@@ -18,7 +18,6 @@ from patcher.compat import import_open_clip
 from patcher.errors import PatcherError
 
 open_clip = import_open_clip()
-from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: E402
 
 open_clip.add_model_config(Path(__file__).parent / "configs")  # patcher-tiny, patcher-mini: small offline CLIPs
 
@@ -183,12 +182,3 @@ def preprocess_spec(preprocess_cfg: Mapping[str, Any]) -> dict[str, Any]:
         "resize_mode": preprocess_cfg.get("resize_mode", "shortest"),
         "crop": "center",
     }
-
-
-def image_transform(preprocess_cfg: Mapping[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """open_clip's evaluation transform (resize, centre crop, to tensor, normalise) for a PIL image."""
-    cfg = PreprocessCfg(**{k: v for k, v in preprocess_cfg.items() if k in _PREPROCESS_KEYS})
-    return image_transform_v2(cfg, is_train=False)
-
-
-_PREPROCESS_KEYS = {"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"}

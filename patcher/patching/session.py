@@ -1,4 +1,4 @@
-"""The pieces every patching strategy shares: fine-tune from a state, evaluate a state, choose alpha on a path."""
+"""A patching session: one model, its tasks and data; fine-tunes from any state, scores any state, chooses alpha."""
 
 from __future__ import annotations
 
@@ -8,61 +8,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
 
 from patcher.data.evaluation import accuracies
-from patcher.data.preprocess import preprocess_dataset
+from patcher.data.loading import Splits
+from patcher.data.store import ImageStore
 from patcher.data.tasks import Task
-from patcher.errors import PatcherError
-from patcher.models import LoadedModel, image_transform
-from patcher.models.classifier import HEAD_PREFIX, VISUAL_PREFIX, MultiHeadClassifier
-from patcher.patching.alpha import DEFAULT_GRID, SEARCHES, Selection, choose
-from patcher.patching.states import (
+from patcher.models import LoadedModel
+from patcher.models.classifier import MultiHeadClassifier
+from patcher.models.heads import HeadResolver
+from patcher.models.state import (
+    HEAD_PREFIX,
     TEXT_PREFIX,
-    HeadResolver,
+    VISUAL_PREFIX,
     State,
-    fill_missing,
     has_text,
     part,
     prefixed,
     text_state,
     visual_state,
 )
+from patcher.patching.alpha import DEFAULT_GRID, SEARCHES, Selection, choose
+from patcher.patching.task_vectors import fill_missing
 from patcher.progress import make_progress
 from patcher.training.loop import TrainConfig
-from patcher.training.methods import Method, MethodSetup
-from patcher.training.methods.runner import run_stages
+from patcher.training.methods import Method, MethodSetup, train_method
 
 AlphaPath = Callable[[float], State]  # alpha -> state: an interpolation or task-arithmetic path
-
-
-@dataclass
-class Splits:
-    """Preprocessed data: training splits of the patch tasks, held-out and test splits of every task."""
-
-    train: dict[str, TensorDataset]
-    val: dict[str, TensorDataset]
-    test: dict[str, TensorDataset]
-
-
-def prepare_splits(
-    train_tasks: list[Task], eval_tasks: list[Task], loaded: LoadedModel, data_dir: Path | None = None,
-    download: bool = False,
-) -> Splits:
-    """Preprocess once: train splits of `train_tasks`, val and test splits of `eval_tasks`."""
-    transform = image_transform(loaded.preprocess_cfg)
-
-    def prepare(task: Task, split: str) -> TensorDataset:
-        dataset = task.dataset(split, data_root=data_dir, download=download)
-        if len(dataset) == 0:
-            raise PatcherError(f"{task.name} has no images in its {split} split: check the dataset folder")
-        return preprocess_dataset(dataset, transform, f"preparing {task.name}/{split}")
-
-    return Splits(
-        train={task.name: prepare(task, "train") for task in train_tasks},
-        val={task.name: prepare(task, "val") for task in eval_tasks},
-        test={task.name: prepare(task, "test") for task in eval_tasks},
-    )
 
 
 @dataclass
@@ -136,17 +107,17 @@ class Session:
                             self.resolver.heads(start), config, self.device)
         method = method_class(setup, params)
         configs = [{"stage": f"{label}{stage.name}", **stage.config.as_dict()} for stage in method.stages()]
-        steps = run_stages(method, self.device, checkpoint_dir, log_path, step_offset, label)
+        steps = train_method(method, self.device, checkpoint_dir, log_path, step_offset, label)
         self.loaded.model.eval()
         return Trained({**dict(start), **method.state()}, method, steps, configs)
 
-    def accuracy(self, state: Mapping[str, torch.Tensor], splits: Mapping[str, TensorDataset]) -> dict[str, float]:
-        """Top-1 accuracy (%) of the classifier this state gives, per task, on the given splits."""
+    def accuracy(self, state: Mapping[str, torch.Tensor], stores: Mapping[str, ImageStore]) -> dict[str, float]:
+        """Top-1 accuracy (%) of the classifier this state gives, per task, on the given held-out or test stores."""
         encoder_state, heads = self.resolver.resolve(state)
         encoder = self.loaded.model.visual
         encoder.load_state_dict(encoder_state)
-        classifier = MultiHeadClassifier(encoder, {task: heads[task] for task in splits})
-        return accuracies(classifier, splits, self.eval_batch_size, self.device)
+        classifier = MultiHeadClassifier(encoder, {task: heads[task] for task in stores})
+        return accuracies(classifier, stores, self.splits.normalize, self.eval_batch_size, self.device)
 
     def select(
         self,

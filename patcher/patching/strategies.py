@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patcher.models.state import State
 from patcher.patching.alpha import Selection
 from patcher.patching.session import Session, Trained
-from patcher.patching.states import State
 from patcher.patching.task_vectors import TaskVector, interpolate
 from patcher.training.loop import TrainConfig
 from patcher.training.methods import Method
-
-STRATEGIES = ("joint", "sequential", "parallel")
 
 
 @dataclass
@@ -147,4 +145,6 @@ def _curve(selection: Selection) -> list[dict[str, Any]]:
     return [{"alpha": a, "val_accuracy": acc} for a, acc in sorted(selection.curve.items())]
 
 
-RUNNERS = {"joint": joint, "sequential": sequential, "parallel": parallel}
+STRATEGIES: dict[str, Callable[[Session, Plan], Outcome]] = {
+    "joint": joint, "sequential": sequential, "parallel": parallel,
+}

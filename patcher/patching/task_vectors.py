@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from patcher.errors import PatcherError
+from patcher.models.state import State
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -89,3 +90,13 @@ def interpolate(zeroshot: StateDict, finetuned: StateDict, alpha: float) -> dict
         else:
             result[key] = start.clone()
     return result
+
+
+def fill_missing(states: Iterable[Mapping[str, torch.Tensor]], base: Mapping[str, torch.Tensor]) -> list[State]:
+    """Each state completed with `base`'s values for the keys another state has and it lacks (a zero change)."""
+    states = [dict(state) for state in states]
+    keys = set().union(*(state.keys() for state in states))
+    missing = sorted(keys - set(base))
+    if missing:
+        raise PatcherError(f"no base value for {missing[0]}: the states come from different architectures")
+    return [{**{key: base[key] for key in keys - state.keys()}, **state} for state in states]

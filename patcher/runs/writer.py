@@ -11,13 +11,14 @@ from typing import Any
 from safetensors.torch import save_file
 
 from patcher import __version__
-from patcher.models.classifier import classifier_state
+from patcher.models.state import classifier_state
 from patcher.models import LoadedModel, preprocess_spec
 from patcher.runs.plots import alpha_curve_plot
 from patcher.runs.store import STAGING_FINGERPRINT, file_record
 from patcher.runs.manifest import library_versions
 from patcher.patching.alpha import DEFAULT_GRID, Selection
-from patcher.patching.states import TEXT_PREFIX, HeadResolver, State, has_text, part
+from patcher.models.state import TEXT_PREFIX, State, has_text, part
+from patcher.models.heads import HeadResolver
 from patcher.data.tasks import Task
 
 KINDS = ("zeroshot", "finetuned", "patched")

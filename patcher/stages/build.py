@@ -15,16 +15,18 @@ from typing import Any
 
 import torch
 
+from patcher import distributed
+from patcher.data.loading import DataOptions, Splits, prepare_splits
 from patcher.data.tasks import Task, get_task
 from patcher.errors import PatcherError
 from patcher.models import LoadedModel, load_clip
 from patcher.models.heads import zero_shot_head
 from patcher.patching.alpha import SEARCHES, Selection
-from patcher.patching.session import Session, Splits, prepare_splits
-from patcher.patching.strategies import RUNNERS, STRATEGIES, Outcome, Plan
+from patcher.patching.session import Session
+from patcher.patching.strategies import STRATEGIES, Outcome, Plan
 from patcher.progress import console, make_progress
 from patcher.runs.manifest import MANIFEST, RUN_FORMAT, files_record, now_iso, options_sha256, versions
-from patcher.runs.store import finish_staging, prepare_staging, write_json
+from patcher.runs.store import finish_staging, prepare_staging, staging_path, write_json
 from patcher.runs.writer import MODEL_FILES, alpha_record, model_record, plot_curves, task_record, write_models
 from patcher.training.loop import TrainConfig, pick_device, precision_name
 from patcher.training.methods import get_method, params_dict, parse_params, train_config
@@ -55,6 +57,7 @@ class BuildOptions:
     out: Path | None = None
     resume: bool = False
     eval_batch_size: int = 256
+    data: DataOptions = field(default_factory=DataOptions)
 
     @property
     def patch_tasks(self) -> list[str]:
@@ -75,6 +78,7 @@ class BuildOptions:
         data = asdict(self)
         for key in ("out", "resume", "data_dir", "download", "eval_batch_size"):
             data.pop(key)
+        data["data"] = {"augment": self.data.augment}  # workers and where pixels are kept do not change results
         data["finetune"] = {k: v for k, v in self.training().as_dict().items()
                             if k not in ("checkpoint_every", "log_every")}
         return json.loads(json.dumps(data, default=str))
@@ -150,30 +154,42 @@ def _config_for(options: BuildOptions, splits: Splits) -> Any:
     return config
 
 
-def build(options: BuildOptions) -> Path:
-    """Run the whole build and return the finished run directory."""
+def build(options: BuildOptions) -> Path | None:
+    """Run the whole build and return the finished run directory (None on ranks other than 0 under torchrun)."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     checked = _validate(options)
-    out = Path(options.out) if options.out else default_out(options)
     if options.resume and options.out is None:
         raise PatcherError("--resume needs the --out of the interrupted build")
-    if out.exists():
-        raise PatcherError(f"{out} already exists: pass another --out or remove it")
-    device = pick_device(options.device)
-    torch.manual_seed(options.finetune.seed)  # random-weight models (tests, ablations) are then reproducible
-    loaded = load_clip(options.model, options.pretrained, options.image_size, device=device)
-    staging = prepare_staging(out, options.fingerprint(), options.resume)
+    device = distributed.init_from_environment(pick_device(options.device))
+    try:
+        out = Path(distributed.broadcast(str(options.out or default_out(options))))
+        if out.exists():
+            raise PatcherError(f"{out} already exists: pass another --out or remove it")
+        torch.manual_seed(options.training().seed)  # random-weight models (tests, ablations) are then reproducible
+        loaded = load_clip(options.model, options.pretrained, options.image_size, device=device)
 
-    tick = time.perf_counter()
-    splits = prepare_splits(checked.patch, [*checked.patch, *checked.support], loaded, options.data_dir,
-                            options.download)
-    timings["data"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        tasks = {task.name: task for task in [*checked.patch, *checked.support]}
+        splits = prepare_splits(checked.patch, list(tasks.values()), loaded.preprocess_cfg, options.data,
+                                options.data_dir, options.download, device)
+        timings["data"] = time.perf_counter() - tick
+        try:
+            return _patch_and_write(options, checked, loaded, tasks, splits, out, device, started, timings)
+        finally:
+            splits.close()
+    finally:
+        distributed.shutdown()
 
+
+def _patch_and_write(options: BuildOptions, checked: _Checked, loaded: LoadedModel, tasks: dict[str, Task],
+                     splits: Splits, out: Path, device: str, started: float, timings: dict[str, float]) -> Path | None:
+    main = distributed.is_main()
     tick = time.perf_counter()
-    tasks = {task.name: task for task in [*checked.patch, *checked.support]}
     heads = {name: zero_shot_head(loaded, list(t.classnames), list(t.templates), device) for name, t in tasks.items()}
     timings["heads"] = time.perf_counter() - tick
+    staging = prepare_staging(out, options.fingerprint(), options.resume) if main else staging_path(out)
+    distributed.barrier()  # the staging directory (and any checkpoint to resume from) exists for every rank
 
     session = Session(loaded, tasks, heads, splits, device, options.eval_batch_size)
     patch_names = [task.name for task in checked.patch]
@@ -181,9 +197,9 @@ def build(options: BuildOptions) -> Path:
     plan = Plan(get_method(options.method), checked.params, patch_names, support_names, _config_for(options, splits),
                 options.tolerance, options.search, checked.alpha, staging / "checkpoints", staging / "train.log")
     tick = time.perf_counter()
-    outcome = RUNNERS[options.strategy or "joint"](session, plan)
+    outcome = STRATEGIES[options.strategy or "joint"](session, plan)
     timings["finetune_and_alpha"] = time.perf_counter() - tick
-    if outcome.selection.warning:
+    if outcome.selection.warning and main:
         console.print(f"[yellow]warning:[/] {outcome.selection.warning}")
 
     tick = time.perf_counter()
@@ -194,6 +210,8 @@ def build(options: BuildOptions) -> Path:
             test_accuracy[kind] = session.accuracy(state, splits.test)
             progress.advance(bar)
     timings["test"] = time.perf_counter() - tick
+    if not main:
+        return None
 
     text_files = write_models(staging, session.resolver, outcome.states, outcome.alphas)
     (staging / "open_clip_config.json").write_text(json.dumps(loaded.open_clip_config(), indent=2) + "\n")
@@ -202,7 +220,6 @@ def build(options: BuildOptions) -> Path:
     plot_curves(staging, outcome.selection, patch_names, support_names, options.tolerance,
                 f"{', '.join(patch_names)}: held-out accuracy against {against}", outcome.reference, steps)
     timings["total"] = time.perf_counter() - started
-
     manifest = _manifest(out.name, options, checked, loaded, splits, outcome, test_accuracy, text_files, device,
                          timings, staging)
     write_json(staging / MANIFEST, manifest)
@@ -261,7 +278,8 @@ def _manifest(
         "multi": None if options.strategy is None else {"strategy": options.strategy, "steps": outcome.steps},
         "text_tower": {"trained": bool(text_files), "files": text_files},
         "training": {**main_stage, "epochs": options.epochs, "device": device,
-                     "precision": precision_name(device), "stages": stages, "total_steps": outcome.total_steps},
+                     "precision": precision_name(device), "stages": stages, "total_steps": outcome.total_steps,
+                     "world_size": distributed.world_size(), "data": asdict(options.data)},
         "alpha": alpha,
         "test_accuracy": test_accuracy,
         "files": files_record(staging),

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from patcher.data.loading import DataOptions, prepare_splits
 from patcher.data.tasks import Task, get_task
 from patcher.errors import PatcherError
 from patcher.models import LoadedModel, build_from_config, load_clip, state_dict_digest
-from patcher.models.classifier import HEAD_PREFIX, VISUAL_PREFIX, split_classifier_state
 from patcher.models.heads import zero_shot_head
-from patcher.patching.session import Session, prepare_splits
-from patcher.patching.states import TEXT_PREFIX, State, prefixed
+from patcher.models.state import HEAD_PREFIX, TEXT_PREFIX, VISUAL_PREFIX, State, prefixed, split_classifier_state
+from patcher.patching.session import Session
 from patcher.patching.strategies import task_arithmetic
 from patcher.progress import console
 from patcher.runs.manifest import MANIFEST, RUN_FORMAT, Run, files_record, load_run, now_iso, options_sha256, versions
@@ -48,6 +48,7 @@ class MergeOptions:
     download: bool = False
     device: str = "auto"
     eval_batch_size: int = 256
+    data: DataOptions = field(default_factory=DataOptions)
 
 
 def check_compatible(runs: list[Run]) -> dict[str, Any]:
@@ -128,7 +129,8 @@ def merge_runs(options: MergeOptions) -> Path:
     tasks = _load_tasks(runs, [*patch, *support])
     heads = _zeroshot_heads(runs, tasks, loaded, device)
 
-    splits = prepare_splits([], list(tasks.values()), loaded, options.data_dir, options.download)
+    splits = prepare_splits([], list(tasks.values()), loaded.preprocess_cfg, options.data, options.data_dir,
+                            options.download, device)
     session = Session(loaded, tasks, heads, splits, device, options.eval_batch_size)
     base, *finetuned = session.complete(session.zeroshot, *(finetuned_state(run) for run in runs))
     path = task_arithmetic(base, finetuned)

@@ -17,21 +17,24 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Subset
 
 from patcher import __version__
 from patcher.compat import import_open_clip
 from patcher.data.evaluation import predict
-from patcher.data.preprocess import preprocess_dataset
+from patcher.data.loading import TrainSplit
+from patcher.data.store import StoreItems, build_store
 from patcher.data.tasks import Task, get_task
+from patcher.data.transforms import Normalize
 from patcher.errors import PatcherError
-from patcher.models import image_transform, load_clip
+from patcher.models import load_clip
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.heads import build_head
 from patcher.models.loading import CONFIG_FILENAME
 from patcher.runs.manifest import library_versions, now_iso
 from patcher.runs.store import append_log, file_record, finish_staging, prepare_staging, trim_log, write_json
-from patcher.training.loop import TrainConfig, batch_indices, checkpoint_step, pick_device, train
+from patcher.training.loop import TrainConfig, checkpoint_step, pick_device, train
+from patcher.training.sampling import TaskMixture
 
 open_clip = import_open_clip()
 
@@ -99,22 +102,21 @@ def reference_dir(options: PretrainOptions) -> Path:
 
 @dataclass
 class _CaptionedData:
-    images: torch.Tensor
-    labels: torch.Tensor
+    split: TrainSplit  # the source's images, decoded once into a RAM store
     tokens: torch.Tensor  # [classes, templates, context]
 
 
-def _captioned(task: Task, source: Source, tokenizer: Any, transform: Any, options: PretrainOptions) -> _CaptionedData:
+def _captioned(task: Task, source: Source, loaded: Any, options: PretrainOptions) -> _CaptionedData:
     dataset = task.dataset(source.split, data_root=options.data_dir, download=options.download)
     if source.classes is not None:
         keep = [i for i in range(len(dataset)) if int(dataset[i][1]) in set(source.classes)]
         dataset = Subset(dataset, keep)
     if len(dataset) == 0:
         raise PatcherError(f"{task.name}/{source.split} has no images of classes {source.classes}")
-    data: TensorDataset = preprocess_dataset(dataset, transform, f"preparing {task.name}/{source.split}")
+    store, _ = build_store(dataset, loaded.preprocess_cfg, f"decoding {task.name}/{source.split}", in_memory=True)
     captions = [[template.format(name) for template in task.templates] for name in task.classnames]
-    tokens = torch.stack([tokenizer(per_class) for per_class in captions])
-    return _CaptionedData(*data.tensors, tokens=tokens)
+    tokens = torch.stack([loaded.tokenizer(per_class) for per_class in captions])
+    return _CaptionedData(TrainSplit(StoreItems(store, Normalize(loaded.preprocess_cfg))), tokens=tokens)
 
 
 def pretrain(options: PretrainOptions) -> Path:
@@ -129,23 +131,24 @@ def pretrain(options: PretrainOptions) -> Path:
     torch.manual_seed(options.train.seed)
     loaded = load_clip(options.model, None, options.image_size, device=device)
     model = loaded.model
-    transform = image_transform(loaded.preprocess_cfg)
     staging = prepare_staging(out, options.fingerprint(), options.resume)
 
-    sources = [_captioned(get_task(s.task), s, loaded.tokenizer, transform, options) for s in options.sources]
+    sources = [_captioned(get_task(s.task), s, loaded, options) for s in options.sources]
     weights = torch.tensor([s.weight for s in options.sources], dtype=torch.float)
     per_batch = _split_batch(options.train.batch_size, weights)
+    names = [f"{s.task}/{s.split}" for s in options.sources]
+    mixture = TaskMixture({name: data.split for name, data in zip(names, sources, strict=True)},
+                          options.train.batch_size, options.train.seed, shares=per_batch)
     loss_fn = open_clip.ClipLoss()
 
     def step_loss(step: int) -> torch.Tensor:
-        images, texts = [], []
-        for number, (data, count) in enumerate(zip(sources, per_batch, strict=True)):
-            index = batch_indices(len(data.labels), count, step, options.train.seed + 7919 * number)
+        batch = mixture.batch(step)
+        texts = []
+        for number, (data, part) in enumerate(zip(sources, batch.parts.values(), strict=True)):
             generator = torch.Generator().manual_seed(options.train.seed * 104_729 + step * 31 + number)
-            template = torch.randint(data.tokens.shape[1], (count,), generator=generator)
-            images.append(data.images[index])
-            texts.append(data.tokens[data.labels[index], template])
-        image_features = model.encode_image(torch.cat(images).to(device), normalize=True)
+            template = torch.randint(data.tokens.shape[1], (len(part.labels),), generator=generator)
+            texts.append(data.tokens[part.labels, template])
+        image_features = model.encode_image(batch.inputs(device), normalize=True)
         text_features = model.encode_text(torch.cat(texts).to(device), normalize=True)
         scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         return loss_fn(image_features, text_features, scale)
@@ -155,8 +158,11 @@ def pretrain(options: PretrainOptions) -> Path:
     checkpoint_dir.mkdir(exist_ok=True)
     trim_log(log_path, checkpoint_step(checkpoint_dir))
     tick = time.perf_counter()
-    train(model, model.parameters(), step_loss, options.train, device, checkpoint_dir,
-          lambda entry: append_log(log_path, entry), f"pretraining {options.model}")
+    try:
+        train(model, model.parameters(), step_loss, options.train, device, checkpoint_dir,
+              lambda entry: append_log(log_path, entry), f"pretraining {options.model}")
+    finally:
+        mixture.close()
     train_seconds = time.perf_counter() - tick
 
     model.eval()
@@ -170,7 +176,7 @@ def pretrain(options: PretrainOptions) -> Path:
         "options": options.fingerprint(),
         "device": device,
         "per_batch": dict(zip([f"{s.task}/{s.split}" for s in options.sources], per_batch, strict=True)),
-        "images": {f"{s.task}/{s.split}": len(d.labels) for s, d in zip(options.sources, sources, strict=True)},
+        "images": {name: len(data.split) for name, data in zip(names, sources, strict=True)},
         "zero_shot": evaluation,
         "files": {name: file_record(staging / name) for name in (WEIGHTS_FILENAME, CONFIG_FILENAME)},
         "versions": {**library_versions(), "patcher": __version__},
@@ -194,15 +200,16 @@ def zero_shot_report(model_name: str, data_dir: Path | None = None, device: str 
                      tasks: tuple[str, ...] = ("fashion-mnist", "digits")) -> dict[str, Any]:
     """Zero-shot test accuracy per task and per class, so seen and unseen classes can be told apart."""
     loaded = load_clip(model_name, None, device=device)
-    transform = image_transform(loaded.preprocess_cfg)
+    normalize = Normalize(loaded.preprocess_cfg)
     report: dict[str, Any] = {}
     for name in tasks:
         task = get_task(name)
         head = build_head(loaded, list(task.classnames), list(task.templates), device)
         classifier = MultiHeadClassifier(loaded.model.visual, {name: head})
-        images, labels = preprocess_dataset(task.dataset("test", data_root=data_dir), transform,
-                                            f"zero-shot {name}").tensors
-        correct = predict(classifier, images, name, device=device) == labels
+        store, _ = build_store(task.dataset("test", data_root=data_dir), loaded.preprocess_cfg,
+                               f"zero-shot {name}", in_memory=True)
+        labels = torch.from_numpy(store.labels)
+        correct = predict(classifier, store, name, normalize, device=device) == labels
         per_class = {
             task.classnames[c]: round(100.0 * correct[labels == c].float().mean().item(), 2)
             for c in range(len(task.classnames))

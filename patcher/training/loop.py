@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from patcher import distributed
 from patcher.progress import make_progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -74,23 +75,34 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the batch at `step`: a stream of seeded per-epoch permutations, so any step can be replayed."""
-    start = step * batch_size
-    indices: list[int] = []
-    while len(indices) < batch_size:
-        epoch, offset = divmod(start + len(indices), num_items)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        permutation = torch.randperm(num_items, generator=generator)
-        indices.extend(permutation[offset : offset + batch_size - len(indices)].tolist())
-    return torch.tensor(indices)
-
-
 def checkpoint_step(checkpoint_dir: Path | None) -> int:
     """The step a checkpoint in this folder resumes from (0 when there is none)."""
     if checkpoint_dir is None or not (checkpoint_dir / CHECKPOINT).is_file():
         return 0
     return int(torch.load(checkpoint_dir / CHECKPOINT, map_location="cpu", weights_only=True)["step"])
+
+
+class _StepModule(nn.Module):
+    """The trained module with the step's loss as its forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, module: nn.Module, step_loss: Callable[[int], torch.Tensor]) -> None:
+        super().__init__()
+        self.module = module
+        self.step_loss = step_loss
+
+    def forward(self, step: int) -> torch.Tensor:
+        return self.step_loss(step)
+
+
+def _data_parallel(module: nn.Module, step_loss: Callable[[int], torch.Tensor], device: str) -> nn.Module:
+    """The step module, wrapped in DistributedDataParallel under torchrun (gradients averaged over ranks)."""
+    stepper = _StepModule(module, step_loss)
+    if distributed.world_size() == 1:
+        return stepper
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DistributedDataParallel(stepper, device_ids=device_ids, broadcast_buffers=False)
 
 
 def train(
@@ -103,7 +115,11 @@ def train(
     log: Callable[[dict[str, float]], None] | None = None,
     description: str = "training",
 ) -> None:
-    """Minimise `step_loss(step)` over `parameters` (of `module`, whose state is checkpointed) for config.steps."""
+    """Minimise `step_loss(step)` over `parameters` (of `module`, whose state is checkpointed) for config.steps.
+
+    Under torchrun every rank runs this with its part of each batch; DistributedDataParallel averages the
+    gradients, so the update is the one-process update of the whole batch. Rank 0 writes checkpoints.
+    """
     parameters = [p for p in parameters if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -121,12 +137,13 @@ def train(
         first_step = int(saved["step"])
 
     module.train()
+    stepper = _data_parallel(module, step_loss, device)
     started = time.perf_counter()
     with make_progress() as progress:
         bar = progress.add_task(description, total=config.steps, completed=first_step, status="")
         for step in range(first_step, config.steps):
             with autocast(device):
-                loss = step_loss(step)
+                loss = stepper(step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -134,12 +151,16 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            progress.update(bar, advance=1, status=f"loss {loss.item():.3f}")
-            if log is not None and (step % config.log_every == 0 or step == config.steps - 1):
-                log({"step": step + 1, "loss": round(loss.item(), 5), "lr": scheduler.get_last_lr()[0],
-                     "elapsed_s": round(time.perf_counter() - started, 3)})
             done = step + 1
-            if checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps:
+            if step % config.log_every == 0 or done == config.steps:
+                value = float(distributed.all_reduce_sum(loss.detach().float()).item()) / distributed.world_size()
+                progress.update(bar, status=f"loss {value:.3f}")
+                if log is not None and distributed.is_main():
+                    log({"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
+                         "elapsed_s": round(time.perf_counter() - started, 3)})
+            progress.update(bar, advance=1)
+            if (checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps
+                    and distributed.is_main()):
                 _save_checkpoint(checkpoint, done, module, optimizer, scheduler, scaler)
     module.eval()
 

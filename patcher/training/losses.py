@@ -1,31 +1,28 @@
-"""End-to-end fine-tuning of the image encoder through frozen heads (PAINT's `ft`), on one task or a mixture."""
+"""Losses the methods share: cross-entropy over a mixed batch, each item scored by its own task's head."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from patcher.models.classifier import MultiHeadClassifier
-from patcher.training.loop import TrainConfig, train
-from patcher.training.sampling import TaskMixture
+from patcher.training.sampling import MixedBatch, TaskMixture
 
 
 def mixture_cross_entropy(
     features: torch.Tensor,
-    labels: torch.Tensor,
-    slices: Mapping[str, slice],
+    batch: MixedBatch,
     head: Callable[[str], torch.Tensor],
 ) -> torch.Tensor:
-    """Mean cross-entropy over a mixed batch, each item scored by its own task's head."""
+    """Cross-entropy of a mixed batch's items, each under its task's head: the global batch mean once DDP averages."""
+    labels = batch.labels.to(features.device, non_blocking=True)
     total = features.new_zeros((), dtype=torch.float32)
-    for task, where in slices.items():
+    for task, where in batch.slices.items():
         logits = features[where] @ head(task).to(features.dtype)
         total = total + F.cross_entropy(logits.float(), labels[where], reduction="sum")
-    return total / len(labels)
+    return total * batch.loss_scale
 
 
 def classification_loss(
@@ -35,30 +32,6 @@ def classification_loss(
 
     def step_loss(step: int) -> torch.Tensor:
         batch = mixture.batch(step)
-        features = classifier.embed(batch.inputs.to(device))
-        return mixture_cross_entropy(features, batch.labels.to(device), batch.slices, classifier.head)
+        return mixture_cross_entropy(classifier.embed(batch.inputs(device)), batch, classifier.head)
 
     return step_loss
-
-
-def finetune(
-    classifier: MultiHeadClassifier,
-    train_data: TensorDataset | Mapping[str, TensorDataset],
-    task: str | None,
-    config: TrainConfig,
-    device: str = "cpu",
-    checkpoint_dir: Path | None = None,
-    log: Callable[[dict[str, float]], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Train `classifier.encoder` with cross-entropy through frozen heads; return the encoder's state.
-
-    `train_data` is one task's split (named by `task`) or {task: split} for a balanced mixture.
-    """
-    torch.manual_seed(config.seed)
-    data = dict(train_data) if isinstance(train_data, Mapping) else {str(task): train_data}
-    classifier.to(device)
-    encoder = classifier.encoder
-    step_loss = classification_loss(classifier, TaskMixture(data, config.batch_size, config.seed), device)
-    train(encoder, encoder.parameters(), step_loss, config, device, checkpoint_dir, log,
-          f"fine-tuning on {', '.join(data)}")
-    return {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}

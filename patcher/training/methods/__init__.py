@@ -6,7 +6,7 @@ from typing import Any
 
 from patcher.errors import PatcherError
 from patcher.training.loop import TrainConfig
-from patcher.training.methods.base import Method, MethodSetup, Stage, params_dict, parse_params
+from patcher.training.methods.base import Method, MethodSetup, Stage, params_dict, parse_params, train_method
 from patcher.training.methods.carft import ContextAwareFineTune
 from patcher.training.methods.flyp import ContrastiveFineTune
 from patcher.training.methods.ft import FineTune
@@ -32,4 +32,14 @@ def train_config(name: str, **given: Any) -> TrainConfig:
     return TrainConfig(**config)
 
 
-__all__ = ["METHODS", "Method", "MethodSetup", "Stage", "get_method", "params_dict", "parse_params", "train_config"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodSetup",
+    "Stage",
+    "get_method",
+    "params_dict",
+    "parse_params",
+    "train_config",
+    "train_method",
+]

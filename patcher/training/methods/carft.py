@@ -3,12 +3,13 @@
 Context-Aware Robust Fine-Tuning (Mao et al., 2022, arXiv:2211.16175). The "context head" has one column
 per prompt template, the template's text embedding averaged over the task's class names: it scores which
 context ("a sketch of", "a blurry photo of", ...) an image shows, not which class. The starting model's
-context distribution is fixed (computed once per training image, as images are not augmented here), so
+context distribution comes from a frozen copy of the starting encoder on the same (augmented) images, so
 the KL term is the paper's and is zero at step 0.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,8 +23,8 @@ from patcher.errors import PatcherError
 from patcher.models import LoadedModel
 from patcher.training.losses import mixture_cross_entropy
 from patcher.training.methods.base import MethodSetup
-from patcher.training.methods.features import embed_all
 from patcher.training.methods.ft import FineTune
+from patcher.training.sampling import MixedBatch
 
 open_clip = import_open_clip()
 
@@ -64,7 +65,9 @@ def context_head(loaded: LoadedModel, classnames: list[str], templates: list[str
 
 
 def context_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over items of KL(reference || softmax(logits)) over contexts."""
+    """Mean over items of KL(reference || softmax(logits)) over contexts (0 for no items)."""
+    if len(logits) == 0:
+        return logits.new_zeros((), dtype=torch.float32)
     return F.kl_div(F.log_softmax(logits.float(), dim=-1), reference_log_probs, log_target=True, reduction="batchmean")
 
 
@@ -84,28 +87,28 @@ class ContextAwareFineTune(FineTune):
                                context_templates(setup.tasks[name], params.contexts), self.device)
             for name in setup.train
         }
-        self.reference_log_probs = {  # log p_start(context | x) of every training image, from the starting encoder
-            name: F.log_softmax(embed_all(self.classifier, data.tensors[0], self.device).to(self.device)
-                                @ self.context_heads[name], dim=-1).cpu()
-            for name, data in setup.train.items()
-        }
+        # p_start(context | x) comes from a frozen copy of the starting encoder, on the same (augmented) images
+        self.reference_encoder = copy.deepcopy(self.encoder).eval().requires_grad_(False)
         self.last_terms: dict[str, float] = {}
 
     def step_loss(self, step: int) -> torch.Tensor:
         """Cross-entropy + kl_weight * context KL on the batch at `step`."""
         batch = self.mixture.batch(step)
-        features = self.classifier.embed(batch.inputs.to(self.device))
-        labels = batch.labels.to(self.device)
-        cross_entropy = mixture_cross_entropy(features, labels, batch.slices, self.classifier.head)
-        kl = self.kl(features, step, batch.slices)
+        images = batch.inputs(self.device)
+        features = self.classifier.embed(images)
+        cross_entropy = mixture_cross_entropy(features, batch, self.classifier.head)
+        kl = self.kl(images, features, batch)
         self.last_terms = {"cross_entropy": cross_entropy.detach().item(), "kl": kl.detach().item()}
         return cross_entropy + self.params.kl_weight * kl
 
-    def kl(self, features: torch.Tensor, step: int, slices: dict[str, slice]) -> torch.Tensor:
-        """The context KL of a batch's features (the batch at `step`), averaged over its items."""
+    def kl(self, images: torch.Tensor, features: torch.Tensor, batch: MixedBatch) -> torch.Tensor:
+        """The context KL of a batch's features against the starting encoder's, the global mean over items."""
+        with torch.no_grad():
+            reference = F.normalize(self.reference_encoder(images), dim=-1)
         total = features.new_zeros((), dtype=torch.float32)
-        for task, where in slices.items():
-            reference = self.reference_log_probs[task][self.mixture.indices(task, step)].to(self.device)
-            logits = features[where] @ self.context_heads[task].to(features.dtype)
-            total = total + context_kl(reference, logits) * len(reference)
-        return total / len(features)
+        for task, where in batch.slices.items():
+            head = self.context_heads[task]
+            reference_log_probs = F.log_softmax(reference[where].float() @ head.float(), dim=-1)
+            logits = features[where] @ head.to(features.dtype)
+            total = total + context_kl(reference_log_probs, logits) * (where.stop - where.start)
+        return total * batch.loss_scale

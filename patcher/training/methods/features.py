@@ -1,19 +1,41 @@
-"""Embeddings of a whole split with a frozen encoder: what a linear probe and CAR-FT's reference are computed on."""
+"""Embeddings of a whole training split with a frozen encoder: what a linear probe trains on.
+
+Streamed in batches through the split's un-augmented reader; under torchrun each rank embeds its shard
+and every rank ends with all the rows, in item order.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from patcher import distributed
+from patcher.data.evaluation import shard
+from patcher.data.items import ItemError, unbatched
+from patcher.data.loading import TrainSplit
+from patcher.errors import PatcherError
 from patcher.models.classifier import MultiHeadClassifier
 
 
 @torch.no_grad()
-def embed_all(classifier: MultiHeadClassifier, images: torch.Tensor, device: str = "cpu",
-              batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised embeddings [N, D] (on CPU) of preprocessed images, in eval mode."""
+def embed_split(classifier: MultiHeadClassifier, split: TrainSplit, device: str = "cpu", batch_size: int = 256,
+                what: str = "training images") -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2-normalised embeddings [N, D] on CPU, labels [N]) of every item of the split, in eval mode."""
     was_training = classifier.training
     classifier.eval()
-    chunks = [classifier.embed(images[start : start + batch_size].to(device)).float().cpu()
-              for start in range(0, len(images), batch_size)]
+    mine = shard(len(split))
+    batches = [mine[start : start + batch_size].tolist() for start in range(0, len(mine), batch_size)]
+    loader = DataLoader(split.plain, batch_sampler=batches, num_workers=split.workers, collate_fn=unbatched)
+    features, labels = [], []
+    for batch in loader:
+        if isinstance(batch, ItemError):
+            raise PatcherError(batch.message(what))
+        features.append(classifier.embed(batch.images(device)).float())
+        labels.append(batch.labels.to(device))
     classifier.train(was_training)
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    local = torch.cat(features) if features else torch.empty(0, classifier.encoder.output_dim, device=device)
+    local_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
+    counts = [len(part) for part in np.array_split(np.arange(len(split)), distributed.world_size())]
+    return (distributed.all_gather_rows(local, counts).cpu(),
+            distributed.all_gather_rows(local_labels, counts).cpu())

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from patcher import distributed
 from patcher.compat import import_open_clip
 from patcher.errors import PatcherError
-from patcher.patching.states import State, text_state, visual_state
+from patcher.models.state import State, text_state, visual_state
 from patcher.training.loop import TrainConfig
 from patcher.training.methods.base import Method, MethodSetup, Stage
 from patcher.training.sampling import SEED_STRIDE, TaskMixture
@@ -52,6 +53,23 @@ class LabelAwareClipLoss(open_clip.ClipLoss):
                 + F.cross_entropy(logits_per_text.float(), targets.T)) / 2
 
 
+def gather_with_grad(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order; gradients flow back to each rank's own rows.
+
+    Every rank then computes the loss of the whole batch; the gather's backward sums the ranks' gradients
+    and DistributedDataParallel averages them, which is the one-process gradient.
+    """
+    if distributed.world_size() == 1:
+        return rows
+    import torch.distributed.nn.functional as collective
+
+    if not rows.is_floating_point():  # labels: no gradient to carry
+        parts = [torch.empty_like(rows) for _ in range(distributed.world_size())]
+        torch.distributed.all_gather(parts, rows.contiguous())
+        return torch.cat(parts)
+    return torch.cat(collective.all_gather(rows.contiguous()))
+
+
 @dataclass
 class ContrastiveParams:
     """FLYP's loss variant."""
@@ -73,6 +91,11 @@ class ContrastiveFineTune(Method):
         torch.manual_seed(setup.config.seed)
         self.model = setup.loaded.model.to(self.device)
         self.mixture = TaskMixture(setup.train, setup.config.batch_size, setup.config.seed)
+        uneven = [task for task, share in self.mixture.shares.items() if share % distributed.world_size()]
+        if uneven:
+            raise PatcherError(f"flyp gathers equal parts of each batch over {distributed.world_size()} processes: "
+                               f"the batch share of {uneven[0]} ({self.mixture.shares[uneven[0]]}) does not divide; "
+                               "choose a --batch-size that does")
         self.loss_fn = LabelAwareClipLoss()
         self.same_class_positives = params.same_class_positives if params is not None else True
         tokenizer = setup.loaded.tokenizer
@@ -92,23 +115,29 @@ class ContrastiveFineTune(Method):
         return TrainConfig(lr=1e-5, weight_decay=0.1, warmup_steps=500)
 
     def captions(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, caption tokens, class ids) of the batch at `step`; each caption's template drawn by step."""
+        """(images, caption tokens, class ids) of this rank's part of the batch at `step`.
+
+        Each caption's template is drawn for the whole step's batch and this rank takes its positions,
+        so the captions do not depend on the number of processes.
+        """
         batch = self.mixture.batch(step)
         texts, classes = [], []
         for number, (task, where) in enumerate(batch.slices.items()):
             labels = batch.labels[where]
             generator = torch.Generator().manual_seed(self.setup.config.seed * 104_729 + step * 31
                                                       + SEED_STRIDE * number)
-            template = torch.randint(self.tokens[task].shape[1], (len(labels),), generator=generator)
+            drawn = torch.randint(self.tokens[task].shape[1], (self.mixture.shares[task],), generator=generator)
+            template = drawn[self.mixture.sampler(task).positions]
             texts.append(self.tokens[task][labels, template])
             classes.append(self.class_ids[task][labels])
-        return batch.inputs, torch.cat(texts), torch.cat(classes)
+        return batch.inputs(self.device), torch.cat(texts), torch.cat(classes)
 
     def step_loss(self, step: int) -> torch.Tensor:
-        """The label-aware contrastive loss of the batch at `step`."""
+        """The label-aware contrastive loss of the whole batch at `step` (features gathered over ranks)."""
         images, texts, classes = self.captions(step)
-        image_features = self.model.encode_image(images.to(self.device), normalize=True)
-        text_features = self.model.encode_text(texts.to(self.device), normalize=True)
+        image_features = gather_with_grad(self.model.encode_image(images, normalize=True))
+        text_features = gather_with_grad(self.model.encode_text(texts.to(self.device), normalize=True))
+        classes = gather_with_grad(classes.to(self.device))
         scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         if not self.same_class_positives:
             classes = torch.arange(len(classes))  # every item its own class: open_clip's ClipLoss target
@@ -117,6 +146,10 @@ class ContrastiveFineTune(Method):
     def stages(self) -> list[Stage]:
         """One stage: the whole CLIP model."""
         return [Stage("flyp", self.model, list(self.model.parameters()), self.step_loss, self.setup.config)]
+
+    def close(self) -> None:
+        """Stop the data loaders."""
+        self.mixture.close()
 
     def state(self) -> State:
         """Both towers: `visual.*` and `text.*`."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from patcher.models.classifier import VISUAL_PREFIX, MultiHeadClassifier
-from patcher.patching.states import State, prefixed
+from patcher.models.classifier import MultiHeadClassifier
+from patcher.models.state import VISUAL_PREFIX, State, prefixed
 from patcher.training.losses import classification_loss
 from patcher.training.methods.base import Method, MethodSetup, Stage
 from patcher.training.sampling import TaskMixture
@@ -35,6 +35,10 @@ class FineTune(Method):
     def stages(self) -> list[Stage]:
         """One stage: the encoder."""
         return [Stage("ft", self.encoder, list(self.encoder.parameters()), self.step_loss, self.setup.config)]
+
+    def close(self) -> None:
+        """Stop the data loaders."""
+        self.mixture.close()
 
     def state(self) -> State:
         """The encoder's weights as `visual.*`."""

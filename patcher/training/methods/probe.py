@@ -3,7 +3,7 @@
 Kumar et al., Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution (ICLR 2022).
 Heads are initialised from the zero-shot head and kept in the stored form, scale * normalize(W) per class
 (a cosine classifier at the zero-shot logit scale), so every head a run writes keeps the contract's form.
-The encoder is frozen while probing, so the probe trains on embeddings computed once.
+The encoder is frozen while probing, so the probe trains on embeddings computed once (un-augmented).
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from patcher.models.classifier import HEAD_PREFIX, VISUAL_PREFIX, MultiHeadClassifier
-from patcher.patching.states import State, head_scale, prefixed
+from patcher.data.items import TensorItems
+from patcher.data.loading import TrainSplit
+from patcher.models.classifier import MultiHeadClassifier
+from patcher.models.state import HEAD_PREFIX, VISUAL_PREFIX, State, head_scale, prefixed
 from patcher.training.loop import TrainConfig
 from patcher.training.losses import mixture_cross_entropy
 from patcher.training.methods.base import Method, MethodSetup, NoParams, Stage
-from patcher.training.methods.features import embed_all
+from patcher.training.methods.features import embed_split
 from patcher.training.sampling import TaskMixture
 
 # Kumar et al. fit the probe to convergence (L-BFGS logistic regression on frozen features). On cached
@@ -61,11 +62,12 @@ class LinearProbe(Method):
         torch.manual_seed(setup.config.seed)
         self.encoder = setup.loaded.model.visual
         self.probe = CosineHeads({task: setup.heads[task] for task in setup.train}).to(self.device)
-        frozen = MultiHeadClassifier(self.encoder, {})
+        frozen = MultiHeadClassifier(self.encoder, {}).to(self.device)
         self.features = {
-            task: TensorDataset(embed_all(frozen, data.tensors[0], self.device), data.tensors[1])
-            for task, data in setup.train.items()
+            task: TrainSplit(TensorItems(*embed_split(frozen, split, self.device, what=f"{task}/train")))
+            for task, split in setup.train.items()
         }
+        self.mixtures: list[TaskMixture] = []
 
     @classmethod
     def default_config(cls) -> TrainConfig:
@@ -80,17 +82,22 @@ class LinearProbe(Method):
         """Cross-entropy of the probe on cached embeddings, balanced over patch tasks."""
         config = self.probe_config()
         mixture = TaskMixture(self.features, config.batch_size, config.seed)
+        self.mixtures.append(mixture)
 
         def step_loss(step: int) -> torch.Tensor:
             batch = mixture.batch(step)
-            return mixture_cross_entropy(batch.inputs.to(self.device), batch.labels.to(self.device), batch.slices,
-                                         self.probe.head)
+            return mixture_cross_entropy(batch.inputs(self.device), batch, self.probe.head)
 
         return Stage("lp", self.probe, list(self.probe.parameters()), step_loss, config)
 
     def stages(self) -> list[Stage]:
         """One stage: the probe."""
         return [self.probe_stage()]
+
+    def close(self) -> None:
+        """Stop the data loaders."""
+        for mixture in self.mixtures:
+            mixture.close()
 
     def state(self) -> State:
         """The trained heads as `heads.<task>`, in stored form."""
@@ -135,11 +142,11 @@ class LinearProbeThenFineTune(LinearProbe):
         """The probe, then the encoder and the probed heads together."""
         classifier = MultiHeadClassifier(self.encoder, {})
         mixture = TaskMixture(self.setup.train, self.setup.config.batch_size, self.setup.config.seed)
+        self.mixtures.append(mixture)
 
         def step_loss(step: int) -> torch.Tensor:
             batch = mixture.batch(step)
-            features = classifier.embed(batch.inputs.to(self.device))
-            return mixture_cross_entropy(features, batch.labels.to(self.device), batch.slices, self.probe.head)
+            return mixture_cross_entropy(classifier.embed(batch.inputs(self.device)), batch, self.probe.head)
 
         module = nn.ModuleDict({"encoder": self.encoder, "probe": self.probe})
         finetune = Stage("ft", module, list(module.parameters()), step_loss, self.setup.config)

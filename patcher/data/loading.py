@@ -1,0 +1,152 @@
+"""Every split a build reads, prepared so that memory does not grow with the number of images.
+
+Held-out and test splits become image stores (decoded once; RAM when small, else a disk cache).
+Training splits stay lazy: DataLoader workers decode and augment each step's items (open_clip's train
+transform), or, for a small split without augmentation, they are read from a RAM store. `--data-mode`
+forces either side of the size rule.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from patcher.data.items import TransformedItems
+from patcher.data.store import ImageStore, StoreItems, build_store, remove_store
+from patcher.data.tasks import Task
+from patcher.data.transforms import Normalize, eval_transform, image_size, train_transform
+from patcher.errors import PatcherError
+
+MODES = ("auto", "memory", "stream")
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """DataLoader workers per process: the cores this process may use, less one for training, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
+
+
+@dataclass
+class DataOptions:
+    """How splits are read: workers, augmentation, and where decoded pixels are kept."""
+
+    workers: int | None = None  # None: default_workers()
+    augment: bool = True  # open_clip's train transform for training (the eval transform otherwise)
+    mode: str = "auto"  # auto: RAM for splits up to memory_limit_mb of pixels, disk beyond; memory; stream
+    memory_limit_mb: int = 256
+    cache_dir: Path | None = None  # disk stores (default $PATCHER_CACHE/images)
+
+    def check(self) -> None:
+        """PatcherError for values that cannot work."""
+        if self.mode not in MODES:
+            raise PatcherError(f"unknown --data-mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.workers is not None and self.workers < 0:
+            raise PatcherError(f"--workers {self.workers} is negative: pass 0 (read in this process) or more")
+
+    @property
+    def worker_count(self) -> int:
+        """The workers to use."""
+        return default_workers() if self.workers is None else self.workers
+
+    def in_memory(self, images: int, preprocess_cfg: Mapping[str, Any]) -> bool:
+        """Whether a split of this many images keeps its pixels in RAM."""
+        if self.mode != "auto":
+            return self.mode == "memory"
+        height, width = image_size(preprocess_cfg)
+        return images * height * width * 3 <= self.memory_limit_mb * 2**20
+
+
+@dataclass
+class TrainSplit:
+    """One task's training split as the training loop reads it."""
+
+    items: Dataset  # what batches come from: augmented images, a RAM store's pixels, or embeddings
+    workers: int = 0  # DataLoader workers for it (0: this process)
+    plain: Dataset | None = None  # the same images with the eval transform (for embeddings); None: `items`
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.plain is None:
+            self.plain = self.items
+
+    def __len__(self) -> int:
+        return len(self.items)  # type: ignore[arg-type]
+
+
+@dataclass
+class Splits:
+    """Training splits of the patch tasks; held-out and test stores of every task; how to normalise pixels."""
+
+    train: dict[str, TrainSplit]
+    val: dict[str, ImageStore]
+    test: dict[str, ImageStore]
+    normalize: Normalize
+    one_off: list[Path] = field(default_factory=list)  # disk stores to delete at the end
+
+    def close(self) -> None:
+        """Delete the disk stores that no later run could recognise."""
+        for folder in self.one_off:
+            remove_store(folder)
+        self.one_off.clear()
+
+
+def _dataset(task: Task, split: str, data_dir: Path | None, download: bool) -> Dataset:
+    dataset = task.dataset(split, data_root=data_dir, download=download)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise PatcherError(f"{task.name} has no images in its {split} split: check the dataset folder")
+    return dataset
+
+
+def prepare_splits(
+    train_tasks: list[Task], eval_tasks: list[Task], preprocess_cfg: Mapping[str, Any], options: DataOptions,
+    data_dir: Path | None = None, download: bool = False, device: str = "cpu",
+) -> Splits:
+    """Find every split (failing before any work if one is missing), then build the held-out and test stores."""
+    options.check()
+    found = {(task.name, split): _dataset(task, split, data_dir, download)
+             for tasks, splits in ((train_tasks, ("train",)), (eval_tasks, ("val", "test")))
+             for task in tasks for split in splits}
+    normalize = Normalize(preprocess_cfg)
+    result = Splits({}, {}, {}, normalize)
+    for task in train_tasks:
+        dataset = found[task.name, "train"]
+        small = options.in_memory(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
+        workers = 0 if small else options.worker_count
+        plain = TransformedItems(dataset, eval_transform(preprocess_cfg))
+        if options.augment:
+            items: Dataset = TransformedItems(dataset, train_transform(preprocess_cfg))
+        elif small:
+            store, _ = build_store(dataset, preprocess_cfg, f"decoding {task.name}/train", True)
+            items = plain = StoreItems(store, normalize)
+        else:
+            items = plain
+        result.train[task.name] = TrainSplit(items, workers, plain, pin_memory=device.startswith("cuda"))
+    for task in eval_tasks:
+        for split, stores in (("val", result.val), ("test", result.test)):
+            dataset = found[task.name, split]
+            small = options.in_memory(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
+            store, one_off = build_store(dataset, preprocess_cfg, f"decoding {task.name}/{split}", small,
+                                         0 if small else options.worker_count, options.cache_dir)
+            stores[task.name] = store
+            if one_off is not None:
+                result.one_off.append(one_off)
+    return result
+
+
+def load_images(dataset: Dataset, preprocess_cfg: Mapping[str, Any], description: str) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """A small dataset through the eval transform, whole: (images [N, 3, H, W] float32, labels [N])."""
+    store, _ = build_store(dataset, preprocess_cfg, description, in_memory=True)
+    return Normalize(preprocess_cfg)(torch.from_numpy(store.array)), torch.from_numpy(store.labels)
+
