@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from patcher.errors import PatcherError
+from patcher.export.consistency import check_run
 from patcher.export.graph import ExportGraph, load_graph, output_names_for, reference_outputs
 from patcher.export.heldout import SPLIT, HeldOut, load_heldout
 from patcher.export.metadata import (
@@ -33,7 +34,7 @@ from patcher.export.onnx_export import (
 from patcher.export.verify import check_loads, check_structure, failures, parity_report, thresholds
 from patcher.progress import console, make_progress
 from patcher.runs.manifest import Run, load_run
-from patcher.runs.store import atomic_directory, sha256_file, write_json
+from patcher.runs.store import clean_stale, output_directory, output_lock, sha256_file, write_errors, write_json
 
 KINDS = ("patched", "zeroshot")
 CONFIG_FILE = "open_clip_config.json"
@@ -114,7 +115,11 @@ def export_run(
     data_dir: Path | None = None,
     images_per_task: int = IMAGES_PER_TASK,
 ) -> Path:
-    """Export a run's patched and zero-shot classifiers to verified ONNX models; returns the export directory."""
+    """Export a run's patched and zero-shot classifiers to verified ONNX models; returns the export directory.
+
+    The manifest is checked against the weights first; `out` is locked while it is written, and what a killed
+    export left beside it is removed; a fault while writing (a full disk) is one PatcherError, nothing written.
+    """
     started = time.perf_counter()
     check_opset(opset)
     if images_per_task < 1:
@@ -126,21 +131,25 @@ def export_run(
     options = options_record(selected, fp16, optimize, opset, images_per_task)
     config_path = run.verified_file(CONFIG_FILE)
     weights = {kind: run.verified_file(weights_file(kind)) for kind in KINDS}
-    if existing_export(out, run, options, overwrite):
-        console.print(f"{out} is up to date: same run and options, nothing to do")
-        return out
-
     config = json.loads(config_path.read_text())
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-    heldout = load_heldout(selected, config["preprocess_cfg"], images_per_task, data_dir)
-    timings["images"] = time.perf_counter() - tick
-    with atomic_directory(out, overwrite=out.exists()) as staging:
-        models, reports, widths = _export_models(staging, run, config, weights, selected, options, heldout, timings)
-        parity = {"split": SPLIT, "thresholds": thresholds(), "models": reports}
-        io = io_record(run.manifest["model"]["preprocess"], widths, selected)
-        timings["total"] = time.perf_counter() - started
-        write_json(staging / EXPORT_JSON, export_record(run, selected, options, io, models, parity, timings))
+    check_run(run, config, weights, selected)
+    with output_lock(out):
+        with write_errors(out):
+            clean_stale(out)
+        if existing_export(out, run, options, overwrite):
+            console.print(f"{out} is up to date: same run and options, nothing to do")
+            return out
+        timings: dict[str, float] = {}
+        tick = time.perf_counter()
+        heldout = load_heldout(selected, config["preprocess_cfg"], images_per_task, data_dir)
+        timings["images"] = time.perf_counter() - tick
+        with output_directory(out, overwrite=out.exists()) as staging:
+            models, reports, widths = _export_models(staging, run, config, weights, selected, options, heldout,
+                                                     timings)
+            parity = {"split": SPLIT, "thresholds": thresholds(), "models": reports}
+            io = io_record(run.manifest["model"]["preprocess"], widths, selected)
+            timings["total"] = time.perf_counter() - started
+            write_json(staging / EXPORT_JSON, export_record(run, selected, options, io, models, parity, timings))
     return out
 
 

@@ -40,6 +40,8 @@ def library_versions() -> dict[str, str]:
 def versions() -> dict[str, str]:
     """Library versions and patcher's."""
     return {**library_versions(), "patcher": __version__}
+
+
 def files_record(staging: Path) -> dict[str, Any]:
     """sha256 and size of every file in the staging directory (the manifest's `files`)."""
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != STAGING_FINGERPRINT
@@ -95,7 +97,60 @@ def load_run(path: Path | str) -> Run:
         raise PatcherError(f"{path} is not a directory: pass a run directory written by `patcher build`")
     if not manifest_path.is_file():
         raise PatcherError(f"{path} is not a patcher run (no {MANIFEST}): pass a directory from `patcher build`")
-    return Run(path=path, manifest=read_format_json(manifest_path, RUN_FORMAT, "rebuild the run"))
+    manifest = read_format_json(manifest_path, RUN_FORMAT, "rebuild the run")
+    check_manifest(manifest, manifest_path)
+    return Run(path=path, manifest=manifest)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, str) and item for item in value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def manifest_problems(manifest: Mapping[str, Any]) -> list[str]:
+    """What is missing or malformed in the fields later stages read (empty when the manifest is usable)."""
+    problems = []
+    if not isinstance(manifest.get("name"), str) or not manifest.get("name"):
+        problems.append("no run name")
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        problems.append("no tasks")
+    else:
+        for task, record in tasks.items():
+            if not isinstance(record, dict) or not _is_str_list(record.get("classnames")):
+                problems.append(f"task {task!r} has no class names")
+            elif not _is_str_list(record.get("templates", ["{}"])):
+                problems.append(f"task {task!r} has malformed templates")
+    for key in ("patch_tasks", "support_tasks"):
+        names = manifest.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(tasks, dict) and name in tasks for name in names):
+            problems.append(f"{key} names tasks the manifest does not describe")
+    model = manifest.get("model")
+    preprocess = model.get("preprocess") if isinstance(model, dict) else None
+    size = preprocess.get("image_size") if isinstance(preprocess, dict) else None
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 0 < v <= 8192 for v in size)):
+        problems.append(f"model.preprocess.image_size {size!r} is not [height, width] in pixels")
+    if isinstance(model, dict) and not (isinstance(model.get("embed_dim"), int) and model["embed_dim"] > 0):
+        problems.append(f"model.embed_dim {model.get('embed_dim')!r} is not a positive integer")
+    alpha = manifest.get("alpha")
+    chosen = alpha.get("chosen") if isinstance(alpha, dict) else None
+    if not (_is_number(chosen) and 0.0 <= chosen <= 1.0):
+        problems.append(f"alpha.chosen {chosen!r} is not a number in [0, 1]")
+    if not isinstance(manifest.get("files"), dict):
+        problems.append("no files section")
+    return problems
+
+
+def check_manifest(manifest: Mapping[str, Any], path: Path) -> None:
+    """PatcherError naming what is wrong when the manifest lacks or garbles what later stages read."""
+    problems = manifest_problems(manifest)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise PatcherError(f"{path} is damaged or was edited by hand: {shown}: rebuild the run "
+                           "(or restore the manifest the build wrote)")
 
 
 def read_format_json(path: Path, expected_format: str, remedy: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Writing run and export directories safely: atomic files and directories, staging for resumable jobs, hashes."""
+"""Writing run and export directories safely: atomic files and directories, locked outputs, staging for resumable
+jobs, stale partials of killed runs cleaned, hashes."""
 
 from __future__ import annotations
 
@@ -6,16 +7,18 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from patcher.errors import PatcherError
+from patcher.runs.failures import write_errors
+from patcher.runs.locks import output_lock
+
+__all__ = ["output_lock", "write_errors"]  # re-exported: stages import them from here
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -56,40 +59,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 @contextmanager
-def output_lock(target: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `target` while a stage writes it; PatcherError if another process holds it.
-
-    The lock is `flock` on a hidden sibling file, so it is released by the kernel when the holder dies,
-    even by kill -9: a stale lock can never block the next run.
-    """
-    import fcntl
-
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.with_name(f".{target.name}.lock")
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise PatcherError(f"{target} is being written by {holder}: wait for it to finish, "
-                               "or choose another output") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
 def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `final` to fill; rename it into place only if the block succeeds."""
+    """Yield a temporary sibling of `final` to fill; rename it into place only if the block succeeds.
+
+    Replacing an existing `final` renames it to a hidden `.old-` sibling first; `clean_stale` puts it back
+    when a process is killed between the two renames, so `final` is always either the old or the new whole.
+    """
     final = Path(final)
     if final.exists() and not overwrite:
         raise PatcherError(f"{final} already exists: choose another --out or remove it")
@@ -110,6 +85,43 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(staging, final)
 
 
+def _siblings(final: Path, kind: str) -> list[Path]:
+    if not final.parent.is_dir():
+        return []
+    prefix = f".{final.name}.{kind}-"
+    return [entry for entry in final.parent.iterdir() if entry.name.startswith(prefix)]
+
+
+def clean_stale(final: Path) -> list[Path]:
+    """Remove what a killed writer of `final` left beside it (`.partial-*`, `.old-*`); returns what was removed.
+
+    Call it only while holding `output_lock(final)`. A missing `final` with an `.old-` sibling (killed between
+    the two renames of a replacement) gets the old directory back.
+    """
+    final = Path(final)
+    olds = sorted(_siblings(final, "old"), key=lambda path: path.stat().st_mtime)
+    if olds and not final.exists():
+        os.replace(olds.pop(), final)
+    removed = [*_siblings(final, "partial"), *olds]
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+@contextmanager
+def output_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """`atomic_directory` for a stage's output: locked while written, stale partials of killed runs removed first,
+    and write faults (ENOSPC, EFBIG, ...) turned into one-line PatcherErrors with the staging removed."""
+    final = Path(final)
+    with write_errors(final), output_lock(final):
+        clean_stale(final)
+        with atomic_directory(final, overwrite) as staging, write_errors(final, staging):
+            yield staging
+
+
 STAGING_FINGERPRINT = "options.json"
 
 
@@ -118,15 +130,23 @@ def staging_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
+def _check_resumable(staging: Path, fingerprint: dict[str, Any]) -> None:
+    saved = staging / STAGING_FINGERPRINT
+    if not saved.is_file():
+        raise PatcherError(f"nothing to resume at {staging}: run the same command without --resume")
+    try:
+        same = json.loads(saved.read_text()) == json.loads(json.dumps(fingerprint, default=str))
+    except json.JSONDecodeError:
+        same = False
+    if not same:
+        raise PatcherError(f"{staging} was started with other options: rerun with those or drop --resume")
+
+
 def prepare_staging(out: Path, fingerprint: dict[str, Any], resume: bool) -> Path:
     """A staging directory for `out`: the interrupted one when resuming with the same options, else a fresh one."""
     staging = staging_path(out)
     if resume:
-        saved = staging / STAGING_FINGERPRINT
-        if not saved.is_file():
-            raise PatcherError(f"nothing to resume at {staging}: run the same command without --resume")
-        if json.loads(saved.read_text()) != json.loads(json.dumps(fingerprint, default=str)):
-            raise PatcherError(f"{staging} was started with other options: rerun with those or drop --resume")
+        _check_resumable(staging, fingerprint)
         return staging
     if staging.exists():
         shutil.rmtree(staging)
@@ -137,11 +157,67 @@ def prepare_staging(out: Path, fingerprint: dict[str, Any], resume: bool) -> Pat
 
 def finish_staging(staging: Path, out: Path) -> None:
     """Drop the resume bookkeeping and rename the finished staging directory into place."""
-    (staging / STAGING_FINGERPRINT).unlink(missing_ok=True)
-    shutil.rmtree(staging / "checkpoints", ignore_errors=True)
     if out.exists():
         raise PatcherError(f"{out} appeared while this job ran: the result stays in {staging}")
+    (staging / STAGING_FINGERPRINT).unlink(missing_ok=True)
+    shutil.rmtree(staging / "checkpoints", ignore_errors=True)
     staging.rename(out)
+
+
+@dataclass
+class RunStaging:
+    """The staging directory of a resumable job's output, as `run_staging` hands it to the job."""
+
+    out: Path
+    fingerprint: dict[str, Any]
+    resume: bool
+    writer: bool = True
+    path: Path = field(init=False)
+    opened: bool = False
+
+    def __post_init__(self) -> None:
+        self.path = staging_path(self.out)
+
+    def open(self) -> Path:
+        """Create the staging directory (or take up the interrupted one with --resume); the writer only."""
+        if self.writer and not self.opened:
+            with write_errors(self.out, self.path):
+                self.path = prepare_staging(self.out, self.fingerprint, self.resume)
+            self.opened = True
+        return self.path
+
+
+@contextmanager
+def run_staging(out: Path, fingerprint: dict[str, Any], resume: bool, writer: bool = True) -> Iterator[RunStaging]:
+    """Guard a resumable job writing `out`: locked while it runs, refused at once if `out` exists or there is
+    nothing to resume, the staging directory created only when the job calls `open()` (after its data is found),
+    renamed into place when the block succeeds and removed when it fails; kept for `--resume` when interrupted
+    (KeyboardInterrupt, or kill -9). Write faults become one-line PatcherErrors. `writer=False` (a torchrun rank
+    other than 0) only checks and yields the path."""
+    out = Path(out)
+    staging = RunStaging(out, fingerprint, resume, writer)
+    if out.exists():
+        raise PatcherError(f"{out} already exists: pass another --out or remove it")
+    if not writer:
+        yield staging
+        return
+    with write_errors(out), output_lock(out):
+        if out.exists():
+            raise PatcherError(f"{out} already exists: pass another --out or remove it")
+        clean_stale(out)
+        if resume:
+            _check_resumable(staging.path, fingerprint)
+        try:
+            with write_errors(out, staging.path):
+                yield staging
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            if staging.opened:
+                shutil.rmtree(staging.path, ignore_errors=True)
+            raise
+        if staging.opened:
+            finish_staging(staging.path, out)
 
 
 def append_log(path: Path, entry: dict[str, Any]) -> None:
@@ -150,11 +226,18 @@ def append_log(path: Path, entry: dict[str, Any]) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
+def _log_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
+
+
 def trim_log(path: Path, step: int) -> None:
-    """Keep only the log lines up to the step training resumes from."""
+    """Keep only the (whole) log lines up to the step training resumes from; rewritten atomically."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(f"{line}\n" for line in lines))
+    lines = [line for line in path.read_text().splitlines() if (at := _log_step(line)) is not None and at <= step]
+    write_text(path, "".join(f"{line}\n" for line in lines))
 
 

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
-from patcher import __version__
-from patcher.models.state import classifier_state
-from patcher.models import LoadedModel, preprocess_spec
-from patcher.runs.plots import alpha_curve_plot
-from patcher.runs.store import STAGING_FINGERPRINT, file_record
-from patcher.runs.manifest import library_versions
-from patcher.patching.alpha import DEFAULT_GRID, Selection
-from patcher.models.state import TEXT_PREFIX, State, has_text, part
-from patcher.models.heads import HeadResolver
 from patcher.data.tasks import Task
+from patcher.models import LoadedModel, preprocess_spec
+from patcher.models.heads import HeadResolver
+from patcher.models.state import TEXT_PREFIX, State, classifier_state, has_text, part
+from patcher.patching.alpha import DEFAULT_GRID, Selection
+from patcher.runs.plots import alpha_curve_plot
+from patcher.runs.tensorfile import save_tensors
 
 KINDS = ("zeroshot", "finetuned", "patched")
 MODEL_FILES = {kind: f"models/{kind}.safetensors" for kind in KINDS}
@@ -29,17 +22,17 @@ TEXT_FILES = {kind: f"text/{kind}.safetensors" for kind in ("finetuned", "patche
 def write_models(staging: Path, resolver: HeadResolver, states: Mapping[str, State],
                  alphas: Mapping[str, float]) -> dict[str, str]:
     """models/<kind>.safetensors for each state (encoder + every head), and text/<kind> where a text tower was
-    trained; returns the text files written by kind."""
+    trained, byte-identical for the same tensors (`save_tensors`); returns the text files written by kind."""
     (staging / "models").mkdir(exist_ok=True)
     text_files = {}
     for kind in KINDS:
         encoder, heads = resolver.resolve(states[kind])
         metadata = {"model": kind, "alpha": f"{alphas[kind]:g}"}
-        save_file(classifier_state(encoder, heads), str(staging / MODEL_FILES[kind]), metadata=metadata)
+        save_tensors(classifier_state(encoder, heads), staging / MODEL_FILES[kind], metadata)
         if kind in TEXT_FILES and has_text(states[kind]):
             (staging / "text").mkdir(exist_ok=True)
             text = {k: v.contiguous() for k, v in part(TEXT_PREFIX, states[kind]).items()}
-            save_file(text, str(staging / TEXT_FILES[kind]), metadata=metadata)
+            save_tensors(text, staging / TEXT_FILES[kind], metadata)
             text_files[kind] = TEXT_FILES[kind]
     return text_files
 

@@ -1,0 +1,89 @@
+"""One writer per output: an exclusive `flock` on a hidden sibling file, released by the kernel when the holder dies."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from patcher.errors import PatcherError, from_os_error
+
+_HELD: dict[Path, int] = {}  # lock files this process holds, with their nesting depth (the lock is reentrant)
+
+
+def lock_path(target: Path) -> Path:
+    """The hidden sibling file whose lock guards `target`."""
+    target = Path(target).absolute()
+    return target.with_name(f".{target.name}.lock")
+
+
+def _holder() -> str:
+    command = " ".join(Path(arg).name if i == 0 else arg for i, arg in enumerate(sys.argv[:2]))
+    return f"pid {os.getpid()} ({command})" if command else f"pid {os.getpid()}"
+
+
+def _acquire(path: Path, target: Path) -> int:
+    """An open descriptor of `path` holding its exclusive lock; PatcherError when another process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise PatcherError(f"{target} is being written by {holder}: wait for it to finish, "
+                               "or choose another output") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the previous holder unlinks the file before it unlocks: make sure we locked the live one
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `target` while a stage writes it; PatcherError if another process holds it.
+
+    Reentrant within a process. The lock file is removed on release; one left by a killed holder is unlocked
+    (the kernel drops `flock` locks with the process) and is taken over by the next run.
+    """
+    path = lock_path(target)
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, Path(target))
+    except OSError as error:
+        raise from_os_error(error, f"cannot write {target}") from error
+    _HELD[path] = 1
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder().encode(), 0)  # who holds it, for the message another process shows
+        except OSError:
+            pass  # a full disk: the lock holds all the same, and the stage's own writes report the fault
+        yield
+    finally:
+        del _HELD[path]
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def holds_lock(target: Path) -> bool:
+    """True when this process holds the lock on `target`."""
+    return lock_path(target) in _HELD
