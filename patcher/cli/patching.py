@@ -14,6 +14,8 @@ Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes p
 DataMode = Annotated[str, typer.Option(
     help="auto: a split up to 256 MB of decoded pixels is held in RAM, a larger one streams (held-out and test "
          "splits through a disk cache, training through DataLoader workers); memory or stream force either.")]
+SkipBadImages = Annotated[bool, typer.Option(
+    help="Leave unusable image files of folder: datasets out (counted in a warning) instead of refusing them.")]
 
 
 def print_run(path: Path) -> None:
@@ -68,9 +70,11 @@ def build(
     download: Download = False,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<task>-<method>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted build at --out.")] = False,
+    skip_bad_images: SkipBadImages = False,
 ) -> None:
     """Fine-tune on one or more tasks with a method, interpolate with the zero-shot weights and choose alpha."""
     from patcher.data.loading import DataOptions
+    from patcher.data.tasks.checks import skipping_bad_images
     from patcher.stages.build import BuildOptions
     from patcher.stages.build import build as run_build
     from patcher.training.methods import train_config
@@ -87,7 +91,8 @@ def build(
         data=DataOptions(workers=workers, augment=augment, mode=data_mode),
     )
     try:
-        path = run_build(options)
+        with skipping_bad_images(skip_bad_images):
+            path = run_build(options)
     except KeyboardInterrupt:
         hint = f" --out {out} --resume" if out else " with --out DIR (and --resume next time)"
         typer.echo(f"interrupted: rerun the same command{hint} to continue from the last checkpoint", err=True)
@@ -118,14 +123,17 @@ def merge(
     device: Device = "auto",
     data_dir: DataDir = None,
     download: Download = False,
+    skip_bad_images: SkipBadImages = False,
 ) -> None:
     """Combine finished runs by task arithmetic: zero-shot + coefficient * the sum of their task vectors."""
     from patcher.data.loading import DataOptions
+    from patcher.data.tasks.checks import skipping_bad_images
     from patcher.stages.merge import MergeOptions, merge_runs
 
-    path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,
-                                   alpha=alpha, data_dir=data_dir, download=download, device=device,
-                                   data=DataOptions(workers=workers, mode=data_mode)))
+    with skipping_bad_images(skip_bad_images):
+        path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,
+                                       alpha=alpha, data_dir=data_dir, download=download, device=device,
+                                       data=DataOptions(workers=workers, mode=data_mode)))
     print_run(path)
     typer.echo(f"run: {path}")
 

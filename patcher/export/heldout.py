@@ -12,6 +12,7 @@ from torch.utils.data import Subset
 
 from patcher.data.loading import load_images
 from patcher.data.tasks import get_task
+from patcher.data.tasks.checks import skipping_bad_images
 from patcher.errors import PatcherError
 
 SPLIT = "val"
@@ -43,7 +44,8 @@ def load_heldout(
     """Up to `per_task` images of each task's held-out (val) split, through open_clip's evaluation transform."""
     images, labels, spans, start = [], [], {}, 0
     for name in tasks:
-        dataset = get_task(name).dataset(SPLIT, data_root=data_dir)
+        with skipping_bad_images():  # parity needs good images, not every image: unusable files are left out
+            dataset = get_task(name).dataset(SPLIT, data_root=data_dir)
         if len(dataset) == 0:
             raise PatcherError(f"{name} has no images in its {SPLIT} split: the parity check needs some")
         subset = Subset(dataset, evenly_spaced(len(dataset), per_task))

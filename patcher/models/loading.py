@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -125,13 +126,11 @@ def load_clip(
         root_logger.setLevel(logging.ERROR)  # random weights are asked for; open_clip's warning would only confuse
     try:
         model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
-    except (RuntimeError, FileNotFoundError, ValueError) as error:
-        if pretrained and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise PatcherError(
-                f"weights {name}/{pretrained} are not cached and the model hub is unreachable: download "
-                "them on a connected machine and pass --pretrained FILE (or --model local-dir:DIR)"
-            ) from error
-        raise PatcherError(f"could not load {name} ({pretrained}): {error}") from error
+    except Exception as error:
+        failure = _load_failure(name, pretrained, error)
+        if failure is None:
+            raise
+        raise failure from error
     finally:
         root_logger.setLevel(previous_level)
     model.eval()
@@ -147,6 +146,24 @@ def load_clip(
         preprocess_cfg=preprocess_cfg,
         weights_sha256=state_dict_digest(model.state_dict()),
     )
+
+
+def _load_failure(name: str, pretrained: str | None, error: Exception) -> PatcherError | None:
+    """The one-line error for a failed open_clip load: a bad local checkpoint (a refused pickle included), or
+    weights that are not cached; None for an unexpected error."""
+    first = " ".join(str(error).split())[:200]
+    if pretrained and Path(pretrained).expanduser().is_file():
+        if isinstance(error, pickle.UnpicklingError) and "weights only" in first.lower():
+            return PatcherError(f"{pretrained} holds pickled Python objects, which patcher will not run (checkpoints "
+                                "load with weights_only=True): pass a safetensors file or a plain state dict")
+        return PatcherError(f"{pretrained} is not a usable {name} checkpoint ({type(error).__name__}: {first}): "
+                            "pass an open_clip checkpoint of this model")
+    if not isinstance(error, RuntimeError | FileNotFoundError | ValueError):
+        return None
+    if pretrained and os.environ.get("HF_HUB_OFFLINE") == "1":
+        return PatcherError(f"weights {name}/{pretrained} are not cached and the model hub is unreachable: download "
+                            "them on a connected machine and pass --pretrained FILE (or --model local-dir:DIR)")
+    return PatcherError(f"could not load {name} ({pretrained}): {first}")
 
 
 def build_from_config(config: Mapping[str, Any]) -> torch.nn.Module:

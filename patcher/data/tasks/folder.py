@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
-from patcher.data.tasks import templates
+from patcher.data.tasks import checks, templates
 from patcher.data.tasks.loaders import torchvision_class
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.task import Task
 from patcher.data.tasks.views import ImageView
 from patcher.errors import PatcherError
+from patcher.progress import console
 
 PREFIX = "folder:"
 LAYOUT = "train/<class>/<image> and optionally test/<class>/<image>"
@@ -60,7 +63,12 @@ def load_folder(path: Path, classes: tuple[str, ...], part: str, root: Path, dow
 
 
 def open_folder(path: Path, part: str, classes: tuple[str, ...]) -> tuple[ImageView, list[int]]:
-    """PATH/<part> as an ImageFolder with labels numbered by `classes`: (dataset, labels)."""
+    """PATH/<part> as an ImageFolder with labels numbered by `classes`: (dataset, labels).
+
+    Every image file is checked up front (`checks.find_bad_images`): unusable ones are refused, naming the
+    first few, or left out and counted while `checks.skipping_bad_images` is active; an empty class folder is
+    refused either way.
+    """
     image_folder = torchvision_class("ImageFolder")
     try:
         data = image_folder(str(path / part), allow_empty=True)
@@ -71,5 +79,32 @@ def open_folder(path: Path, part: str, classes: tuple[str, ...]) -> tuple[ImageV
         raise PatcherError(f"{path / part} has class folders that train/ lacks: {', '.join(unknown)}")
     if not data.samples:
         raise PatcherError(f"folder dataset {path} has no images in {part}/: expected {LAYOUT}")
+    _drop_bad_images(data, path / part)
     index = [classes.index(name) for name in data.classes]
     return ImageView(data, target=index.__getitem__), [index[target] for target in data.targets]
+
+
+def _drop_bad_images(data: Any, folder: Path) -> None:
+    """Refuse (or, when skipping, leave out and count) unusable image files; refuse empty class folders."""
+    bad = checks.find_bad_images(sample[0] for sample in data.samples)
+    report = checks.skip_report()
+    if bad and report is None:
+        raise PatcherError(f"{len(bad)} of {len(data.samples)} image files in {folder} cannot be used: "
+                           f"{checks.describe(bad)}: fix or remove them, or pass --skip-bad-images to leave "
+                           "them out")
+    if bad:
+        report.skipped[str(folder)] = bad
+        dropped = {path for path, _ in bad}
+        data.samples = [sample for sample in data.samples if sample[0] not in dropped]
+        data.imgs = data.samples
+        data.targets = [target for _, target in data.samples]
+        console.print(f"[yellow]warning:[/] left out {len(bad)} unusable image files in {folder} "
+                      f"(--skip-bad-images): {checks.describe(bad)}")
+    counts = Counter(data.targets)
+    empty = [name for number, name in enumerate(data.classes) if counts[number] == 0]
+    if empty:
+        usable = " usable" if bad else ""
+        shown = ", ".join(str(folder / name) for name in empty[:checks.SHOWN])
+        more = f" and {len(empty) - checks.SHOWN} more" if len(empty) > checks.SHOWN else ""
+        raise PatcherError(f"class folder {shown}{more} has no{usable} images: add images, or remove the folder "
+                           "(and its line in classnames.txt)")
