@@ -26,7 +26,7 @@ from patcher.patching.session import Session
 from patcher.patching.strategies import STRATEGIES, Outcome, Plan
 from patcher.progress import console, make_progress
 from patcher.runs.manifest import MANIFEST, RUN_FORMAT, files_record, now_iso, options_sha256, versions
-from patcher.runs.store import finish_staging, prepare_staging, staging_path, write_json
+from patcher.runs.store import RunStaging, run_staging, write_json
 from patcher.runs.writer import MODEL_FILES, alpha_record, model_record, plot_curves, task_record, write_models
 from patcher.training.loop import TrainConfig, pick_device, precision_name
 from patcher.training.methods import get_method, params_dict, parse_params, train_config
@@ -164,31 +164,32 @@ def build(options: BuildOptions) -> Path | None:
     device = distributed.init_from_environment(pick_device(options.device))
     try:
         out = Path(distributed.broadcast(str(options.out or default_out(options))))
-        if out.exists():
-            raise PatcherError(f"{out} already exists: pass another --out or remove it")
-        torch.manual_seed(options.training().seed)  # random-weight models (tests, ablations) are then reproducible
-        loaded = load_clip(options.model, options.pretrained, options.image_size, device=device)
+        # locked for this build, refused if it exists; staging renamed into place on success, removed on failure
+        with run_staging(out, options.fingerprint(), options.resume, writer=distributed.is_main()) as output:
+            torch.manual_seed(options.training().seed)  # random-weight models (tests, ablations) are reproducible
+            loaded = load_clip(options.model, options.pretrained, options.image_size, device=device)
 
-        tick = time.perf_counter()
-        tasks = {task.name: task for task in [*checked.patch, *checked.support]}
-        splits = prepare_splits(checked.patch, list(tasks.values()), loaded.preprocess_cfg, options.data,
-                                options.data_dir, options.download, device)
-        timings["data"] = time.perf_counter() - tick
-        try:
-            return _patch_and_write(options, checked, loaded, tasks, splits, out, device, started, timings)
-        finally:
-            splits.close()
+            tick = time.perf_counter()
+            tasks = {task.name: task for task in [*checked.patch, *checked.support]}
+            splits = prepare_splits(checked.patch, list(tasks.values()), loaded.preprocess_cfg, options.data,
+                                    options.data_dir, options.download, device)
+            timings["data"] = time.perf_counter() - tick
+            try:
+                return _patch_and_write(options, checked, loaded, tasks, splits, output, device, started, timings)
+            finally:
+                splits.close()
     finally:
         distributed.shutdown()
 
 
 def _patch_and_write(options: BuildOptions, checked: _Checked, loaded: LoadedModel, tasks: dict[str, Task],
-                     splits: Splits, out: Path, device: str, started: float, timings: dict[str, float]) -> Path | None:
-    main = distributed.is_main()
+                     splits: Splits, output: RunStaging, device: str, started: float,
+                     timings: dict[str, float]) -> Path | None:
+    main, out = distributed.is_main(), output.out
     tick = time.perf_counter()
     heads = {name: zero_shot_head(loaded, list(t.classnames), list(t.templates), device) for name, t in tasks.items()}
     timings["heads"] = time.perf_counter() - tick
-    staging = prepare_staging(out, options.fingerprint(), options.resume) if main else staging_path(out)
+    staging = output.open()  # created (or taken up with --resume) by rank 0, now that the data is found
     distributed.barrier()  # the staging directory (and any checkpoint to resume from) exists for every rank
 
     session = Session(loaded, tasks, heads, splits, device, options.eval_batch_size)
@@ -223,8 +224,7 @@ def _patch_and_write(options: BuildOptions, checked: _Checked, loaded: LoadedMod
     manifest = _manifest(out.name, options, checked, loaded, splits, outcome, test_accuracy, text_files, device,
                          timings, staging)
     write_json(staging / MANIFEST, manifest)
-    finish_staging(staging, out)
-    return out
+    return out  # run_staging renames the staging directory into place
 
 
 def _selection(step: dict[str, Any]) -> Selection:

@@ -27,7 +27,7 @@ from patcher.patching.session import Session
 from patcher.patching.strategies import task_arithmetic
 from patcher.progress import console
 from patcher.runs.manifest import MANIFEST, RUN_FORMAT, Run, files_record, load_run, now_iso, options_sha256, versions
-from patcher.runs.store import atomic_directory, write_json
+from patcher.runs.store import output_directory, write_json
 from patcher.runs.writer import MODEL_FILES, TEXT_FILES, alpha_record, plot_curves, task_record, write_models
 from patcher.stages.build import parse_alpha
 from patcher.training.loop import pick_device
@@ -142,7 +142,7 @@ def merge_runs(options: MergeOptions) -> Path:
     alphas = {"zeroshot": 0.0, "finetuned": 1.0, "patched": selection.alpha}
     test_accuracy = {kind: session.accuracy(state, splits.test) for kind, state in states.items()}
 
-    with atomic_directory(out) as staging:
+    with output_directory(out) as staging:  # locked, stale partials cleaned, write faults as one error
         text_files = write_models(staging, session.resolver, states, alphas)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         plot_curves(staging, selection, patch, support, options.tolerance,

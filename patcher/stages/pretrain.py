@@ -32,7 +32,7 @@ from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.heads import build_head
 from patcher.models.loading import CONFIG_FILENAME
 from patcher.runs.manifest import library_versions, now_iso
-from patcher.runs.store import append_log, file_record, finish_staging, prepare_staging, trim_log, write_json
+from patcher.runs.store import RunStaging, append_log, file_record, run_staging, trim_log, write_json
 from patcher.training.loop import TrainConfig, checkpoint_step, pick_device, train
 from patcher.training.sampling import TaskMixture
 
@@ -128,12 +128,18 @@ def pretrain(options: PretrainOptions) -> Path:
     if options.resume and options.out is None and not (out.parent / f".{out.name}.partial").exists():
         raise PatcherError(f"nothing to resume for {out}: run without --resume")
     device = pick_device(options.device)
+    with run_staging(out, options.fingerprint(), options.resume) as output:  # locked; renamed or removed at the end
+        return _pretrain_into(options, output, device, started)
+
+
+def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, started: float) -> Path:
+    out = output.out
     torch.manual_seed(options.train.seed)
     loaded = load_clip(options.model, None, options.image_size, device=device)
     model = loaded.model
-    staging = prepare_staging(out, options.fingerprint(), options.resume)
 
     sources = [_captioned(get_task(s.task), s, loaded, options) for s in options.sources]
+    staging = output.open()  # after the data is found
     weights = torch.tensor([s.weight for s in options.sources], dtype=torch.float)
     per_batch = _split_batch(options.train.batch_size, weights)
     names = [f"{s.task}/{s.split}" for s in options.sources]
@@ -183,7 +189,6 @@ def pretrain(options: PretrainOptions) -> Path:
         "timings_s": {"train": round(train_seconds, 2), "total": round(time.perf_counter() - started, 2)},
     }
     write_json(staging / RECORD_FILENAME, record)
-    finish_staging(staging, out)
     return out
 
 
