@@ -22,8 +22,10 @@ FILE_LISTS = ("samples", "_samples", "_image_files", "images")
 def _entries(dataset: Any) -> list[Any] | None:
     for attribute in FILE_LISTS:
         entries = getattr(dataset, attribute, None)
-        if isinstance(entries, list) and entries and not isinstance(entries[0], np.ndarray):
-            return entries
+        if isinstance(entries, list) and entries:
+            first = entries[0][0] if isinstance(entries[0], tuple) else entries[0]
+            if isinstance(first, str | os.PathLike):
+                return entries
     return None
 
 

@@ -8,6 +8,7 @@ state, and the optimiser, schedule and scaler states, and batches are a pure fun
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -102,7 +103,10 @@ def _data_parallel(module: nn.Module, step_loss: Callable[[int], torch.Tensor], 
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return DistributedDataParallel(stepper, device_ids=device_ids, broadcast_buffers=False)
+    # heads are buffers that never change: no need to send them every step
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedDataParallel(stepper, device_ids=device_ids, **no_sync)
 
 
 def train(
