@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from patcher.compat import import_open_clip
+from patcher.data.items import TensorItems
+from patcher.data.loading import TrainSplit
 from patcher.data.tasks import get_task
 from patcher.errors import PatcherError
 from patcher.models import load_clip
@@ -14,8 +16,6 @@ from patcher.models.heads import HeadResolver, build_head
 from patcher.models.state import project_head, text_state
 from patcher.patching.task_vectors import fill_missing
 from patcher.training.loop import TrainConfig, train
-from patcher.data.items import TensorItems
-from patcher.data.loading import TrainSplit
 from patcher.training.methods import MethodSetup, get_method, parse_params, train_config, train_method
 from patcher.training.methods.carft import ContextAwareFineTune, ContextParams, context_head
 from patcher.training.methods.flyp import ContrastiveFineTune, LabelAwareClipLoss, same_class_targets
