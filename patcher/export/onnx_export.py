@@ -13,6 +13,7 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.export.graph import INPUT_NAME, ExportGraph
+from patcher.runs.failures import naming
 
 MIN_OPSET = 17
 BATCH_DIM = "batch"
@@ -55,7 +56,7 @@ def export_onnx(graph: ExportGraph, path: Path, image_size: tuple[int, int], ops
     example = torch.zeros(TRACE_BATCH, 3, *image_size)
     names = graph.output_names
     dynamic_axes = {name: {0: BATCH_DIM} for name in [INPUT_NAME, *names]}
-    with warnings.catch_warnings(), mha_fastpath_disabled(), torch.no_grad():
+    with naming(path), warnings.catch_warnings(), mha_fastpath_disabled(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph,
@@ -149,5 +150,6 @@ def topological_sort(graph: onnx.GraphProto) -> None:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Write a model as one file (weights inline)."""
-    onnx.save_model(model, str(path))
+    """Write a model as one file (weights inline); an OSError names the file."""
+    with naming(path):
+        onnx.save_model(model, str(path))

@@ -63,6 +63,17 @@ def write_failure(error: BaseException, target: Path, staging: Path | None = Non
 
 
 @contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """Give an OSError raised in the block the file name it lacks (a failed `write` names none)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+@contextmanager
 def write_errors(target: Path, staging: Path | None = None) -> Iterator[None]:
     """Turn OSErrors (and writers' errors that hide one) raised in the block into one-line PatcherErrors."""
     try:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from patcher.errors import PatcherError
+from patcher.runs.failures import naming
 
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -63,7 +64,7 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path | str,
                  metadata: Mapping[str, str] | None = None) -> None:
     """Write `tensors` (and string `metadata`) to a safetensors file, deterministically."""
     header = _header(tensors, metadata)
-    with open(path, "wb") as handle:
+    with naming(path), open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(header)))
         handle.write(header)
         for name in _ordered(tensors):

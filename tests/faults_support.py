@@ -1,0 +1,186 @@
+"""Helpers for the fault tests: the real CLI in a subprocess, killing it, and checking what it left on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from patcher.runs.manifest import load_run
+from patcher.runs.store import sha256_file
+
+# A build small enough to run many times: random-weight patcher-tiny, the bundled digits, one process.
+BUILD = ["build", "--task", "digits", "--model", "patcher-tiny", "--pretrained", "none", "--steps", "40",
+         "--batch-size", "8", "--warmup-steps", "2", "--checkpoint-every", "5", "--device", "cpu", "--workers", "0",
+         "--seed", "3"]
+WEIGHTS = ("models/zeroshot.safetensors", "models/finetuned.safetensors", "models/patched.safetensors")
+
+
+def environment() -> dict[str, str]:
+    """The test session's environment (its PATCHER_CACHE included), offline."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # torch threads as in this process
+
+
+def command(*arguments: str) -> list[str]:
+    """The argv of `python -m patcher ARGUMENTS`."""
+    return [sys.executable, "-m", "patcher", *arguments]
+
+
+def run_cli(*arguments: str, timeout: float = 300, **kwargs: object) -> subprocess.CompletedProcess:
+    """Run the real CLI to the end."""
+    return subprocess.run(command(*arguments), capture_output=True, text=True, timeout=timeout, env=environment(),
+                          **kwargs)  # type: ignore[call-overload]
+
+
+def start_cli(*arguments: str, **kwargs: object) -> subprocess.Popen:
+    """Start the real CLI in its own process group (so kill -9 reaches any worker it forks)."""
+    return subprocess.Popen(command(*arguments), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=environment(), start_new_session=True, **kwargs)  # type: ignore[call-overload]
+
+
+def kill9(process: subprocess.Popen) -> None:
+    """SIGKILL the process group and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> float:
+    """Poll until `condition()`; the seconds it took. AssertionError on timeout."""
+    started = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return time.perf_counter() - started
+
+
+_ZYGOTE = r"""
+import json, os, signal, sys, traceback
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import patcher.cli.patching, patcher.cli.serving  # noqa: E401 - what `patcher` imports, paid once
+from patcher.cli.app import main
+import patcher.export.exporter, patcher.stages.build  # noqa: E401 - what its commands import lazily
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+        sys.argv = ["patcher", *request["argv"]]
+        code = 1
+        try:
+            main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        except BaseException:
+            traceback.print_exc()
+        sys.stderr.flush()
+        with open(request["status"], "w") as status:
+            status.write(str(code))
+        os._exit(code)
+    print(pid, flush=True)
+"""
+
+
+class ForkedCLI:
+    """Runs of the real CLI (`patcher.cli.app.main`, each in its own process, killable with kill -9) forked from a
+    process that has imported patcher once: the ~5 s of imports are not paid for every one of many runs."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+        self.zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, env=environment())
+
+    def start(self, *arguments: str) -> ForkedRun:
+        """Fork a run of `patcher ARGUMENTS`."""
+        self.count += 1
+        stderr, status = self.folder / f"{self.count}.stderr", self.folder / f"{self.count}.status"
+        assert self.zygote.stdin is not None and self.zygote.stdout is not None
+        self.zygote.stdin.write(json.dumps({"argv": list(arguments), "stderr": str(stderr),
+                                            "status": str(status)}) + "\n")
+        self.zygote.stdin.flush()
+        return ForkedRun(int(self.zygote.stdout.readline()), stderr, status)
+
+    def run(self, *arguments: str, timeout: float = 300) -> tuple[int, str]:
+        """Run `patcher ARGUMENTS` to the end: (exit code, stderr)."""
+        child = self.start(*arguments)
+        wait_for(lambda: child.poll() is not None, timeout, interval=0.01)
+        return int(child.poll()), child.stderr()  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Stop the forking process."""
+        self.zygote.kill()
+        self.zygote.wait(timeout=30)
+
+
+class ForkedRun:
+    """One forked CLI run: its pid, where its stderr and exit code land."""
+
+    def __init__(self, pid: int, stderr_path: Path, status_path: Path) -> None:
+        self.pid, self.stderr_path, self.status_path = pid, stderr_path, status_path
+
+    def poll(self) -> int | None:
+        """The exit code (-9 when killed), None while it runs."""
+        if self.status_path.exists() and self.status_path.read_text():
+            return int(self.status_path.read_text())
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return int(self.status_path.read_text()) if self.status_path.exists() else -signal.SIGKILL
+        return None
+
+    def kill9(self) -> None:
+        """SIGKILL its process group and wait until it is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        wait_for(lambda: self.poll() is not None, timeout=30)
+
+    def stderr(self) -> str:
+        """What it wrote to stderr."""
+        return self.stderr_path.read_text() if self.stderr_path.exists() else ""
+
+
+def the_error_line(stderr: str) -> str:
+    """The one `error:` line a failed command printed; AssertionError on a traceback or several errors."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def hidden(parent: Path) -> list[str]:
+    """Names of hidden entries in `parent` (staging, partial, lock files)."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".")) if parent.is_dir() else []
+
+
+def assert_complete_run(path: Path) -> dict[str, str]:
+    """A run directory every file of which matches its manifest; returns {file: sha256}."""
+    run = load_run(path)
+    files = run.manifest["files"]
+    assert set(WEIGHTS) <= set(files)
+    for relative in files:
+        run.verified_file(relative)
+    return {relative: record["sha256"] for relative, record in files.items()}
+
+
+def assert_complete_export(path: Path) -> dict[str, str]:
+    """An export directory whose export.json names intact ONNX files; returns {file: sha256}."""
+    record = json.loads((path / "export.json").read_text())
+    hashes = {}
+    for entry in record["models"].values():
+        assert sha256_file(path / entry["file"]) == entry["sha256"]
+        hashes[entry["file"]] = entry["sha256"]
+    assert set(hashes) >= {"patched.onnx", "zeroshot.onnx"}
+    return hashes
