@@ -184,3 +184,44 @@ def assert_complete_export(path: Path) -> dict[str, str]:
         hashes[entry["file"]] = entry["sha256"]
     assert set(hashes) >= {"patched.onnx", "zeroshot.onnx"}
     return hashes
+
+
+class SmallFilesystem:
+    """A real filesystem of `size` bytes at `folder`: a tmpfs mounted there when this process may mount (root),
+    otherwise a file-size limit (RLIMIT_FSIZE) that the CLI processes it starts run under."""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        self.folder, self.size = folder, size
+        folder.mkdir(parents=True, exist_ok=True)
+        self.mounted = os.geteuid() == 0 and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
+
+    @property
+    def fault(self) -> str:
+        """The words of the error a write past the limit gets."""
+        return "no space left on device" if self.mounted else "file too large"
+
+    def limit(self) -> None:
+        """preexec_fn for a child process: the file-size limit when no tmpfs could be mounted."""
+        if not self.mounted:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.size, self.size))
+
+    def grow(self, size: int) -> None:
+        """Make room: remount the tmpfs bigger (or raise the limit for later children)."""
+        self.size = size
+        if self.mounted:
+            subprocess.run(["mount", "-o", f"remount,size={size}", str(self.folder)], check=True)
+
+    def remove(self) -> None:
+        """Unmount the tmpfs."""
+        if self.mounted:
+            subprocess.run(["umount", str(self.folder)], check=False)
+            if os.path.ismount(self.folder):
+                subprocess.run(["umount", "-l", str(self.folder)], check=False)
+
+
+def everything(folder: Path) -> list[str]:
+    """Every entry under `folder`, hidden ones included, relative."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))

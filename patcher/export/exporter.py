@@ -33,6 +33,7 @@ from patcher.export.onnx_export import (
 )
 from patcher.export.verify import check_loads, check_structure, failures, parity_report, thresholds
 from patcher.progress import console, make_progress
+from patcher.runs.locks import check_name
 from patcher.runs.manifest import Run, load_run
 from patcher.runs.store import clean_stale, output_directory, output_lock, sha256_file, write_errors, write_json
 
@@ -128,6 +129,7 @@ def export_run(
     selected = select_tasks(run, tasks)
     output_names_for(selected)
     out = Path(out) if out is not None else run.path / DEFAULT_DIR
+    check_name(out)
     options = options_record(selected, fp16, optimize, opset, images_per_task)
     config_path = run.verified_file(CONFIG_FILE)
     weights = {kind: run.verified_file(weights_file(kind)) for kind in KINDS}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import sys
 from collections.abc import Iterator
@@ -12,12 +13,32 @@ from pathlib import Path
 from patcher.errors import PatcherError, from_os_error
 
 _HELD: dict[Path, int] = {}  # lock files this process holds, with their nesting depth (the lock is reentrant)
+NAME_MAX = 255  # bytes in one path component (Linux, macOS)
+SUFFIX_ROOM = 32  # what hidden siblings add to a name: ".", ".partial-0123abcd", ".lock", ...
+
+
+def check_name(target: Path) -> None:
+    """PatcherError, before any work, for an output whose name no filesystem takes."""
+    name = Path(target).name
+    size = len(os.fsencode(name))
+    if size > NAME_MAX:
+        raise PatcherError(f"output name {name[:32]}... is {size} bytes long, more than the {NAME_MAX} a file name "
+                           "may have: choose a shorter name")
+
+
+def hidden_sibling(target: Path, suffix: str) -> Path:
+    """`.NAME<suffix>` beside `target`; a NAME too long to take the suffix is cut and given a hash of the whole."""
+    target = Path(target)
+    name = target.name
+    if len(os.fsencode(name)) > NAME_MAX - SUFFIX_ROOM:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        name = f"{os.fsdecode(os.fsencode(name)[:160]).rstrip(chr(0xFFFD))}~{digest}"
+    return target.with_name(f".{name}{suffix}")
 
 
 def lock_path(target: Path) -> Path:
     """The hidden sibling file whose lock guards `target`."""
-    target = Path(target).absolute()
-    return target.with_name(f".{target.name}.lock")
+    return hidden_sibling(Path(target).absolute(), ".lock")
 
 
 def _holder() -> str:

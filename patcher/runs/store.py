@@ -16,7 +16,7 @@ from typing import Any
 
 from patcher.errors import PatcherError
 from patcher.runs.failures import write_errors
-from patcher.runs.locks import output_lock
+from patcher.runs.locks import check_name, hidden_sibling, output_lock
 
 __all__ = ["output_lock", "write_errors"]  # re-exported: stages import them from here
 
@@ -69,7 +69,7 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise PatcherError(f"{final} already exists: choose another --out or remove it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging = hidden_sibling(final, f".partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
         yield staging
@@ -77,7 +77,7 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if final.exists():
-        backup = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        backup = hidden_sibling(final, f".old-{uuid.uuid4().hex[:8]}")
         os.replace(final, backup)
         os.replace(staging, final)
         shutil.rmtree(backup, ignore_errors=True)
@@ -88,7 +88,7 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
 def _siblings(final: Path, kind: str) -> list[Path]:
     if not final.parent.is_dir():
         return []
-    prefix = f".{final.name}.{kind}-"
+    prefix = hidden_sibling(final, f".{kind}-").name
     return [entry for entry in final.parent.iterdir() if entry.name.startswith(prefix)]
 
 
@@ -116,6 +116,7 @@ def output_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """`atomic_directory` for a stage's output: locked while written, stale partials of killed runs removed first,
     and write faults (ENOSPC, EFBIG, ...) turned into one-line PatcherErrors with the staging removed."""
     final = Path(final)
+    check_name(final)
     with write_errors(final), output_lock(final):
         clean_stale(final)
         with atomic_directory(final, overwrite) as staging, write_errors(final, staging):
@@ -127,7 +128,7 @@ STAGING_FINGERPRINT = "options.json"
 
 def staging_path(out: Path) -> Path:
     """The fixed hidden sibling where a long job builds `out`, so that `--resume` can find it."""
-    return out.with_name(f".{out.name}.partial")
+    return hidden_sibling(out, ".partial")
 
 
 def _check_resumable(staging: Path, fingerprint: dict[str, Any]) -> None:
@@ -195,6 +196,7 @@ def run_staging(out: Path, fingerprint: dict[str, Any], resume: bool, writer: bo
     (KeyboardInterrupt, or kill -9). Write faults become one-line PatcherErrors. `writer=False` (a torchrun rank
     other than 0) only checks and yields the path."""
     out = Path(out)
+    check_name(out)
     staging = RunStaging(out, fingerprint, resume, writer)
     if out.exists():
         raise PatcherError(f"{out} already exists: pass another --out or remove it")
