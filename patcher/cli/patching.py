@@ -12,7 +12,7 @@ from patcher.errors import PatcherError
 
 Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes per rank (default: cores - 1, <= 8).")]
 DataMode = Annotated[str, typer.Option(
-    help="auto: a split up to 256 MB of decoded pixels is held in RAM, a larger one streams (held-out and test "
+    help="auto: a split up to 64 MB of decoded pixels is held in RAM, a larger one streams (held-out and test "
          "splits through a disk cache, training through DataLoader workers); memory or stream force either.")]
 SkipBadImages = Annotated[bool, typer.Option(
     help="Leave unusable image files of folder: datasets out (counted in a warning) instead of refusing them.")]
@@ -63,6 +63,7 @@ def build(
     seed: Annotated[int | None, typer.Option(help="Seed for initialisation, batch order and augmentation.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default 500).")] = None,
     augment: Annotated[bool, typer.Option(help="Train on open_clip's train transform (random resized crops).")] = True,
+    eval_batch_size: Annotated[int, typer.Option(help="Images per batch when evaluating (held-out and test).")] = 256,
     workers: Workers = None,
     data_mode: DataMode = "auto",
     device: Device = "auto",
@@ -88,7 +89,7 @@ def build(
         pretrained=None if pretrained.lower() == "none" else pretrained, image_size=image_size, method=method,
         method_params=params, multi=multi, alpha=alpha, tolerance=tolerance, search=search, finetune=finetune,
         epochs=epochs, data_dir=data_dir, download=download, device=device, out=out, resume=resume,
-        data=DataOptions(workers=workers, augment=augment, mode=data_mode),
+        data=DataOptions(workers=workers, augment=augment, mode=data_mode), eval_batch_size=eval_batch_size,
     )
     try:
         with skipping_bad_images(skip_bad_images):

@@ -43,8 +43,8 @@ class DataOptions:
 
     workers: int | None = None  # None: default_workers()
     augment: bool = True  # open_clip's train transform for training (the eval transform otherwise)
-    mode: str = "auto"  # auto: RAM for splits up to memory_limit_mb of pixels, disk beyond; memory; stream
-    memory_limit_mb: int = 256
+    mode: str = "auto"  # auto: RAM for a split up to memory_limit_mb of pixels, disk beyond; memory; stream
+    memory_limit_mb: int = 64
     cache_dir: Path | None = None  # disk stores (default $PATCHER_CACHE/images)
 
     def check(self) -> None:

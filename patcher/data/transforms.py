@@ -73,5 +73,5 @@ class Normalize:
         self.std = torch.tensor(config.std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        images = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+        images = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255)  # one float copy, the rest in place
         return images.sub_(self.mean.to(images.device)).div_(self.std.to(images.device))

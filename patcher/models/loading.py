@@ -20,7 +20,8 @@ from patcher.errors import PatcherError
 
 open_clip = import_open_clip()
 
-open_clip.add_model_config(Path(__file__).parent / "configs")  # patcher-tiny, patcher-mini: small offline CLIPs
+# small offline CLIPs: patcher-tiny (28 px), patcher-tiny-p32 (224 px, patch 32), patcher-mini (28 px)
+open_clip.add_model_config(Path(__file__).parent / "configs")
 
 LOCAL_DIR_PREFIX = "local-dir:"
 CONFIG_FILENAME = "open_clip_config.json"
