@@ -42,7 +42,9 @@ def lock_path(target: Path) -> Path:
 
 
 def _holder() -> str:
-    command = " ".join(Path(arg).name if i == 0 else arg for i, arg in enumerate(sys.argv[:2]))
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    program = "patcher" if program in ("__main__.py", "-c") else program  # `python -m patcher`
+    command = " ".join([program, *sys.argv[1:2]]).strip()
     return f"pid {os.getpid()} ({command})" if command else f"pid {os.getpid()}"
 
 
