@@ -11,6 +11,7 @@ from patcher.models import LoadedModel, preprocess_spec
 from patcher.models.heads import HeadResolver
 from patcher.models.state import TEXT_PREFIX, State, classifier_state, has_text, part
 from patcher.patching.alpha import DEFAULT_GRID, Selection
+from patcher.runs.manifest import RUN_FORMAT, files_record, now_iso, versions
 from patcher.runs.plots import alpha_curve_plot
 from patcher.runs.tensorfile import save_tensors
 
@@ -49,8 +50,8 @@ def plot_curves(staging: Path, selection: Selection, patch: list[str], support: 
                          tolerance if support else None, title=f"step {number} ({task}): held-out accuracy")
 
 
-def model_record(loaded: LoadedModel, image_size: int | None) -> dict[str, Any]:
-    """The manifest's `model` section."""
+def base_model_record(loaded: LoadedModel, image_size: int | None) -> dict[str, Any]:
+    """The manifest's `model` section: the base model a run starts from."""
     return {
         "name": loaded.name,
         "pretrained": loaded.pretrained,
@@ -84,3 +85,37 @@ def alpha_record(selection: Selection, mode: str, search: str, tolerance: float,
     }
 
 
+def run_manifest(
+    staging: Path,
+    name: str,
+    options_sha256: str,
+    model: Mapping[str, Any],
+    tasks: Mapping[str, Mapping[str, Any]],
+    method: Mapping[str, Any],
+    multi: Mapping[str, Any] | None,
+    training: Mapping[str, Any],
+    alpha: Mapping[str, Any],
+    test_accuracy: Mapping[str, Mapping[str, float]],
+    text_files: Mapping[str, str],
+    timings: Mapping[str, float],
+) -> dict[str, Any]:
+    """manifest.json's content (docs/contracts.md), with the file hashes of everything written to `staging`."""
+    return {
+        "format": RUN_FORMAT,
+        "name": name,
+        "created": now_iso(),
+        "options_sha256": options_sha256,
+        "model": dict(model),
+        "tasks": {task: dict(entry) for task, entry in tasks.items()},
+        "patch_tasks": [task for task, entry in tasks.items() if entry["role"] == "patch"],
+        "support_tasks": [task for task, entry in tasks.items() if entry["role"] == "support"],
+        "method": dict(method),
+        "multi": None if multi is None else dict(multi),
+        "text_tower": {"trained": bool(text_files), "files": dict(text_files)},
+        "training": dict(training),
+        "alpha": dict(alpha),
+        "test_accuracy": {kind: dict(values) for kind, values in test_accuracy.items()},
+        "files": files_record(staging),
+        "versions": versions(),
+        "timings_s": {key: round(value, 3) for key, value in timings.items()},
+    }

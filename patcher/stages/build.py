@@ -25,9 +25,17 @@ from patcher.patching.alpha import SEARCHES, Selection
 from patcher.patching.session import Session
 from patcher.patching.strategies import STRATEGIES, Outcome, Plan
 from patcher.progress import console, make_progress
-from patcher.runs.manifest import MANIFEST, RUN_FORMAT, files_record, now_iso, options_sha256, versions
+from patcher.runs.manifest import MANIFEST, options_sha256
 from patcher.runs.store import RunStaging, run_staging, write_json
-from patcher.runs.writer import MODEL_FILES, alpha_record, model_record, plot_curves, task_record, write_models
+from patcher.runs.writer import (
+    MODEL_FILES,
+    alpha_record,
+    base_model_record,
+    plot_curves,
+    run_manifest,
+    task_record,
+    write_models,
+)
 from patcher.training.loop import TrainConfig, pick_device, precision_name
 from patcher.training.methods import get_method, params_dict, parse_params, train_config
 
@@ -261,28 +269,14 @@ def _manifest(
         alpha["steps"] = outcome.steps
     stages = [config for trained in outcome.trained for config in trained.configs]
     main_stage = {k: v for k, v in outcome.trained[0].configs[-1].items() if k != "stage"}
-    return {
-        "format": RUN_FORMAT,
-        "name": name,
-        "created": now_iso(),
-        "options_sha256": options_sha256(options.fingerprint()),
-        "model": model_record(loaded, options.image_size),
-        "tasks": {
-            **{task.name: task_record(task, "patch", sizes(task)) for task in checked.patch},
-            **{task.name: task_record(task, "support", sizes(task)) for task in checked.support},
-        },
-        "patch_tasks": [task.name for task in checked.patch],
-        "support_tasks": [task.name for task in checked.support],
-        "method": {"name": method.name, "params": params_dict(checked.params), "trains": list(method.trains),
-                   "head_tasks": outcome.trained_heads, "reference": method.reference},
-        "multi": None if options.strategy is None else {"strategy": options.strategy, "steps": outcome.steps},
-        "text_tower": {"trained": bool(text_files), "files": text_files},
-        "training": {**main_stage, "epochs": options.epochs, "device": device,
-                     "precision": precision_name(device), "stages": stages, "total_steps": outcome.total_steps,
-                     "world_size": distributed.world_size(), "data": asdict(options.data)},
-        "alpha": alpha,
-        "test_accuracy": test_accuracy,
-        "files": files_record(staging),
-        "versions": versions(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
+    tasks = {**{task.name: task_record(task, "patch", sizes(task)) for task in checked.patch},
+             **{task.name: task_record(task, "support", sizes(task)) for task in checked.support}}
+    method_section = {"name": method.name, "params": params_dict(checked.params), "trains": list(method.trains),
+                      "head_tasks": outcome.trained_heads, "reference": method.reference}
+    multi = None if options.strategy is None else {"strategy": options.strategy, "steps": outcome.steps}
+    training = {**main_stage, "epochs": options.epochs, "device": device, "precision": precision_name(device),
+                "stages": stages, "total_steps": outcome.total_steps, "world_size": distributed.world_size(),
+                "data": asdict(options.data)}
+    model = base_model_record(loaded, options.image_size)
+    return run_manifest(staging, name, options_sha256(options.fingerprint()), model, tasks, method_section, multi,
+                        training, alpha, test_accuracy, text_files, timings)

@@ -26,9 +26,17 @@ from patcher.models.state import HEAD_PREFIX, TEXT_PREFIX, VISUAL_PREFIX, State,
 from patcher.patching.session import Session
 from patcher.patching.strategies import task_arithmetic
 from patcher.progress import console
-from patcher.runs.manifest import MANIFEST, RUN_FORMAT, Run, files_record, load_run, now_iso, options_sha256, versions
+from patcher.runs.manifest import MANIFEST, Run, load_run, options_sha256
 from patcher.runs.store import output_directory, write_json
-from patcher.runs.writer import MODEL_FILES, TEXT_FILES, alpha_record, plot_curves, task_record, write_models
+from patcher.runs.writer import (
+    MODEL_FILES,
+    TEXT_FILES,
+    alpha_record,
+    plot_curves,
+    run_manifest,
+    task_record,
+    write_models,
+)
 from patcher.stages.build import parse_alpha
 from patcher.training.loop import pick_device
 
@@ -197,31 +205,17 @@ def _manifest(name: str, options: MergeOptions, runs: list[Run], tasks: dict[str
     alpha["parameter"] = "task-vector scaling coefficient"
     fingerprint = {"runs": [s["manifest_sha256"] for s in sources], "support": options.support,
                    "tolerance": options.tolerance, "alpha": options.alpha}
-    model = dict(runs[0].manifest["model"])
-    return {
-        "format": RUN_FORMAT,
-        "name": name,
-        "created": now_iso(),
-        "options_sha256": options_sha256(fingerprint),
-        "model": model,
-        "tasks": {**{t: task_record(tasks[t], "patch", sizes(t)) for t in patch},
-                  **{t: task_record(tasks[t], "support", sizes(t)) for t in support}},
-        "patch_tasks": patch,
-        "support_tasks": support,
-        "method": {"name": methods[0] if len(methods) == 1 else "+".join(methods),
-                   "params": {s["name"]: (s["method"] or {}).get("params", {}) for s in sources},
-                   "trains": trains, "head_tasks": head_tasks, "reference": "task arithmetic (Ilharco et al., 2023)"},
-        "multi": {"strategy": "parallel", "merged_runs": sources},
-        "text_tower": {"trained": bool(text_files), "files": text_files},
-        "training": {"merged": True, "device": device,
-                     "total_steps": sum(run.manifest.get("training", {}).get("total_steps",
-                                        run.manifest.get("training", {}).get("steps", 0)) for run in runs)},
-        "alpha": alpha,
-        "test_accuracy": test_accuracy,
-        "files": files_record(staging),
-        "versions": versions(),
-        "timings_s": {"total": round(time.perf_counter() - started, 3)},
-    }
+    method = {"name": methods[0] if len(methods) == 1 else "+".join(methods),
+              "params": {s["name"]: (s["method"] or {}).get("params", {}) for s in sources},
+              "trains": trains, "head_tasks": head_tasks, "reference": "task arithmetic (Ilharco et al., 2023)"}
+    training = {"merged": True, "device": device,
+                "total_steps": sum(run.manifest.get("training", {}).get("total_steps",
+                                   run.manifest.get("training", {}).get("steps", 0)) for run in runs)}
+    task_records = {**{t: task_record(tasks[t], "patch", sizes(t)) for t in patch},
+                    **{t: task_record(tasks[t], "support", sizes(t)) for t in support}}
+    return run_manifest(staging, name, options_sha256(fingerprint), runs[0].manifest["model"], task_records, method,
+                        {"strategy": "parallel", "merged_runs": sources}, training, alpha, test_accuracy, text_files,
+                        {"total": time.perf_counter() - started})
 
 
 __all__ = ["MergeOptions", "check_compatible", "finetuned_state", "merge_runs"]
