@@ -75,8 +75,9 @@ def _acquire(path: Path, target: Path) -> int:
 def output_lock(target: Path) -> Iterator[None]:
     """Hold an exclusive lock on `target` while a stage writes it; PatcherError if another process holds it.
 
-    Reentrant within a process. The lock file is removed on release; one left by a killed holder is unlocked
-    (the kernel drops `flock` locks with the process) and is taken over by the next run.
+    Reentrant within a process. The lock file is removed on release, and so are the parent folders made for it
+    if nothing was written into them; one left by a killed holder is unlocked (the kernel drops `flock` locks
+    with the process) and is taken over by the next run.
     """
     path = lock_path(target)
     if path in _HELD:
@@ -86,11 +87,16 @@ def output_lock(target: Path) -> Iterator[None]:
         finally:
             _HELD[path] -= 1
         return
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path, Path(target))
     except OSError as error:
+        _remove_empty(created)
         raise from_os_error(error, f"cannot write {target}") from error
+    except BaseException:
+        _remove_empty(created)
+        raise
     _HELD[path] = 1
     try:
         try:
@@ -105,6 +111,15 @@ def output_lock(target: Path) -> Iterator[None]:
             path.unlink(missing_ok=True)
         finally:
             os.close(fd)
+            _remove_empty(created)  # folders made for an output that was not written
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def holds_lock(target: Path) -> bool:
