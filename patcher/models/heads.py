@@ -29,6 +29,7 @@ from patcher.models.state import (
     part,
     project_head,
 )
+from patcher.runs.store import atomic_file
 
 open_clip = import_open_clip()
 
@@ -69,9 +70,8 @@ def zero_shot_head(
         return load_file(path)["head"]
     head = build_head(loaded, classnames, templates, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"head": head.contiguous()}, str(temporary))
-    os.replace(temporary, path)
+    with atomic_file(path) as temporary:
+        save_file({"head": head.contiguous()}, str(temporary))
     return head
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -23,6 +22,7 @@ from torch import nn
 
 from patcher import distributed
 from patcher.progress import make_progress
+from patcher.runs.store import atomic_file
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -170,15 +170,7 @@ def train(
 
 
 def _save_checkpoint(path: Path, step: int, module: nn.Module, optimizer: Any, scheduler: Any, scaler: Any) -> None:
-    temporary = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "step": step,
-            "module": module.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-        },
-        temporary,
-    )
-    os.replace(temporary, path)
+    state = {"step": step, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+    with atomic_file(path) as temporary:
+        torch.save(state, temporary)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from patcher.data.tasks.loaders import IDX_FILES, torchvision_class
 from patcher.data.tasks.missing import open_dataset
 from patcher.data.tasks.views import ImageView
 from patcher.errors import PatcherError
+from patcher.runs.store import atomic_file
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -43,9 +43,8 @@ def install_from(source: Path, raw: Path) -> None:
     try:
         raw.mkdir(parents=True, exist_ok=True)
         for name in FILES:
-            partial = raw / f".{name}.partial"
-            with gzip.open(source / f"{name}.gz", "rb") as packed, open(partial, "wb") as unpacked:
+            with atomic_file(raw / name) as partial, gzip.open(source / f"{name}.gz", "rb") as packed, \
+                    open(partial, "wb") as unpacked:
                 shutil.copyfileobj(packed, unpacked, length=1 << 20)
-            os.replace(partial, raw / name)
     except OSError as error:
         raise PatcherError(f"cannot install Fashion-MNIST from {source} into {raw}: {error}") from error

@@ -7,7 +7,8 @@ skips the checksum check of the real archives, so that a small synthetic copy of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import ConcatDataset, Dataset
@@ -43,83 +44,51 @@ def check_classes(
     )
 
 
-def load_mnist(part: str, root: Path, download: bool, dataset_class: str | type = "MNIST") -> Dataset:
-    """MNIST from root/MNIST/raw (IDX files)."""
-    cls = torchvision_class(dataset_class)
-    data = open_dataset(
-        lambda: cls(str(root), train=part == "train", download=download),
-        title="MNIST",
-        where=root / "MNIST" / "raw",
-        expected=IDX_FILES,
-        download=download,
-    )
-    return ImageView(data)
+@dataclass(frozen=True)
+class TorchvisionLayout:
+    """How one torchvision dataset class is opened and where its files are: enough to write its loader."""
+
+    dataset_class: str
+    title: str
+    folder: str  # where the files are, under the data root
+    expected: str  # the files a user must put there
+    split_argument: str  # "train" (train=True/False) or "split" (split="train"/"test")
+    root_folder: str = ""  # a sub-folder of the data root to pass as the class's root
 
 
-def load_cifar10(part: str, root: Path, download: bool, dataset_class: str | type = "CIFAR10") -> Dataset:
-    """CIFAR-10 from root/cifar-10-batches-py (the pickled batches of the python version)."""
-    cls = torchvision_class(dataset_class)
-    data = open_dataset(
-        lambda: cls(str(root), train=part == "train", download=download),
-        title="CIFAR-10",
-        where=root / "cifar-10-batches-py",
-        expected="data_batch_1 to data_batch_5, test_batch and batches.meta",
-        download=download,
-    )
-    return ImageView(data)
+def torchvision_loader(layout: TorchvisionLayout) -> Callable[..., Dataset]:
+    """A loader (part, root, download, dataset_class=...) -> Dataset for a dataset torchvision reads itself."""
+
+    def load(part: str, root: Path, download: bool, dataset_class: str | type = layout.dataset_class) -> Dataset:
+        cls = torchvision_class(dataset_class)
+        split = {"train": part == "train"} if layout.split_argument == "train" else {"split": part}
+        data = open_dataset(
+            lambda: cls(str(root / layout.root_folder), download=download, **split),
+            title=layout.title,
+            where=root / layout.folder,
+            expected=layout.expected,
+            download=download,
+        )
+        return ImageView(data)
+
+    load.__doc__ = f"{layout.title} from root/{layout.folder} ({layout.expected})."
+    return load
 
 
-def load_cifar100(part: str, root: Path, download: bool, dataset_class: str | type = "CIFAR100") -> Dataset:
-    """CIFAR-100 (fine labels) from root/cifar-100-python."""
-    cls = torchvision_class(dataset_class)
-    data = open_dataset(
-        lambda: cls(str(root), train=part == "train", download=download),
-        title="CIFAR-100",
-        where=root / "cifar-100-python",
-        expected="train, test and meta",
-        download=download,
-    )
-    return ImageView(data)
-
-
-def load_stl10(part: str, root: Path, download: bool, dataset_class: str | type = "STL10") -> Dataset:
-    """STL-10's labelled train (5,000) and test (8,000) images from root/stl10_binary."""
-    cls = torchvision_class(dataset_class)
-    data = open_dataset(
-        lambda: cls(str(root), split=part, download=download),
-        title="STL-10",
-        where=root / "stl10_binary",
-        expected="train_X.bin, train_y.bin, test_X.bin, test_y.bin and unlabeled_X.bin",
-        download=download,
-    )
-    return ImageView(data)
-
-
-def load_svhn(part: str, root: Path, download: bool, dataset_class: str | type = "SVHN") -> Dataset:
-    """SVHN cropped digits from root/svhn (torchvision reads label 10 as digit 0)."""
-    cls = torchvision_class(dataset_class)
-    folder = root / "svhn"
-    data = open_dataset(
-        lambda: cls(str(folder), split=part, download=download),
-        title="SVHN",
-        where=folder,
-        expected="train_32x32.mat and test_32x32.mat",
-        download=download,
-    )
-    return ImageView(data)
-
-
-def load_gtsrb(part: str, root: Path, download: bool, dataset_class: str | type = "GTSRB") -> Dataset:
-    """GTSRB from root/gtsrb: class folders 00000..00042 for train, Final_Test and its CSV for test."""
-    cls = torchvision_class(dataset_class)
-    data = open_dataset(
-        lambda: cls(str(root), split=part, download=download),
-        title="GTSRB",
-        where=root / "gtsrb",
-        expected="GTSRB/Training/<00000..00042>/*.ppm, GTSRB/Final_Test/Images/*.ppm and GT-final_test.csv",
-        download=download,
-    )
-    return ImageView(data)
+load_mnist = torchvision_loader(TorchvisionLayout("MNIST", "MNIST", "MNIST/raw", IDX_FILES, "train"))
+load_cifar10 = torchvision_loader(TorchvisionLayout(
+    "CIFAR10", "CIFAR-10", "cifar-10-batches-py", "data_batch_1 to data_batch_5, test_batch and batches.meta",
+    "train"))
+load_cifar100 = torchvision_loader(TorchvisionLayout(
+    "CIFAR100", "CIFAR-100", "cifar-100-python", "train, test and meta", "train"))
+load_stl10 = torchvision_loader(TorchvisionLayout(  # the labelled train (5,000) and test (8,000) images
+    "STL10", "STL-10", "stl10_binary", "train_X.bin, train_y.bin, test_X.bin, test_y.bin and unlabeled_X.bin",
+    "split"))
+load_svhn = torchvision_loader(TorchvisionLayout(  # torchvision reads SVHN's label 10 as digit 0
+    "SVHN", "SVHN", "svhn", "train_32x32.mat and test_32x32.mat", "split", root_folder="svhn"))
+load_gtsrb = torchvision_loader(TorchvisionLayout(
+    "GTSRB", "GTSRB", "gtsrb", "GTSRB/Training/<00000..00042>/*.ppm, GTSRB/Final_Test/Images/*.ppm and "
+    "GT-final_test.csv", "split"))
 
 
 def load_dtd(part: str, root: Path, download: bool, dataset_class: str | type = "DTD") -> Dataset:
