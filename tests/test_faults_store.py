@@ -1,0 +1,72 @@
+"""The run store's guards on real files and processes: locks die with their holder, stale partials of killed
+writers are cleaned (a directory killed mid-replacement comes back whole), torn log lines are dropped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from patcher.errors import PatcherError
+from patcher.runs.locks import lock_path, output_lock
+from patcher.runs.store import append_log, clean_stale, output_directory, trim_log
+
+HOLD = "import sys, time; from patcher.runs.locks import output_lock\nwith output_lock(sys.argv[1]):\n" \
+       "    print('held', flush=True); time.sleep(120)"
+
+
+def test_a_lock_dies_with_its_holder_even_by_kill_9(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(PatcherError, match=rf"{target} is being written by pid {holder.pid} "), \
+                output_lock(target):
+            pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert lock_path(target).exists()  # left by the killed holder, but unlocked
+    with output_lock(target), output_lock(target):  # taken over; reentrant in one process
+        assert f"pid {os.getpid()}" in lock_path(target).read_text()
+    assert not lock_path(target).exists()
+
+
+def test_stale_partials_are_removed_and_a_half_replaced_directory_comes_back(tmp_path: Path) -> None:
+    final = tmp_path / "onnx"
+    (tmp_path / ".onnx.old-1a2b3c4d").mkdir()  # killed after renaming the old export away ...
+    (tmp_path / ".onnx.old-1a2b3c4d" / "export.json").write_text("{}")
+    (tmp_path / ".onnx.partial-5e6f7a8b").mkdir()  # ... or while writing the new one
+    (tmp_path / ".onnxx.partial-00000000").mkdir()  # another output's: not ours to touch
+    with output_lock(final):
+        removed = clean_stale(final)
+    assert [p.name for p in removed] == [".onnx.partial-5e6f7a8b"]
+    assert (final / "export.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnxx.partial-00000000", "onnx"]
+
+
+def test_output_directory_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    with output_directory(final) as staging:
+        (staging / "a").write_text("old")
+    with pytest.raises(RuntimeError), output_directory(final, overwrite=True) as staging:
+        (staging / "a").write_text("new")
+        raise RuntimeError("fails half-way")
+    assert (final / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(PatcherError, match="already exists"), output_directory(final):
+        pass
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    for step in (1, 11, 21):
+        append_log(log, {"step": step, "loss": 1.0})
+    with open(log, "a") as handle:
+        handle.write('{"step": 31, "lo')  # the process died mid-write
+    trim_log(log, 20)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 11]
