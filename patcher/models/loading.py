@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pickle
 import socket
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,21 +92,65 @@ def _model_config(name: str, image_size: int | None) -> dict[str, Any]:
     return cfg
 
 
-def _check_pretrained(name: str, pretrained: str | None) -> None:
-    """Refuse unknown tags and, when the hub is unreachable, uncached ones, before open_clip retries."""
+def _cached_tag_weights(name: str, tag: str) -> str | None:
+    """The weights file of an open_clip tag in the local Hugging Face (or open_clip URL) cache, if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    model_id, filename = os.path.split(cfg.get("hf_hub", ""))
+    if model_id:
+        for candidate in dict.fromkeys(["open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"]):
+            found = try_to_load_from_cache(model_id, candidate)
+            if isinstance(found, str):
+                return found
+    url_copy = Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", "") or "none")
+    return str(url_copy) if url_copy.is_file() else None
+
+
+def _pretrained_arguments(name: str, pretrained: str | None) -> dict[str, Any]:
+    """What open_clip.create_model needs for these weights; unknown tags refused, uncached ones at once when offline.
+
+    With the hub unreachable, a cached tag is loaded from its file with the settings the tag implies (QuickGELU,
+    preprocessing), so open_clip never starts its retry loop against a hub it cannot reach.
+    """
     if pretrained is None or name.startswith(LOCAL_DIR_PREFIX) or Path(pretrained).expanduser().is_file():
-        return
+        return {"pretrained": pretrained}
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         known = ", ".join(tags) or "none"
-        raise PatcherError(
-            f"{pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {known})"
-        )
-    if not _hub_reachable():
-        from huggingface_hub import constants
+        raise PatcherError(f"{pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {known})")
+    from huggingface_hub import constants
 
-        constants.HF_HUB_OFFLINE = True  # use the local cache only; no retry loop against an unreachable hub
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    if not constants.HF_HUB_OFFLINE and _hub_reachable():
+        return {"pretrained": pretrained}
+    cached = _cached_tag_weights(name, pretrained)
+    if cached is None:
+        raise PatcherError(f"weights {name}/{pretrained} are not cached and the model hub is unreachable: download "
+                           "them on a connected machine and pass --pretrained FILE (or --model local-dir:DIR)")
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    preprocess = {key: cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in cfg}
+    return {"pretrained": cached, "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+            "force_preprocess_cfg": preprocess}
+
+
+class _SkipRandomInitNotice(logging.Filter):
+    """Drops open_clip's notices that a model starts from random weights, where that is what was asked for."""
+
+    NOTICES = ("No pretrained weights loaded", "but no CLIP weights found")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in self.NOTICES)
+
+
+@contextlib.contextmanager
+def _random_init_expected() -> Iterator[None]:
+    """For the duration of one create_model call, leave out open_clip's random-initialisation notices."""
+    notices = _SkipRandomInitNotice()
+    logging.getLogger().addFilter(notices)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notices)
 
 
 def load_clip(
@@ -117,23 +163,18 @@ def load_clip(
     if name.startswith(LOCAL_DIR_PREFIX):
         pretrained = None  # the folder carries its own weights
     model_cfg = _model_config(name, image_size)
-    _check_pretrained(name, pretrained)
-    kwargs: dict[str, Any] = {"device": device}
+    kwargs: dict[str, Any] = {"device": device, **_pretrained_arguments(name, pretrained)}
     if image_size is not None:
         kwargs["force_image_size"] = image_size
-    root_logger = logging.getLogger()
-    previous_level = root_logger.level
-    if pretrained is None and not name.startswith(LOCAL_DIR_PREFIX):
-        root_logger.setLevel(logging.ERROR)  # random weights are asked for; open_clip's warning would only confuse
+    random_init = pretrained is None and not name.startswith(LOCAL_DIR_PREFIX)
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
+        with _random_init_expected() if random_init else contextlib.nullcontext():
+            model = open_clip.create_model(name, **kwargs)
     except Exception as error:
-        failure = _load_failure(name, pretrained, error)
+        failure = _load_failure(name, kwargs["pretrained"], error)
         if failure is None:
             raise
         raise failure from error
-    finally:
-        root_logger.setLevel(previous_level)
     model.eval()
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     preprocess_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()}
@@ -169,22 +210,10 @@ def _load_failure(name: str, pretrained: str | None, error: Exception) -> Patche
 
 def build_from_config(config: Mapping[str, Any]) -> torch.nn.Module:
     """An open_clip model with random weights from an `open_clip_config.json` dict (for loading saved weights)."""
-    model_cfg = json.loads(json.dumps(config["model_cfg"]))
-    previous = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)
-    try:
-        if "hf_model_name" in model_cfg.get("text_cfg", {}) or "timm_model_name" in model_cfg.get(
-            "vision_cfg", {}
-        ):
-            model_cfg.setdefault("text_cfg", {})["hf_model_pretrained"] = False
-        model = (
-            open_clip.CustomTextCLIP(**model_cfg)
-            if model_cfg.get("custom_text") or "hf_model_name" in model_cfg.get("text_cfg", {})
-            else open_clip.CLIP(**model_cfg)
-        )
-    finally:
-        logging.getLogger().setLevel(previous)
-    open_clip.set_model_preprocess_cfg(model, dict(config.get("preprocess_cfg", {})))
+    with tempfile.TemporaryDirectory(prefix="patcher-config-") as folder:
+        (Path(folder) / CONFIG_FILENAME).write_text(json.dumps(dict(config)))
+        with _random_init_expected():
+            model = open_clip.create_model(f"{LOCAL_DIR_PREFIX}{folder}", load_weights=False)
     return model.eval()
 
 
