@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from patcher.patching.alpha import DEFAULT_GRID, choose, golden_search, grid_search
+from patcher.patching.alpha import DEFAULT_GRID, AlphaRule, golden_search, grid_search
 
 
 def curve_from(patch: list[float], support: list[float]) -> dict[float, dict[str, float]]:
@@ -19,7 +19,7 @@ def test_picks_best_patch_accuracy_within_tolerance():
         patch=[30, 50, 65, 75, 82, 86, 89, 91, 92, 93, 93.5],
         support=[80, 80.2, 80.1, 79.8, 79.5, 79.1, 78.7, 77, 75, 72, 70],
     )
-    selection = choose(curve, ["p"], ["s"], tolerance=1.0)
+    selection = AlphaRule(["p"], ["s"], 1.0).choose(curve)
     assert selection.alpha == 0.5  # 0.6 drops support to 78.7 < 80 - 1
     assert selection.warning is None
     assert "zero-shot accuracy - 1 points" in selection.rule
@@ -30,12 +30,12 @@ def test_tolerance_widens_the_choice():
         patch=[30, 50, 65, 75, 82, 86, 89, 91, 92, 93, 93.5],
         support=[80, 80.2, 80.1, 79.8, 79.5, 79.1, 78.7, 77, 75, 72, 70],
     )
-    assert choose(curve, ["p"], ["s"], tolerance=3.0).alpha == 0.7
+    assert AlphaRule(["p"], ["s"], 3.0).choose(curve).alpha == 0.7
 
 
 def test_no_supported_task_maximises_patch_accuracy_and_says_so():
     curve = curve_from(patch=[30, 50, 60, 70, 80, 90, 95, 95, 94, 93, 92], support=[0] * 11)
-    selection = choose({a: {"p": v["p"]} for a, v in curve.items()}, ["p"], [], tolerance=1.0)
+    selection = AlphaRule(["p"], [], 1.0).choose({a: {"p": v["p"]} for a, v in curve.items()})
     assert selection.alpha == 0.6  # first of the tied maxima
     assert "no supported tasks" in selection.rule
 
@@ -43,7 +43,7 @@ def test_no_supported_task_maximises_patch_accuracy_and_says_so():
 def test_none_qualifies_falls_back_to_best_mean_with_warning():
     # against an earlier reference (as in sequential patching) even alpha 0 can fail the constraint
     curve = {0.0: {"p": 10, "s": 70}, 0.5: {"p": 80, "s": 60}, 1.0: {"p": 90, "s": 20}}
-    selection = choose(curve, ["p"], ["s"], tolerance=1.0, reference={"p": 10, "s": 90})
+    selection = AlphaRule(["p"], ["s"], 1.0, {"p": 10, "s": 90}).choose(curve)
     assert selection.alpha == 0.5  # means: 40, 70, 55
     assert selection.warning is not None and "no alpha keeps" in selection.warning
     assert "none qualified" in selection.rule
@@ -51,7 +51,7 @@ def test_none_qualifies_falls_back_to_best_mean_with_warning():
 
 def test_alpha_zero_always_qualifies_against_itself():
     curve = {0.0: {"p": 10, "s": 90}, 0.5: {"p": 80, "s": 50}, 1.0: {"p": 90, "s": 20}}
-    selection = choose(curve, ["p"], ["s"], tolerance=0.0)
+    selection = AlphaRule(["p"], ["s"], 0.0).choose(curve)
     assert selection.alpha == 0.0 and selection.warning is None
 
 
@@ -65,8 +65,8 @@ def test_golden_search_matches_grid_with_fewer_evaluations():
             return {"p": 30 + height - height * abs(alpha - peak) ** power,
                     "s": 80 - 30 * max(0.0, alpha - limit) ** 1.2}
 
-        grid = grid_search(evaluate, ["p"], ["s"], 1.0)
-        golden = golden_search(evaluate, ["p"], ["s"], 1.0)
+        grid = grid_search(evaluate, AlphaRule(["p"], ["s"], 1.0))
+        golden = golden_search(evaluate, AlphaRule(["p"], ["s"], 1.0))
         assert golden.alpha == grid.alpha
         assert golden.evaluations < grid.evaluations == 11
         assert 0.0 in golden.curve and 1.0 in golden.curve
@@ -79,7 +79,7 @@ def test_golden_search_records_every_evaluation():
         seen.append(alpha)
         return {"p": -math.fabs(alpha - 0.3)}
 
-    selection = golden_search(evaluate, ["p"], [], 1.0)
+    selection = golden_search(evaluate, AlphaRule(["p"], [], 1.0))
     assert selection.alpha == pytest.approx(0.3)
     assert sorted(seen) == sorted(selection.curve)
     assert len(seen) == len(set(seen)) == selection.evaluations

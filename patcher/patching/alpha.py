@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 Accuracies = Mapping[str, float]
+Evaluate = Callable[[float], Accuracies]
 
 DEFAULT_GRID = tuple(round(i / 10, 1) for i in range(11))
 
@@ -25,86 +26,63 @@ class Selection:
         return len(self.curve)
 
 
-def constraint_rule(patch_tasks: Sequence[str], support_tasks: Sequence[str], tolerance: float) -> str:
-    """The rule in words, as the manifest and the CLI state it."""
-    patch = ", ".join(patch_tasks)
-    if not support_tasks:
-        return (
-            f"no supported tasks given: chose the alpha with the highest held-out accuracy on {patch} "
-            "(the smallest such alpha on ties); nothing guards other tasks, pass --support to protect them"
-        )
-    return (
-        f"maximise held-out accuracy on {patch} subject to every supported task "
-        f"({', '.join(support_tasks)}) keeping accuracy >= its zero-shot accuracy - {tolerance:g} points"
-    )
+@dataclass(frozen=True)
+class AlphaRule:
+    """PAINT's rule: the best patch accuracy among the alphas that keep every supported task within tolerance.
 
-
-def _violation(acc: Accuracies, zeroshot: Accuracies, support: Sequence[str], tolerance: float) -> float:
-    return sum(max(0.0, zeroshot[t] - tolerance - acc[t]) for t in support)
-
-
-def _patch_mean(acc: Accuracies, patch: Sequence[str]) -> float:
-    return sum(acc[t] for t in patch) / len(patch)
-
-
-def objective(
-    acc: Accuracies, zeroshot: Accuracies, patch: Sequence[str], support: Sequence[str], tolerance: float
-) -> float:
-    """Patch accuracy where the constraint holds; else below every feasible value, falling with the violation."""
-    violation = _violation(acc, zeroshot, support, tolerance)
-    return _patch_mean(acc, patch) if violation == 0 else -1e6 - violation
-
-
-def choose(
-    curve: Mapping[float, Accuracies],
-    patch: Sequence[str],
-    support: Sequence[str],
-    tolerance: float,
-    reference: Accuracies | None = None,
-) -> Selection:
-    """Apply the rule to evaluated points; the reference accuracies are alpha 0's unless given.
-
-    A reference other than alpha 0 (sequential patching measures supported tasks against the original
-    zero-shot model) is what can leave no alpha qualifying.
+    Supported tasks are measured against `reference`, alpha 0's accuracies unless given (sequential patching
+    measures them against the original zero-shot model, which is what can leave no alpha qualifying).
     """
-    zeroshot = reference if reference is not None else curve[0.0]
-    rule = constraint_rule(patch, support, tolerance)
-    feasible = [a for a in curve if _violation(curve[a], zeroshot, support, tolerance) == 0]
-    full_curve = {a: dict(v) for a, v in sorted(curve.items())}
-    if feasible:
-        best = max(sorted(feasible), key=lambda a: _patch_mean(curve[a], patch))
-        return Selection(alpha=best, rule=rule, curve=full_curve)
-    tasks = [*patch, *support]
-    best = max(sorted(curve), key=lambda a: sum(curve[a][t] for t in tasks) / len(tasks))
-    warning = (
-        f"no alpha keeps every supported task within {tolerance:g} points of zero-shot; "
-        f"chose alpha {best:g}, the best mean accuracy over all tasks"
-    )
-    rule += "; none qualified, so: best mean over all tasks"
-    return Selection(alpha=best, rule=rule, curve=full_curve, warning=warning)
+
+    patch: Sequence[str]
+    support: Sequence[str] = ()
+    tolerance: float = 1.0
+    reference: Accuracies | None = None
+
+    def describe(self) -> str:
+        """The rule in words, as the manifest and the CLI state it."""
+        patch = ", ".join(self.patch)
+        if not self.support:
+            return (f"no supported tasks given: chose the alpha with the highest held-out accuracy on {patch} "
+                    "(the smallest such alpha on ties); nothing guards other tasks, pass --support to protect them")
+        return (f"maximise held-out accuracy on {patch} subject to every supported task "
+                f"({', '.join(self.support)}) keeping accuracy >= its zero-shot accuracy - {self.tolerance:g} points")
+
+    def violation(self, accuracy: Accuracies, zeroshot: Accuracies) -> float:
+        """Points by which the supported tasks fall below their allowance, summed (0 when the rule holds)."""
+        return sum(max(0.0, zeroshot[t] - self.tolerance - accuracy[t]) for t in self.support)
+
+    def patch_mean(self, accuracy: Accuracies) -> float:
+        """Mean accuracy over the patch tasks."""
+        return sum(accuracy[t] for t in self.patch) / len(self.patch)
+
+    def objective(self, accuracy: Accuracies, zeroshot: Accuracies) -> float:
+        """Patch accuracy where the rule holds; else below every feasible value, falling with the violation."""
+        violation = self.violation(accuracy, zeroshot)
+        return self.patch_mean(accuracy) if violation == 0 else -1e6 - violation
+
+    def choose(self, curve: Mapping[float, Accuracies]) -> Selection:
+        """Apply the rule to evaluated points; if none qualifies, the best mean over all tasks, with a warning."""
+        zeroshot = self.reference if self.reference is not None else curve[0.0]
+        full_curve = {a: dict(v) for a, v in sorted(curve.items())}
+        feasible = [a for a in curve if self.violation(curve[a], zeroshot) == 0]
+        if feasible:
+            best = max(sorted(feasible), key=lambda a: self.patch_mean(curve[a]))
+            return Selection(alpha=best, rule=self.describe(), curve=full_curve)
+        tasks = [*self.patch, *self.support]
+        best = max(sorted(curve), key=lambda a: sum(curve[a][t] for t in tasks) / len(tasks))
+        warning = (f"no alpha keeps every supported task within {self.tolerance:g} points of zero-shot; "
+                   f"chose alpha {best:g}, the best mean accuracy over all tasks")
+        rule = self.describe() + "; none qualified, so: best mean over all tasks"
+        return Selection(alpha=best, rule=rule, curve=full_curve, warning=warning)
 
 
-def grid_search(
-    evaluate: Callable[[float], Accuracies],
-    patch: Sequence[str],
-    support: Sequence[str],
-    tolerance: float,
-    grid: Sequence[float] = DEFAULT_GRID,
-    reference: Accuracies | None = None,
-) -> Selection:
+def grid_search(evaluate: Evaluate, rule: AlphaRule, grid: Sequence[float] = DEFAULT_GRID) -> Selection:
     """Evaluate every alpha of the grid (the papers' 11 points) and apply the rule."""
-    curve = {float(a): dict(evaluate(float(a))) for a in grid}
-    return choose(curve, patch, support, tolerance, reference)
+    return rule.choose({float(a): dict(evaluate(float(a))) for a in grid})
 
 
-def golden_search(
-    evaluate: Callable[[float], Accuracies],
-    patch: Sequence[str],
-    support: Sequence[str],
-    tolerance: float,
-    grid: Sequence[float] = DEFAULT_GRID,
-    reference: Accuracies | None = None,
-) -> Selection:
+def golden_search(evaluate: Evaluate, rule: AlphaRule, grid: Sequence[float] = DEFAULT_GRID) -> Selection:
     """Golden-section search over the grid's indices for the rule's objective, assumed unimodal in alpha.
 
     Both ends are always evaluated (alpha 0 is the zero-shot baseline the constraint refers to). The
@@ -113,17 +91,17 @@ def golden_search(
     grid = sorted(float(a) for a in grid)
     curve: dict[float, dict[str, float]] = {}
 
-    def acc(index: int) -> dict[str, float]:
+    def accuracy(index: int) -> dict[str, float]:
         alpha = grid[index]
         if alpha not in curve:
             curve[alpha] = dict(evaluate(alpha))
         return curve[alpha]
 
-    zeroshot = reference if reference is not None else acc(0)
-    acc(0)
+    zeroshot = rule.reference if rule.reference is not None else accuracy(0)
+    accuracy(0)
 
     def score(index: int) -> float:
-        return objective(acc(index), zeroshot, patch, support, tolerance)
+        return rule.objective(accuracy(index), zeroshot)
 
     score(len(grid) - 1)
     low, high = 0, len(grid) - 1
@@ -139,7 +117,7 @@ def golden_search(
             low = left
     for index in range(low, high + 1):
         score(index)
-    return choose(curve, patch, support, tolerance, reference)
+    return rule.choose(curve)
 
 
-SEARCHES = {"golden": golden_search, "grid": grid_search}
+SEARCHES: dict[str, Callable[[Evaluate, AlphaRule], Selection]] = {"golden": golden_search, "grid": grid_search}

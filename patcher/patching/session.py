@@ -27,7 +27,7 @@ from patcher.models.state import (
     text_state,
     visual_state,
 )
-from patcher.patching.alpha import DEFAULT_GRID, SEARCHES, Selection, choose
+from patcher.patching.alpha import DEFAULT_GRID, SEARCHES, AlphaRule, Selection
 from patcher.patching.task_vectors import fill_missing
 from patcher.progress import make_progress
 from patcher.training.loop import TrainConfig
@@ -122,12 +122,9 @@ class Session:
     def select(
         self,
         path: AlphaPath,
-        patch: list[str],
-        support: list[str],
-        tolerance: float,
+        rule: AlphaRule,
         search: str,
         fixed_alpha: float | None = None,
-        reference: Mapping[str, float] | None = None,
         description: str = "choosing alpha",
     ) -> Selection:
         """Choose alpha on held-out data along `path` with PAINT's rule (search, or a fixed value reported)."""
@@ -137,14 +134,14 @@ class Session:
 
             def evaluate(alpha: float) -> dict[str, float]:
                 result = self.accuracy(path(alpha), self.splits.val)
-                shown = ", ".join(f"{t} {result[t]:.1f}%" for t in patch)
+                shown = ", ".join(f"{t} {result[t]:.1f}%" for t in rule.patch)
                 progress.update(bar, advance=1, status=f"alpha {alpha:g}: {shown}")
                 return result
 
             if fixed_alpha is None:
-                selection = SEARCHES[search](evaluate, patch, support, tolerance, reference=reference)
+                selection = SEARCHES[search](evaluate, rule)
                 progress.update(bar, total=selection.evaluations)
                 return selection
             curve = {a: evaluate(a) for a in sorted({0.0, fixed_alpha, 1.0})}
-        chosen = choose(curve, patch, support, tolerance, reference)
+        chosen = rule.choose(curve)
         return Selection(alpha=fixed_alpha, rule=f"fixed by --alpha {fixed_alpha:g}", curve=chosen.curve)

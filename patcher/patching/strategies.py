@@ -9,13 +9,13 @@ zero-shot model plus the full sum of task vectors (coefficient 1).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from patcher.models.state import State
-from patcher.patching.alpha import Selection
+from patcher.patching.alpha import AlphaRule, Selection
 from patcher.patching.session import Session, Trained
 from patcher.patching.task_vectors import TaskVector, interpolate
 from patcher.training.loop import TrainConfig
@@ -36,6 +36,10 @@ class Plan:
     fixed_alpha: float | None
     checkpoint_dir: Path | None = None
     log_path: Path | None = None
+
+    def rule(self, patch: list[str], reference: Mapping[str, float] | None = None) -> AlphaRule:
+        """PAINT's rule for these patch tasks (the plan's supported tasks and tolerance)."""
+        return AlphaRule(patch, self.support, self.tolerance, reference)
 
 
 @dataclass
@@ -66,8 +70,8 @@ def joint(session: Session, plan: Plan) -> Outcome:
     trained = session.fine_tune(plan.method, plan.params, zeroshot, plan.patch, plan.config(plan.patch),
                                 plan.checkpoint_dir, plan.log_path)
     base, finetuned = session.complete(zeroshot, trained.state)
-    selection = session.select(lambda a: interpolate(base, finetuned, a), plan.patch, plan.support, plan.tolerance,
-                               plan.search, plan.fixed_alpha)
+    selection = session.select(lambda a: interpolate(base, finetuned, a), plan.rule(plan.patch), plan.search,
+                               plan.fixed_alpha)
     states = {"zeroshot": zeroshot, "finetuned": finetuned, "patched": interpolate(base, finetuned, selection.alpha)}
     return Outcome(states, {"zeroshot": 0.0, "finetuned": 1.0, "patched": selection.alpha}, selection,
                    selection.curve[0.0], trained=[trained])
@@ -77,7 +81,7 @@ def sequential(session: Session, plan: Plan) -> Outcome:
     """Patch task after task, each fine-tune starting from the previous patched model.
 
     Alpha is chosen per step for the mean held-out accuracy over the tasks patched so far, with supported
-    tasks measured against the original zero-shot model (`choose(reference=...)`), not the previous step.
+    tasks measured against the original zero-shot model (`AlphaRule.reference`), not the previous step.
     """
     zeroshot = session.zeroshot
     reference = session.accuracy(zeroshot, session.splits.val)
@@ -90,8 +94,8 @@ def sequential(session: Session, plan: Plan) -> Outcome:
         offset += trained.steps
         start, finetuned = session.complete(current, trained.state)
         seen = plan.patch[: number + 1]
-        selection = session.select(lambda a, s=start, f=finetuned: interpolate(s, f, a), seen, plan.support,
-                                   plan.tolerance, plan.search, plan.fixed_alpha, reference,
+        selection = session.select(lambda a, s=start, f=finetuned: interpolate(s, f, a), plan.rule(seen, reference),
+                                   plan.search, plan.fixed_alpha,
                                    f"step {number + 1}/{len(plan.patch)} ({task}): choosing alpha")
         current = interpolate(start, finetuned, selection.alpha)
         outcome.trained.append(trained)
@@ -122,7 +126,7 @@ def parallel(session: Session, plan: Plan) -> Outcome:
         outcome.steps.append({"task": task, "steps": trained.steps})
     base, *finetuned = session.complete(zeroshot, *(t.state for t in outcome.trained))
     path = task_arithmetic(base, finetuned)
-    selection = session.select(path, plan.patch, plan.support, plan.tolerance, "grid", plan.fixed_alpha,
+    selection = session.select(path, plan.rule(plan.patch), "grid", plan.fixed_alpha,
                                description="choosing the task-vector coefficient")
     outcome.states = {"zeroshot": zeroshot, "finetuned": path(1.0), "patched": path(selection.alpha)}
     outcome.alphas = {"zeroshot": 0.0, "finetuned": 1.0, "patched": selection.alpha}

@@ -23,6 +23,7 @@ from patcher.errors import PatcherError
 from patcher.models import LoadedModel, build_from_config, load_clip, state_dict_digest
 from patcher.models.heads import zero_shot_head
 from patcher.models.state import HEAD_PREFIX, TEXT_PREFIX, VISUAL_PREFIX, State, prefixed, split_classifier_state
+from patcher.patching.alpha import AlphaRule
 from patcher.patching.session import Session
 from patcher.patching.strategies import task_arithmetic
 from patcher.progress import console
@@ -142,7 +143,7 @@ def merge_runs(options: MergeOptions) -> Path:
     session = Session(loaded, tasks, heads, splits, device, options.eval_batch_size)
     base, *finetuned = session.complete(session.zeroshot, *(finetuned_state(run) for run in runs))
     path = task_arithmetic(base, finetuned)
-    selection = session.select(path, patch, support, options.tolerance, "grid", fixed_alpha,
+    selection = session.select(path, AlphaRule(patch, support, options.tolerance), "grid", fixed_alpha,
                                description="choosing the task-vector coefficient")
     if selection.warning:
         console.print(f"[yellow]warning:[/] {selection.warning}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 
@@ -52,8 +53,10 @@ class TorchvisionLayout:
     title: str
     folder: str  # where the files are, under the data root
     expected: str  # the files a user must put there
-    split_argument: str  # "train" (train=True/False) or "split" (split="train"/"test")
+    split_argument: str | None  # "train" (train=True/False), "split" (split="train"/"test"), None: no split
     root_folder: str = ""  # a sub-folder of the data root to pass as the class's root
+    # (dataset, part, where) -> the part's items, for datasets without an official split; default: all items
+    select: Callable[[Any, str, Path], Dataset] | None = None
 
 
 def torchvision_loader(layout: TorchvisionLayout) -> Callable[..., Dataset]:
@@ -61,7 +64,7 @@ def torchvision_loader(layout: TorchvisionLayout) -> Callable[..., Dataset]:
 
     def load(part: str, root: Path, download: bool, dataset_class: str | type = layout.dataset_class) -> Dataset:
         cls = torchvision_class(dataset_class)
-        split = {"train": part == "train"} if layout.split_argument == "train" else {"split": part}
+        split = {"train": {"train": part == "train"}, "split": {"split": part}}.get(layout.split_argument or "", {})
         data = open_dataset(
             lambda: cls(str(root / layout.root_folder), download=download, **split),
             title=layout.title,
@@ -69,7 +72,7 @@ def torchvision_loader(layout: TorchvisionLayout) -> Callable[..., Dataset]:
             expected=layout.expected,
             download=download,
         )
-        return ImageView(data)
+        return layout.select(data, part, root / layout.folder) if layout.select else ImageView(data)
 
     load.__doc__ = f"{layout.title} from root/{layout.folder} ({layout.expected})."
     return load
@@ -109,36 +112,24 @@ def load_dtd(part: str, root: Path, download: bool, dataset_class: str | type = 
     return ImageView(pieces[0] if len(pieces) == 1 else ConcatDataset(pieces))
 
 
-def load_eurosat(part: str, root: Path, download: bool, dataset_class: str | type = "EuroSAT") -> Dataset:
-    """EuroSAT RGB from root/eurosat/2750; it has no official split, so a seeded stratified 9:1 one."""
-    cls = torchvision_class(dataset_class)
-    where = root / "eurosat"
-    data = open_dataset(
-        lambda: cls(str(root), download=download),
-        title="EuroSAT",
-        where=where,
-        expected="2750/<class>/*.jpg for its 10 class folders AnnualCrop ... SeaLake",
-        download=download,
-    )
+def _eurosat_part(data: Any, part: str, where: Path) -> Dataset:
+    """EuroSAT has no official split: a seeded stratified 9:1 one."""
     check_classes(data.classes, list(classnames.EUROSAT_FOLDERS), "EuroSAT", where)
     return ImageView(data, train_test_indices(data.targets, weights=(9, 1))[part])
 
 
-def load_sun397(part: str, root: Path, download: bool, dataset_class: str | type = "SUN397") -> Dataset:
-    """SUN397 from root/SUN397; torchvision gives no split, so a seeded stratified 4:1 one."""
-    cls = torchvision_class(dataset_class)
-    where = root / "SUN397"
-    data = open_dataset(
-        lambda: cls(str(root), download=download),
-        title="SUN397",
-        where=where,
-        expected="ClassName.txt and <letter>/<class>/sun_*.jpg",
-        download=download,
-    )
+def _sun397_part(data: Any, part: str, where: Path) -> Dataset:
+    """SUN397 has no split in torchvision: a seeded stratified 4:1 one over the files sorted by path."""
     check_classes(data.classes, classnames.SUN397, "SUN397", where, by_name=False)
-    # torchvision lists the files in file-system order; sorting by path makes the split reproducible.
-    paths = [str(path) for path in data._image_files]
+    paths = [str(path) for path in data._image_files]  # listed in file-system order; sorted, the split is stable
     return ImageView(data, train_test_indices(data._labels, weights=(4, 1), keys=paths)[part])
+
+
+load_eurosat = torchvision_loader(TorchvisionLayout(
+    "EuroSAT", "EuroSAT", "eurosat", "2750/<class>/*.jpg for its 10 class folders AnnualCrop ... SeaLake", None,
+    select=_eurosat_part))
+load_sun397 = torchvision_loader(TorchvisionLayout(
+    "SUN397", "SUN397", "SUN397", "ClassName.txt and <letter>/<class>/sun_*.jpg", None, select=_sun397_part))
 
 
 def load_cars(part: str, root: Path, download: bool, dataset_class: str | type = "StanfordCars") -> Dataset:
