@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
-from patcher.models import load_clip
-from patcher.stages.pretrain import RECORD_FILENAME
+from patcher.models import load_clip, state_dict_digest
+from patcher.runs.store import sha256_file
+from patcher.stages.pretrain import RECORD_FILENAME, WEIGHTS_FILENAME
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +30,13 @@ def test_zero_shot_above_chance_on_seen_classes_and_not_on_unseen(small_pretrain
 
 
 def test_output_loads_through_the_ordinary_model_loader(small_pretrained: Path):
+    """`local-dir:` loading gives exactly the weights pretraining wrote, and the record's hashes name those files."""
     loaded = load_clip(f"local-dir:{small_pretrained}")
-    again = load_clip(f"local-dir:{small_pretrained}")
-    assert loaded.weights_sha256 == again.weights_sha256
+    written = load_file(str(small_pretrained / WEIGHTS_FILENAME))
+    assert loaded.weights_sha256 == state_dict_digest(written)
+    assert loaded.weights_sha256 != state_dict_digest(load_clip("patcher-tiny").model.state_dict())  # not random
     assert loaded.pretrained is None and loaded.model_cfg["vision_cfg"]["patch_size"] == 7
     record = json.loads((small_pretrained / RECORD_FILENAME).read_text())
-    assert set(record["files"]) == {"open_clip_model.safetensors", "open_clip_config.json"}
+    assert set(record["files"]) == {WEIGHTS_FILENAME, "open_clip_config.json"}
+    assert all(sha256_file(small_pretrained / name) == entry["sha256"] for name, entry in record["files"].items())
     assert not (small_pretrained / "checkpoints").exists()
