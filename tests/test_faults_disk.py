@@ -17,11 +17,14 @@ from faults_support import (
     run_cli,
     the_error_line,
 )
+from typer.testing import CliRunner
 
+from patcher.cli import app
 from patcher.errors import PatcherError
 from patcher.runs.store import output_directory, run_staging
 
 pytestmark = pytest.mark.slow
+runner = CliRunner()
 SMALL = 512 * 1024  # options.json and train.log fit; a checkpoint or a classifier (~0.5-1 MB) does not
 
 
@@ -41,8 +44,8 @@ def test_build_onto_a_full_disk_is_one_error_and_leaves_nothing(small: SmallFile
     assert everything(small.folder) == []  # no staging, no checkpoint.tmp, no lock file
 
     small.grow(64 << 20)
-    result = run_cli(*BUILD, "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    result = runner.invoke(app, [*BUILD, "--out", str(out)])  # the same command, in this process, with room
+    assert result.exit_code == 0, result.output
     assert_complete_run(out)
     assert everything(small.folder)[0] == "run"
     assert not [name for name in everything(small.folder) if name.startswith(".")]
@@ -57,8 +60,8 @@ def test_export_onto_a_full_disk_is_one_error_and_leaves_nothing(small: SmallFil
     assert everything(small.folder) == []
 
     small.grow(64 << 20)
-    result = run_cli("export", str(tiny_run), "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    result = runner.invoke(app, ["export", str(tiny_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
     assert_complete_export(out)
     assert [name for name in everything(small.folder) if name.startswith(".")] == []
 

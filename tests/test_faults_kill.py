@@ -1,19 +1,22 @@
-"""kill -9 of the real CLI at many moments of build and export: the output is whole or absent, the next run cleans
-what the killed one left, and its files are byte-identical to an uninterrupted run's (a resumed build included)."""
+"""kill -9 of the real CLI at many moments of build and export (read from what it has written so far): the output
+is whole or absent, the next run cleans what the killed one left, and its files are byte-identical to an
+uninterrupted run's (a build resumed from a checkpoint included). Also: the same build twice, the same export twice."""
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import onnx
 import pytest
 from faults_support import BUILD, ForkedCLI, assert_complete_export, assert_complete_run, hidden, wait_for
 
 from patcher.runs.locks import lock_path, output_lock
 
 pytestmark = pytest.mark.slow
-KILLS = 6
+TIMES = ("created", "timings_s")  # manifest.json and export.json fields that carry times by design
 
 
 @pytest.fixture(scope="module")
@@ -23,38 +26,60 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkedCLI]:
     forked.close()
 
 
-def timed(cli: ForkedCLI, arguments: list[str], anchor: Path) -> tuple[float, float]:
-    """Run the CLI to the end: (seconds until `anchor` existed, seconds in all)."""
-    started = time.perf_counter()
+def kill_when(cli: ForkedCLI, arguments: list[str], moment: Callable[[], bool]) -> None:
+    """Start the CLI and kill -9 it as soon as `moment()` holds (or when it has ended by itself)."""
     child = cli.start(*arguments)
-    first = wait_for(lambda: anchor.exists() or child.poll() is not None, timeout=300, interval=0.002)
-    wait_for(lambda: child.poll() is not None, timeout=300)
-    assert child.poll() == 0, child.stderr()
-    return first, time.perf_counter() - started
-
-
-def kill_at(cli: ForkedCLI, moment: int, arguments: list[str], anchor: Path, times: tuple[float, float]) -> None:
-    """Start the CLI and kill -9 it: moment 0 halfway to when `anchor` appeared in the reference run, moment k > 0
-    at k/(KILLS - 1) of the reference's time after `anchor` appeared, counted from when it appears in this run."""
-    first, total = times
-    child = cli.start(*arguments)
-    if moment == 0:
-        time.sleep(0.5 * first)
-    else:
-        wait_for(lambda: anchor.exists() or child.poll() is not None, timeout=300, interval=0.002)
-        time.sleep((total - first) * moment / (KILLS - 1))
+    wait_for(lambda: moment() or child.poll() is not None, timeout=300, interval=0.002)
     child.kill9()
+
+
+def exists(pattern: str, folder: Path) -> Callable[[], bool]:
+    return lambda: any(folder.glob(pattern))
+
+
+def build_moments(staging: Path) -> dict[str, Callable[[], bool]]:
+    """Moments in a build's life, read from what it has written so far."""
+    started = time.perf_counter()
+    return {
+        "importing": lambda: time.perf_counter() - started > 0.3,
+        "staging created": exists("options.json", staging),
+        "first checkpoint": exists("checkpoints/*/checkpoint.pt", staging),
+        "training done": lambda: '"step": 40' in read(staging / "train.log"),
+        "writing classifiers": exists("models", staging),
+        "manifest written": exists("manifest.json", staging),
+    }
+
+
+def export_moments(parent: Path, name: str) -> dict[str, Callable[[], bool]]:
+    """Moments in an export's life: locked, staging made, tracing, each model written, export.json written."""
+    partial = f".{name}.partial-*"
+    return {
+        "locked": exists(f".{name}.lock", parent),
+        "staging created": exists(partial, parent),
+        "tracing": exists(f"{partial}/.patched.traced.onnx", parent),
+        "patched written": exists(f"{partial}/patched.onnx", parent),
+        "zeroshot written": exists(f"{partial}/zeroshot.onnx", parent),
+        "export.json written": exists(f"{partial}/export.json", parent),
+    }
+
+
+def read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 @pytest.fixture(scope="module")
 def reference(cli: ForkedCLI, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One uninterrupted build and export through the CLI, with how long each took."""
+    """One uninterrupted build and export through the CLI."""
     root = tmp_path_factory.mktemp("reference")
     run, export = root / "run", root / "export"
-    build_times = timed(cli, [*BUILD, "--out", str(run)], root / ".run.partial")
-    export_times = timed(cli, ["export", str(run), "--out", str(export)], root / ".export.lock")
-    return {"run": run, "weights": weights_of(assert_complete_run(run)), "build_times": build_times,
-            "onnx": assert_complete_export(export), "export_times": export_times}
+    for arguments in ([*BUILD, "--out", str(run)], ["export", str(run), "--out", str(export)]):
+        code, stderr = cli.run(*arguments)
+        assert code == 0, stderr
+    return {"run": run, "weights": weights_of(assert_complete_run(run)), "export": export,
+            "onnx": assert_complete_export(export)}
 
 
 def weights_of(hashes: dict[str, str]) -> dict[str, str]:
@@ -70,58 +95,90 @@ def assert_unlocked(target: Path) -> None:
 
 def test_kill9_during_build_leaves_whole_or_nothing_and_a_rerun_finishes(cli: ForkedCLI, reference: dict,
                                                                          tmp_path: Path) -> None:
-    seen = []
-    for moment in range(KILLS):
-        out = tmp_path / f"run{moment}"
+    seen: dict[str, str] = {}
+    for number, moment in enumerate(build_moments(tmp_path)):
+        out = tmp_path / f"run{number}"
         staging = tmp_path / f".{out.name}.partial"
-        kill_at(cli, moment, [*BUILD, "--out", str(out)], staging, reference["build_times"])
+        kill_when(cli, [*BUILD, "--out", str(out)], build_moments(staging)[moment])
         left = set(hidden(tmp_path))
         assert left <= {staging.name, f".{out.name}.lock"}, left
         assert_unlocked(out)
         if out.exists():
-            seen.append("complete")
+            seen[moment] = "complete"
             assert staging.name not in left
             assert weights_of(assert_complete_run(out)) == reference["weights"]
             continue
         resumable = (staging / "options.json").is_file()
-        seen.append("checkpointed" if any(staging.glob("checkpoints/*/checkpoint.pt"))
-                    else "staging" if staging.exists() else "nothing")
+        seen[moment] = ("checkpointed" if any(staging.glob("checkpoints/*/checkpoint.pt"))
+                        else "staging" if staging.exists() else "nothing")
         code, stderr = cli.run(*BUILD, "--out", str(out), *(["--resume"] if resumable else []))
         assert code == 0, stderr
         assert hidden(tmp_path) == [], hidden(tmp_path)
         assert weights_of(assert_complete_run(out)) == reference["weights"], (moment, seen)
-    assert seen[0] == "nothing" and {"staging", "checkpointed"} & set(seen), seen
-
-
-def test_kill9_after_a_checkpoint_resumes_to_the_same_bytes(cli: ForkedCLI, reference: dict, tmp_path: Path) -> None:
-    out, staging = tmp_path / "run", tmp_path / ".run.partial"
-    child = cli.start(*BUILD, "--out", str(out))
-    wait_for(lambda: any(staging.glob("checkpoints/*/checkpoint.pt")), timeout=300, interval=0.002)
-    child.kill9()
-    assert not out.exists() and (staging / "options.json").is_file()
-    code, stderr = cli.run(*BUILD, "--out", str(out), "--resume")
-    assert code == 0, stderr
-    assert weights_of(assert_complete_run(out)) == reference["weights"]
-    assert hidden(tmp_path) == []
+    # the early kills really hit those moments (and the checkpointed one was resumed to the same bytes)
+    assert seen["importing"] == "nothing" and seen["first checkpoint"] == "checkpointed", seen
+    assert seen["staging created"] in ("staging", "checkpointed"), seen
 
 
 def test_kill9_during_export_leaves_whole_or_nothing_and_the_next_export_cleans_up(cli: ForkedCLI, reference: dict,
                                                                                   tmp_path: Path) -> None:
-    seen = []
-    for moment in range(KILLS):
-        out = tmp_path / f"onnx{moment}"
-        kill_at(cli, moment, ["export", str(reference["run"]), "--out", str(out)], tmp_path / f".{out.name}.lock",
-                reference["export_times"])
+    seen: dict[str, str] = {}
+    for number, moment in enumerate(export_moments(tmp_path, "onnx")):
+        out = tmp_path / f"onnx{number}"
+        kill_when(cli, ["export", str(reference["run"]), "--out", str(out)],
+                  export_moments(tmp_path, out.name)[moment])
         left = hidden(tmp_path)
         assert all(name.startswith((f".{out.name}.partial-", f".{out.name}.lock")) for name in left), left
         assert_unlocked(out)
         if out.exists():
-            seen.append("complete")
+            seen[moment] = "complete"
             assert assert_complete_export(out) == reference["onnx"]
         else:
-            seen.append("partial" if any(".partial-" in name for name in left) else "nothing")
+            seen[moment] = "partial" if any(".partial-" in name for name in left) else "nothing"
         code, stderr = cli.run("export", str(reference["run"]), "--out", str(out))
         assert code == 0, stderr
         assert hidden(tmp_path) == [], hidden(tmp_path)
         assert assert_complete_export(out) == reference["onnx"]  # the same run exports to the same bytes
-    assert seen[0] == "nothing" and "partial" in seen, seen
+    assert seen["locked"] == "nothing" and list(seen.values()).count("partial") >= 3, seen
+
+
+def without_times(record: dict) -> dict:
+    kept = {key: value for key, value in record.items() if key not in TIMES}
+    if "files" in kept:
+        kept["files"] = {name: entry for name, entry in kept["files"].items() if name != "train.log"}
+    return kept
+
+
+def stripped(path: Path) -> bytes:
+    """An ONNX file's bytes without the hash of the manifest it came from (a manifest holds times)."""
+    model = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != "patcher.run_manifest_sha256"]
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
+    return model.SerializeToString()
+
+
+def test_the_same_build_twice_and_the_same_export_twice_write_the_same_bytes(cli: ForkedCLI, reference: dict,
+                                                                             tmp_path: Path) -> None:
+    """Weights, heads, config and plot byte-identical; manifest and train.log equal apart from their times; the
+    same run exported twice byte-identical; two identical builds' exports differ only in the manifest hash."""
+    twin, again, twin_export = tmp_path / "twin" / "run", tmp_path / "again", tmp_path / "twin-export"
+    for arguments in ([*BUILD, "--out", str(twin)], ["export", str(reference["run"]), "--out", str(again)],
+                      ["export", str(twin), "--out", str(twin_export)]):
+        code, stderr = cli.run(*arguments)
+        assert code == 0, stderr
+    ours, theirs = assert_complete_run(reference["run"]), assert_complete_run(twin)
+    assert {"models/patched.safetensors", "open_clip_config.json", "alpha_curve.png"} <= set(ours)
+    assert {k: v for k, v in ours.items() if k != "train.log"} == {k: v for k, v in theirs.items() if k != "train.log"}
+    manifests = [json.loads((run / "manifest.json").read_text()) for run in (reference["run"], twin)]
+    assert without_times(manifests[0]) == without_times(manifests[1])
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+             for line in (run / "train.log").read_text().splitlines()] for run in (reference["run"], twin)]
+    assert logs[0] == logs[1] and len(logs[0]) > 1
+
+    assert assert_complete_export(again) == reference["onnx"]
+    records = [json.loads((folder / "export.json").read_text()) for folder in (reference["export"], again)]
+    assert without_times(records[0]) == without_times(records[1])
+    for name in ("patched.onnx", "zeroshot.onnx"):
+        assert stripped(reference["export"] / name) == stripped(twin_export / name)
