@@ -15,8 +15,8 @@ from patcher.models import load_clip
 from patcher.models.heads import HeadResolver, build_head
 from patcher.models.state import project_head, text_state
 from patcher.patching.task_vectors import fill_missing
-from patcher.training.loop import TrainConfig, train
-from patcher.training.methods import MethodSetup, get_method, parse_params, train_config, train_method
+from patcher.training.loop import TrainConfig, train, train_method
+from patcher.training.methods import MethodSetup, get_method, parse_params, train_config
 from patcher.training.methods.carft import ContextAwareFineTune, ContextParams, context_head
 from patcher.training.methods.flyp import ContrastiveFineTune, LabelAwareClipLoss, same_class_targets
 from patcher.training.methods.probe import LinearProbe, LinearProbeThenFineTune, ProbeThenFineTuneParams

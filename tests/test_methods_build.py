@@ -104,21 +104,18 @@ def test_carft_records_its_parameters_and_logs_both_terms(runs: dict[str, Path])
 
 def test_an_interrupted_two_stage_build_resumes_to_the_same_weights(runs: dict[str, Path], world: dict,
                                                                      monkeypatch: pytest.MonkeyPatch):
-    import patcher.training.methods.base as runner_module
-
-    class Interrupt(Exception):
-        pass
+    import patcher.training.loop as runner_module
 
     real_append = runner_module.append_log
 
     def interrupt_in_fine_tuning(path: Path, entry: dict) -> None:
         real_append(path, entry)
         if entry["stage"] == "ft" and entry["step"] == 6 + 5:  # after the FT stage's checkpoint at its step 4
-            raise Interrupt
+            raise KeyboardInterrupt  # Ctrl-C: the staging directory is kept for --resume
 
     out = world["root"] / "resumed-lpft"
     monkeypatch.setattr(runner_module, "append_log", interrupt_in_fine_tuning)
-    with pytest.raises(Interrupt):
+    with pytest.raises(KeyboardInterrupt):
         tiny_build(world["model"], "digits", world["support"], out, "lpft", method_params={"lp_steps": 6})
     monkeypatch.setattr(runner_module, "append_log", real_append)
     tiny_build(world["model"], "digits", world["support"], out, "lpft", method_params={"lp_steps": 6}, resume=True)

@@ -30,8 +30,8 @@ from patcher.models.state import (
 from patcher.patching.alpha import DEFAULT_GRID, SEARCHES, AlphaRule, Selection
 from patcher.patching.task_vectors import fill_missing
 from patcher.progress import make_progress
-from patcher.training.loop import TrainConfig
-from patcher.training.methods import Method, MethodSetup, train_method
+from patcher.training.loop import TrainConfig, train_method
+from patcher.training.methods import Method, MethodSetup
 
 AlphaPath = Callable[[float], State]  # alpha -> state: an interpolation or task-arithmetic path
 

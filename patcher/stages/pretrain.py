@@ -34,7 +34,7 @@ from patcher.models.loading import CONFIG_FILENAME
 from patcher.runs.manifest import library_versions, now_iso
 from patcher.runs.store import RunStaging, append_log, file_record, run_staging, trim_log, write_json
 from patcher.training.loop import TrainConfig, checkpoint_step, pick_device, train
-from patcher.training.sampling import TaskMixture
+from patcher.training.sampling import TaskMixture, caption_templates
 
 open_clip = import_open_clip()
 
@@ -151,8 +151,7 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
         batch = mixture.batch(step)
         texts = []
         for number, (data, part) in enumerate(zip(sources, batch.parts.values(), strict=True)):
-            generator = torch.Generator().manual_seed(options.train.seed * 104_729 + step * 31 + number)
-            template = torch.randint(data.tokens.shape[1], (len(part.labels),), generator=generator)
+            template = caption_templates(data.tokens.shape[1], len(part.labels), options.train.seed, step, number)
             texts.append(data.tokens[part.labels, template])
         image_features = model.encode_image(batch.inputs(device), normalize=True)
         text_features = model.encode_text(torch.cat(texts).to(device), normalize=True)

@@ -1,4 +1,5 @@
-"""One training loop for every method: AdamW, warmup + cosine, gradient clipping, resumable checkpoints.
+"""One training loop for every method (AdamW, warmup + cosine, clipping, resumable checkpoints), and the runner
+that takes a method through it stage by stage.
 
 Each method supplies only its loss for a step; the loop owns the optimiser, the schedule, mixed
 precision on CUDA, progress, logging and checkpoints. A checkpoint holds the step, the trained module's
@@ -15,14 +16,18 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from patcher import distributed
+from patcher.errors import PatcherError
 from patcher.progress import make_progress
-from patcher.runs.store import atomic_file
+from patcher.runs.store import append_log, atomic_file, trim_log
+
+if TYPE_CHECKING:
+    from patcher.training.methods.base import Method, Stage
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -174,3 +179,69 @@ def _save_checkpoint(path: Path, step: int, module: nn.Module, optimizer: Any, s
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
     with atomic_file(path) as temporary:
         torch.save(state, temporary)
+
+
+DONE = "done.pt"
+
+
+def _freeze_all_but(stage: Stage) -> None:
+    trained = {id(p) for p in stage.parameters}
+    for parameter in stage.module.parameters():
+        parameter.requires_grad_(id(parameter) in trained)
+
+
+def train_method(
+    method: Method,
+    device: str = "cpu",
+    checkpoint_dir: Path | None = None,
+    log_path: Path | None = None,
+    step_offset: int = 0,
+    label: str = "",
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> int:
+    """Train every stage in order; a finished stage is restored from its `done.pt`. Returns the steps run in all.
+
+    Log lines number steps across stages (and across earlier calls, from `step_offset`) and name the stage.
+    """
+    try:
+        return _train_stages(method, device, checkpoint_dir, log_path, step_offset, label, on_log)
+    finally:
+        method.close()
+        for parameter in method.setup.loaded.model.parameters():
+            parameter.requires_grad_(True)
+
+
+def _train_stages(method: Method, device: str, checkpoint_dir: Path | None, log_path: Path | None,
+                  step_offset: int, label: str, on_log: Callable[[dict[str, Any]], None] | None) -> int:
+    main = distributed.is_main()
+    offset = step_offset
+    for index, stage in enumerate(method.stages()):
+        if stage.config.steps < 1:
+            raise PatcherError(f"stage {stage.name} of {method.name} has {stage.config.steps} steps: give at least 1")
+        folder = checkpoint_dir / f"{label}{index}-{stage.name}" if checkpoint_dir is not None else None
+        if folder is not None and (folder / DONE).is_file():
+            stage.module.load_state_dict(torch.load(folder / DONE, map_location=device, weights_only=True))
+            offset += stage.config.steps
+            continue
+        if folder is not None and main:
+            folder.mkdir(parents=True, exist_ok=True)
+        if log_path is not None and main:
+            trim_log(log_path, offset + checkpoint_step(folder))
+        _freeze_all_but(stage)
+        name = f"{label}{stage.name}"
+
+        def log(entry: dict[str, Any], offset: int = offset, name: str = name) -> None:
+            line = {**entry, "step": entry["step"] + offset, "stage": name,
+                    **{k: round(v, 6) for k, v in getattr(method, "last_terms", {}).items()}}
+            if log_path is not None and main:
+                append_log(log_path, line)
+            if on_log is not None:
+                on_log(line)
+
+        train(stage.module, stage.parameters, stage.step_loss, stage.config, device, folder, log,
+              f"{method.name} {name} on {', '.join(method.setup.train)}")
+        if folder is not None and main:
+            with atomic_file(folder / DONE) as temporary:
+                torch.save(stage.module.state_dict(), temporary)
+        offset += stage.config.steps
+    return offset - step_offset

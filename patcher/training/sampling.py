@@ -48,6 +48,12 @@ def item_seed(seed: int, step: int, position: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def caption_templates(templates: int, count: int, seed: int, step: int, stream: int) -> torch.Tensor:
+    """Which of a task's `templates` captions each of the `count` items of the step's batch (seeded by stream)."""
+    generator = torch.Generator().manual_seed(seed * 104_729 + step * 31 + stream)
+    return torch.randint(templates, (count,), generator=generator)
+
+
 def split_batch(batch_size: int, parts: int) -> list[int]:
     """Equal shares of a batch (the first parts take the remainder); refuses shares of zero."""
     if batch_size < parts:

@@ -6,7 +6,7 @@ from typing import Any
 
 from patcher.errors import PatcherError
 from patcher.training.loop import TrainConfig
-from patcher.training.methods.base import Method, MethodSetup, Stage, params_dict, parse_params, train_method
+from patcher.training.methods.base import Method, MethodSetup, Stage, params_dict, parse_params
 from patcher.training.methods.carft import ContextAwareFineTune
 from patcher.training.methods.flyp import ContrastiveFineTune
 from patcher.training.methods.ft import FineTune
@@ -41,5 +41,4 @@ __all__ = [
     "params_dict",
     "parse_params",
     "train_config",
-    "train_method",
 ]

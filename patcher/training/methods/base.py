@@ -1,6 +1,6 @@
 """What a fine-tuning method is: the stages it trains (module, parameters, loss) and the state it yields.
 
-The shared loop (`patcher.training.loop.train`) runs every stage (`train_method` below); a method only says
+The shared loop (`patcher.training.loop`: `train_method` runs every stage through `train`); a method only says
 what to train and how to score a step. After training, `state()` gives the flat `visual.* / text.* /
 heads.<task>` entries the method changed (see `patcher.models.state`), which the build interpolates with
 the starting state.
@@ -12,20 +12,17 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from patcher import distributed
 from patcher.data.loading import TrainSplit
 from patcher.data.tasks import Task
 from patcher.errors import PatcherError
 from patcher.models import LoadedModel
 from patcher.models.state import State
-from patcher.runs.store import append_log, atomic_file, trim_log
-from patcher.training.loop import TrainConfig, checkpoint_step, train
+from patcher.training.loop import TrainConfig
 
 
 @dataclass
@@ -121,69 +118,3 @@ def _convert(kind: type, text: str) -> Any:
 def params_dict(params: Any) -> dict[str, Any]:
     """A method's parameters as a plain dict for the manifest."""
     return dataclasses.asdict(params)
-
-
-DONE = "done.pt"
-
-
-def _freeze_all_but(stage: Stage) -> None:
-    trained = {id(p) for p in stage.parameters}
-    for parameter in stage.module.parameters():
-        parameter.requires_grad_(id(parameter) in trained)
-
-
-def train_method(
-    method: Method,
-    device: str = "cpu",
-    checkpoint_dir: Path | None = None,
-    log_path: Path | None = None,
-    step_offset: int = 0,
-    label: str = "",
-    on_log: Callable[[dict[str, Any]], None] | None = None,
-) -> int:
-    """Train every stage in order; a finished stage is restored from its `done.pt`. Returns the steps run in all.
-
-    Log lines number steps across stages (and across earlier calls, from `step_offset`) and name the stage.
-    """
-    try:
-        return _train_stages(method, device, checkpoint_dir, log_path, step_offset, label, on_log)
-    finally:
-        method.close()
-        for parameter in method.setup.loaded.model.parameters():
-            parameter.requires_grad_(True)
-
-
-def _train_stages(method: Method, device: str, checkpoint_dir: Path | None, log_path: Path | None,
-                  step_offset: int, label: str, on_log: Callable[[dict[str, Any]], None] | None) -> int:
-    main = distributed.is_main()
-    offset = step_offset
-    for index, stage in enumerate(method.stages()):
-        if stage.config.steps < 1:
-            raise PatcherError(f"stage {stage.name} of {method.name} has {stage.config.steps} steps: give at least 1")
-        folder = checkpoint_dir / f"{label}{index}-{stage.name}" if checkpoint_dir is not None else None
-        if folder is not None and (folder / DONE).is_file():
-            stage.module.load_state_dict(torch.load(folder / DONE, map_location=device, weights_only=True))
-            offset += stage.config.steps
-            continue
-        if folder is not None and main:
-            folder.mkdir(parents=True, exist_ok=True)
-        if log_path is not None and main:
-            trim_log(log_path, offset + checkpoint_step(folder))
-        _freeze_all_but(stage)
-        name = f"{label}{stage.name}"
-
-        def log(entry: dict[str, Any], offset: int = offset, name: str = name) -> None:
-            line = {**entry, "step": entry["step"] + offset, "stage": name,
-                    **{k: round(v, 6) for k, v in getattr(method, "last_terms", {}).items()}}
-            if log_path is not None and main:
-                append_log(log_path, line)
-            if on_log is not None:
-                on_log(line)
-
-        train(stage.module, stage.parameters, stage.step_loss, stage.config, device, folder, log,
-              f"{method.name} {name} on {', '.join(method.setup.train)}")
-        if folder is not None and main:
-            with atomic_file(folder / DONE) as temporary:
-                torch.save(stage.module.state_dict(), temporary)
-        offset += stage.config.steps
-    return offset - step_offset

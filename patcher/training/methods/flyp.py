@@ -20,7 +20,7 @@ from patcher.errors import PatcherError
 from patcher.models.state import State, text_state, visual_state
 from patcher.training.loop import TrainConfig
 from patcher.training.methods.base import Method, MethodSetup, Stage
-from patcher.training.sampling import SEED_STRIDE, TaskMixture
+from patcher.training.sampling import SEED_STRIDE, TaskMixture, caption_templates
 
 open_clip = import_open_clip()
 
@@ -124,9 +124,8 @@ class ContrastiveFineTune(Method):
         texts, classes = [], []
         for number, (task, where) in enumerate(batch.slices.items()):
             labels = batch.labels[where]
-            generator = torch.Generator().manual_seed(self.setup.config.seed * 104_729 + step * 31
-                                                      + SEED_STRIDE * number)
-            drawn = torch.randint(self.tokens[task].shape[1], (self.mixture.shares[task],), generator=generator)
+            drawn = caption_templates(self.tokens[task].shape[1], self.mixture.shares[task], self.setup.config.seed,
+                                      step, SEED_STRIDE * number)
             template = drawn[self.mixture.sampler(task).positions]
             texts.append(self.tokens[task][labels, template])
             classes.append(self.class_ids[task][labels])
