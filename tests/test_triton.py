@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +28,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from patcher.errors import PatcherError
 from patcher.triton.client import classify_files
 from patcher.triton.configs import read_config
+from patcher.triton.install import find_tritonserver
+from patcher.triton.ports import free_port
+from patcher.triton.processes import group_pids
 from patcher.triton.repository import model_versions, write_repository
-from patcher.triton.server import TritonServer, _group_pids, find_tritonserver, free_port
+from patcher.triton.server import TritonServer
 from patcher.triton.templates.preprocess_model import decode_image, preprocess_image
 
 pytestmark = pytest.mark.slow
@@ -78,15 +80,6 @@ def _export(run: Path, out: Path) -> ExportCase:
         return {task: value.numpy() for task, value in logits.items()}
 
     return ExportCase(export_dir, torch_logits)
-
-
-def _swapped_export(export: Path, folder: Path) -> Path:
-    """A different export for the version test: the same files, "patched" and "zeroshot" exchanged."""
-    shutil.copytree(export, folder)
-    data = json.loads((folder / "export.json").read_text())
-    data["models"]["patched"], data["models"]["zeroshot"] = data["models"]["zeroshot"], data["models"]["patched"]
-    (folder / "export.json").write_text(json.dumps(data, indent=2))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +147,10 @@ def _assert_same_top1(predicted: np.ndarray, logits: np.ndarray, what: str) -> N
 
 def test_repository_layout_and_config_parse_back(case: ExportCase, repo: Path) -> None:
     data = json.loads((case.path / "export.json").read_text())
-    expected = ["digits", "digits_patched", "digits_preprocess", "digits_zeroshot"]
-    assert sorted(p.name for p in repo.iterdir()) == expected
+    expected = ["digits", "digits_digits_bytes", "digits_digits_pixels", "digits_fashion_mnist_bytes",
+                "digits_fashion_mnist_pixels", "digits_patched", "digits_pixels", "digits_preprocess",
+                "digits_zeroshot"]
+    assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == expected
     for model in ("digits_patched", "digits_zeroshot"):
         config = read_config(repo / model)
         assert config.name == model and config.backend == "python" and config.max_batch_size == MAX_BATCH
@@ -172,6 +167,10 @@ def test_repository_layout_and_config_parse_back(case: ExportCase, repo: Path) -
     assert preprocess.input[0].data_type == mc.TYPE_STRING and list(preprocess.input[0].dims) == [1]
     recorded = json.loads(preprocess.parameters["preprocess"].string_value)
     assert recorded["image_size"] == data["preprocess"]["image_size"]
+    assert sorted(json.loads(preprocess.parameters["limits"].string_value)) == ["jpeg_draft", "max_aspect",
+                                                                               "max_bytes", "max_pixels"]
+    assert not (repo / "digits_preprocess" / "1" / "preprocess.json").exists()  # the config is the one source
+    assert read_config(repo / "digits_patched").parameters["preprocess_model"].string_value == "digits_preprocess"
     ensemble = read_config(repo / "digits")
     assert ensemble.platform == "ensemble" and [s.model_name for s in ensemble.ensemble_scheduling.step] == [
         "digits_preprocess",
@@ -182,7 +181,7 @@ def test_repository_layout_and_config_parse_back(case: ExportCase, repo: Path) -
 
 def test_onnxruntime_flavour_config(case: ExportCase, tmp_path: Path) -> None:
     written = write_repository(
-        case.path, tmp_path, name="my-model", backend="onnxruntime", instances=2, tensorrt_fp16=True
+        case.path, tmp_path, name="my_model", backend="onnxruntime", instances=2, tensorrt_fp16=True
     )
     assert written["name"] == "my_model"
     config = read_config(tmp_path / "my_model_patched")
@@ -337,54 +336,6 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(
 
 
 @needs_server
-def test_new_version_is_loaded_while_serving(case: ExportCase, server: TritonServer, repo: Path, images, tmp_path):
-    import tritonclient.grpc as grpcclient
-
-    paths, decoded = images
-    payload = paths[0].read_bytes()
-    failures: list[str] = []
-    answered = [0]
-    stop = threading.Event()
-
-    def keep_asking() -> None:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        while not stop.is_set():
-            tensor = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[payload]], dtype=np.object_))
-            try:
-                client.infer("digits", [tensor], client_timeout=30)
-                answered[0] += 1
-            except Exception as error:
-                failures.append(str(error))
-        client.close()
-
-    worker = threading.Thread(target=keep_asking)
-    worker.start()
-    try:
-        time.sleep(0.3)
-        written = write_repository(_swapped_export(case.path, tmp_path / "onnx"), repo, max_batch_size=MAX_BATCH)
-        assert written["new_version"] and written["version"] == 2
-        server.load_models(["digits", "digits_zeroshot"])
-        time.sleep(0.3)
-    finally:
-        stop.set()
-        worker.join(timeout=30)
-    assert not failures, failures[:3]
-    assert answered[0] > 0
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    assert [client.get_model_metadata(m).versions for m in ("digits", "digits_patched", "digits_zeroshot")] == [
-        ["2"],
-        ["2"],
-        ["2"],
-    ]
-    client.close()
-    results = classify_files(paths[:100], "digits", url=server.grpc_url, top_k=1)
-    assert {r["version"] for r in results} == {"2"}
-    predicted = np.array([int(r["tasks"]["digits"][0]["label"]) for r in results])
-    _assert_same_top1(predicted, _ort_logits(case, "zeroshot", decoded[:100])["digits"], "version 2 vs zeroshot")
-
-
-@needs_server
 def test_a_model_that_fails_to_load_is_reported(tmp_path: Path) -> None:
     model = tmp_path / "broken" / "1"
     model.mkdir(parents=True)
@@ -414,7 +365,7 @@ def test_a_model_that_fails_to_load_is_reported(tmp_path: Path) -> None:
 def test_serve_forever_stops_cleanly_on_sigint(repo: Path, images) -> None:
     grpc_port = free_port()
     script = (
-        "import sys; from patcher.triton.server import serve_forever; "
+        "import sys; from patcher.triton.serve import serve_forever; "
         f"serve_forever(sys.argv[1], models=['digits'], http_port={free_port()}, grpc_port={grpc_port}, "
         f"metrics_port={free_port()})"
     )
@@ -454,6 +405,6 @@ def test_stop_leaves_no_process_and_no_shared_memory(server: TritonServer) -> No
     pgid = server.process.pid
     assert server.shm_segments(), "python-backend models should hold /dev/shm segments while serving"
     server.stop()
-    assert not server.running() and not _group_pids(pgid)
+    assert not server.running() and not group_pids(pgid)
     assert not server.stray_pids and not server.shm_leftovers and not server.shm_segments()
     assert server.timings["stop_s"] < 15

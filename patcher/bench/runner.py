@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 
 from patcher.bench.accuracy import accuracy_of, accuracy_record
 from patcher.bench.context import RunContext, prepare_run
+from patcher.bench.defaults import DEFAULT_BATCH_SIZES, DEFAULT_CONCURRENCY, DEFAULT_DURATION_S, DEFAULT_MAX_REQUESTS
 from patcher.bench.flops import matmul_peak
 from patcher.bench.inprocess import calibrate_threads
 from patcher.bench.machine import load_average, machine_info
@@ -70,6 +72,21 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def check_failures(rows: list[dict[str, Any]], tolerate: bool) -> None:
+    """PatcherError (one line) when requests failed, unless failures are tolerated: a ratio over failed requests
+    measures the failures, not the models."""
+    failed = sum(r["requests"]["failed"] for r in rows if r.get("runtime") == "triton")
+    if not failed or tolerate:
+        return
+    sent = sum(r["requests"]["sent"] for r in rows if r.get("runtime") == "triton")
+    first = next(r for r in rows if r.get("runtime") == "triton" and r["requests"]["failed"])
+    error = next(iter(first["errors"]), "no message")
+    raise PatcherError(f"{failed} of {sent} requests failed (first: {first['model']} batch {first['batch_size']} "
+                       f"concurrency {first['concurrency']}: {error}): the results would measure the failures, so "
+                       "none were written; check the server (`patcher serve` heals dead backends, see its log), or "
+                       "pass --tolerate-failures to keep them")
+
+
 def _served_threads(served: list[ServedTarget]) -> int:
     """The intra-op threads the server's classifier sessions use (its config parameter; 0 when unset)."""
     for target in served:
@@ -92,6 +109,8 @@ def _bench(
     server_pgid: int | None = None,
     data_dir: Path | None = None,
     accuracy_limit: int | None = 5000,
+    headers: dict[str, str] | None = None,
+    tolerate_failures: bool = False,
 ) -> dict[str, Any]:
     from patcher.triton.client import connect
 
@@ -100,7 +119,7 @@ def _bench(
     client = connect(url)
     previous_threads = torch.get_num_threads()
     try:
-        served = [inspect_target(client, url, model) for model in models]
+        served = [inspect_target(client, url, model, headers) for model in models]
         check_batches(served, list(sweep.batch_sizes), url)
         threads = _served_threads(served) if threads is None else threads
         machine = machine_info()
@@ -121,10 +140,11 @@ def _bench(
             def tick(status: str) -> None:
                 progress.update(bar, advance=1, status=status)
 
-            rows = run_sweep(url, client, served, sweep, flops, peak, server_pgid, local, tick)
+            rows = run_sweep(url, client, served, sweep, flops, peak, server_pgid, local, tick, headers)
     finally:
         client.close()
         torch.set_num_threads(previous_threads)
+    check_failures(rows, tolerate_failures)
     machine["load_average_end"] = load_average()
     accuracy = None
     if context is not None:
@@ -165,24 +185,32 @@ def bench_url(
     url: str,
     models: list[str],
     out_dir: Path = DEFAULT_OUT,
-    concurrency: list[int] = [1, 2, 4, 8],  # noqa: B006 - never mutated
-    batch_sizes: list[int] = [1, 8, 32],  # noqa: B006
-    duration_s: float = 5.0,
-    max_requests: int = 2000,
+    concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    duration_s: float = DEFAULT_DURATION_S,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
     shared_memory: bool = False,
     name: str | None = None,
     run_path: Path | None = None,
     include_inprocess: bool = True,
     rounds: int | None = None,
     data_dir: Path | None = None,
+    key_file: Path | None = None,
+    tolerate_failures: bool = False,
 ) -> dict[str, Any]:
     """Benchmark models on an already running server (gRPC host:port); with `run_path` also FLOPs, accuracy and
-    in-process baselines. Writes `<name>`.json/.md/.png into out_dir and returns the report."""
-    sweep = make_sweep(concurrency, batch_sizes, duration_s, max_requests, shared_memory, rounds)
+    in-process baselines. Writes `<name>`.json/.md/.png into out_dir and returns the report; PatcherError if
+    requests failed, unless `tolerate_failures`. The server's key (for shared memory) is read from `key_file`, else
+    from the file `patcher serve` wrote for `url`, if any."""
+    from patcher.triton.access import find_key
+
+    sweep = make_sweep(list(concurrency), list(batch_sizes), duration_s, max_requests, shared_memory, rounds)
+    key = find_key(url, key_file)
     with tempfile.TemporaryDirectory(prefix="patcher-bench-") as workdir:
         context = prepare_run(Path(run_path), Path(workdir)) if run_path is not None else None
         return _bench(url, list(models), sweep, Path(out_dir), name, context, include_inprocess,
-                      {"started_here": False}, data_dir=data_dir)
+                      {"started_here": False}, data_dir=data_dir,
+                      headers=key.grpc_headers if key else None, tolerate_failures=tolerate_failures)
 
 
 def _repository(context: RunContext, repo: Path, sweep: Sweep, include_ensemble_baseline: bool, instances: int,
@@ -209,10 +237,10 @@ def _repository(context: RunContext, repo: Path, sweep: Sweep, include_ensemble_
 def bench_run(
     run_path: Path,
     out_dir: Path = DEFAULT_OUT,
-    concurrency: list[int] = [1, 2, 4, 8],  # noqa: B006 - never mutated
-    batch_sizes: list[int] = [1, 8, 32],  # noqa: B006
-    duration_s: float = 5.0,
-    max_requests: int = 2000,
+    concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    duration_s: float = DEFAULT_DURATION_S,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
     shared_memory: bool = False,
     include_ensemble_baseline: bool = True,
     include_inprocess: bool = True,
@@ -223,12 +251,15 @@ def bench_run(
     intra_op_threads: int | str = 1,
     rounds: int | None = None,
     data_dir: Path | None = None,
+    tolerate_failures: bool = False,
 ) -> dict[str, Any]:
     """Serve a run (exported first if RUN/onnx is missing) with the bundled tritonserver on free ports and benchmark
-    patched, zero-shot, output-space ensemble and image-bytes ensemble. Writes JSON, Markdown, PNG into out_dir."""
-    from patcher.triton.server import TritonServer, distinct_free_ports
+    patched, zero-shot, output-space ensemble and image-bytes ensemble. Writes JSON, Markdown, PNG into out_dir;
+    PatcherError if requests failed, unless `tolerate_failures`."""
+    from patcher.triton.ports import distinct_free_ports
+    from patcher.triton.server import TritonServer
 
-    sweep = make_sweep(concurrency, batch_sizes, duration_s, max_requests, shared_memory, rounds)
+    sweep = make_sweep(list(concurrency), list(batch_sizes), duration_s, max_requests, shared_memory, rounds)
     with tempfile.TemporaryDirectory(prefix="patcher-bench-") as workdir:
         context = prepare_run(Path(run_path), Path(workdir), outensemble=include_ensemble_baseline)
         threads, calibration = choose_threads(context, intra_op_threads, min(8, max(sweep.batch_sizes)))
@@ -249,5 +280,5 @@ def bench_run(
             info = {"started_here": True, "tritonserver": "nvidia-pytriton 0.7.0 bundle (Triton 2.51, python backend)",
                     "repository": settings, "threads_calibration": calibration}
             return _bench(server.grpc_url, models, sweep, Path(out_dir), name, context, include_inprocess, info,
-                          threads=threads, server_pgid=server.process.pid if server.process else None,
-                          data_dir=data_dir)
+                          threads=threads, server_pgid=server.pgid, data_dir=data_dir,
+                          headers=server.key.grpc_headers, tolerate_failures=tolerate_failures)

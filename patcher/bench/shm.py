@@ -14,8 +14,11 @@ from patcher.errors import PatcherError
 
 
 @contextmanager
-def shared_input(client: Any, array: np.ndarray) -> Iterator[str]:
-    """Put `array` in a new system shared-memory region registered with the server; yield the region's name."""
+def shared_input(client: Any, array: np.ndarray, headers: dict[str, str] | None = None) -> Iterator[str]:
+    """Put `array` in a new system shared-memory region registered with the server; yield the region's name.
+
+    Registering is a restricted API on servers `patcher serve` starts: `headers` carries their key.
+    """
     import tritonclient.utils.shared_memory as shm
     from tritonclient.utils import InferenceServerException
 
@@ -25,16 +28,16 @@ def shared_input(client: Any, array: np.ndarray) -> Iterator[str]:
     try:
         shm.set_shared_memory_region(handle, [np.ascontiguousarray(array)])
         try:
-            client.register_system_shared_memory(name, key, array.nbytes)
+            client.register_system_shared_memory(name, key, array.nbytes, headers=headers)
         except InferenceServerException as error:
             raise PatcherError(
-                f"the server refused system shared memory ({error.message()}): it must run on this machine; "
-                "drop --shared-memory"
+                f"the server refused system shared memory ({error.message()}): it must run on this machine and "
+                "registering needs its key (--key-file, written by `patcher serve`); or drop --shared-memory"
             ) from None
         try:
             yield name
         finally:
             with suppress(InferenceServerException):
-                client.unregister_system_shared_memory(name)
+                client.unregister_system_shared_memory(name, headers=headers)
     finally:
         shm.destroy_shared_memory_region(handle)

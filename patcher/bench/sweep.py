@@ -176,6 +176,7 @@ def run_sweep(
     server_pgid: int | None = None,
     local: Callable[[int], dict[tuple[str, str], Runner]] | None = None,
     tick: Tick = lambda _: None,
+    headers: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (batch, concurrency) setting against every served model, and the in-process runners of each batch,
     all interleaved ABBA in short windows: a row per served model and setting, one per in-process runner and batch.
@@ -195,7 +196,7 @@ def run_sweep(
                 for target in served:
                     region = None
                     if sweep.shared_memory and not target.takes_bytes:
-                        region = stack.enter_context(shared_input(client, input_batch(target, batch)))
+                        region = stack.enter_context(shared_input(client, input_batch(target, batch), headers))
                     payloads[target.name] = payload(target, batch, region)
                 for concurrency in sweep.concurrency:
                     latency = 0.0

@@ -47,9 +47,10 @@ def model_kind(name: str, takes_bytes: bool) -> str:
     return name
 
 
-def inspect_target(client: Any, url: str, model: str) -> ServedTarget:
-    """Read a served model's configuration; PatcherError (listing the server's models) if it has none ready."""
-    served = describe_model(client, model, url)
+def inspect_target(client: Any, url: str, model: str, headers: dict[str, str] | None = None) -> ServedTarget:
+    """Read a served model's configuration; PatcherError (listing the server's models, given its key) if it has
+    none ready."""
+    served = describe_model(client, model, url, headers=headers)
     config = client.get_model_config(model, as_json=True)["config"]
     (tensor,) = config["input"][:1] or [None]
     if tensor is None:

@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
-from patcher.cli.app import DataDir, command
+from patcher.bench.defaults import DEFAULT_BATCH_SIZES, DEFAULT_CONCURRENCY, DEFAULT_DURATION_S, DEFAULT_MAX_REQUESTS
+from patcher.cli.app import DataDir, comma_list, command
 from patcher.errors import PatcherError
+from patcher.triton.publish import DEFAULT_REPOSITORY as REPOSITORY
+from patcher.triton.templates.preprocess_model import DEFAULT_LIMITS
 
 
 @command
@@ -43,25 +46,40 @@ def _parity_summary(report: dict) -> dict:
     return {k: report[k] for k in keys if k in report}
 
 
+Repository = Annotated[Path, typer.Option(help="Model repository.")]
+
+
 @command
 def triton(
     run: Annotated[Path, typer.Argument(help="A run directory (its onnx/ export) or an export directory.")],
-    repo: Annotated[Path, typer.Option(help="Model repository to write into.")] = Path("triton_models"),
-    name: Annotated[str | None, typer.Option(help="Model name (default: the patch task).")] = None,
+    repo: Annotated[Path, typer.Option(help="Model repository to write into.")] = REPOSITORY,
+    name: Annotated[str | None, typer.Option(help="Entry name: letters, digits, _ (default: the patch task).")] = None,
     backend: Annotated[str, typer.Option(help="python (bundled server) or onnxruntime (NVIDIA container).")] = "python",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch the server accepts.")] = 64,
     instances: Annotated[int, typer.Option(help="Model instances per model.")] = 1,
     max_queue_delay_us: Annotated[int, typer.Option(help="Batching delay, us (0: batch what is queued).")] = 0,
     tensorrt_fp16: Annotated[bool, typer.Option(help="TensorRT FP16 accelerator (onnxruntime backend, GPU).")] = False,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 for an export made with --fp16.")] = "fp32",
+    max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image the server takes, bytes.")] = (
+        DEFAULT_LIMITS["max_bytes"]),
+    max_image_pixels: Annotated[int, typer.Option(help="Most pixels (width x height), read from the header.")] = (
+        DEFAULT_LIMITS["max_pixels"]),
+    max_aspect_ratio: Annotated[float, typer.Option(help="Longest side / shortest side at most.")] = (
+        DEFAULT_LIMITS["max_aspect"]),
+    jpeg_draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced scale (2x the model's size).")] = (
+        DEFAULT_LIMITS["jpeg_draft"]),
 ) -> None:
-    """Write (or add a new version to) a Triton model repository from an export."""
+    """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton import write_repository
 
     export_dir = run / "onnx" if (run / "onnx").is_dir() else run
+    limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels, "max_aspect": max_aspect_ratio,
+              "jpeg_draft": jpeg_draft}
     result = write_repository(export_dir, repo, name=name, backend=backend, max_batch_size=max_batch_size,
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
-                              tensorrt_fp16=tensorrt_fp16, precision=precision)
+                              tensorrt_fp16=tensorrt_fp16, precision=precision, limits=limits)
+    for line in result["recovered"]:
+        typer.echo(line)
     typer.echo(result["message"])
     for model, entry in result["models"].items():
         typer.echo(f"  {model} ({entry['kind']}): versions {entry['versions']}")
@@ -69,21 +87,24 @@ def triton(
 
 @command
 def serve(
-    repo: Annotated[Path, typer.Option(help="Model repository.")] = Path("triton_models"),
-    models: Annotated[str, typer.Option(help="Comma-separated models to load (default all).")] = "",
+    repo: Repository = REPOSITORY,
+    models: Annotated[str, typer.Option(help="Comma-separated models to load (default all, and new ones).")] = "",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one).")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port (0: a free one).")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Metrics port (0: a free one).")] = 8002,
     log: Annotated[Path | None, typer.Option(help="Server log file.")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="Where to keep the control key (default: the cache).")] = None,
 ) -> None:
-    """Run the bundled Triton Inference Server on a model repository until Ctrl-C or SIGTERM."""
-    from patcher.triton.server import distinct_free_ports, serve_forever
+    """Serve a model repository with the bundled Triton until Ctrl-C or SIGTERM: control plane closed by a key,
+    committed updates rolled out, dead backends reloaded."""
+    from patcher.triton.ports import distinct_free_ports
+    from patcher.triton.serve import serve_forever
 
     spare = iter(distinct_free_ports(3, host))
     http_port, grpc_port, metrics_port = (value or next(spare) for value in (http_port, grpc_port, metrics_port))
-    serve_forever(repo, [m.strip() for m in models.split(",") if m.strip()] or None, host, http_port,
-                  grpc_port, metrics_port, log)
+    serve_forever(repo, comma_list(models) or None, host, http_port, grpc_port, metrics_port, log,
+                  key_file=key_file)
 
 
 @command
@@ -119,18 +140,26 @@ def _int_list(text: str) -> list[int]:
         raise PatcherError(f"{text!r} is not a comma-separated list of integers, e.g. 1,2,4,8") from None
 
 
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
 @command
 def bench(
     run: Annotated[Path | None, typer.Argument(help="A run directory (starts the bundled server itself).")] = None,
     url: Annotated[str | None, typer.Option(help="Benchmark an already running server instead.")] = None,
     models: Annotated[str, typer.Option(help="With --url: comma-separated model names.")] = "",
-    concurrency: Annotated[str, typer.Option(help="Concurrent requests to sweep.")] = "1,2,4,8",
-    batch_sizes: Annotated[str, typer.Option(help="Client batch sizes to sweep.")] = "1,8,32",
-    duration: Annotated[float, typer.Option(help="Seconds per setting (bounded also by --max-requests).")] = 5.0,
-    max_requests: Annotated[int, typer.Option(help="Requests per setting at most.")] = 2000,
+    concurrency: Annotated[str, typer.Option(help="Concurrent requests to sweep.")] = _csv(DEFAULT_CONCURRENCY),
+    batch_sizes: Annotated[str, typer.Option(help="Client batch sizes to sweep.")] = _csv(DEFAULT_BATCH_SIZES),
+    duration: Annotated[float, typer.Option(help="Seconds per setting (bounded also by --max-requests).")] = (
+        DEFAULT_DURATION_S),
+    max_requests: Annotated[int, typer.Option(help="Requests per setting at most.")] = DEFAULT_MAX_REQUESTS,
     shared_memory: Annotated[bool, typer.Option(help="Send inputs through system shared memory.")] = False,
     out: Annotated[Path, typer.Option(help="Where the JSON, Markdown and PNG go.")] = Path("bench/results"),
     name: Annotated[str | None, typer.Option(help="Report name (default: the run's name).")] = None,
+    tolerate_failures: Annotated[bool, typer.Option(help="Report even if requests failed.")] = False,
+    key_file: Annotated[Path | None, typer.Option(help="With --url: the server's key file (for shared memory).")] = (
+        None),
 ) -> None:
     """Throughput and latency of patched against zero-shot (and the alternatives), served by Triton."""
     from rich.console import Console
@@ -139,14 +168,14 @@ def bench(
 
     sweep = {"concurrency": _int_list(concurrency), "batch_sizes": _int_list(batch_sizes),
              "duration_s": duration, "max_requests": max_requests, "shared_memory": shared_memory,
-             "out_dir": out}
+             "out_dir": out, "tolerate_failures": tolerate_failures}
     if (run is None) == (url is None):
         raise PatcherError("pass either a run directory or --url HOST:PORT with --models")
     if run is not None:
         report = bench_run(run, name=name, **sweep)
     else:
-        model_list = [m.strip() for m in models.split(",") if m.strip()]
+        model_list = comma_list(models)
         if not model_list:
             raise PatcherError("--url needs --models A,B (the served model names to compare)")
-        report = bench_url(url, model_list, name=name, **sweep)
+        report = bench_url(url, model_list, name=name, key_file=key_file, **sweep)
     Console().print(format_table(report))

@@ -11,18 +11,13 @@ import onnx
 from patcher import __version__
 from patcher.export.graph import EMBEDDING_OUTPUT, INPUT_NAME
 from patcher.export.naming import logits_output
-from patcher.runs.manifest import Run, library_versions, now_iso
+from patcher.runs.manifest import Run, now_iso, versions
 from patcher.runs.store import file_record
 
 EXPORT_FORMAT = "patcher-export/1"
 EXPORT_JSON = "export.json"
 METADATA_PREFIX = "patcher."
 EXPORTER = "torch.onnx.export (TorchScript, dynamo=False)"
-
-
-def versions() -> dict[str, str]:
-    """Versions of patcher and the libraries an export depends on."""
-    return {**library_versions(), "patcher": __version__}
 
 
 def model_key(kind: str, precision: str) -> str:

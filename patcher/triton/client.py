@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class ServedModel:
     max_batch_size: int
     tasks: dict[str, tuple[str, int]]  # task -> (output name, class count)
     preprocess: dict[str, Any] | None
+    limits: dict[str, Any] | None = None  # the preprocessing model's input limits
 
 
 def _grpc():
@@ -54,27 +56,51 @@ def connect(url: str, timeout_s: float = 30):
     return client
 
 
-def describe_model(client: Any, model: str, url: str, timeout_s: float = 30) -> ServedModel:
-    """Read a served model's config; PatcherError listing the server's models if it has no such model."""
+def _config(client: Any, model: str, timeout_s: float) -> dict[str, Any]:
+    return client.get_model_config(model, as_json=True, client_timeout=timeout_s)["config"]
+
+
+def _parameters(config: dict[str, Any]) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def known_models(client: Any, timeout_s: float = 30, headers: dict[str, str] | None = None) -> str:
+    """The server's models and their states, for error messages: the repository index with the server's key,
+    else the loaded models that the (open) statistics API lists."""
+    _, InferenceServerException = _grpc()
+    try:
+        index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s, headers=headers)
+        return ", ".join(f"{m['name']} ({m.get('state', '?')})" for m in index.get("models", [])) or "none"
+    except InferenceServerException:
+        pass
+    try:
+        stats = client.get_inference_statistics("", as_json=True, client_timeout=timeout_s)
+    except InferenceServerException:
+        return "unknown"
+    loaded = sorted({s["name"] for s in stats.get("model_stats", [])})
+    return ", ".join(f"{name} (loaded)" for name in loaded) or "none loaded"
+
+
+def describe_model(client: Any, model: str, url: str, timeout_s: float = 30,
+                   headers: dict[str, str] | None = None) -> ServedModel:
+    """Read a served model's config (and its preprocessing model's); PatcherError listing the server's models if it
+    has no such model ready (`headers`: the server's key, to list them)."""
     _, InferenceServerException = _grpc()
     try:
         metadata = client.get_model_metadata(model, as_json=True, client_timeout=timeout_s)
-        config = client.get_model_config(model, as_json=True, client_timeout=timeout_s)["config"]
+        config = _config(client, model, timeout_s)
     except InferenceServerException as error:
-        try:
-            index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s).get("models", [])
-            known = ", ".join(f"{m['name']} ({m.get('state', '?')})" for m in index) or "none"
-        except InferenceServerException:
-            known = "unknown"
-        raise PatcherError(
-            f"the server at {url} has no ready model {model!r} ({error.message()}); its models: {known}"
-        ) from None
-    parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        raise PatcherError(f"the server at {url} has no ready model {model!r} ({error.message()}); its models: "
+                           f"{known_models(client, timeout_s, headers)}") from None
+    parameters = _parameters(config)
     outputs = {o["name"]: o for o in config.get("output", [])}
     declared = json.loads(parameters["tasks"]) if parameters.get("tasks") else {}
     if not declared:
         declared = {name[len(LOGITS_PREFIX) :]: name for name in outputs if name.startswith(LOGITS_PREFIX)}
     tasks = {task: (output, int(outputs[output]["dims"][-1])) for task, output in declared.items() if output in outputs}
+    if parameters.get("preprocess_model"):  # the one place the preprocessing is recorded
+        with contextlib.suppress(InferenceServerException):
+            parameters = {**_parameters(_config(client, parameters["preprocess_model"], timeout_s)), **parameters}
     inputs = metadata["inputs"]
     return ServedModel(
         name=model,
@@ -84,6 +110,7 @@ def describe_model(client: Any, model: str, url: str, timeout_s: float = 30) -> 
         max_batch_size=int(config.get("max_batch_size", 0)),
         tasks=tasks,
         preprocess=json.loads(parameters["preprocess"]) if parameters.get("preprocess") else None,
+        limits=json.loads(parameters["limits"]) if parameters.get("limits") else None,
     )
 
 
@@ -94,13 +121,15 @@ def _read(path: Path) -> bytes:
         raise PatcherError(f"cannot read image file {path}: {error.strerror or error}") from None
 
 
-def _raw_batch(paths: list[Path], blobs: list[bytes], spec: dict[str, Any]) -> np.ndarray:
+def _raw_batch(
+    paths: list[Path], blobs: list[bytes], spec: dict[str, Any], limits: dict[str, Any] | None
+) -> np.ndarray:
     from patcher.triton.templates.preprocess_model import decode_image, preprocess_image
 
     arrays = []
     for path, blob in zip(paths, blobs, strict=True):
         try:
-            arrays.append(preprocess_image(decode_image(blob), spec))
+            arrays.append(preprocess_image(decode_image(blob, limits, spec), spec))
         except ValueError as error:
             raise PatcherError(f"{path} is not a readable image: {error}") from None
     return np.stack(arrays).astype(spec.get("dtype", "float32"), copy=False)
@@ -146,7 +175,7 @@ def classify_files(
             chunk = paths[start : start + step]
             blobs = [_read(path) for path in chunk]
             if raw:
-                array = _raw_batch(chunk, blobs, served.preprocess or {})
+                array = _raw_batch(chunk, blobs, served.preprocess or {}, served.limits)
                 tensor = grpcclient.InferInput(served.input_name, list(array.shape), served.input_datatype)
             else:
                 array = np.array(blobs, dtype=np.object_).reshape(-1, 1)

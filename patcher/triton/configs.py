@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.errors import PatcherError
+from patcher.runs.store import write_text
 from patcher.triton.export_info import TensorSpec
 
 CONFIG_FILE = "config.pbtxt"
 BACKENDS = ("python", "onnxruntime")
 IMAGE_BYTES = "image_bytes"
+ENTRY_PARAMETER = "patcher_entry"  # which `patcher triton --name` entry a model belongs to
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,15 @@ class Batching:
     instances: int = 1
     preferred_batch_sizes: Sequence[int] = field(default_factory=tuple)
     max_queue_delay_us: int = 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of an ensemble: the model, and its tensors mapped to the ensemble's (model name -> ensemble name)."""
+
+    model: str
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
 
 
 def _dims(spec: TensorSpec) -> list[int]:
@@ -46,7 +55,13 @@ def _batched(config: mc.ModelConfig, batching: Batching, kind: int) -> None:
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.instance_group.add(kind=kind, count=batching.instances)
-    config.version_policy.latest.num_versions = 1
+    config.version_policy.latest.num_versions = 1  # a new version is served once ready, the old one until then
+
+
+def _add_input(config: mc.ModelConfig, spec: TensorSpec, image_format: str | None = None) -> None:
+    tensor = config.input.add(name=spec.name, data_type=mc.DataType.Value(spec.data_type), dims=_dims(spec))
+    if image_format is not None:
+        tensor.format = mc.ModelInput.Format.Value(image_format)
 
 
 def _add_outputs(config: mc.ModelConfig, outputs: Sequence[TensorSpec], labels: Mapping[str, str]) -> None:
@@ -58,15 +73,19 @@ def _add_outputs(config: mc.ModelConfig, outputs: Sequence[TensorSpec], labels: 
 
 def classifier_config(
     name: str,
-    inputs: Sequence[TensorSpec],
+    image: TensorSpec,
     outputs: Sequence[TensorSpec],
     backend: str,
     batching: Batching,
     labels: Mapping[str, str],
     parameters: Mapping[str, Any],
     tensorrt_fp16: bool = False,
+    image_format: str | None = None,
 ) -> mc.ModelConfig:
-    """An ONNX classifier: platform onnxruntime_onnx (NVIDIA's container) or python backend running onnxruntime."""
+    """An ONNX classifier: platform onnxruntime_onnx (NVIDIA's container) or python backend running onnxruntime.
+
+    `image_format` (FORMAT_NCHW) declares the input an image, as Triton's image-classification clients expect.
+    """
     if backend not in BACKENDS:
         raise PatcherError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     config = mc.ModelConfig(name=name)
@@ -78,8 +97,7 @@ def classifier_config(
         config.backend = "python"
         kind = mc.ModelInstanceGroup.KIND_CPU
     _batched(config, batching, kind)
-    for spec in inputs:
-        config.input.add(name=spec.name, data_type=mc.DataType.Value(spec.data_type), dims=_dims(spec))
+    _add_input(config, image, image_format)
     _add_outputs(config, outputs, labels)
     if tensorrt_fp16:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
@@ -102,31 +120,21 @@ def preprocess_config(
 
 def ensemble_config(
     name: str,
-    preprocess: str,
-    classifier: str,
     image: TensorSpec,
+    steps: Sequence[Step],
     outputs: Sequence[TensorSpec],
     max_batch_size: int,
     labels: Mapping[str, str],
     parameters: Mapping[str, Any],
+    image_format: str | None = None,
 ) -> mc.ModelConfig:
-    """Image bytes in, the classifier's outputs (embedding, per-task logits with labels) out."""
+    """An ensemble: `image` in, `steps` in order, `outputs` (labelled where `labels` names a file) out."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
-    config.input.add(name=IMAGE_BYTES, data_type=mc.TYPE_STRING, dims=[1])
+    _add_input(config, image, image_format)
     _add_outputs(config, outputs, labels)
-    steps = config.ensemble_scheduling.step
-    steps.add(
-        model_name=preprocess,
-        model_version=-1,
-        input_map={IMAGE_BYTES: IMAGE_BYTES},
-        output_map={image.name: image.name},
-    )
-    steps.add(
-        model_name=classifier,
-        model_version=-1,
-        input_map={image.name: image.name},
-        output_map={spec.name: spec.name for spec in outputs},
-    )
+    for step in steps:
+        config.ensemble_scheduling.step.add(model_name=step.model, model_version=-1, input_map=dict(step.inputs),
+                                            output_map=dict(step.outputs))
     _parameters(config, parameters)
     return config
 
@@ -136,12 +144,15 @@ def config_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
+def config_json(config: mc.ModelConfig) -> str:
+    """The JSON form of a configuration, as Triton's load API takes it."""
+    return json_format.MessageToJson(config, preserving_proto_field_name=True)
+
+
 def write_config(config: mc.ModelConfig, model_dir: Path) -> Path:
-    """Write `model_dir/config.pbtxt` through a temporary sibling and an atomic rename."""
+    """Write `model_dir/config.pbtxt` whole or not at all."""
     path = Path(model_dir) / CONFIG_FILE
-    temporary = path.with_name(f".{CONFIG_FILE}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.write_text(config_text(config))
-    os.replace(temporary, path)
+    write_text(path, config_text(config))
     return path
 
 
@@ -153,4 +164,9 @@ def read_config(path: Path) -> mc.ModelConfig:
     try:
         return text_format.Parse(path.read_text(), mc.ModelConfig())
     except (OSError, text_format.ParseError) as error:
-        raise PatcherError(f"cannot read Triton config {path}: {error}") from error
+        raise PatcherError(f"cannot read Triton config {path}: {error}") from None
+
+
+def parameter(config: mc.ModelConfig, key: str) -> str | None:
+    """A string parameter of a configuration, None when unset."""
+    return config.parameters[key].string_value if key in config.parameters else None

@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from patcher.errors import PatcherError
+from patcher.export.metadata import EXPORT_FORMAT, EXPORT_JSON
 from patcher.export.naming import tensor_name
 from patcher.runs.manifest import read_format_json
 from patcher.runs.store import sha256_file
-
-EXPORT_FORMAT = "patcher-export/1"
-EXPORT_JSON = "export.json"
 
 # ONNX TensorProto element types -> Triton config data types.
 ONNX_TO_TRITON = {

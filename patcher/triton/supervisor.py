@@ -1,0 +1,157 @@
+"""What `patcher serve` does while it serves: roll out committed repository updates, and heal dead backends.
+
+Each `tick()`, under the repository's publish lock (so no half-published update is ever read):
+- rollout: when the journal's serial moved, every served model whose files changed on disk is loaded again,
+  composing models before ensembles; `version_policy latest 1` makes Triton answer with the old version
+  until the new one is ready;
+- healing: a python-backend model with fewer live stub processes than instances, or with new failed requests,
+  gets a probe request; if the probe says its stub is not healthy the model is unloaded (so readiness says so)
+  and loaded again, and the ensembles that use it are loaded again if they went with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from patcher.errors import PatcherError
+from patcher.triton.configs import CONFIG_FILE
+from patcher.triton.health import Suspects, backend_died, probe
+from patcher.triton.publish import publish_lock, read_journal
+from patcher.triton.repository import model_versions
+from patcher.triton.server import TritonServer, repository_models
+
+Echo = Callable[[str], None]
+
+
+def _signature(model_dir: Path) -> tuple[Any, ...]:
+    """What a load reads from disk: the newest version and the model-level files' modification times."""
+    if not model_dir.is_dir():
+        return (None, ())
+    files = sorted((p.name, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file())
+    versions = model_versions(model_dir)
+    return (versions[-1] if versions else None, tuple(files))
+
+
+class Supervisor:
+    """Rollout and healing for one running server; call `tick()` every second or so."""
+
+    def __init__(self, server: TritonServer, serve_all: bool, echo: Echo) -> None:
+        self.server = server
+        self.serve_all = serve_all
+        self.echo = echo
+        self.serial = read_journal(server.repo).serial
+        self.signatures = {model: _signature(server.repo / model) for model in server.loaded}
+        self.suspects = Suspects({})
+        self.warned_half_published = False
+        self.events: list[str] = []
+
+    def log(self, message: str) -> None:
+        """Report one event (with the time) and remember it."""
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        self.events.append(line)
+        self.echo(line)
+
+    def tick(self) -> None:
+        """One round of rollout and healing, skipped while a writer holds the publish lock."""
+        with publish_lock(self.server.repo, blocking=False) as held:
+            if not held:
+                return
+            with self._client() as client:
+                self._rollout()
+                self._heal(client)
+
+    @contextlib.contextmanager
+    def _client(self) -> Any:
+        client = self.server.grpc_client()
+        try:
+            yield client
+        finally:
+            client.close()
+
+    # Rollout ---------------------------------------------------------------------------------------------
+    def _wanted(self) -> list[str]:
+        models = list(self.server.loaded)
+        if self.serve_all:
+            models += [m for m in repository_models(self.server.repo) if m not in models]
+        return models
+
+    def _ordered(self, models: list[str]) -> list[str]:
+        """Composing models first: ensembles (platform "ensemble") after the models they use."""
+        def is_ensemble(model: str) -> bool:
+            path = self.server.repo / model / CONFIG_FILE
+            return path.is_file() and 'platform: "ensemble"' in path.read_text(errors="replace")
+
+        return sorted(models, key=is_ensemble)
+
+    def _rollout(self) -> None:
+        journal = read_journal(self.server.repo)
+        if journal.publishing:
+            if not self.warned_half_published:
+                self.log(f"{self.server.repo} is half-published (an interrupted `patcher triton`): serving the "
+                         "versions already loaded until `patcher triton` runs again")
+                self.warned_half_published = True
+            return
+        self.warned_half_published = False
+        if journal.serial == self.serial:
+            return
+        self.serial = journal.serial
+        changed = [m for m in self._wanted() if _signature(self.server.repo / m) != self.signatures.get(m)]
+        for model in self._ordered(changed):
+            versions = model_versions(self.server.repo / model)
+            started = time.perf_counter()
+            try:
+                self.server.load_model(model)
+            except PatcherError as error:
+                self.log(f"rollout: {model} did not load, the loaded version keeps serving: {error}")
+                continue
+            self.signatures[model] = _signature(self.server.repo / model)
+            self.log(f"rollout: {model} version {versions[-1] if versions else '?'} serving "
+                     f"({time.perf_counter() - started:.1f} s)")
+
+    # Healing ---------------------------------------------------------------------------------------------
+    def _configs(self, client: Any) -> dict[str, dict[str, Any]]:
+        from tritonclient.utils import InferenceServerException
+
+        configs = {}
+        for model in self.server.loaded:
+            with contextlib.suppress(InferenceServerException):
+                if client.is_model_ready(model):
+                    configs[model] = client.get_model_config(model, as_json=True)["config"]
+        return configs
+
+    def _heal(self, client: Any) -> None:
+        if self.server.pgid is None:
+            return
+        configs = self._configs(client)
+        for model in self.suspects.find(client, self.server.pgid, configs):
+            message = probe(client, model, configs[model])
+            if not backend_died(message):
+                continue
+            self.log(f"healing: {model}'s backend process died ({message}); unloading and loading it again")
+            started = time.perf_counter()
+            try:
+                self.server.unload_model(model, forget=False)
+                self.server.load_model(model)
+            except PatcherError as error:
+                self.log(f"healing: {model} did not load again: {error}")
+                continue
+            self._reload_not_ready(client)
+            self.suspects.failures.pop(model, None)
+            self.log(f"healing: {model} serving again ({time.perf_counter() - started:.1f} s)")
+
+    def _reload_not_ready(self, client: Any) -> None:
+        """Load again any served model that went unavailable with a healed one (its ensembles)."""
+        from tritonclient.utils import InferenceServerException
+
+        for model in self._ordered(self.server.loaded):
+            with contextlib.suppress(InferenceServerException):
+                if client.is_model_ready(model):
+                    continue
+            try:
+                self.server.load_model(model)
+            except PatcherError as error:
+                self.log(f"healing: {model} did not load again: {error}")
