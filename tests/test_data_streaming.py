@@ -109,7 +109,9 @@ def test_augmented_batches_are_a_function_of_the_step_whatever_the_workers(tmp_p
 def test_an_unreadable_file_is_named_whatever_the_workers(tmp_path: Path):
     root = _photos(tmp_path / "d")
     broken = root / "train" / "a" / "3.png"
-    broken.write_bytes(broken.read_bytes()[:60])  # a truncated PNG
+    data = bytearray(broken.read_bytes())
+    data[100:400] = bytes(300)  # header and end intact (the up-front check passes it), compressed pixels not
+    broken.write_bytes(bytes(data))
     dataset = get_task(f"folder:{root}").dataset("train")
     for workers in (0, 2):
         mixture = _mixture(dataset, workers)

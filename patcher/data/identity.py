@@ -67,18 +67,23 @@ def _relabel_identity(relabel: Any) -> str:
     return repr(owner) if isinstance(owner, (list, tuple, dict)) else getattr(relabel, "__qualname__", repr(relabel))
 
 
-def _update(digest: Any, dataset: Any) -> bool:
+def _update(digest: Any, dataset: Any, selected: np.ndarray | None = None) -> bool:
+    """Hash the items of `dataset` at `selected` (all when None): only the files a view uses are looked at."""
     inner = _children(dataset)
     if inner is not None:
         base, indices = inner
-        digest.update(b"view" if indices is None else np.ascontiguousarray(indices, dtype=np.int64).tobytes())
         digest.update(_relabel_identity(getattr(dataset, "target", None)).encode())
-        return _update(digest, base)
+        if indices is not None:
+            selected = indices if selected is None else indices[selected]
+        return _update(digest, base, selected)
     if isinstance(dataset, ConcatDataset):
+        if selected is not None:
+            digest.update(np.ascontiguousarray(selected, dtype=np.int64).tobytes())
         return all(_update(digest, part) for part in dataset.datasets)
     entries = _entries(dataset)
     if entries is not None:
-        for entry in entries:
+        for index in range(len(entries)) if selected is None else selected.tolist():
+            entry = entries[index]
             path, label = (entry[0], entry[1]) if isinstance(entry, tuple) else (entry, "")
             stat = os.stat(path)
             digest.update(f"{os.path.abspath(path)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -88,6 +93,8 @@ def _update(digest: Any, dataset: Any) -> bool:
         if isinstance(array, torch.Tensor):
             array = array.numpy()
         if isinstance(array, np.ndarray):
+            if selected is not None:
+                digest.update(np.ascontiguousarray(selected, dtype=np.int64).tobytes())
             digest.update(f"{array.dtype}|{array.shape}|".encode())
             digest.update(np.ascontiguousarray(array).tobytes())
             return True

@@ -54,17 +54,21 @@ class DataOptions:
         if self.workers is not None and self.workers < 0:
             raise PatcherError(f"--workers {self.workers} is negative: pass 0 (read in this process) or more")
 
-    @property
-    def worker_count(self) -> int:
-        """The workers to use."""
-        return default_workers() if self.workers is None else self.workers
+    def small(self, images: int, preprocess_cfg: Mapping[str, Any]) -> bool:
+        """Whether a split's decoded pixels fit in `memory_limit_mb` (then it is read in this process, no workers)."""
+        height, width = image_size(preprocess_cfg)
+        return images * height * width * 3 <= self.memory_limit_mb * 2**20
 
     def in_memory(self, images: int, preprocess_cfg: Mapping[str, Any]) -> bool:
         """Whether a split of this many images keeps its pixels in RAM."""
-        if self.mode != "auto":
-            return self.mode == "memory"
-        height, width = image_size(preprocess_cfg)
-        return images * height * width * 3 <= self.memory_limit_mb * 2**20
+        return self.mode == "memory" if self.mode != "auto" else self.small(images, preprocess_cfg)
+
+    def workers_for(self, images: int, preprocess_cfg: Mapping[str, Any]) -> int:
+        """DataLoader workers for a split: as given, else none for a small split (starting them costs more than
+        they save) and `default_workers()` for a large one."""
+        if self.workers is not None:
+            return self.workers
+        return 0 if self.small(images, preprocess_cfg) else default_workers()
 
 
 @dataclass
@@ -122,12 +126,12 @@ def prepare_splits(
     for task in train_tasks:
         dataset = found[task.name, "train"]
         small = options.in_memory(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
-        workers = 0 if small else options.worker_count
+        workers = options.workers_for(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
         plain = TransformedItems(dataset, eval_transform(preprocess_cfg))
         if options.augment:
             items: Dataset = TransformedItems(dataset, train_transform(preprocess_cfg))
         elif small:
-            store, _ = build_store(dataset, preprocess_cfg, f"decoding {task.name}/train", True)
+            store, _ = build_store(dataset, preprocess_cfg, f"decoding {task.name}/train", True, workers)
             items = plain = StoreItems(store, normalize)
         else:
             items = plain
@@ -135,9 +139,10 @@ def prepare_splits(
     for task in eval_tasks:
         for split, stores in (("val", result.val), ("test", result.test)):
             dataset = found[task.name, split]
-            small = options.in_memory(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
-            store, one_off = build_store(dataset, preprocess_cfg, f"decoding {task.name}/{split}", small,
-                                         0 if small else options.worker_count, options.cache_dir)
+            count = len(dataset)  # type: ignore[arg-type]
+            store, one_off = build_store(dataset, preprocess_cfg, f"decoding {task.name}/{split}",
+                                         options.in_memory(count, preprocess_cfg),
+                                         options.workers_for(count, preprocess_cfg), options.cache_dir)
             stores[task.name] = store
             if one_off is not None:
                 result.one_off.append(one_off)
