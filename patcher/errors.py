@@ -35,7 +35,8 @@ def os_error_message(error: OSError, doing: str = "") -> str:
     reason = reason[0].lower() + reason[1:]
     if error.filename:
         reason = f"{reason}: {error.filename}"
-    advice = _ADVICE.get(error.errno or -1, "check the path and the filesystem")
+    fallback = "check the path and the filesystem" if error.filename else "check the system and retry"
+    advice = _ADVICE.get(error.errno or -1, fallback)
     return f"{doing} ({reason}): {advice}" if doing else f"{reason}: {advice}"
 
 

@@ -59,7 +59,18 @@ def write_failure(error: BaseException, target: Path, staging: Path | None = Non
         os_error = _inferred_os_error(error, staging)
     if os_error is None:
         return None
+    if os_error.filename is not None and not _beside(Path(os.fsdecode(os_error.filename)), target):
+        return PatcherError(f"{os_error_message(os_error)}; nothing was written to {target}")  # a file it reads
     return PatcherError(f"{os_error_message(os_error, f'cannot write {target}')}; nothing was written")
+
+
+def _beside(path: Path, target: Path) -> bool:
+    """True for `target`, what is in it, and its hidden siblings (staging, lock) and what is in them."""
+    path, target = path.absolute(), target.absolute()
+    for candidate in (path, *path.parents):
+        if candidate == target or (candidate.parent == target.parent and candidate.name.startswith(f".{target.name}")):
+            return True
+    return False
 
 
 @contextmanager
