@@ -160,7 +160,7 @@ def _train_rate(model: str, split: Any, steps: int, warmup: int, batch: int) -> 
     method = FineTune(MethodSetup(loaded, {"t": split}, {"t": get_task("digits")}, {"t": head}, config), None)
     times: dict[int, float] = {}
     train(method.encoder, method.encoder.parameters(), method.step_loss, config, "cpu",
-          log=lambda entry: times.__setitem__(entry["step"], entry["elapsed_s"]))
+          log=lambda entry: times.__setitem__(entry["step"], time.perf_counter()))
     method.close()
     return steps * batch / (times[warmup + steps] - times[warmup])
 
@@ -222,7 +222,7 @@ def demo_build_section(work: Path, baseline: Path, quick: bool) -> dict[str, Any
         for label, tree, new in order if round_index % 2 == 0 else reversed(order):
             out = work / "runs" / f"demo-{label}-{time.time_ns()}"
             result = measured_run(build_command(tree, [*args, "--out", str(out)], new), _env(tree, work / "cache-d"))
-            timings = json.loads((out / "manifest.json").read_text())["timings_s"] if not result["returncode"] else {}
+            timings = json.loads((out / "timings.json").read_text())["timings_s"] if not result["returncode"] else {}
             rows.append({"code": label, "round": round_index, **result, "build_timings_s": timings})
             print(json.dumps(rows[-1]), flush=True)
     means = {label: float(np.mean([r["seconds"] for r in rows if r["code"] == label])) for label in ("streaming",

@@ -28,7 +28,7 @@ from typing import Any
 from PIL import ImageOps
 
 from patcher.data.tasks import get_task
-from patcher.runs.manifest import load_run
+from patcher.runs.manifest import Run, load_run
 from patcher.runs.store import write_json
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.merge import MergeOptions, merge_runs
@@ -81,24 +81,25 @@ def config_for(method: str, seed: int) -> TrainConfig:
 
 
 def run_build(model: str, task: str, out: Path, method: str, seed: int, multi: str | None = None,
-              params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build (or reuse a finished) run; its manifest."""
+              params: dict[str, Any] | None = None) -> Run:
+    """Build (or reuse a finished) run."""
     if not (out / "manifest.json").is_file():
         config = config_for(method, seed)
         build(BuildOptions(task=task, support=[SUPPORT], model=model, pretrained=None, method=method,
                            method_params=params or {}, multi=multi, finetune=config, device="cpu", out=out))
-    return load_run(out).manifest
+    return load_run(out)
 
 
-def summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Test accuracy by model and task, the alpha(s), the training time."""
+def summary(run: Run) -> dict[str, Any]:
+    """Test accuracy by model and task, the alpha(s), the build time."""
+    manifest = run.manifest
     alpha = manifest["alpha"]
     return {
         "run": manifest["name"],
         "test_accuracy": manifest["test_accuracy"],
         "alpha": alpha["chosen"],
         "alpha_steps": [step["alpha"] for step in alpha.get("steps", [])],
-        "seconds": manifest["timings_s"]["total"],
+        "seconds": run.timings.get("timings_s", {}).get("total"),
     }
 
 
@@ -176,7 +177,7 @@ def multitask(model: str, method: str, seed: int, runs_dir: Path, inverted: str)
     merged_dir = runs_dir / f"merge-{method}-seed{seed}"
     if not (merged_dir / "manifest.json").is_file():
         merge_runs(MergeOptions(runs=list(specialists.values()), out=merged_dir, device="cpu"))
-    strategies["merge"] = summary(load_run(merged_dir).manifest)
+    strategies["merge"] = summary(load_run(merged_dir))
 
     names = {"digits": "digits", inverted: "digits-inverted"}
     rows: dict[str, dict[str, Any]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -151,3 +152,6 @@ def test_the_cli_says_one_line_exits_2_and_writes_nothing(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     assert "left out 1 unusable image files" in " ".join(result.output.split())
     assert sorted(p.name for p in runs.iterdir()) == ["r"]
+    data = json.loads((runs / "r" / "manifest.json").read_text())["training"]["data"]
+    assert data["skip_bad_images"] is True
+    assert [path for path, _ in data["skipped_bad_images"][str(root / "train")]] == [str(bad)]

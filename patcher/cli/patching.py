@@ -75,7 +75,6 @@ def build(
 ) -> None:
     """Fine-tune on one or more tasks with a method, interpolate with the zero-shot weights and choose alpha."""
     from patcher.data.loading import DataOptions
-    from patcher.data.tasks.checks import skipping_bad_images
     from patcher.stages.build import BuildOptions
     from patcher.stages.build import build as run_build
     from patcher.training.methods import train_config
@@ -89,11 +88,11 @@ def build(
         pretrained=None if pretrained.lower() == "none" else pretrained, image_size=image_size, method=method,
         method_params=params, multi=multi, alpha=alpha, tolerance=tolerance, search=search, finetune=finetune,
         epochs=epochs, data_dir=data_dir, download=download, device=device, out=out, resume=resume,
-        data=DataOptions(workers=workers, augment=augment, mode=data_mode), eval_batch_size=eval_batch_size,
+        data=DataOptions(workers=workers, augment=augment, mode=data_mode, skip_bad_images=skip_bad_images),
+        eval_batch_size=eval_batch_size,
     )
     try:
-        with skipping_bad_images(skip_bad_images):
-            path = run_build(options)
+        path = run_build(options)
     except KeyboardInterrupt:
         hint = f" --out {out} --resume" if out else " with --out DIR (and --resume next time)"
         typer.echo(f"interrupted: rerun the same command{hint} to continue from the last checkpoint", err=True)
@@ -128,13 +127,12 @@ def merge(
 ) -> None:
     """Combine finished runs by task arithmetic: zero-shot + coefficient * the sum of their task vectors."""
     from patcher.data.loading import DataOptions
-    from patcher.data.tasks.checks import skipping_bad_images
     from patcher.stages.merge import MergeOptions, merge_runs
 
-    with skipping_bad_images(skip_bad_images):
-        path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,
-                                       alpha=alpha, data_dir=data_dir, download=download, device=device,
-                                       data=DataOptions(workers=workers, mode=data_mode)))
+    path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,
+                                   alpha=alpha, data_dir=data_dir, download=download, device=device,
+                                   data=DataOptions(workers=workers, mode=data_mode,
+                                                    skip_bad_images=skip_bad_images)))
     print_run(path)
     typer.echo(f"run: {path}")
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from patcher.data.items import TransformedItems
 from patcher.data.store import ImageStore, StoreItems, build_store, remove_store
 from patcher.data.tasks import Task
+from patcher.data.tasks.checks import skipping_bad_images
 from patcher.data.transforms import Normalize, eval_transform, image_size, train_transform
 from patcher.errors import PatcherError
 
@@ -46,6 +47,7 @@ class DataOptions:
     mode: str = "auto"  # auto: RAM for a split up to memory_limit_mb of pixels, disk beyond; memory; stream
     memory_limit_mb: int = 64
     cache_dir: Path | None = None  # disk stores (default $PATCHER_CACHE/images)
+    skip_bad_images: bool = False  # folder: datasets leave unusable files out (counted) instead of refusing them
 
     def check(self) -> None:
         """PatcherError for values that cannot work."""
@@ -96,6 +98,7 @@ class Splits:
     val: dict[str, ImageStore]
     test: dict[str, ImageStore]
     normalize: Normalize
+    skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # folder -> (file, reason) left out
     one_off: list[Path] = field(default_factory=list)  # disk stores to delete at the end
 
     def close(self) -> None:
@@ -118,11 +121,12 @@ def prepare_splits(
 ) -> Splits:
     """Find every split (failing before any work if one is missing), then build the held-out and test stores."""
     options.check()
-    found = {(task.name, split): _dataset(task, split, data_dir, download)
-             for tasks, splits in ((train_tasks, ("train",)), (eval_tasks, ("val", "test")))
-             for task in tasks for split in splits}
+    with skipping_bad_images(options.skip_bad_images) as report:
+        found = {(task.name, split): _dataset(task, split, data_dir, download)
+                 for tasks, splits in ((train_tasks, ("train",)), (eval_tasks, ("val", "test")))
+                 for task in tasks for split in splits}
     normalize = Normalize(preprocess_cfg)
-    result = Splits({}, {}, {}, normalize)
+    result = Splits({}, {}, {}, normalize, skipped=dict(report.skipped) if report else {})
     for task in train_tasks:
         dataset = found[task.name, "train"]
         small = options.in_memory(len(dataset), preprocess_cfg)  # type: ignore[arg-type]

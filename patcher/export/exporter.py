@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from patcher.data.tasks.checks import skipping_bad_images
 from patcher.errors import PatcherError
 from patcher.export.consistency import check_run
 from patcher.export.graph import ExportGraph, load_graph, output_names_for, reference_outputs
@@ -143,7 +144,9 @@ def export_run(
             return out
         timings: dict[str, float] = {}
         tick = time.perf_counter()
-        heldout = load_heldout(selected, config["preprocess_cfg"], images_per_task, data_dir)
+        skip = bool(run.manifest.get("training", {}).get("data", {}).get("skip_bad_images", False))
+        with skipping_bad_images(skip):  # the files the build left out, the parity check leaves out too
+            heldout = load_heldout(selected, config["preprocess_cfg"], images_per_task, data_dir)
         timings["images"] = time.perf_counter() - tick
         with output_directory(out, overwrite=out.exists()) as staging:
             models, reports, widths = _export_models(staging, run, config, weights, selected, options, heldout,

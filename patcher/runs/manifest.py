@@ -17,6 +17,8 @@ from patcher.runs.store import STAGING_FINGERPRINT, file_record, sha256_file
 
 RUN_FORMAT = "patcher-run/1"
 MANIFEST = "manifest.json"
+TIMINGS = "timings.json"  # when and how long: beside the manifest, not in it, so that it stays byte-reproducible
+TIMINGS_FORMAT = "patcher-timings/1"
 
 
 def now_iso() -> str:
@@ -44,7 +46,7 @@ def versions() -> dict[str, str]:
 
 def files_record(staging: Path) -> dict[str, Any]:
     """sha256 and size of every file in the staging directory (the manifest's `files`)."""
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != STAGING_FINGERPRINT
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name not in (STAGING_FINGERPRINT, TIMINGS)
                    and "checkpoints" not in p.relative_to(staging).parts)
     return {str(p.relative_to(staging)): file_record(p) for p in files}
 
@@ -70,6 +72,14 @@ class Run:
     def tasks(self) -> list[str]:
         """Every task whose head the run carries, patch tasks first."""
         return list(self.manifest["tasks"])
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        """timings.json's content (created, timings_s), empty for a run that has none."""
+        try:
+            return json.loads((self.path / TIMINGS).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
 
     @property
     def manifest_sha256(self) -> str:

@@ -11,8 +11,9 @@ from patcher.models import LoadedModel, preprocess_spec
 from patcher.models.heads import HeadResolver
 from patcher.models.state import TEXT_PREFIX, State, classifier_state, has_text, part
 from patcher.patching.alpha import DEFAULT_GRID, Selection
-from patcher.runs.manifest import RUN_FORMAT, files_record, now_iso, versions
+from patcher.runs.manifest import RUN_FORMAT, TIMINGS, TIMINGS_FORMAT, files_record, now_iso, versions
 from patcher.runs.plots import alpha_curve_plot
+from patcher.runs.store import write_json
 from patcher.runs.tensorfile import save_tensors
 
 KINDS = ("zeroshot", "finetuned", "patched")
@@ -97,13 +98,11 @@ def run_manifest(
     alpha: Mapping[str, Any],
     test_accuracy: Mapping[str, Mapping[str, float]],
     text_files: Mapping[str, str],
-    timings: Mapping[str, float],
 ) -> dict[str, Any]:
     """manifest.json's content (docs/contracts.md), with the file hashes of everything written to `staging`."""
     return {
         "format": RUN_FORMAT,
         "name": name,
-        "created": now_iso(),
         "options_sha256": options_sha256,
         "model": dict(model),
         "tasks": {task: dict(entry) for task, entry in tasks.items()},
@@ -117,5 +116,11 @@ def run_manifest(
         "test_accuracy": {kind: dict(values) for kind, values in test_accuracy.items()},
         "files": files_record(staging),
         "versions": versions(),
-        "timings_s": {key: round(value, 3) for key, value in timings.items()},
     }
+
+
+def write_timings(staging: Path, timings: Mapping[str, float]) -> None:
+    """timings.json: when the run was made and how long each part took, kept out of the manifest so that the same
+    inputs and seed write a byte-identical manifest (and ONNX files, which cite its hash)."""
+    write_json(staging / TIMINGS, {"format": TIMINGS_FORMAT, "created": now_iso(),
+                                   "timings_s": {key: round(value, 3) for key, value in timings.items()}})

@@ -35,6 +35,7 @@ from patcher.runs.writer import (
     run_manifest,
     task_record,
     write_models,
+    write_timings,
 )
 from patcher.training.loop import TrainConfig, pick_device, precision_name
 from patcher.training.methods import get_method, params_dict, parse_params, train_config
@@ -86,7 +87,8 @@ class BuildOptions:
         data = asdict(self)
         for key in ("out", "resume", "data_dir", "download", "eval_batch_size"):
             data.pop(key)
-        data["data"] = {"augment": self.data.augment}  # workers and where pixels are kept do not change results
+        # workers and where pixels are kept do not change results; augmentation and left-out files do
+        data["data"] = {"augment": self.data.augment, "skip_bad_images": self.data.skip_bad_images}
         data["finetune"] = {k: v for k, v in self.training().as_dict().items()
                             if k not in ("checkpoint_every", "log_every")}
         return json.loads(json.dumps(data, default=str))
@@ -230,8 +232,9 @@ def _patch_and_write(options: BuildOptions, checked: _Checked, loaded: LoadedMod
                 f"{', '.join(patch_names)}: held-out accuracy against {against}", outcome.reference, steps)
     timings["total"] = time.perf_counter() - started
     manifest = _manifest(out.name, options, checked, loaded, splits, outcome, test_accuracy, text_files, device,
-                         timings, staging)
+                         staging)
     write_json(staging / MANIFEST, manifest)
+    write_timings(staging, timings)
     return out  # run_staging renames the staging directory into place
 
 
@@ -250,7 +253,6 @@ def _manifest(
     test_accuracy: dict[str, dict[str, float]],
     text_files: dict[str, str],
     device: str,
-    timings: dict[str, float],
     staging: Path,
 ) -> dict[str, Any]:
     def sizes(task: Task) -> dict[str, int]:
@@ -276,7 +278,7 @@ def _manifest(
     multi = None if options.strategy is None else {"strategy": options.strategy, "steps": outcome.steps}
     training = {**main_stage, "epochs": options.epochs, "device": device, "precision": precision_name(device),
                 "stages": stages, "total_steps": outcome.total_steps, "world_size": distributed.world_size(),
-                "data": asdict(options.data)}
+                "data": {**asdict(options.data), "skipped_bad_images": splits.skipped}}
     model = base_model_record(loaded, options.image_size)
     return run_manifest(staging, name, options_sha256(options.fingerprint()), model, tasks, method_section, multi,
-                        training, alpha, test_accuracy, text_files, timings)
+                        training, alpha, test_accuracy, text_files)

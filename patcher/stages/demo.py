@@ -65,12 +65,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         task="digits", support=["fashion-mnist"], model=f"local-dir:{model_dir}", pretrained=None, alpha="auto",
         finetune=options.finetune, out=options.runs_dir / f"demo-digits-{stamp}",
     ))
-    manifest = load_run(run_path).manifest
+    run = load_run(run_path)
+    manifest = run.manifest
     console.print(accuracy_table(manifest))
     for line in alpha_lines(manifest):
         console.print(line)
     summary["run"] = {"path": str(run_path), "test_accuracy": manifest["test_accuracy"], "alpha": manifest["alpha"],
-                      "timings_s": manifest["timings_s"]}
+                      "timings_s": run.timings.get("timings_s")}
 
     from patcher.export import EXPORT_JSON, export_run
 

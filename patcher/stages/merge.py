@@ -37,6 +37,7 @@ from patcher.runs.writer import (
     run_manifest,
     task_record,
     write_models,
+    write_timings,
 )
 from patcher.stages.build import parse_alpha
 from patcher.training.loop import pick_device
@@ -157,8 +158,9 @@ def merge_runs(options: MergeOptions) -> Path:
         plot_curves(staging, selection, patch, support, options.tolerance,
                     f"merged {', '.join(patch)}: held-out accuracy against the coefficient")
         manifest = _manifest(out.name, options, runs, tasks, patch, support, splits, selection, fixed_alpha,
-                             test_accuracy, text_files, device, started, staging)
+                             test_accuracy, text_files, device, staging)
         write_json(staging / MANIFEST, manifest)
+        write_timings(staging, {"total": time.perf_counter() - started})
     return out
 
 
@@ -187,7 +189,7 @@ def _zeroshot_heads(runs: list[Run], tasks: dict[str, Task], loaded: LoadedModel
 
 def _manifest(name: str, options: MergeOptions, runs: list[Run], tasks: dict[str, Task], patch: list[str],
               support: list[str], splits: Any, selection: Any, fixed_alpha: float | None,
-              test_accuracy: dict[str, dict[str, float]], text_files: dict[str, str], device: str, started: float,
+              test_accuracy: dict[str, dict[str, float]], text_files: dict[str, str], device: str,
               staging: Path) -> dict[str, Any]:
     def sizes(task: str) -> dict[str, int]:
         recorded = next((run.manifest["tasks"][task]["sizes"] for run in runs
@@ -215,8 +217,7 @@ def _manifest(name: str, options: MergeOptions, runs: list[Run], tasks: dict[str
     task_records = {**{t: task_record(tasks[t], "patch", sizes(t)) for t in patch},
                     **{t: task_record(tasks[t], "support", sizes(t)) for t in support}}
     return run_manifest(staging, name, options_sha256(fingerprint), runs[0].manifest["model"], task_records, method,
-                        {"strategy": "parallel", "merged_runs": sources}, training, alpha, test_accuracy, text_files,
-                        {"total": time.perf_counter() - started})
+                        {"strategy": "parallel", "merged_runs": sources}, training, alpha, test_accuracy, text_files)
 
 
 __all__ = ["MergeOptions", "check_compatible", "finetuned_state", "merge_runs"]

@@ -10,8 +10,8 @@ state, and the optimiser, schedule and scaler states, and batches are a pure fun
 from __future__ import annotations
 
 import inspect
+import io
 import math
-import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
@@ -147,7 +147,6 @@ def train(
 
     module.train()
     stepper = _data_parallel(module, step_loss, device)
-    started = time.perf_counter()
     with make_progress() as progress:
         bar = progress.add_task(description, total=config.steps, completed=first_step, status="")
         for step in range(first_step, config.steps):
@@ -165,8 +164,7 @@ def train(
                 value = float(distributed.all_reduce_sum(loss.detach().float()).item()) / distributed.world_size()
                 progress.update(bar, status=f"loss {value:.3f}")
                 if log is not None and distributed.is_main():
-                    log({"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
-                         "elapsed_s": round(time.perf_counter() - started, 3)})
+                    log({"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0]})
             progress.update(bar, advance=1)
             if (checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps
                     and distributed.is_main()):
@@ -177,8 +175,10 @@ def train(
 def _save_checkpoint(path: Path, step: int, module: nn.Module, optimizer: Any, scheduler: Any, scaler: Any) -> None:
     state = {"step": step, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # serialised in memory, so a full disk is a plain OSError from the write below
     with atomic_file(path) as temporary:
-        torch.save(state, temporary)
+        temporary.write_bytes(buffer.getbuffer())
 
 
 DONE = "done.pt"
