@@ -116,13 +116,14 @@ def classify(
     raw: Annotated[bool, typer.Option(help="Preprocess here and send tensors to <model>_patched.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    key_file: Annotated[Path | None, typer.Option(help="The server's key file (lists its models on a typo).")] = None,
 ) -> None:
     """Classify image files with a served model over gRPC; top-k labels and scores per task."""
     import json
 
     from patcher.triton import classify_files
 
-    results = classify_files(images, model, url=url, top_k=top_k, raw=raw, batch_size=batch_size)
+    results = classify_files(images, model, url=url, top_k=top_k, raw=raw, batch_size=batch_size, key_file=key_file)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return

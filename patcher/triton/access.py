@@ -102,11 +102,13 @@ def read_key_file(path: Path) -> ServerKey:
 
 def find_key(grpc_url: str, key_file: Path | None = None) -> ServerKey | None:
     """The key for the server at `grpc_url`: from `key_file` if given (PatcherError if unusable), else from the
-    default file if `patcher serve` wrote one, else None."""
+    default file if `patcher serve` wrote a usable one there, else None."""
     if key_file is not None:
         return read_key_file(key_file)
-    path = default_key_file(grpc_url)
-    return read_key_file(path) if path.is_file() else None
+    try:
+        return read_key_file(default_key_file(grpc_url))
+    except PatcherError:
+        return None
 
 
 def remove_key_file(key: ServerKey) -> None:

@@ -150,19 +150,25 @@ def classify_files(
     raw: bool = False,
     batch_size: int = 16,
     timeout_s: float = 30,
+    key_file: Path | None = None,
 ) -> list[dict]:
     """Top-k (label, score) per task for each image file, from the ensemble `model` (or `<model>_patched` if raw).
 
-    raw=True preprocesses here (as the served model's config records it) and sends float tensors.
+    raw=True preprocesses here (as the served model's config records it) and sends float tensors. The server's key
+    (`key_file`, else the file `patcher serve` wrote for `url`) only serves to list its models when `model` is not
+    one of them.
     """
+    from patcher.triton.access import find_key
+
     grpcclient, InferenceServerException = _grpc()
+    key = find_key(url, key_file)
     paths = [Path(p) for p in paths]
     if top_k < 1 or batch_size < 1:
         raise PatcherError("top_k and batch_size must be at least 1")
     client = connect(url, timeout_s)
     try:
         target = model if not raw or model.endswith("_patched") else f"{model}_patched"
-        served = describe_model(client, target, url, timeout_s)
+        served = describe_model(client, target, url, timeout_s, key.grpc_headers if key else None)
         if raw and served.preprocess is None:
             raise PatcherError(f"{target} on {url} records no preprocessing: send image bytes to the ensemble instead")
         if not served.tasks:

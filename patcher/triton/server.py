@@ -56,7 +56,7 @@ class TritonServer:
         metrics_port: int | None = None,
         log_path: Path | None = None,
         startup_timeout_s: float = 60,
-        stop_timeout_s: float = 30,
+        stop_timeout_s: float = 15,
         shm_default_bytes: int = DEFAULT_SHM_BYTES,
         log_verbose: int = 0,
         key: ServerKey | None = None,

@@ -6,7 +6,9 @@ Each `tick()`, under the repository's publish lock (so no half-published update 
   until the new one is ready;
 - healing: a python-backend model with fewer live stub processes than instances, or with new failed requests,
   gets a probe request; if the probe says its stub is not healthy the model is unloaded (so readiness says so)
-  and loaded again, and the ensembles that use it are loaded again if they went with it.
+  and loaded again, and the ensembles that use it are loaded again if they went with it. Loading reads the
+  repository (an ensemble's load reloads its composing models from disk too), so while the repository is
+  half-published a dead model is only unloaded, and loaded once `patcher triton` has completed the update.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Supervisor:
         self.signatures = {model: _signature(server.repo / model) for model in server.loaded}
         self.suspects = Suspects({})
         self.warned_half_published = False
+        self.pending: list[str] = []  # dead models unloaded while the repository was half-published
         self.events: list[str] = []
 
     def log(self, message: str) -> None:
@@ -61,8 +64,8 @@ class Supervisor:
             if not held:
                 return
             with self._client() as client:
-                self._rollout()
-                self._heal(client)
+                complete = self._rollout(client)
+                self._heal(client, complete)
 
     @contextlib.contextmanager
     def _client(self) -> Any:
@@ -87,19 +90,22 @@ class Supervisor:
 
         return sorted(models, key=is_ensemble)
 
-    def _rollout(self) -> None:
+    def _rollout(self, client: Any) -> bool:
+        """Load what a committed update changed; False (nothing loaded) while the repository is half-published."""
         journal = read_journal(self.server.repo)
         if journal.publishing:
             if not self.warned_half_published:
                 self.log(f"{self.server.repo} is half-published (an interrupted `patcher triton`): serving the "
                          "versions already loaded until `patcher triton` runs again")
                 self.warned_half_published = True
-            return
+            return False
         self.warned_half_published = False
-        if journal.serial == self.serial:
-            return
+        if journal.serial == self.serial and not self.pending:
+            return True
         self.serial = journal.serial
         changed = [m for m in self._wanted() if _signature(self.server.repo / m) != self.signatures.get(m)]
+        healed, self.pending = self.pending, []
+        changed += [m for m in healed if m not in changed]
         for model in self._ordered(changed):
             versions = model_versions(self.server.repo / model)
             started = time.perf_counter()
@@ -111,6 +117,9 @@ class Supervisor:
             self.signatures[model] = _signature(self.server.repo / model)
             self.log(f"rollout: {model} version {versions[-1] if versions else '?'} serving "
                      f"({time.perf_counter() - started:.1f} s)")
+        if healed:
+            self._reload_not_ready(client)
+        return True
 
     # Healing ---------------------------------------------------------------------------------------------
     def _configs(self, client: Any) -> dict[str, dict[str, Any]]:
@@ -123,7 +132,7 @@ class Supervisor:
                     configs[model] = client.get_model_config(model, as_json=True)["config"]
         return configs
 
-    def _heal(self, client: Any) -> None:
+    def _heal(self, client: Any, complete: bool) -> None:
         if self.server.pgid is None:
             return
         configs = self._configs(client)
@@ -131,8 +140,15 @@ class Supervisor:
             message = probe(client, model, configs[model])
             if not backend_died(message):
                 continue
-            self.log(f"healing: {model}'s backend process died ({message}); unloading and loading it again")
             started = time.perf_counter()
+            if not complete:
+                self.log(f"healing: {model}'s backend process died ({message}); unloaded, to be loaded once "
+                         "`patcher triton` has completed the half-published repository")
+                with contextlib.suppress(PatcherError):
+                    self.server.unload_model(model, forget=False)
+                self.pending.append(model)
+                continue
+            self.log(f"healing: {model}'s backend process died ({message}); unloading and loading it again")
             try:
                 self.server.unload_model(model, forget=False)
                 self.server.load_model(model)
@@ -144,7 +160,7 @@ class Supervisor:
             self.log(f"healing: {model} serving again ({time.perf_counter() - started:.1f} s)")
 
     def _reload_not_ready(self, client: Any) -> None:
-        """Load again any served model that went unavailable with a healed one (its ensembles)."""
+        """Load again the served models that went unavailable with a healed one (the ensembles that use it)."""
         from tritonclient.utils import InferenceServerException
 
         for model in self._ordered(self.server.loaded):

@@ -1,0 +1,217 @@
+"""Helpers for the serving tests: `patcher serve` in a subprocess, hostile images, and what NVIDIA's clients do."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from patcher.triton.access import ServerKey, read_key_file
+from patcher.triton.ports import distinct_free_ports
+from patcher.triton.processes import Stub, stub_processes
+
+
+def png(width: int, height: int, channels: int = 1) -> bytes:
+    """A real PNG of width x height black pixels (8-bit grey or RGB), compressed row by row: a decompression bomb
+    of a few KB when it is large."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row = zlib.compressobj(9), b"\0" * (1 + width * channels)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, {1: 0, 3: 2}[channels], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """An image's bytes in `fmt`."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+class Served:
+    """`python -m patcher serve` on a repository, on free ports, its output collected line by line."""
+
+    def __init__(self, repo: Path, key_file: Path, timeout_s: float = 180, log: Path | None = None) -> None:
+        self.repo, self.key_file, self.log = repo, key_file, log
+        self.http_port, self.grpc_port, self.metrics_port = distinct_free_ports(3)
+        command = [sys.executable, "-m", "patcher", "serve", "--repo", str(repo), "--key-file", str(key_file),
+                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+                   "--metrics-port", str(self.metrics_port), *(["--log", str(log)] if log else [])]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for_line("Ctrl-C stops it", timeout_s)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for_line(self, text: str, timeout_s: float) -> str:
+        """The first output line containing `text`; AssertionError (with the output) after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [line for line in self.lines if text in line]
+            if found:
+                return found[0]
+            if self.process.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no line with {text!r} from patcher serve:\n" + "\n".join(self.lines[-40:]))
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port of its gRPC endpoint."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port of its HTTP endpoint."""
+        return f"127.0.0.1:{self.http_port}"
+
+    def key(self) -> ServerKey:
+        """The key `patcher serve` wrote."""
+        return read_key_file(self.key_file)
+
+    def server_pid(self) -> int:
+        """The tritonserver process it started (its child, leader of its own process group)."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.process.pid and b"tritonserver" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+        raise AssertionError("patcher serve has no tritonserver child")
+
+    def stubs(self) -> list[Stub]:
+        """The python-backend stub processes of its server."""
+        return stub_processes(self.server_pid())
+
+    def stub(self, model: str) -> Stub:
+        """The one stub of `model`."""
+        (found,) = [s for s in self.stubs() if s.model == model]
+        return found
+
+    def stop(self) -> int:
+        """SIGINT, as Ctrl-C; its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        return int(self.process.returncode)
+
+
+class Load:
+    """Closed-loop requests from `threads` threads until stopped: a bounded load; counts every answer."""
+
+    def __init__(self, request: Callable[[Any], None], make_client: Callable[[], Any], threads: int = 2) -> None:
+        self.request, self.make_client = request, make_client
+        self.succeeded = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        client = self.make_client()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.request(client)
+                except Exception as error:  # every failure counts, whatever its type
+                    with self._lock:
+                        self.failures.append(f"{type(error).__name__}: {error}")
+                    continue
+                with self._lock:
+                    self.succeeded += 1
+        finally:
+            client.close()
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+# --- what NVIDIA's example clients (triton-inference-server/client, src/python/examples) rely on -------------
+
+
+def image_client_parse(metadata: Any, config: Any) -> tuple[int, str, str, int, int, int, int, str]:
+    """image_client.py's parse_model, with the same checks: (max_batch, input, output, c, h, w, format, dtype)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    assert len(metadata.inputs) == 1, f"expecting 1 input, got {len(metadata.inputs)}"
+    assert len(metadata.outputs) == 1, f"expecting 1 output, got {len(metadata.outputs)}"
+    assert len(config.input) == 1, f"expecting 1 input in model configuration, got {len(config.input)}"
+    tensor, output = metadata.inputs[0], metadata.outputs[0]
+    assert output.datatype == "FP32", f"expecting output datatype to be FP32, got {output.datatype}"
+    batched = config.max_batch_size > 0
+    assert sum(1 for d in output.shape[1 if batched else 0 :] if d > 1) <= 1, "expecting model output to be a vector"
+    assert len(tensor.shape) == 3 + batched, f"expecting input to have {3 + batched} dimensions"
+    fmt = config.input[0].format
+    assert fmt in (mc.ModelInput.FORMAT_NCHW, mc.ModelInput.FORMAT_NHWC), f"unexpected input format {fmt}"
+    offset = 1 if batched else 0
+    if fmt == mc.ModelInput.FORMAT_NHWC:
+        h, w, c = tensor.shape[offset : offset + 3]
+    else:
+        c, h, w = tensor.shape[offset : offset + 3]
+    return config.max_batch_size, tensor.name, output.name, c, h, w, fmt, tensor.datatype
+
+
+def image_client_preprocess(image: Image.Image, fmt: int, c: int, h: int, w: int) -> np.ndarray:
+    """image_client.py's preprocess with `-s NONE`: RGB (or L), PIL bilinear resize to w x h, raw 0-255 floats."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    resized = np.array((image.convert("L") if c == 1 else image.convert("RGB")).resize((w, h), Image.BILINEAR))
+    if resized.ndim == 2:
+        resized = resized[:, :, np.newaxis]
+    typed = resized.astype(np.float32)
+    return np.transpose(typed, (2, 0, 1)) if fmt == mc.ModelInput.FORMAT_NCHW else typed
+
+
+def classification_fields(entry: Any) -> tuple[float, int, str]:
+    """What the example clients print for one classification result: (score, index, label), asserting 3 fields."""
+    text = "".join(chr(x) for x in entry) if not isinstance(entry, (bytes, str)) else (
+        entry.decode() if isinstance(entry, bytes) else entry)
+    fields = text.split(":")
+    assert len(fields) == 3, f"expected score:index:label, got {text!r} (is the output labelled?)"
+    return float(fields[0]), int(fields[1]), fields[2]
+
+
+def environment() -> dict[str, str]:
+    """This process's environment (PATCHER_CACHE included) for CLI subprocesses."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
