@@ -35,11 +35,13 @@ def _torchrun(out: Path, *extra: str, processes: int = 2) -> list[str]:
             "--out", str(out), *extra]
 
 
-def test_two_processes_write_one_run_equal_to_one_process(tmp_path: Path):
+@pytest.mark.parametrize("method", ["ft", "flyp"])  # flyp's contrastive loss gathers features over ranks
+def test_two_processes_write_one_run_equal_to_one_process(tmp_path: Path, method: str):
     """Same global batch and seed: the fine-tuned weights agree to 1e-4, whatever the workers and data mode."""
-    single = _one(tmp_path / "one", "--steps", "8")
+    single = _one(tmp_path / "one", "--steps", "8", "--method", method)
     assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run(_torchrun(tmp_path / "two", "--steps", "8", "--workers", "1", "--data-mode", "stream"),
+    double = subprocess.run(_torchrun(tmp_path / "two", "--steps", "8", "--method", method, "--workers", "1",
+                                      "--data-mode", "stream"),
                             capture_output=True, text=True, env=_env(), timeout=300, check=False)
     assert double.returncode == 0, double.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # one run, nothing half-written beside it
@@ -49,6 +51,9 @@ def test_two_processes_write_one_run_equal_to_one_process(tmp_path: Path):
     moved = max((one[key] - zeroshot[key]).abs().max().item() for key in one)
     assert moved > 1e-4  # training really changed the weights, so the comparison means something
     assert max((one[key] - two[key]).abs().max().item() for key in one) <= 1e-4
+    if method == "flyp":  # the text tower too
+        one, two = (load_file(str(tmp_path / name / "text" / "finetuned.safetensors")) for name in ("one", "two"))
+        assert max((one[key].float() - two[key].float()).abs().max().item() for key in one) <= 1e-4
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two")]
     assert [m["training"]["world_size"] for m in manifests] == [1, 2]
     assert manifests[0]["test_accuracy"]["zeroshot"] == manifests[1]["test_accuracy"]["zeroshot"]
