@@ -50,7 +50,7 @@ def cache_dir() -> Path:
 
 def pytriton_libs() -> Path:
     """The nvidia_pytriton.libs folder that holds libb64 and libcudart."""
-    from patcher.triton.server import find_tritonserver
+    from patcher.triton.install import find_tritonserver
 
     return find_tritonserver().libs
 

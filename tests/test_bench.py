@@ -16,7 +16,7 @@ from patcher.bench.loadgen import LoadResult, latency_summary
 from patcher.bench.results import comparisons, targets
 from patcher.bench.sweep import Budget, make_sweep, round_order
 from patcher.errors import PatcherError
-from patcher.triton.server import free_port
+from patcher.triton.ports import free_port
 
 pytestmark = pytest.mark.slow
 SWEEP = {"concurrency": [1, 3], "batch_sizes": [1, 4], "duration_s": 0.4, "max_requests": 60}
@@ -81,10 +81,9 @@ def test_bench_run_covers_every_model_setting_and_baseline(report: dict[str, Any
     }
     for row in report["results"]:
         _check_counts(row, SWEEP["max_requests"])
-    assert report["run"]["manifest_sha256"] == report["run"]["manifest_sha256"].lower()
-    from patcher.runs.manifest import load_run
+    from patcher.runs.store import sha256_file
 
-    assert report["run"]["manifest_sha256"] == load_run(run_copy).manifest_sha256
+    assert report["run"]["manifest_sha256"] == sha256_file(run_copy / "manifest.json")  # the bytes benchmarked
     assert (run_copy / "onnx" / "export.json").is_file()  # exported on the way
 
 
@@ -123,7 +122,11 @@ def test_flops_accuracy_machine_and_comparisons(report: dict[str, Any]) -> None:
     assert [t["name"] for t in report["targets"]] == [
         "patched_vs_zeroshot", "patched_vs_outensemble", "triton_vs_onnxruntime"
     ]
-    assert all(isinstance(t["met"], bool) for t in report["targets"])
+    worst = max((c["throughput_ratio"] for c in compared["patched_vs_zeroshot"]), key=lambda r: abs(r - 1))
+    lowest = min(c["throughput_ratio"] for c in compared["patched_vs_outensemble"])
+    best = max(compared["triton_vs_onnxruntime"], key=lambda c: c["triton"])
+    assert [t["met"] for t in report["targets"]] == [abs(worst - 1) <= 0.03, lowest >= 1.8, best["ratio"] >= 0.8]
+    assert [t["worst"] for t in report["targets"]] == [worst, lowest, best["ratio"]]
 
 
 # --- an already running server --------------------------------------------------------------------------------
@@ -141,10 +144,17 @@ def server(run_copy: Path, report: dict[str, Any], tmp_path_factory: pytest.Temp
 
 @needs_server
 def test_bench_url_with_shared_memory(server, tmp_path: Path) -> None:
-    result = bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], out_dir=tmp_path,
-                       concurrency=[2], batch_sizes=[8], duration_s=0.4, max_requests=30, shared_memory=True)
+    from patcher.triton.access import write_key_file
+
+    arguments = {"out_dir": tmp_path, "concurrency": [2], "batch_sizes": [8], "duration_s": 0.4, "max_requests": 30,
+                 "shared_memory": True}
+    with pytest.raises(PatcherError, match=r"refused system shared memory.*restricted.*--key-file"):
+        bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], **arguments)  # registering needs the key
+    key_file = write_key_file(server.key, tmp_path / "keys" / "server.key.json", {"grpc": server.grpc_url}).path
+    result = bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], key_file=key_file, **arguments)
     assert result["run"] is None and result["server"]["started_here"] is False
     assert result["name"] == "digits_patched" and (tmp_path / "digits_patched.json").is_file()
+    assert server.key.value not in (tmp_path / "digits_patched.json").read_text()  # the key stays out of reports
     assert result["server"]["models"]["digits_patched"]["max_batch_size"] == 8
     assert [r["input"] for r in result["results"]] == ["shm", "shm"]
     for row in result["results"]:
@@ -174,6 +184,34 @@ def test_bad_input_is_one_clear_line(server, tmp_path: Path) -> None:
             call()
         assert "\n" not in str(error.value)
     assert not list(tmp_path.iterdir())  # nothing written for a refused benchmark
+
+
+@needs_server
+def test_bench_fails_with_one_error_line_when_requests_fail(server, tmp_path: Path) -> None:
+    """A python backend killed (SIGSEGV) on a server nobody heals: every request to that model fails."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from patcher.triton.processes import stub_processes
+
+    (stub,) = [s for s in stub_processes(server.pgid) if s.model == "digits_zeroshot"]
+    os.kill(stub.pid, signal.SIGSEGV)
+    arguments = ["--url", server.grpc_url, "--models", "digits_patched,digits_zeroshot", "--concurrency", "1",
+                 "--batch-sizes", "1", "--duration", "0.3", "--max-requests", "20", "--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-m", "patcher", "bench", *arguments], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "requests failed" in errors[0] and "digits_zeroshot" in errors[0] and "not healthy" in errors[0]
+    assert "--tolerate-failures" in errors[0] and not (tmp_path / "out").exists()  # no report of the failures
+    tolerated = bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], out_dir=tmp_path / "kept",
+                          concurrency=[1], batch_sizes=[1], duration_s=0.3, max_requests=20, tolerate_failures=True)
+    requests = {row["model"]: row["requests"] for row in tolerated["results"]}
+    assert requests["digits_zeroshot"]["failed"] == requests["digits_zeroshot"]["sent"] > 0
+    assert requests["digits_patched"]["failed"] == 0 < requests["digits_patched"]["succeeded"]
+    assert any("failed requests" in note for note in tolerated["notes"])
 
 
 # --- pure functions -------------------------------------------------------------------------------------------
