@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -215,3 +217,115 @@ def classification_fields(entry: Any) -> tuple[float, int, str]:
 def environment() -> dict[str, str]:
     """This process's environment (PATCHER_CACHE included) for CLI subprocesses."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+# --- code a hostile client uploads ---------------------------------------------------------------------------
+
+
+EVIL_CONFIG = json.dumps({"name": "evil", "backend": "python", "max_batch_size": 0,
+                          "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
+                          "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1]}]})
+
+
+def evil_code(marker: Path) -> bytes:
+    """A python-backend model.py that writes `marker` when the server imports it."""
+    return (f"open({str(marker)!r}, 'w').write('ran')\n"
+            "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n").encode()
+
+
+# --- exports, repositories and versions ------------------------------------------------------------------------
+
+
+def export_record(export: Path) -> dict[str, Any]:
+    """An export's export.json."""
+    return json.loads((export / "export.json").read_text())
+
+
+def reference_logits(export: Path, batch: np.ndarray, task: str) -> np.ndarray:
+    """Logits of the exported patched graph for raw-pixel batches normalised as CLIP does."""
+    import onnxruntime as ort
+
+    record = export_record(export)
+    mean = np.asarray(record["preprocess"]["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(record["preprocess"]["std"], np.float32).reshape(1, 3, 1, 1)
+    session = ort.InferenceSession(str(export / "patched.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run([record["tasks"][task]["output"]], {"image": ((batch / 255.0 - mean) / std)})
+    return logits
+
+
+def variant(export: Path, folder: Path, swap: bool = False, labels: str | None = None) -> Path:
+    """Another export with the same graphs: patched and zero-shot exchanged, or the digits' class names renamed."""
+    shutil.copytree(export, folder)
+    data = export_record(folder)
+    if swap:
+        data["models"]["patched"], data["models"]["zeroshot"] = data["models"]["zeroshot"], data["models"]["patched"]
+    if labels:
+        data["tasks"]["digits"]["classnames"] = [labels.format(name) for name in data["tasks"]["digits"]["classnames"]]
+    (folder / "export.json").write_text(json.dumps(data, indent=2))
+    return folder
+
+
+def patcher_triton(export: Path, repo: Path, *options: str) -> str:
+    """Run the real `patcher triton EXPORT --repo REPO OPTIONS`; its output (AssertionError if it fails)."""
+    done = subprocess.run([sys.executable, "-m", "patcher", "triton", str(export), "--repo", str(repo), *options],
+                          capture_output=True, text=True, timeout=300, env=environment())
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def entry_models(export: Path, name: str = "digits") -> list[str]:
+    """The model names of an export's entry."""
+    from patcher.triton.entry import Entry
+
+    return [m.name for m in Entry(name, tuple(export_record(export)["tasks"])).models()]
+
+
+def served_versions(client: Any, models: list[str]) -> list[list[str]]:
+    """The versions the server serves of each model."""
+    return [list(client.get_model_metadata(model).versions) for model in models]
+
+
+def wait_for_version(client: Any, models: list[str], version: str, timeout_s: float) -> float:
+    """Seconds until every model serves only `version`; AssertionError after timeout_s."""
+    started = time.monotonic()
+    while served_versions(client, models) != [[version]] * len(models):
+        assert time.monotonic() - started < timeout_s, served_versions(client, models)
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def half_publish(repo: Path, export: Path, scratch: Path, options: dict[str, Any]) -> Any:
+    """The state a `patcher triton` killed after its first rename leaves: journal "publishing", one model's new
+    version in place, the others' staged. Made by writing the same update into a copy of the repository, then
+    moving its pieces, holding the publish lock as a writer does (the watcher may be loading meanwhile)."""
+    from patcher.triton.publish import (
+        JOURNAL,
+        MODEL_DIR,
+        STAGING_PREFIX,
+        VERSION_DIR,
+        Journal,
+        publish_lock,
+        read_journal,
+    )
+    from patcher.triton.repository import write_repository
+
+    shutil.copytree(repo, scratch)
+    written = write_repository(export, scratch, **options)
+    version, models = written["version"], list(written["models"])
+    staging = repo / f"{STAGING_PREFIX}killed"
+    with publish_lock(repo):
+        for index, model in enumerate(models):
+            files = [p for p in (scratch / model).iterdir() if p.is_file()]
+            if index == 0:
+                shutil.move(scratch / model / str(version), repo / model / str(version))
+                for path in files:
+                    shutil.copy2(path, repo / model / path.name)
+                continue
+            (staging / model / MODEL_DIR).mkdir(parents=True)
+            shutil.move(scratch / model / str(version), staging / model / VERSION_DIR)
+            for path in files:
+                shutil.copy2(path, staging / model / MODEL_DIR / path.name)
+        journal = Journal(read_journal(repo).serial + 1, "publishing", written["name"], version,
+                          dict.fromkeys(models, version), staging.name)
+        (repo / JOURNAL).write_text(json.dumps(journal.record()))
+    return journal

@@ -6,12 +6,8 @@ One server for the module; the tests run in file order (the rollout tests change
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,28 +18,31 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 from serving_support import (
+    EVIL_CONFIG,
     Load,
     Served,
     classification_fields,
     encoded,
-    environment,
+    entry_models,
+    evil_code,
+    export_record,
+    half_publish,
     image_client_parse,
     image_client_preprocess,
+    patcher_triton,
     peak_rss_mb,
     png,
+    reference_logits,
+    served_versions,
+    variant,
+    wait_for_version,
 )
 from triton_support import requires_bundled_triton
 
 from patcher.errors import PatcherError
 from patcher.triton.client import classify_files
-from patcher.triton.entry import Entry
 from patcher.triton.publish import (
-    JOURNAL,
-    MODEL_DIR,
     STAGING_PREFIX,
-    VERSION_DIR,
-    Journal,
-    publish_lock,
     read_journal,
 )
 from patcher.triton.repository import write_repository
@@ -108,21 +107,11 @@ def _bytes_input(blobs: list[bytes]):
     return tensor
 
 
-def _export_record(export: Path) -> dict:
-    return json.loads((export / "export.json").read_text())
+def _triton(export: Path, repo: Path) -> str:
+    return patcher_triton(export, repo, "--max-batch-size", str(MAX_BATCH), "--max-image-bytes", str(MAX_BYTES))
 
 
 # --- a closed control plane -------------------------------------------------------------------------------------
-
-
-EVIL_CONFIG = json.dumps({"name": "evil", "backend": "python", "max_batch_size": 0,
-                          "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
-                          "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1]}]})
-
-
-def _evil_code(marker: Path) -> bytes:
-    return (f"open({str(marker)!r}, 'w').write('ran')\n"
-            "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n").encode()
 
 
 def test_uploaded_code_is_refused_without_the_key_and_runs_with_it(served: Served, tmp_path: Path) -> None:
@@ -130,7 +119,7 @@ def test_uploaded_code_is_refused_without_the_key_and_runs_with_it(served: Serve
     from tritonclient.utils import InferenceServerException
 
     assert served.key_file.stat().st_mode & 0o777 == 0o600 and served.key_file.parent.stat().st_mode & 0o077 == 0
-    marker, files = tmp_path / MARKER, {"file:1/model.py": _evil_code(tmp_path / MARKER)}
+    marker, files = tmp_path / MARKER, {"file:1/model.py": evil_code(tmp_path / MARKER)}
     client, http = _grpc(served), httpclient.InferenceServerClient(served.http_url)
     with pytest.raises(InferenceServerException, match="restricted"):
         client.load_model("evil", config=EVIL_CONFIG, files=files)
@@ -227,16 +216,6 @@ def test_image_bombs_are_refused_before_decoding_and_good_requests_are_unaffecte
 # --- Triton's conventions, as NVIDIA's example clients use them -------------------------------------------------
 
 
-def _reference_top(export: Path, batch: np.ndarray, task: str) -> np.ndarray:
-    """Logits of the exported patched graph for raw-pixel batches normalised as CLIP does."""
-    record = _export_record(export)
-    mean = np.asarray(record["preprocess"]["mean"], np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(record["preprocess"]["std"], np.float32).reshape(1, 3, 1, 1)
-    session = ort.InferenceSession(str(export / "patched.onnx"), providers=["CPUExecutionProvider"])
-    (logits,) = session.run([record["tasks"][task]["output"]], {"image": ((batch / 255.0 - mean) / std)})
-    return logits
-
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_per_task_pixels_models_answer_as_image_client_expects(served: Served, export: Path, digits,
                                                                protocol: str) -> None:
@@ -246,7 +225,7 @@ def test_per_task_pixels_models_answer_as_image_client_expects(served: Served, e
     module = grpcclient if protocol == "grpc" else httpclient
     client = module.InferenceServerClient(served.grpc_url if protocol == "grpc" else served.http_url)
     grpc_client = _grpc(served)
-    record = _export_record(export)
+    record = export_record(export)
     for task, info in record["tasks"].items():
         model = f"digits_{task.replace('-', '_')}_pixels"
         parsed = image_client_parse(grpc_client.get_model_metadata(model), grpc_client.get_model_config(model).config)
@@ -259,7 +238,7 @@ def test_per_task_pixels_models_answer_as_image_client_expects(served: Served, e
         outputs = [module.InferRequestedOutput(output_name, class_count=3)]
         answers = client.infer(model, inputs, outputs=outputs).as_numpy(output_name)
         assert answers.shape == (MAX_BATCH, 3)
-        reference = _reference_top(export, batch, task)
+        reference = reference_logits(export, batch, task)
         for row, logits in zip(answers, reference, strict=True):
             fields = [classification_fields(entry) for entry in row]
             assert [label for _, _, label in fields] == [info["classnames"][index] for _, index, _ in fields]
@@ -275,7 +254,7 @@ def test_per_task_pixels_models_answer_as_image_client_expects(served: Served, e
 def test_per_task_bytes_models_answer_as_ensemble_image_client_expects(served: Served, export: Path, digits) -> None:
     import tritonclient.grpc as grpcclient
 
-    record = _export_record(export)
+    record = export_record(export)
     client = _grpc(served)
     blobs = [np.array([path.read_bytes()], dtype=bytes) for path, _, _ in digits[:MAX_BATCH]]  # as that client does
     batch = np.stack(blobs, axis=0)
@@ -303,7 +282,7 @@ def test_a_killed_backend_serves_again_within_60_s_and_readiness_tells_the_truth
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    height, width = _export_record(export)["preprocess"]["image_size"]
+    height, width = export_record(export)["preprocess"]["image_size"]
     client = _grpc(served)
     tensor = grpcclient.InferInput("image", [1, 3, height, width], "FP32")
     tensor.set_data_from_numpy(np.zeros((1, 3, height, width), np.float32))
@@ -338,47 +317,10 @@ def test_a_killed_backend_serves_again_within_60_s_and_readiness_tells_the_truth
 # --- live rollout -----------------------------------------------------------------------------------------------
 
 
-def _variant(export: Path, folder: Path, swap: bool = False, labels: str | None = None) -> Path:
-    """Another export with the same graphs: patched and zero-shot exchanged, or the digits' class names renamed."""
-    shutil.copytree(export, folder)
-    data = json.loads((folder / "export.json").read_text())
-    if swap:
-        data["models"]["patched"], data["models"]["zeroshot"] = data["models"]["zeroshot"], data["models"]["patched"]
-    if labels:
-        data["tasks"]["digits"]["classnames"] = [labels.format(name) for name in data["tasks"]["digits"]["classnames"]]
-    (folder / "export.json").write_text(json.dumps(data, indent=2))
-    return folder
-
-
-def _patcher_triton(export: Path, repo: Path) -> str:
-    limits = ["--max-image-bytes", str(MAX_BYTES)]
-    done = subprocess.run([sys.executable, "-m", "patcher", "triton", str(export), "--repo", str(repo),
-                           "--max-batch-size", str(MAX_BATCH), *limits], capture_output=True, text=True,
-                          timeout=300, env=environment())
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def _served_versions(client, models: list[str]) -> list[list[str]]:
-    return [list(client.get_model_metadata(model).versions) for model in models]
-
-
-def _wait_for_version(client, models: list[str], version: str, timeout_s: float) -> float:
-    started = time.monotonic()
-    while _served_versions(client, models) != [[version]] * len(models):
-        assert time.monotonic() - started < timeout_s, _served_versions(client, models)
-        time.sleep(0.2)
-    return time.monotonic() - started
-
-
-def _entry_models(export: Path) -> list[str]:
-    return [m.name for m in Entry("digits", tuple(_export_record(export)["tasks"])).models()]
-
-
 def test_a_new_version_is_live_within_60_s_with_no_failed_requests(served: Served, export: Path, repo: Path, digits,
                                                                     tmp_path: Path) -> None:
     good = digits[0][0].read_bytes()
-    models = _entry_models(export)
+    models = entry_models(export)
 
     def request(client) -> None:
         client.infer("digits", [_bytes_input([good])], client_timeout=30)
@@ -389,14 +331,14 @@ def test_a_new_version_is_live_within_60_s_with_no_failed_requests(served: Serve
     client = _grpc(served)
     with Load(request, lambda: _grpc(served), threads=2) as load, Load(per_task, lambda: _grpc(served)) as other:
         time.sleep(0.5)
-        assert "wrote version 2 of digits" in _patcher_triton(_variant(export, tmp_path / "swapped", swap=True), repo)
-        _wait_for_version(client, models, "2", ROLLOUT_S)
+        assert "wrote version 2 of digits" in _triton(variant(export, tmp_path / "swapped", swap=True), repo)
+        wait_for_version(client, models, "2", ROLLOUT_S)
         time.sleep(0.5)
     assert not load.failures and not other.failures, (load.failures + other.failures)[:3]
     assert load.succeeded > 0 and other.succeeded > 0
     assert served.wait_for_line("rollout: digits_patched version 2 serving", 5)
     swapped = classify_files([p for p, _, _ in digits[:30]], "digits", url=served.grpc_url, top_k=1)
-    record = _export_record(export)
+    record = export_record(export)
     session = ort.InferenceSession(str(export / "zeroshot.onnx"), providers=["CPUExecutionProvider"])
     from patcher.triton.templates.preprocess_model import decode_image, preprocess_image
 
@@ -407,52 +349,23 @@ def test_a_new_version_is_live_within_60_s_with_no_failed_requests(served: Serve
     client.close()
 
 
-def _half_publish(repo: Path, export: Path, scratch: Path) -> Journal:
-    """The state a `patcher triton` killed after its first rename leaves: journal "publishing", one model's new
-    version in place, the others' staged (made by writing the same update into a copy of the repository)."""
-    shutil.copytree(repo, scratch)
-    written = write_repository(export, scratch, **OPTIONS)
-    with publish_lock(repo):  # as the writer holds it: the watcher may be loading (ensembles read their models)
-        return _move_half(repo, scratch, written)
-
-
-def _move_half(repo: Path, scratch: Path, written: dict) -> Journal:
-    version, models = written["version"], list(written["models"])
-    staging = repo / f"{STAGING_PREFIX}killed"
-    for index, model in enumerate(models):
-        files = [p for p in (scratch / model).iterdir() if p.is_file()]
-        if index == 0:
-            shutil.move(scratch / model / str(version), repo / model / str(version))
-            for path in files:
-                shutil.copy2(path, repo / model / path.name)
-            continue
-        (staging / model / MODEL_DIR).mkdir(parents=True)
-        shutil.move(scratch / model / str(version), staging / model / VERSION_DIR)
-        for path in files:
-            shutil.copy2(path, staging / model / MODEL_DIR / path.name)
-    journal = Journal(read_journal(repo).serial + 1, "publishing", "digits", version, dict.fromkeys(models, version),
-                      staging.name)
-    (repo / JOURNAL).write_text(json.dumps(journal.record()))
-    return journal
-
-
 def test_a_half_published_update_is_never_loaded_and_the_next_run_completes_it(served: Served, export: Path,
                                                                               repo: Path, digits, tmp_path) -> None:
-    models = _entry_models(export)
-    renamed = _variant(export, tmp_path / "renamed", labels="digit {}")
-    journal = _half_publish(repo, renamed, tmp_path / "scratch")
+    models = entry_models(export)
+    renamed = variant(export, tmp_path / "renamed", labels="digit {}")
+    journal = half_publish(repo, renamed, tmp_path / "scratch", OPTIONS)
     assert (repo / models[0] / "3").is_dir() and not (repo / models[1] / "3").exists()
     served.wait_for_line("is half-published", 30)
     time.sleep(3)  # several more rounds of the watcher
     client = _grpc(served)
-    assert _served_versions(client, models) == [["2"]] * len(models)
+    assert served_versions(client, models) == [["2"]] * len(models)
     assert not [line for line in served.lines if "version 3" in line]
 
-    out = _patcher_triton(renamed, repo)  # the next run finishes the interrupted one, then has nothing to add
+    out = _triton(renamed, repo)  # the next run finishes the interrupted one, then has nothing to add
     assert "finished publishing version 3 of digits" in out and "already version 3" in out
     assert read_journal(repo).serial == journal.serial + 1 and not read_journal(repo).publishing
     assert not list(repo.glob(f"{STAGING_PREFIX}*"))
-    _wait_for_version(client, models, "3", ROLLOUT_S)
+    wait_for_version(client, models, "3", ROLLOUT_S)
     results = classify_files([digits[0][0]], "digits", url=served.grpc_url, top_k=1)
     assert results[0]["tasks"]["digits"][0]["label"].startswith("digit ")  # labels went live with the version
     client.close()

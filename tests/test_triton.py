@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -28,18 +29,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 from patcher.errors import PatcherError
 from patcher.triton.client import classify_files
 from patcher.triton.configs import read_config
-from patcher.triton.install import find_tritonserver
 from patcher.triton.ports import free_port
 from patcher.triton.processes import group_pids
 from patcher.triton.repository import model_versions, write_repository
 from patcher.triton.server import TritonServer
-from patcher.triton.templates.preprocess_model import decode_image, preprocess_image
+from patcher.triton.templates.preprocess_model import preprocess_image
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 300
 MAX_BATCH = 64
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 needs_server = requires_bundled_triton()
@@ -220,37 +218,28 @@ def test_fp16_models_and_a_missing_precision(case: ExportCase, tmp_path: Path) -
         write_repository(fp32_only, tmp_path / "other", precision="fp16")
 
 
-def test_preprocessing_is_open_clips_bit_for_bit() -> None:
-    from patcher.data.transforms import eval_transform
-
-    rng = np.random.default_rng(0)
-    for size, resize_mode, (width, height), mode, fmt in [
-        (32, "shortest", (8, 8), "RGB", "PNG"),
-        (32, "shortest", (37, 61), "L", "PNG"),
-        (224, "shortest", (300, 200), "RGB", "JPEG"),
-        ((32, 48), "shortest", (50, 40), "RGBA", "PNG"),
-        (32, "longest", (50, 20), "P", "PNG"),
-        (32, "squash", (19, 40), "RGB", "PPM"),
-    ]:
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).convert(mode).save(buffer, fmt)
-        cfg = {"size": size, "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize_mode": resize_mode}
-        spec = {
-            "image_size": [size, size] if isinstance(size, int) else list(size),
-            "mean": CLIP_MEAN,
-            "std": CLIP_STD,
-            "interpolation": "bicubic",
-            "resize_mode": resize_mode,
-        }
-        expected = eval_transform(cfg)(Image.open(io.BytesIO(buffer.getvalue()))).numpy()
-        np.testing.assert_array_equal(preprocess_image(decode_image(buffer.getvalue()), spec), expected)
+EXAMPLE = Path(__file__).resolve().parent.parent / "triton_models"
+NOT_COMMITTED = ("model.onnx", "patcher.json", "README.md")  # weights, per-write records, the folder's own README
 
 
-def test_missing_binary_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pytriton", None)
-    with pytest.raises(PatcherError, match=r"nvidia-pytriton==0\.7\.0.*docker run"):
-        find_tritonserver()
+def _deployed(repo: Path) -> dict[str, str]:
+    """What a repository deploys besides weights: every file's text, by relative path (hidden files aside)."""
+    files = [p.relative_to(repo) for p in sorted(repo.rglob("*")) if p.is_file() and p.name not in NOT_COMMITTED]
+    return {str(p): (repo / p).read_text() for p in files if not any(part.startswith(".") for part in p.parts)}
+
+
+def test_the_committed_example_repository_is_what_patcher_triton_writes(case: ExportCase, tmp_path: Path) -> None:
+    """triton_models/ shows what gets deployed: `patcher triton` of the tiny run, without its weights."""
+    written = tmp_path / "triton_models"
+    write_repository(case.path, written)
+    if os.environ.get("PATCHER_UPDATE_EXAMPLE") == "1":  # regenerate the committed folder
+        for relative, text in _deployed(written).items():
+            (EXAMPLE / relative).parent.mkdir(parents=True, exist_ok=True)
+            (EXAMPLE / relative).write_text(text)
+        for relative in set(_deployed(EXAMPLE)) - set(_deployed(written)):
+            (EXAMPLE / relative).unlink()
+    assert _deployed(written) == _deployed(EXAMPLE), "out of date: PATCHER_UPDATE_EXAMPLE=1 pytest -k committed_example"
+    assert len(_deployed(EXAMPLE)) > 20 and not list(EXAMPLE.rglob("model.onnx"))
 
 
 # --- a real server ----------------------------------------------------------------------------------------

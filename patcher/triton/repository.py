@@ -9,8 +9,10 @@ a state the next run completes; `patcher serve` loads only committed updates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,20 @@ def _stage(plan: ModelPlan, staged: Staged) -> None:
             source(target)
 
 
+@contextlib.contextmanager
+def _made(repo: Path) -> Iterator[None]:
+    """Create the repository folder for the block; remove it again if the block fails and leaves it empty."""
+    created = not repo.exists()
+    repo.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                repo.rmdir()
+        raise
+
+
 def _options(backend: str, max_batch_size: int, instances: int, preferred_batch_sizes: list[int] | None,
              max_queue_delay_us: int, tensorrt_fp16: bool, precision: str, limits: dict[str, Any] | None) -> Options:
     if precision not in PRECISIONS:
@@ -150,8 +166,7 @@ def write_repository(
     plans = plan_entry(info, entry, files, options, _record(info, key))
     repo = Path(repo)
     check_output_name(repo)
-    with write_errors(repo), output_lock(repo):
-        repo.mkdir(parents=True, exist_ok=True)
+    with write_errors(repo), output_lock(repo), _made(repo):
         recovered = recover(repo)
         _check_owners(repo, entry)
         existing = _existing_version(repo, entry, key)
