@@ -10,6 +10,7 @@ a state the next run completes; `patcher serve` loads only committed updates.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import shutil
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from patcher.errors import PatcherError
+from patcher.runs.failures import naming
 from patcher.runs.locks import check_name as check_output_name
 from patcher.runs.manifest import now_iso
 from patcher.runs.store import output_lock, write_errors
@@ -96,12 +98,23 @@ def _stage(plan: ModelPlan, staged: Staged) -> None:
         return
     for filename, source in plan.files.items():
         target = staged.version_dir / filename
-        if isinstance(source, Path):
-            shutil.copyfile(source, target)
-        elif isinstance(source, str):
-            target.write_text(source)
-        else:
-            source(target)
+        with naming(target):
+            if isinstance(source, Path):
+                _copy(source, target)
+            elif isinstance(source, str):
+                target.write_text(source)
+            else:
+                source(target)
+
+
+def _copy(source: Path, target: Path) -> None:
+    """shutil.copyfile, its write faults naming the file written (sendfile names the source first)."""
+    try:
+        shutil.copyfile(source, target)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) and error.filename2 is not None:
+            raise OSError(error.errno, error.strerror, error.filename2) from error
+        raise
 
 
 @contextlib.contextmanager
