@@ -13,6 +13,7 @@ from patcher.triton.server import TritonServer
 from patcher.triton.supervisor import Supervisor
 
 TICK_S = 1.0
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve_forever(
@@ -44,6 +45,9 @@ def serve_forever(
         echo(f"  models  {', '.join(server.loaded)}")
         echo(f"  key     {key.path} (0600; {', '.join(RESTRICTED)} need it)")
         echo(f"  log     {server.log_path}")
+        if host not in LOOPBACK:
+            echo(f"  note    inference, health and metadata are open to anyone who reaches {host}; "
+                 "loading models and the other control APIs need the key")
         echo("Ctrl-C stops it.")
         supervisor = Supervisor(server, serve_all=models is None, echo=echo)
         while not stop.wait(tick_s):
