@@ -13,7 +13,7 @@ from patcher.errors import PatcherError
 
 INSTALL_HINT = (
     "install it with `pip install nvidia-pytriton==0.7.0` (it bundles tritonserver), or run NVIDIA's container: "
-    "docker run --gpus all -p8000-8002:8000-8002 -v $PWD/triton_models:/models "
+    "docker run --gpus all -p8000-8002:8000-8002 -v $PWD/runs/triton_models:/models "
     "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"
 )
 
