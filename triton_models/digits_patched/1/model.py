@@ -22,6 +22,7 @@ class TritonPythonModel:
     """One onnxruntime InferenceSession per model instance."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        """Open `model.onnx` of this version with onnxruntime (threads from the config's intra_op_threads)."""
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         options = ort.SessionOptions()
@@ -36,6 +37,7 @@ class TritonPythonModel:
         self.output_names = [node.name for node in self.session.get_outputs()]
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        """Run the batch's requests in one session call; each response carries the outputs its request asked for."""
         inputs = {
             name: [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for request in requests]
             for name in self.input_names

@@ -165,12 +165,14 @@ class TritonPythonModel:
     """Decode and preprocess every image of every request in a dynamic batch; bad bytes fail only their request."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        """Read the preprocessing and the input limits from this model's config parameters."""
         parameters = json.loads(args["model_config"]).get("parameters", {})
         self.spec = json.loads(parameters["preprocess"]["string_value"])
         limits = parameters.get("limits", {}).get("string_value")
         self.limits = check_limits(json.loads(limits) if limits else {})
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        """One response per request: the preprocessed batch, or INVALID_ARG naming the image refused and why."""
         responses = []
         for request in requests:
             items = pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy().reshape(-1)
