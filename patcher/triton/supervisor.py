@@ -50,6 +50,7 @@ class Supervisor:
         self.suspects = Suspects({})
         self.warned_half_published = False
         self.pending: list[str] = []  # dead models unloaded while the repository was half-published
+        self.last_failure: str | None = None
         self.events: list[str] = []
 
     def log(self, message: str) -> None:
@@ -59,13 +60,22 @@ class Supervisor:
         self.echo(line)
 
     def tick(self) -> None:
-        """One round of rollout and healing, skipped while a writer holds the publish lock."""
-        with publish_lock(self.server.repo, blocking=False) as held:
-            if not held:
-                return
-            with self._client() as client:
-                complete = self._rollout(client)
-                self._heal(client, complete)
+        """One round of rollout and healing, skipped while a writer holds the publish lock; a failing round is
+        reported (once per kind of failure) and the next one tries again: serving goes on."""
+        try:
+            with publish_lock(self.server.repo, blocking=False) as held:
+                if not held:
+                    return
+                with self._client() as client:
+                    complete = self._rollout(client)
+                    self._heal(client, complete)
+        except Exception as error:  # the server is what matters: a round that fails must not stop it
+            reason = f"{type(error).__name__}: {error}"
+            if reason != self.last_failure:
+                self.log(f"watcher: this round failed, retrying each second ({reason})")
+            self.last_failure = reason
+            return
+        self.last_failure = None
 
     @contextlib.contextmanager
     def _client(self) -> Any:
@@ -102,9 +112,8 @@ class Supervisor:
         self.warned_half_published = False
         if journal.serial == self.serial and not self.pending:
             return True
-        self.serial = journal.serial
         changed = [m for m in self._wanted() if _signature(self.server.repo / m) != self.signatures.get(m)]
-        healed, self.pending = self.pending, []
+        healed = list(self.pending)
         changed += [m for m in healed if m not in changed]
         for model in self._ordered(changed):
             versions = model_versions(self.server.repo / model)
@@ -119,6 +128,7 @@ class Supervisor:
                      f"({time.perf_counter() - started:.1f} s)")
         if healed:
             self._reload_not_ready(client)
+        self.pending, self.serial = [], journal.serial  # only now: a round cut short is taken up by the next
         return True
 
     # Healing ---------------------------------------------------------------------------------------------
