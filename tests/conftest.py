@@ -51,3 +51,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Path:
         out=out,
     )
     return build(options)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`patcher export` of the tiny run (fp32), shared by the tests that only read it."""
+    from patcher.export import export_run
+
+    return Path(export_run(tiny_run, tmp_path_factory.mktemp("tiny-export") / "onnx"))

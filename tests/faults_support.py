@@ -70,9 +70,13 @@ import patcher.export.exporter, patcher.stages.build  # noqa: E401 - what its co
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
 for line in sys.stdin:
     request = json.loads(line)
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.setsid()
+        os.close(ready_read)
+        os.write(ready_write, b"1")  # the pid is now a process group: killpg(pid) reaches it
+        os.close(ready_write)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
@@ -89,6 +93,9 @@ for line in sys.stdin:
         with open(request["status"], "w") as status:
             status.write(str(code))
         os._exit(code)
+    os.close(ready_write)
+    os.read(ready_read, 1)
+    os.close(ready_read)
     print(pid, flush=True)
 """
 

@@ -24,8 +24,8 @@ OUTPUTS = ["embedding", "logits_digits", "logits_fashion_mnist"]
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_run(tiny_run, tmp_path_factory.mktemp("export") / "plain")
+def plain(tiny_export: Path) -> Path:
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

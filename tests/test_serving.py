@@ -57,10 +57,8 @@ MARKER = "uploaded-code-ran"
 
 
 @pytest.fixture(scope="module")
-def export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from patcher.export import export_run
-
-    return Path(export_run(tiny_run, out=tmp_path_factory.mktemp("serving") / "onnx"))
+def export(tiny_export: Path) -> Path:
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,9 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkedCLI]:
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def exports(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny run's export, and a second one (patched and zero-shot exchanged) to write as version 2."""
-    from patcher.export import export_run
-
-    first = Path(export_run(tiny_run, out=tmp_path_factory.mktemp("faults") / "onnx"))
-    return first, variant(first, first.parent / "onnx-swapped", swap=True)
+    return tiny_export, variant(tiny_export, tmp_path_factory.mktemp("faults") / "onnx-swapped", swap=True)
 
 
 def deployed(repo: Path) -> dict[str, str]:

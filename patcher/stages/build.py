@@ -233,8 +233,8 @@ def _patch_and_write(options: BuildOptions, checked: _Checked, loaded: LoadedMod
     timings["total"] = time.perf_counter() - started
     manifest = _manifest(out.name, options, checked, loaded, splits, outcome, test_accuracy, text_files, device,
                          staging)
-    write_json(staging / MANIFEST, manifest)
     write_timings(staging, timings)
+    write_json(staging / MANIFEST, manifest)  # last: a staging directory with a manifest is complete
     return out  # run_staging renames the staging directory into place
 
 

@@ -159,8 +159,8 @@ def merge_runs(options: MergeOptions) -> Path:
                     f"merged {', '.join(patch)}: held-out accuracy against the coefficient")
         manifest = _manifest(out.name, options, runs, tasks, patch, support, splits, selection, fixed_alpha,
                              test_accuracy, text_files, device, staging)
-        write_json(staging / MANIFEST, manifest)
         write_timings(staging, {"total": time.perf_counter() - started})
+        write_json(staging / MANIFEST, manifest)
     return out
 
 
