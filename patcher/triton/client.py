@@ -38,7 +38,7 @@ def _grpc():
     return grpcclient, InferenceServerException
 
 
-def connect(url: str, timeout_s: float = 30):
+def connect(url: str, timeout_s: float = 30) -> Any:
     """A gRPC client for a live server; PatcherError naming the URL if nothing answers there."""
     grpcclient, InferenceServerException = _grpc()
     try:

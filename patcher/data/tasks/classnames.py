@@ -7,6 +7,8 @@ task_vectors / wise-ft repositories that PAINT builds on. ImageNet's names come 
 
 from __future__ import annotations
 
+from types import ModuleType
+
 DIGITS = tuple(str(digit) for digit in range(10))
 
 MNIST = DIGITS
@@ -274,7 +276,7 @@ def imagenet() -> tuple[str, ...]:
     return tuple(open_clip_metadata().IMAGENET_CLASSNAMES)
 
 
-def open_clip_metadata():
+def open_clip_metadata() -> ModuleType:
     """open_clip's zero_shot_metadata module (its import needs torchvision, hence patcher.compat first)."""
     from patcher.compat import import_torchvision
 
