@@ -46,7 +46,8 @@ def versions() -> dict[str, str]:
 
 def files_record(staging: Path) -> dict[str, Any]:
     """sha256 and size of every file in the staging directory (the manifest's `files`)."""
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name not in (STAGING_FINGERPRINT, TIMINGS, MANIFEST)
+    left_out = (STAGING_FINGERPRINT, TIMINGS, MANIFEST)
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name not in left_out
                    and "checkpoints" not in p.relative_to(staging).parts)
     return {str(p.relative_to(staging)): file_record(p) for p in files}
 
