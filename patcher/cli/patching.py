@@ -197,7 +197,7 @@ def demo(
     from patcher.stages.demo import DemoOptions, run_demo
 
     summary = run_demo(DemoOptions(serve=serve, bench=bench))
-    typer.echo(f"demo finished in {summary['total_s']:.0f} s; results in bench/results/demo.md")
+    typer.echo(f"demo finished in {summary['timings_s']['total']:.0f} s; results in bench/results/demo.md")
 
 
 @command
