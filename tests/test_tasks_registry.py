@@ -15,12 +15,12 @@ from patcher.errors import PatcherError
 
 EXPECTED_TASKS = {
     *("cars", "dtd", "eurosat", "gtsrb", "kitti", "mnist", "resisc45", "sun397", "svhn"),
-    *("imagenet", "cifar10", "cifar100", "stl10", "fashion-mnist", "digits"),
+    *("imagenet", "cifar10", "cifar100", "stl10", "fashion-mnist", "digits", "printed-digits"),
 }
 CLASS_COUNTS = {
     "cars": 196, "dtd": 47, "eurosat": 10, "gtsrb": 43, "kitti": 4, "mnist": 10, "resisc45": 45,
     "sun397": 397, "svhn": 10, "imagenet": 1000, "cifar10": 10, "cifar100": 100, "stl10": 10,
-    "fashion-mnist": 10, "digits": 10,
+    "fashion-mnist": 10, "digits": 10, "printed-digits": 10,
 }  # fmt: skip
 
 

@@ -84,3 +84,29 @@ def test_finetuning_lowers_the_loss_through_a_frozen_head():
 
     assert loss(method) < loss(untrained) - 0.1
     assert torch.equal(method.classifier.head("toy"), untrained.classifier.head("toy"))
+
+
+def test_class_contrastive_loss_is_clips_loss_when_every_image_has_its_own_class():
+    """UniCL's loss reduces to CLIP's with one image per class; with shared classes each caption's target is
+    spread evenly over its class's images, and the order of the images does not matter."""
+    import open_clip
+    import torch.nn.functional as F
+
+    from patcher.training.losses import class_contrastive_loss
+
+    generator = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(6, 8, generator=generator), dim=1)
+    captions = F.normalize(torch.randn(6, 8, generator=generator), dim=1)
+    scale = torch.tensor(10.0)
+    expected = open_clip.ClipLoss()(images, captions, scale)
+    assert torch.allclose(class_contrastive_loss(images, captions, torch.arange(6), scale), expected, atol=1e-6)
+
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    per_class = captions[:3]
+    loss = class_contrastive_loss(images, per_class, classes, scale)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert torch.allclose(class_contrastive_loss(images[order], per_class, classes[order], scale), loss, atol=1e-6)
+    members = F.one_hot(classes, 3).T.float()
+    logits = scale * images @ per_class.T
+    manual = (F.cross_entropy(logits, classes) + F.cross_entropy(logits.T, members / 2)) / 2
+    assert torch.allclose(loss, manual, atol=1e-6)

@@ -137,14 +137,20 @@ def merge(
     typer.echo(f"run: {path}")
 
 
+Default = "default: the reference model's"
+
+
 @command
 def pretrain(
     model: Annotated[str, typer.Option(help="open_clip config to train from scratch.")] = "patcher-mini",
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 600,
-    batch_size: Annotated[int, typer.Option(help="Image-caption pairs per batch.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 50,
+    steps: Annotated[int | None, typer.Option(help=f"Training steps ({Default}).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"Images per batch ({Default}).")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate, AdamW ({Default}).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help=f"Linear warmup steps ({Default}).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, batches and captions.")] = 0,
+    objective: Annotated[str, typer.Option(
+        help="classes: every caption of a class is a positive of its images (UniCL); instances: CLIP's pairs."
+    )] = "classes",
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = 100,
     device: Device = "auto",
     data_dir: DataDir = None,
@@ -154,17 +160,17 @@ def pretrain(
 ) -> None:
     """Train the offline reference mini CLIP (contrastive, on captioned images); print its folder."""
     import json
+    from dataclasses import replace
 
     from patcher.stages.pretrain import PretrainOptions, reference_dir
     from patcher.stages.pretrain import pretrain as run_pretrain
-    from patcher.training.loop import TrainConfig
 
-    options = PretrainOptions(
-        model=model,
-        train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                          checkpoint_every=checkpoint_every),
-        device=device, data_dir=data_dir, download=download, out=out, resume=resume,
-    )
+    reference = PretrainOptions()
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps}
+    train = replace(reference.train, seed=seed, checkpoint_every=checkpoint_every,
+                    **{key: value for key, value in given.items() if value is not None})
+    options = replace(reference, model=model, objective=objective, train=train, device=device, data_dir=data_dir,
+                      download=download, out=out, resume=resume)
     target = out or reference_dir(options)
     if out is None and (target / "pretrain.json").is_file():
         typer.echo(f"up to date: {target}")

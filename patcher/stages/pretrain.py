@@ -1,9 +1,13 @@
 """`patcher pretrain`: contrastive image-text training of a small open_clip model on captioned images.
 
 Captions are a task's templates filled with its class names, so a model pretrained here knows the
-classes it saw by name and nothing about the others: the offline stand-in for a pretrained CLIP.
-The reference scenario: all of Fashion-MNIST's train split (its held-out val images excluded) and
-the digits 0-4 of the `pretrain` part of `digits`; digits 5-9 are never seen.
+classes it saw by name: the offline stand-in for a pretrained CLIP. The reference scenario mirrors
+PAINT's: Fashion-MNIST's train split (its held-out val images excluded) and digits printed in
+matplotlib's fonts, so the model knows all ten digit names but has never seen handwriting.
+
+The default objective counts every caption of a class as a positive of each of its images (UniCL,
+Yang et al., CVPR 2022): with ten classes per source a batch holds many images per caption, which CLIP's
+instance pairs would push apart as negatives. "instances" keeps CLIP's one-positive pairs.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +39,15 @@ from patcher.models.loading import CONFIG_FILENAME
 from patcher.runs.manifest import library_versions, now_iso
 from patcher.runs.store import RunStaging, append_log, file_record, run_staging, trim_log, write_json
 from patcher.training.loop import TrainConfig, checkpoint_step, pick_device, train
-from patcher.training.sampling import TaskMixture, caption_templates
+from patcher.training.losses import class_contrastive_loss
+from patcher.training.sampling import MixedBatch, TaskMixture, caption_templates
 
 open_clip = import_open_clip()
 
 WEIGHTS_FILENAME = "open_clip_model.safetensors"
 RECORD_FILENAME = "pretrain.json"
 MAX_LOGIT_SCALE = 100.0
+OBJECTIVES = ("classes", "instances")
 
 
 @dataclass
@@ -59,15 +66,17 @@ class PretrainOptions:
 
     sources: list[Source] = field(
         default_factory=lambda: [
-            Source("fashion-mnist", "train", None, 0.75),
-            Source("digits", "pretrain", [0, 1, 2, 3, 4], 0.25),
+            Source("fashion-mnist", "train", None, 0.5),
+            Source("printed-digits", "train", None, 0.5),
         ]
     )
     model: str = "patcher-mini"
     image_size: int | None = None
+    objective: str = "classes"  # or "instances": CLIP's loss, one positive caption per image
+    freeze_token_embedding: bool = True  # the text tower sees a few dozen words; their table is most of the weights
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=600, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50, checkpoint_every=100
+            steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50, checkpoint_every=100
         )
     )
     device: str = "auto"
@@ -75,6 +84,10 @@ class PretrainOptions:
     download: bool = False
     out: Path | None = None
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise PatcherError(f"unknown pretraining objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that determine the weights."""
@@ -145,18 +158,10 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
     names = [f"{s.task}/{s.split}" for s in options.sources]
     mixture = TaskMixture({name: data.split for name, data in zip(names, sources, strict=True)},
                           options.train.batch_size, options.train.seed, shares=per_batch)
-    loss_fn = open_clip.ClipLoss()
-
-    def step_loss(step: int) -> torch.Tensor:
-        batch = mixture.batch(step)
-        texts = []
-        for number, (data, part) in enumerate(zip(sources, batch.parts.values(), strict=True)):
-            template = caption_templates(data.tokens.shape[1], len(part.labels), options.train.seed, step, number)
-            texts.append(data.tokens[part.labels, template])
-        image_features = model.encode_image(batch.inputs(device), normalize=True)
-        text_features = model.encode_text(torch.cat(texts).to(device), normalize=True)
-        scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        return loss_fn(image_features, text_features, scale)
+    step_loss = (_class_step_loss if options.objective == "classes" else _instance_step_loss)(
+        model, mixture, sources, options.train.seed, device)
+    if options.freeze_token_embedding:
+        model.token_embedding.weight.requires_grad_(False)
 
     log_path = staging / "train.log"
     checkpoint_dir = staging / "checkpoints"
@@ -174,7 +179,8 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(staging / WEIGHTS_FILENAME), metadata={"format": "pt"})
     (staging / CONFIG_FILENAME).write_text(json.dumps(loaded.open_clip_config(), indent=2) + "\n")
-    evaluation = zero_shot_report(f"local-dir:{staging}", options.data_dir, device)
+    evaluated = tuple(dict.fromkeys([*(source.task for source in options.sources), "digits"]))
+    evaluation = zero_shot_report(f"local-dir:{staging}", options.data_dir, device, evaluated)
     record = {
         "format": "patcher-pretrain/1",
         "created": now_iso(),
@@ -189,6 +195,54 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
     }
     write_json(staging / RECORD_FILENAME, record)
     return out
+
+
+def _text_features(model: Any, tokens: torch.Tensor, device: str) -> torch.Tensor:
+    return model.encode_text(tokens.to(device), normalize=True)
+
+
+def _image_features(model: Any, batch: MixedBatch, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.encode_image(batch.inputs(device), normalize=True), model.logit_scale.exp().clamp(
+        max=MAX_LOGIT_SCALE)
+
+
+def _instance_step_loss(model: Any, mixture: TaskMixture, sources: list[_CaptionedData], seed: int,
+                        device: str) -> Callable[[int], torch.Tensor]:
+    """CLIP's objective: each image against the batch's captions, its own caption the one positive."""
+    loss_fn = open_clip.ClipLoss()
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = mixture.batch(step)
+        texts = []
+        for number, (data, part) in enumerate(zip(sources, batch.parts.values(), strict=True)):
+            template = caption_templates(data.tokens.shape[1], len(part.labels), seed, step, number)
+            texts.append(data.tokens[part.labels, template])
+        image_features, scale = _image_features(model, batch, device)
+        return loss_fn(image_features, _text_features(model, torch.cat(texts), device), scale)
+
+    return step_loss
+
+
+def _class_step_loss(model: Any, mixture: TaskMixture, sources: list[_CaptionedData], seed: int,
+                     device: str) -> Callable[[int], torch.Tensor]:
+    """UniCL's objective: one caption per class in the batch, every image of that class its positive."""
+    offsets = torch.tensor([0, *torch.tensor([len(d.tokens) for d in sources]).cumsum(0).tolist()[:-1]])
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = mixture.batch(step)
+        classes = torch.cat([part.labels + offsets[number] for number, part in enumerate(batch.parts.values())])
+        present, image_classes = torch.unique(classes, return_inverse=True)
+        texts = []
+        for number, data in enumerate(sources):
+            labels = present[(present >= offsets[number]) & (present < offsets[number] + len(data.tokens))]
+            labels = labels - offsets[number]
+            template = caption_templates(data.tokens.shape[1], len(labels), seed, step, number)
+            texts.append(data.tokens[labels, template])
+        image_features, scale = _image_features(model, batch, device)
+        return class_contrastive_loss(image_features, _text_features(model, torch.cat(texts), device),
+                                      image_classes.to(device), scale)
+
+    return step_loss
 
 
 def _split_batch(batch_size: int, weights: torch.Tensor) -> list[int]:

@@ -1,4 +1,5 @@
-"""Losses the methods share: cross-entropy over a mixed batch, each item scored by its own task's head."""
+"""Losses the methods and pretraining share: cross-entropy over a mixed batch, each item under its own task's
+head, and UniCL's class-level image-text contrastive loss."""
 
 from __future__ import annotations
 
@@ -35,3 +36,16 @@ def classification_loss(
         return mixture_cross_entropy(classifier.embed(batch.inputs(device)), batch, classifier.head)
 
     return step_loss
+
+
+def class_contrastive_loss(
+    image_features: torch.Tensor, class_features: torch.Tensor, image_classes: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """UniCL's loss (Yang et al., 2022) with one caption per class: each image against the classes, its own the
+    positive, and each class against the images, all of its images positives (its target spread over them)."""
+    logits = logit_scale * image_features @ class_features.T  # [images, classes]
+    image_to_text = F.cross_entropy(logits.float(), image_classes)
+    members = F.one_hot(image_classes, len(class_features)).T.float()
+    text_to_image = F.cross_entropy(logits.T.float(), members / members.sum(dim=1, keepdim=True))
+    return (image_to_text + text_to_image) / 2

@@ -13,6 +13,7 @@ from patcher.data.tasks.fashion_mnist import load_fashion_mnist
 from patcher.data.tasks.folder import PREFIX as FOLDER_PREFIX
 from patcher.data.tasks.folder import folder_task
 from patcher.data.tasks.kitti import load_kitti
+from patcher.data.tasks.printed_digits import load_printed_digits
 from patcher.data.tasks.task import Task
 from patcher.errors import PatcherError
 
@@ -35,6 +36,7 @@ _TASKS: dict[str, Callable[[], Task]] = {
     "stl10": lambda: Task("stl10", names.STL10, prompts.STL10, loaders.load_stl10),
     "fashion-mnist": lambda: Task("fashion-mnist", names.FASHION_MNIST, prompts.FASHION_MNIST, load_fashion_mnist),
     "digits": lambda: Task("digits", names.DIGITS, prompts.DIGITS, load_digits, parts=DIGITS_PARTS),
+    "printed-digits": lambda: Task("printed-digits", names.DIGITS, prompts.PRINTED_DIGITS, load_printed_digits),
 }
 
 

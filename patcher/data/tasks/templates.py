@@ -111,6 +111,13 @@ DIGITS = (
     'a pixelated photo of the number: "{}".',
 )
 
+# digits rendered from fonts (the reference model's pretraining captions): the same style, printed.
+PRINTED_DIGITS = (
+    'a photo of the number: "{}".',
+    'a photo of the printed number: "{}".',
+    'a typeset photo of the number: "{}".',
+)
+
 FOLDER_DEFAULT = ("a photo of a {}.",)
 
 
