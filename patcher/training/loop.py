@@ -239,7 +239,7 @@ def _train_stages(method: Method, device: str, checkpoint_dir: Path | None, log_
                 on_log(line)
 
         train(stage.module, stage.parameters, stage.step_loss, stage.config, device, folder, log,
-              f"{method.name} {name} on {', '.join(method.setup.train)}")
+              f"{' '.join(dict.fromkeys([method.name, name]))} on {', '.join(method.setup.train)}")
         if folder is not None and main:
             with atomic_file(folder / DONE) as temporary:
                 torch.save(stage.module.state_dict(), temporary)
