@@ -206,6 +206,13 @@ def throughput_section(work: Path, quick: bool) -> dict[str, Any]:
             "summary": summary}
 
 
+def _build_timings(run: Path) -> dict[str, float]:
+    """A run's stage timings: timings.json now, the manifest's `timings_s` in the baseline's runs."""
+    if (run / "timings.json").is_file():
+        return json.loads((run / "timings.json").read_text())["timings_s"]
+    return json.loads((run / "manifest.json").read_text()).get("timings_s", {})
+
+
 def demo_build_section(work: Path, baseline: Path, quick: bool) -> dict[str, Any]:
     """The demo's build settings, new code against the baseline tree, on one small reference model."""
     model_dir = work / "reference"
@@ -215,14 +222,16 @@ def demo_build_section(work: Path, baseline: Path, quick: bool) -> dict[str, Any
     steps = "30" if quick else "300"
     args = ["--task", "digits", "--support", "fashion-mnist", "--model", f"local-dir:{model_dir}", "--pretrained",
             "none", "--steps", steps, "--batch-size", "64", "--lr", "1e-4", "--warmup-steps", "30", "--device", "cpu"]
+    new_only = ["--no-augment"]  # the demo's setting; the baseline had no augmentation
     rows: list[dict[str, Any]] = []
     rounds = 1 if quick else 2
     for round_index in range(rounds):
         order = [("streaming", ROOT, True), ("before", baseline, False)]
         for label, tree, new in order if round_index % 2 == 0 else reversed(order):
             out = work / "runs" / f"demo-{label}-{time.time_ns()}"
-            result = measured_run(build_command(tree, [*args, "--out", str(out)], new), _env(tree, work / "cache-d"))
-            timings = json.loads((out / "timings.json").read_text())["timings_s"] if not result["returncode"] else {}
+            given = [*args, *(new_only if new else []), "--out", str(out)]
+            result = measured_run(build_command(tree, given, new), _env(tree, work / "cache-d"))
+            timings = _build_timings(out) if not result["returncode"] else {}
             rows.append({"code": label, "round": round_index, **result, "build_timings_s": timings})
             print(json.dumps(rows[-1]), flush=True)
     means = {label: float(np.mean([r["seconds"] for r in rows if r["code"] == label])) for label in ("streaming",
@@ -232,7 +241,9 @@ def demo_build_section(work: Path, baseline: Path, quick: bool) -> dict[str, Any
 
 def markdown(record: dict[str, Any]) -> str:
     """The results as Markdown."""
-    lines = ["# Data path at scale", "", f"Machine: {record['machine']}. Created {record['created']}.", ""]
+    sections = ", ".join(f"{name} {when}" for name, when in record.get("sections_created", {}).items())
+    lines = ["# Data path at scale", "",
+             f"Machine: {record['machine']}. Sections run: {sections or record['created']}.", ""]
     memory = record["memory"]
     lines += ["## Peak memory of a 2-step build at 224 px (patcher-tiny-p32)", "",
               "| path | train images | test images | build s | main peak RSS MB | tree peak PSS MB |",
@@ -297,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/patcher-data-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
+    parser.add_argument("--only", choices=("memory", "throughput", "demo_build"),
+                        help="rerun one section, keeping the others of the last results file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from patcher.bench.machine import machine_info
@@ -306,15 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATCHER_CACHE"] = str(args.work / "cache-inprocess")
     args.work.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    record: dict[str, Any] = {"format": "patcher-data-path-bench/1", "created": now_iso(), "machine_info": info,
-                              "machine": f"{info.get('cpu', '?')}, {info.get('logical_cores', '?')} cores, "
-                                         f"{info.get('memory_gib', '?')} GiB, no GPU",
-                              "baseline_tree": str(args.baseline_tree) if args.baseline_tree else None}
-    record["memory"] = memory_section(args.work, args.baseline_tree, args.quick)
-    record["throughput"] = throughput_section(args.work, args.quick)
-    if args.baseline_tree is not None:
-        record["demo_build"] = demo_build_section(args.work, args.baseline_tree, args.quick)
     name = "data-path-quick" if args.quick else "data-path"
+    previous = args.out / f"{name}.json"
+    record: dict[str, Any] = json.loads(previous.read_text()) if args.only and previous.is_file() else {}
+    record.update({"format": "patcher-data-path-bench/1", "created": now_iso(), "machine_info": info,
+                   "machine": f"{info.get('cpu', '?')}, {info.get('logical_cores', '?')} cores, "
+                              f"{info.get('memory_gib', '?')} GiB, no GPU",
+                   "baseline_tree": str(args.baseline_tree) if args.baseline_tree else None})
+    started = record.setdefault("sections_created", {})
+    if args.only in (None, "memory"):
+        started["memory"] = now_iso()
+        record["memory"] = memory_section(args.work, args.baseline_tree, args.quick)
+    if args.only in (None, "throughput"):
+        started["throughput"] = now_iso()
+        record["throughput"] = throughput_section(args.work, args.quick)
+    if args.baseline_tree is not None and args.only in (None, "demo_build"):
+        started["demo_build"] = now_iso()
+        record["demo_build"] = demo_build_section(args.work, args.baseline_tree, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(markdown(record))

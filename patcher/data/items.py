@@ -81,7 +81,7 @@ class TransformedItems(Dataset):
                 image, label = self.dataset[index]
                 if isinstance(key, tuple):
                     with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(key[1])
+                        torch.default_generator.manual_seed(key[1])  # the transforms draw from it alone
                         images.append(self.transform(image))
                 else:
                     images.append(self.transform(image))
