@@ -40,3 +40,31 @@ def test_output_loads_through_the_ordinary_model_loader(small_pretrained: Path):
     assert set(record["files"]) == {WEIGHTS_FILENAME, "open_clip_config.json"}
     assert all(sha256_file(small_pretrained / name) == entry["sha256"] for name, entry in record["files"].items())
     assert not (small_pretrained / "checkpoints").exists()
+
+
+def test_an_unknown_objective_is_one_error_line_and_writes_nothing(tmp_path: Path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    result = subprocess.run([sys.executable, "-m", "patcher", "pretrain", "--objective", "pairs", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: unknown pretraining objective 'pairs'") and "classes, instances" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_instance_objective_trains_too(tmp_path: Path):
+    """CLIP's loss (`--objective instances`) writes a model that knows the names it saw."""
+    from patcher.stages.pretrain import PretrainOptions, Source, pretrain
+    from patcher.training.loop import TrainConfig
+
+    options = PretrainOptions(
+        sources=[Source("fashion-mnist", "val", None, 1.0)], model="patcher-tiny", objective="instances",
+        train=TrainConfig(steps=120, batch_size=64, lr=2e-3, weight_decay=0.1, warmup_steps=10, checkpoint_every=60),
+        device="cpu", out=tmp_path / "model")
+    record = json.loads((pretrain(options) / RECORD_FILENAME).read_text())
+    fashion = record["zero_shot"]["fashion-mnist"]
+    assert fashion["accuracy"] > 2.5 * fashion["chance"], fashion
+    assert set(record["zero_shot"]) == {"fashion-mnist", "digits"}
