@@ -42,6 +42,7 @@ from patcher.training.methods import METHODS
 
 KINDS = ("zeroshot", "finetuned", "patched")
 SUPPORT = "fashion-mnist"
+DEMO = DemoOptions()  # every method fine-tunes as the demo does
 
 
 def make_inverted_digits(root: Path) -> str:
@@ -79,7 +80,7 @@ def config_for(method: str, seed: int) -> TrainConfig:
     if method == "lp":
         return TrainConfig(steps=2000, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_steps=0, seed=seed,
                            checkpoint_every=10_000)
-    return replace(DemoOptions().finetune, seed=seed)
+    return replace(DEMO.finetune, seed=seed)
 
 
 def run_build(model: str, task: str, out: Path, method: str, seed: int, multi: str | None = None,
@@ -89,7 +90,7 @@ def run_build(model: str, task: str, out: Path, method: str, seed: int, multi: s
         config = config_for(method, seed)
         build(BuildOptions(task=task, support=[SUPPORT], model=model, pretrained=None, method=method,
                            method_params=params or {}, multi=multi, finetune=config,
-                           data=DataOptions(augment=DemoOptions().augment), device="cpu", out=out))
+                           data=DataOptions(augment=DEMO.augment), device="cpu", out=out))
     return load_run(out)
 
 

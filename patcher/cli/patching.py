@@ -137,16 +137,16 @@ def merge(
     typer.echo(f"run: {path}")
 
 
-Default = "default: the reference model's"
+REFERENCE_DEFAULT = "default: the reference model's"
 
 
 @command
 def pretrain(
     model: Annotated[str, typer.Option(help="open_clip config to train from scratch.")] = "patcher-mini",
-    steps: Annotated[int | None, typer.Option(help=f"Training steps ({Default}).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help=f"Images per batch ({Default}).")] = None,
-    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate, AdamW ({Default}).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help=f"Linear warmup steps ({Default}).")] = None,
+    steps: Annotated[int | None, typer.Option(help=f"Training steps ({REFERENCE_DEFAULT}).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"Images per batch ({REFERENCE_DEFAULT}).")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate, AdamW ({REFERENCE_DEFAULT}).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help=f"Linear warmup steps ({REFERENCE_DEFAULT}).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, batches and captions.")] = 0,
     objective: Annotated[str, typer.Option(
         help="classes: every caption of a class is a positive of its images (UniCL); instances: CLIP's pairs."

@@ -39,14 +39,13 @@ from patcher.models.loading import CONFIG_FILENAME
 from patcher.runs.manifest import library_versions, now_iso
 from patcher.runs.store import RunStaging, append_log, file_record, run_staging, trim_log, write_json
 from patcher.training.loop import TrainConfig, checkpoint_step, pick_device, train
-from patcher.training.losses import class_contrastive_loss
+from patcher.training.losses import MAX_LOGIT_SCALE, class_contrastive_loss
 from patcher.training.sampling import MixedBatch, TaskMixture, caption_templates
 
 open_clip = import_open_clip()
 
 WEIGHTS_FILENAME = "open_clip_model.safetensors"
 RECORD_FILENAME = "pretrain.json"
-MAX_LOGIT_SCALE = 100.0
 OBJECTIVES = ("classes", "instances")
 
 
@@ -150,6 +149,8 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
     torch.manual_seed(options.train.seed)
     loaded = load_clip(options.model, None, options.image_size, device=device)
     model = loaded.model
+    if options.freeze_token_embedding:
+        model.token_embedding.weight.requires_grad_(False)
 
     sources = [_captioned(get_task(s.task), s, loaded, options) for s in options.sources]
     staging = output.open()  # after the data is found
@@ -160,8 +161,6 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
                           options.train.batch_size, options.train.seed, shares=per_batch)
     step_loss = (_class_step_loss if options.objective == "classes" else _instance_step_loss)(
         model, mixture, sources, options.train.seed, device)
-    if options.freeze_token_embedding:
-        model.token_embedding.weight.requires_grad_(False)
 
     log_path = staging / "train.log"
     checkpoint_dir = staging / "checkpoints"
@@ -197,13 +196,12 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
     return out
 
 
-def _text_features(model: Any, tokens: torch.Tensor, device: str) -> torch.Tensor:
-    return model.encode_text(tokens.to(device), normalize=True)
-
-
-def _image_features(model: Any, batch: MixedBatch, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return model.encode_image(batch.inputs(device), normalize=True), model.logit_scale.exp().clamp(
-        max=MAX_LOGIT_SCALE)
+def _scaled_features(model: Any, batch: MixedBatch, captions: list[torch.Tensor],
+                     device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised image and caption features of one step, and CLIP's clamped temperature."""
+    images = model.encode_image(batch.inputs(device), normalize=True)
+    texts = model.encode_text(torch.cat(captions).to(device), normalize=True)
+    return images, texts, model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
 def _instance_step_loss(model: Any, mixture: TaskMixture, sources: list[_CaptionedData], seed: int,
@@ -213,12 +211,11 @@ def _instance_step_loss(model: Any, mixture: TaskMixture, sources: list[_Caption
 
     def step_loss(step: int) -> torch.Tensor:
         batch = mixture.batch(step)
-        texts = []
+        captions = []
         for number, (data, part) in enumerate(zip(sources, batch.parts.values(), strict=True)):
             template = caption_templates(data.tokens.shape[1], len(part.labels), seed, step, number)
-            texts.append(data.tokens[part.labels, template])
-        image_features, scale = _image_features(model, batch, device)
-        return loss_fn(image_features, _text_features(model, torch.cat(texts), device), scale)
+            captions.append(data.tokens[part.labels, template])
+        return loss_fn(*_scaled_features(model, batch, captions, device))
 
     return step_loss
 
@@ -226,21 +223,18 @@ def _instance_step_loss(model: Any, mixture: TaskMixture, sources: list[_Caption
 def _class_step_loss(model: Any, mixture: TaskMixture, sources: list[_CaptionedData], seed: int,
                      device: str) -> Callable[[int], torch.Tensor]:
     """UniCL's objective: one caption per class in the batch, every image of that class its positive."""
-    offsets = torch.tensor([0, *torch.tensor([len(d.tokens) for d in sources]).cumsum(0).tolist()[:-1]])
 
     def step_loss(step: int) -> torch.Tensor:
         batch = mixture.batch(step)
-        classes = torch.cat([part.labels + offsets[number] for number, part in enumerate(batch.parts.values())])
-        present, image_classes = torch.unique(classes, return_inverse=True)
-        texts = []
-        for number, data in enumerate(sources):
-            labels = present[(present >= offsets[number]) & (present < offsets[number] + len(data.tokens))]
-            labels = labels - offsets[number]
-            template = caption_templates(data.tokens.shape[1], len(labels), seed, step, number)
-            texts.append(data.tokens[labels, template])
-        image_features, scale = _image_features(model, batch, device)
-        return class_contrastive_loss(image_features, _text_features(model, torch.cat(texts), device),
-                                      image_classes.to(device), scale)
+        captions, image_classes, classes_before = [], [], 0
+        for number, (data, part) in enumerate(zip(sources, batch.parts.values(), strict=True)):
+            present, position = torch.unique(part.labels, return_inverse=True)
+            template = caption_templates(data.tokens.shape[1], len(present), seed, step, number)
+            captions.append(data.tokens[present, template])
+            image_classes.append(position + classes_before)
+            classes_before += len(present)
+        images, texts, scale = _scaled_features(model, batch, captions, device)
+        return class_contrastive_loss(images, texts, torch.cat(image_classes).to(device), scale)
 
     return step_loss
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.training.sampling import MixedBatch, TaskMixture
 
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at 100; pretraining and FLYP do too
+
 
 def mixture_cross_entropy(
     features: torch.Tensor,

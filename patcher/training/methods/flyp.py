@@ -19,12 +19,12 @@ from patcher.compat import import_open_clip
 from patcher.errors import PatcherError
 from patcher.models.state import State, text_state, visual_state
 from patcher.training.loop import TrainConfig
+from patcher.training.losses import MAX_LOGIT_SCALE
 from patcher.training.methods.base import Method, MethodSetup, Stage
 from patcher.training.sampling import SEED_STRIDE, TaskMixture, caption_templates
 
 open_clip = import_open_clip()
 
-MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at 100; so does `patcher pretrain`
 
 
 def same_class_targets(classes: torch.Tensor) -> torch.Tensor:
