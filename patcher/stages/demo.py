@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
+from patcher.bench.machine import machine_info
 from patcher.data.loading import DataOptions
 from patcher.runs.manifest import Run, load_run
 from patcher.runs.report import accuracy_table, alpha_lines, markdown_table
@@ -108,6 +109,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         timings["bench"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     summary["timings_s"] = {key: round(value, 1) for key, value in timings.items()}
+    summary["machine"] = machine_info()
     _write_results(summary, run, options.results_dir)
     console.print(f"summary: {options.results_dir / 'demo.md'}; alpha curve: "
                   f"{options.results_dir / 'demo-alpha-curve.png'}")
@@ -156,8 +158,12 @@ def _write_results(summary: dict[str, Any], run: Run, results_dir: Path) -> None
     reference = summary["reference_model"]
     zero_shot = ", ".join(f"{task} {r['accuracy']:.2f}% (chance {r['chance']:.0f}%)"
                           for task, r in reference["zero_shot"].items())
+    machine = summary["machine"]
     lines = [
         "# Demo: PAINT in miniature (offline)",
+        "",
+        f"Run {summary['run']['path']} on {machine['cpu']} ({machine['usable_cores']} usable cores, "
+        f"{machine['memory_gib']} GiB), {datetime.now():%Y-%m-%d}.",
         "",
         f"Reference mini CLIP ({reference['options']['model']}, {reference['options']['train']['steps']} steps): "
         f"zero-shot test accuracy {zero_shot}",
