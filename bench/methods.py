@@ -29,9 +29,10 @@ from typing import Any
 
 from PIL import ImageOps
 
+from patcher.bench.machine import machine_info
 from patcher.data.loading import DataOptions
 from patcher.data.tasks import get_task
-from patcher.runs.manifest import Run, load_run
+from patcher.runs.manifest import Run, load_run, now_iso
 from patcher.runs.store import write_json
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.demo import DemoOptions
@@ -114,7 +115,13 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def methods_markdown(results: dict[str, list[dict[str, Any]]], model: str, seeds: list[int]) -> str:
+def machine_line(machine: dict[str, Any]) -> str:
+    """Where the figures come from (build seconds depend on it; accuracies, being seeded, should not)."""
+    return f"Measured {machine['created']} on {machine['cpu']} ({machine['usable_cores']} usable cores, no GPU)."
+
+
+def methods_markdown(results: dict[str, list[dict[str, Any]]], model: str, seeds: list[int],
+                     machine: dict[str, Any]) -> str:
     """PAINT's table per method: zero-shot, fine-tuned, patched on the patch and the supported task."""
     lines = [
         "# Fine-tuning methods, patched with PAINT's rule (offline mini CLIP)",
@@ -122,6 +129,7 @@ def methods_markdown(results: dict[str, list[dict[str, Any]]], model: str, seeds
         f"Model `{model}`; patch task `digits` (handwritten; pretraining saw the names on printed digits), "
         f"supported `{SUPPORT}`, "
         f"tolerance 1 point, golden-section alpha search; test accuracy (%), seeds {seeds} (mean ± std).",
+        machine_line(machine),
         "",
         "| method | digits zero-shot | digits fine-tuned | digits patched | fashion zero-shot | fashion fine-tuned "
         "| fashion patched | alpha | build s |",
@@ -140,11 +148,14 @@ def methods_markdown(results: dict[str, list[dict[str, Any]]], model: str, seeds
     return "\n".join(lines)
 
 
-def multitask_markdown(sections: dict[str, dict[str, Any]], tasks: dict[str, str], model: str) -> str:
+def multitask_markdown(sections: dict[str, dict[str, Any]], tasks: dict[str, str], model: str,
+                       machine: dict[str, Any]) -> str:
     """Per method: accuracy per task and mean over patch tasks for each strategy and the single-task specialists."""
     patch = [name for name, label in tasks.items() if label != SUPPORT]
     lines = [
         "# Multi-task patching (offline mini CLIP)",
+        "",
+        machine_line(machine),
         "",
         f"Model `{model}`; patch tasks `digits` and `digits-inverted` (digits printed dark on light), supported "
         f"`{SUPPORT}` (tolerance 1 point). Test accuracy (%) of each patched model; the mean is over the patch tasks.",
@@ -220,6 +231,7 @@ def main() -> None:
             raise SystemExit(f"no reference mini CLIP at {folder}: run `patcher pretrain` first, or pass --model")
         model = f"local-dir:{folder}"
     started = time.perf_counter()
+    machine = {**machine_info(), "created": now_iso()}
     runs_dir = args.runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     inverted = make_inverted_digits(runs_dir / "data" / "digits-inverted")
@@ -229,15 +241,16 @@ def main() -> None:
         results[label] = [summary(run_build(model, "digits", runs_dir / f"digits-{folder}-seed{seed}", method, seed,
                                             params=params)) for seed in args.seeds]
     write_json(args.results_dir / "methods.json", {"model": model, "patch": "digits", "support": SUPPORT,
-                                                    "seeds": args.seeds, "methods": results})
-    (args.results_dir / "methods.md").write_text(methods_markdown(results, model, args.seeds))
+                                                    "seeds": args.seeds, "machine": machine, "methods": results})
+    (args.results_dir / "methods.md").write_text(methods_markdown(results, model, args.seeds, machine))
 
     seed = args.seeds[0]
     tasks = {"digits": "digits", inverted: "digits-inverted", SUPPORT: SUPPORT}
     sections = {method: multitask(model, method, seed, runs_dir, inverted) for method in args.multi_methods}
     write_json(args.results_dir / "multitask.json", {"model": model, "tasks": tasks, "seed": seed, "methods": sections,
+                                                      "machine": machine,
                                                       "total_s": round(time.perf_counter() - started, 1)})
-    (args.results_dir / "multitask.md").write_text(multitask_markdown(sections, tasks, model))
+    (args.results_dir / "multitask.md").write_text(multitask_markdown(sections, tasks, model, machine))
     print((args.results_dir / "methods.md").read_text())
     print((args.results_dir / "multitask.md").read_text())
 
