@@ -14,7 +14,7 @@ import pytest
 
 from patcher.errors import PatcherError
 from patcher.runs.locks import lock_path, output_lock
-from patcher.runs.store import append_log, clean_stale, output_directory, trim_log
+from patcher.runs.store import append_log, clean_stale, output_directory, remove_atomic_leftovers, trim_log, write_json
 
 HOLD = "import sys, time; from patcher.runs.locks import output_lock\nwith output_lock(sys.argv[1]):\n" \
        "    print('held', flush=True); time.sleep(120)"
@@ -48,6 +48,25 @@ def test_stale_partials_are_removed_and_a_half_replaced_directory_comes_back(tmp
     assert [p.name for p in removed] == [".onnx.partial-5e6f7a8b"]
     assert (final / "export.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".onnxx.partial-00000000", "onnx"]
+
+WRITE_AND_HANG = "import sys, time; from patcher.runs.store import atomic_file\nwith atomic_file(sys.argv[1]) as t:\n" \
+                 "    t.write_text('half'); print('writing', flush=True); time.sleep(120)"
+
+
+def test_the_temporary_of_a_write_killed_by_kill_9_is_removed_and_nothing_else(tmp_path: Path) -> None:
+    journal = tmp_path / ".journal.json"
+    write_json(journal, {"serial": 1})
+    (tmp_path / ".other.tmp").write_text("not an atomic temporary")
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_AND_HANG, str(journal)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("..journal.json.")]
+    assert len(leftovers) == 1 and json.loads(journal.read_text()) == {"serial": 1}
+    assert [p.name for p in remove_atomic_leftovers(tmp_path)] == leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".journal.json", ".other.tmp"]
 
 
 def test_output_directory_replaces_whole_or_not_at_all(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from patcher.runs.store import write_json
+from patcher.runs.store import write_json, write_text
 
 RUNTIME_LABEL = {"triton": "Triton gRPC", "onnxruntime": "onnxruntime", "torch": "PyTorch eager"}
 
@@ -223,7 +223,5 @@ def write_report(report: dict[str, Any], out_dir: Path, png_writer: Any = None) 
     report["files"] = files
     report.update(plain(report))
     write_json(Path(files["json"]), report)
-    temporary = Path(files["markdown"]).with_suffix(".md.tmp")
-    temporary.write_text(markdown(report))
-    temporary.replace(files["markdown"])
+    write_text(Path(files["markdown"]), markdown(report))
     return files

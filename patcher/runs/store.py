@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -35,6 +36,9 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+ATOMIC_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what `atomic_file` names its temporaries
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a hidden temporary sibling of `path` to write; rename it over `path` only if the block succeeds."""
@@ -45,6 +49,20 @@ def atomic_file(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_atomic_leftovers(directory: Path) -> list[Path]:
+    """Remove the temporaries of `atomic_file` writers killed mid-write in `directory`; returns what was removed.
+
+    Call it only while holding the lock of whatever writes into `directory`.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    leftovers = [entry for entry in directory.iterdir() if ATOMIC_TEMPORARY.match(entry.name) and entry.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 def write_text(path: Path, text: str) -> None:

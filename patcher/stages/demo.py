@@ -22,7 +22,7 @@ from patcher.bench.machine import machine_info
 from patcher.data.loading import DataOptions
 from patcher.runs.manifest import Run, load_run
 from patcher.runs.report import accuracy_table, alpha_lines, markdown_table
-from patcher.runs.store import write_json
+from patcher.runs.store import write_json, write_text
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, pretrain, reference_dir
 from patcher.training.loop import TrainConfig
@@ -179,5 +179,5 @@ def _write_results(summary: dict[str, Any], run: Run, results_dir: Path) -> None
         lines += ["", f"gRPC classification through the served ensemble `{serving['model']}` (version "
                       f"{serving['version']}): {serving['correct']}/{serving['total']} digits test images correct."]
     lines += ["", "Time (s): " + ", ".join(f"{key} {value:.0f}" for key, value in summary["timings_s"].items()), ""]
-    (results_dir / "demo.md").write_text("\n".join(lines))
+    write_text(results_dir / "demo.md", "\n".join(lines))
     shutil.copyfile(run.path / "alpha_curve.png", results_dir / "demo-alpha-curve.png")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patcher.errors import PatcherError
+from patcher.runs.store import atomic_file
 
 HEADER = "patcher-key"
 GRPC_PREFIX = "triton-grpc-protocol-"
@@ -70,15 +71,11 @@ def write_key_file(key: ServerKey, path: Path, endpoints: dict[str, str]) -> Ser
     """Write the key (and the endpoints it opens) to `path`, readable by this user only (0600, folder 0700)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
+    with atomic_file(path) as temporary:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump({"header": HEADER, "key": key.value, **endpoints, "pid": os.getpid()}, handle)
         os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return ServerKey(key.value, path)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from patcher.errors import PatcherError
 from patcher.runs.manifest import now_iso
-from patcher.runs.store import write_json
+from patcher.runs.store import remove_atomic_leftovers, write_json
 
 DEFAULT_REPOSITORY = Path("runs/triton_models")  # local and git-ignored; triton_models/ is the committed example
 JOURNAL = ".patcher-journal.json"
@@ -192,6 +192,8 @@ def recover(repo: Path) -> list[str]:
             _finish(repo, journal)
         done.append(f"finished publishing version {journal.version} of {journal.entry} (interrupted earlier)")
     (repo / NEXT_JOURNAL).unlink(missing_ok=True)
+    for path in remove_atomic_leftovers(repo):
+        done.append(f"removed {path.name} (a journal write an interrupted run left)")
     for path in sorted(repo.glob(f"{STAGING_PREFIX}*")):
         shutil.rmtree(path, ignore_errors=True)
         done.append(f"removed {path.name} (left by an interrupted run)")
