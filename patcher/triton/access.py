@@ -72,10 +72,9 @@ def write_key_file(key: ServerKey, path: Path, endpoints: dict[str, str]) -> Ser
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with atomic_file(path) as temporary:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from birth; umask only narrows it
         with os.fdopen(fd, "w") as handle:
             json.dump({"header": HEADER, "key": key.value, **endpoints, "pid": os.getpid()}, handle)
-        os.chmod(temporary, 0o600)
     return ServerKey(key.value, path)
 
 

@@ -26,7 +26,6 @@ from patcher.training.sampling import SEED_STRIDE, TaskMixture, caption_template
 open_clip = import_open_clip()
 
 
-
 def same_class_targets(classes: torch.Tensor) -> torch.Tensor:
     """[N, N] target distribution: row i uniform over the items whose class equals item i's."""
     same = (classes[:, None] == classes[None, :]).float()
