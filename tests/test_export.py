@@ -55,7 +55,7 @@ def test_export_writes_verified_models(plain: Path, tiny_run: Path) -> None:
     for key, report in data["parity"]["models"].items():
         assert report["passed"], key
         assert max(report["max_abs_diff"].values()) <= 1e-3
-        assert set(report["top1_agreement"].values()) == {100.0}
+        assert {task["decisive_top1_agreement"] for task in report["tasks"].values()} == {100.0}
         assert {1, 7, 64} <= set(report["batch_sizes"])
 
 
@@ -88,7 +88,7 @@ def test_fp16_keeps_float32_io_and_agrees(variants: Path) -> None:
         assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
         report = data["parity"]["models"][key]
         assert report["precision"] == "fp16" and report["passed"]
-        assert min(report["top1_agreement"].values()) >= 99.5
+        assert min(task["decisive_top1_agreement"] for task in report["tasks"].values()) >= 99.5
     assert data["models"]["patched_fp16"]["bytes"] < 0.75 * data["models"]["patched"]["bytes"]
 
 
@@ -182,9 +182,11 @@ def test_folder_that_is_not_an_export_is_never_replaced(tiny_run: Path, tmp_path
 
 
 def test_model_failing_parity_is_not_written(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from patcher.export import verify
+    from dataclasses import replace
 
-    monkeypatch.setattr(verify, "FP32_MAX_ABS_DIFF", 0.0)
+    from patcher.export import parity
+
+    monkeypatch.setitem(parity.RULES, "fp32", replace(parity.RULES["fp32"], max_abs_diff=0.0))
     with pytest.raises(PatcherError, match=r"patched.onnx fails the parity check .* max \|logits_digits diff\|"):
         export_run(tiny_run, tmp_path / "out", images_per_task=16)
     assert list(tmp_path.iterdir()) == []

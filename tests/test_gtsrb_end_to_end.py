@@ -78,4 +78,4 @@ def test_gtsrb_layout_builds_and_exports_at_224_px(tmp_path: Path):
     assert exported.returncode == 0, exported.stderr[-3000:]
     record = json.loads((run / "onnx" / "export.json").read_text())
     assert all(report["passed"] for report in record["parity"]["models"].values())
-    assert record["parity"]["models"]["patched"]["top1_agreement"]["gtsrb"] == 100.0
+    assert record["parity"]["models"]["patched"]["tasks"]["gtsrb"]["decisive_top1_agreement"] == 100.0

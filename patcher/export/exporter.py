@@ -32,7 +32,7 @@ from patcher.export.onnx_export import (
     save_onnx,
     to_fp16,
 )
-from patcher.export.verify import check_loads, check_structure, failures, parity_report, thresholds
+from patcher.export.verify import thresholds, verify_model
 from patcher.progress import console, make_progress
 from patcher.runs.locks import check_name
 from patcher.runs.manifest import Run, load_run
@@ -188,7 +188,7 @@ def _export_models(
             for precision, path in paths.items():
                 progress.update(bar, status=f"checking {path.name}")
                 tick = time.perf_counter()
-                report = _verify(path, precision, graph, heldout, reference)
+                report = verify_model(path, precision, graph, heldout, reference)
                 _add(timings, "verify", time.perf_counter() - tick)
                 key = model_key(kind, precision)
                 reports[key] = report
@@ -231,17 +231,6 @@ def _write_model(
         save_onnx(half, paths["fp16"])
         _add(timings, "fp16", time.perf_counter() - tick)
     return paths
-
-
-def _verify(path: Path, precision: str, graph: ExportGraph, heldout: HeldOut, reference: list) -> dict[str, Any]:
-    check_structure(path, graph.output_names, graph.output_widths())
-    check_loads(path)
-    report = parity_report(path, precision, heldout, reference, graph.output_names)
-    problems = failures(report)
-    if problems:
-        raise PatcherError(f"{path.name} fails the parity check on {report['images']} held-out images: "
-                           f"{'; '.join(problems)}; nothing was written")
-    return {**report, "passed": True}
 
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:

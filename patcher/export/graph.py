@@ -15,7 +15,7 @@ from patcher.errors import PatcherError
 from patcher.export.naming import logits_output
 from patcher.models import build_from_config
 from patcher.models.classifier import MultiHeadClassifier
-from patcher.models.state import split_classifier_state
+from patcher.models.state import head_scale, split_classifier_state
 
 INPUT_NAME = "image"
 EMBEDDING_OUTPUT = "embedding"
@@ -43,6 +43,10 @@ class ExportGraph(nn.Module):
         heads = [self.classifier.head(task) for task in self.tasks]
         widths = [heads[0].shape[0], *(head.shape[1] for head in heads)]
         return dict(zip(self.output_names, (int(width) for width in widths), strict=True))
+
+    def logit_scales(self) -> dict[str, float]:
+        """Each task's logit scale: the mean norm of its head's class columns (cosine similarity x scale = logit)."""
+        return {task: head_scale(self.classifier.head(task)) for task in self.tasks}
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(L2-normalised embedding [N, D], logits [N, C] of each task), one encoder pass for all heads."""
