@@ -25,10 +25,9 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from patcher.bench.loadgen import CHANNEL_OPTIONS, MODEL_INFER, open_channel, run_load
-from patcher.bench.machine import load_average, machine_info
-from patcher.runs.manifest import now_iso
-from patcher.runs.store import write_json
+from patcher.base.files import now_iso, write_json
+from patcher.benchmark.loadgen import CHANNEL_OPTIONS, MODEL_INFER, open_channel, run_load
+from patcher.benchmark.machine import load_average, machine_info
 
 SETTINGS = [(1, 1), (1, 4), (8, 4)]
 
@@ -137,7 +136,7 @@ def patcher_threads(url: str, model: str, payload: Any, concurrency: int, reques
 
 def compare(url: str, model: str, size: tuple[int, int], duration_s: float, rounds: int) -> list[dict[str, Any]]:
     """Each client at each setting, ABBA over rounds; requests per run sized to about duration_s."""
-    from patcher.bench.loadgen import Payload
+    from patcher.benchmark.loadgen import Payload
 
     rows = []
     for batch, concurrency in SETTINGS:
@@ -193,8 +192,8 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patcher.bench.context import ensure_export
-    from patcher.bench.runner import distinct_free_ports
+    from patcher.benchmark.context import ensure_export
+    from patcher.benchmark.runner import distinct_free_ports
     from patcher.runs.manifest import load_run
     from patcher.triton import TritonServer, write_repository
     from patcher.triton.configs import read_config, write_config
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         config = read_config(repo / model)
         config.parameters["intra_op_threads"].string_value = "1"
         write_config(config, repo / model)
-        size = tuple(run.manifest["model"]["preprocess"]["image_size"])
+        size = tuple(run.manifest.model.preprocess.image_size)
         http, grpc_port, metrics = distinct_free_ports(3)
         with TritonServer(repo, models=[model], http_port=http, grpc_port=grpc_port, metrics_port=metrics) as server:
             rows = compare(server.grpc_url, model, size, args.duration, args.rounds)  # type: ignore[arg-type]

@@ -149,7 +149,8 @@ def _train_rate(model: str, split: Any, steps: int, warmup: int, batch: int) -> 
 
     from patcher.data.tasks import get_task
     from patcher.models import load_clip
-    from patcher.training.loop import TrainConfig, train
+    from patcher.training.config import TrainConfig
+    from patcher.training.loop import train
     from patcher.training.methods import MethodSetup
     from patcher.training.methods.ft import FineTune
 
@@ -167,9 +168,10 @@ def _train_rate(model: str, split: Any, steps: int, warmup: int, batch: int) -> 
 
 def throughput_section(work: Path, quick: bool) -> dict[str, Any]:
     """Training images/s at 224 px: streaming from JPEG files against a RAM store, interleaved rounds."""
+    from patcher.data.image_store import StoreItems, build_store
     from patcher.data.items import TransformedItems
-    from patcher.data.loading import TrainSplit, default_workers
-    from patcher.data.store import StoreItems, build_store
+    from patcher.data.loading import TrainSplit
+    from patcher.data.options import default_workers
     from patcher.data.tasks import get_task
     from patcher.data.transforms import Normalize, eval_transform, train_transform
 
@@ -312,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rerun one section, keeping the others of the last results file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from patcher.bench.machine import machine_info
-    from patcher.runs.manifest import now_iso
+    from patcher.base.files import now_iso
+    from patcher.benchmark.machine import machine_info
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["PATCHER_CACHE"] = str(args.work / "cache-inprocess")

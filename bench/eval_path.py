@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_path import make_folder
 
-from patcher.bench.machine import machine_info
+from patcher.benchmark.machine import machine_info
 from patcher.data.evaluation import predict
-from patcher.data.store import build_store
+from patcher.data.image_store import build_store
 from patcher.data.tasks import get_task
 from patcher.data.transforms import Normalize
 from patcher.models import load_clip

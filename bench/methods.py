@@ -29,16 +29,17 @@ from typing import Any
 
 from PIL import ImageOps
 
-from patcher.bench.machine import machine_info
-from patcher.data.loading import DataOptions
+from patcher.base.files import now_iso, write_json
+from patcher.base.records import to_json
+from patcher.benchmark.machine import machine_info
+from patcher.data.options import DataOptions
 from patcher.data.tasks import get_task
-from patcher.runs.manifest import Run, load_run, now_iso
-from patcher.runs.store import write_json
+from patcher.runs.manifest import Run, load_run
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.demo import DemoOptions
 from patcher.stages.merge import MergeOptions, merge_runs
 from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, reference_dir
-from patcher.training.loop import TrainConfig
+from patcher.training.config import TrainConfig
 from patcher.training.methods import METHODS
 
 KINDS = ("zeroshot", "finetuned", "patched")
@@ -81,7 +82,7 @@ def config_for(method: str, seed: int) -> TrainConfig:
     if method == "lp":
         return TrainConfig(steps=2000, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_steps=0, seed=seed,
                            checkpoint_every=10_000)
-    return replace(DEMO.finetune, seed=seed)
+    return replace(DEMO.train_config, seed=seed)
 
 
 def run_build(model: str, task: str, out: Path, method: str, seed: int, multi: str | None = None,
@@ -90,14 +91,14 @@ def run_build(model: str, task: str, out: Path, method: str, seed: int, multi: s
     if not (out / "manifest.json").is_file():
         config = config_for(method, seed)
         build(BuildOptions(task=task, support=[SUPPORT], model=model, pretrained=None, method=method,
-                           method_params=params or {}, multi=multi, finetune=config,
+                           method_params=params or {}, multi=multi, train_config=config,
                            data=DataOptions(augment=DEMO.augment), device="cpu", out=out))
     return load_run(out)
 
 
 def summary(run: Run) -> dict[str, Any]:
     """Test accuracy by model and task, the alpha(s), the build time."""
-    manifest = run.manifest
+    manifest = to_json(run.manifest)
     alpha = manifest["alpha"]
     return {
         "run": manifest["name"],
@@ -199,10 +200,10 @@ def multitask(model: str, method: str, seed: int, runs_dir: Path, inverted: str)
     rows: dict[str, dict[str, Any]] = {
         "zero-shot": {"accuracy": strategies["joint"]["test_accuracy"]["zeroshot"], "alpha": "0"}}
     for task, path in specialists.items():
-        manifest = load_run(path).manifest
+        manifest = to_json(load_run(path).manifest)
         rows[f"specialist {names[task]}"] = {"accuracy": manifest["test_accuracy"]["patched"],
                                              "alpha": f"{manifest['alpha']['chosen']:g}"}
-    own = {task: load_run(path).manifest["test_accuracy"]["patched"][task] for task, path in specialists.items()}
+    own = {task: load_run(path).manifest.test_accuracy["patched"][task] for task, path in specialists.items()}
     rows["specialists, each on its own task"] = {"accuracy": own, "alpha": "-"}
     for strategy, result in strategies.items():
         alpha = ", ".join(f"{a:g}" for a in result["alpha_steps"]) or f"{result['alpha']:g}"

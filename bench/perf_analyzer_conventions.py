@@ -28,9 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from perf_analyzer_crosscheck import VERSION, ensure_perf_analyzer
 
-from patcher.bench.machine import load_average, machine_info
-from patcher.runs.manifest import now_iso
-from patcher.runs.store import write_json, write_text
+from patcher.base.files import now_iso, write_json, write_text
+from patcher.benchmark.machine import load_average, machine_info
 
 
 def png_input_data(path: Path, size: tuple[int, int], count: int = 16) -> Path:

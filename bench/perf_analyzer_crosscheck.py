@@ -26,15 +26,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from patcher.bench import server_stats
-from patcher.bench.loadgen import run_load, warm_up
-from patcher.bench.machine import load_average, machine_info
-from patcher.bench.results import result_row
-from patcher.bench.runner import DEFAULT_MAX_QUEUE_DELAY_US
-from patcher.bench.targets import inspect_target, payload
-from patcher.errors import PatcherError
-from patcher.runs.manifest import now_iso
-from patcher.runs.store import write_json
+from patcher.base.errors import PatcherError
+from patcher.base.files import now_iso, write_json
+from patcher.benchmark import server_stats
+from patcher.benchmark.loadgen import run_load, warm_up
+from patcher.benchmark.machine import load_average, machine_info
+from patcher.benchmark.results import result_row
+from patcher.benchmark.runner import DEFAULT_MAX_QUEUE_DELAY_US
+from patcher.benchmark.targets import inspect_target, payload
 
 VERSION = "2.51.0"
 WHEEL_BINARY = f"tritonclient-{VERSION}.data/data/bin/perf_analyzer"
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    from patcher.bench.context import ensure_export
+    from patcher.benchmark.context import ensure_export
     from patcher.runs.manifest import load_run
     from patcher.triton.configs import read_config, write_config
     from patcher.triton.repository import write_repository

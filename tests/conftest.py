@@ -21,7 +21,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CLIP pretrained by `patcher pretrain` on Fashion-MNIST's val images and the digits 0-4 (~15 s)."""
     from patcher.stages.pretrain import PretrainOptions, Source, pretrain
-    from patcher.training.loop import TrainConfig
+    from patcher.training.config import TrainConfig
 
     options = PretrainOptions(
         sources=[Source("fashion-mnist", "val", None, 0.6), Source("digits", "pretrain", [0, 1, 2, 3, 4], 0.4)],
@@ -37,7 +37,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Path:
     """A run directory from `patcher build` on digits (patch) and fashion-mnist (support) with the tiny CLIP."""
     from patcher.stages.build import BuildOptions, build
-    from patcher.training.loop import TrainConfig
+    from patcher.training.config import TrainConfig
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     options = BuildOptions(
@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Path:
         model=f"local-dir:{tiny_clip}",
         pretrained=None,
         alpha="auto",
-        finetune=TrainConfig(steps=30, batch_size=32, lr=1e-3, warmup_steps=3, checkpoint_every=10),
+        train_config=TrainConfig(steps=30, batch_size=32, lr=1e-3, warmup_steps=3, checkpoint_every=10),
         device="cpu",
         out=out,
     )
@@ -56,6 +56,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`patcher export` of the tiny run (fp32), shared by the tests that only read it."""
-    from patcher.export import export_run
+    from patcher.stages.export import ExportOptions, export_run
 
-    return Path(export_run(tiny_run, tmp_path_factory.mktemp("tiny-export") / "onnx"))
+    return Path(export_run(tiny_run, ExportOptions(out=tmp_path_factory.mktemp("tiny-export") / "onnx")))

@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from patcher.base.files import sha256_file
+from patcher.base.records import to_json
 from patcher.runs.manifest import load_run
-from patcher.runs.store import sha256_file
 
 # A build small enough to run many times: random-weight patcher-tiny, the bundled digits, one process.
 BUILD = ["build", "--task", "digits", "--model", "patcher-tiny", "--pretrained", "none", "--steps", "40",
@@ -64,9 +65,9 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
 _ZYGOTE = r"""
 import json, os, signal, sys, traceback
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-import patcher.cli.patching, patcher.cli.serving  # noqa: E401 - what `patcher` imports, paid once
+import patcher.cli.make, patcher.cli.ship  # noqa: E401 - what `patcher` imports, paid once
 from patcher.cli.app import main
-import patcher.export.exporter, patcher.stages.build  # noqa: E401 - what its commands import lazily
+import patcher.stages.export, patcher.stages.build  # noqa: E401 - what its commands import lazily
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
 for line in sys.stdin:
     request = json.loads(line)
@@ -175,7 +176,7 @@ def hidden(parent: Path) -> list[str]:
 def assert_complete_run(path: Path) -> dict[str, str]:
     """A run directory every file of which matches its manifest; returns {file: sha256}."""
     run = load_run(path)
-    files = run.manifest["files"]
+    files = to_json(run.manifest.files)
     assert set(WEIGHTS) <= set(files)
     for relative in files:
         run.verified_file(relative)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from triton_support import requires_bundled_triton
 
-from patcher.bench import bench_run, bench_url, format_table, server_stats
-from patcher.bench.loadgen import LoadResult, latency_summary
-from patcher.bench.results import comparisons, targets
-from patcher.bench.sweep import Budget, make_sweep, round_order
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
+from patcher.benchmark import bench_run, bench_url, format_table, server_stats
+from patcher.benchmark.loadgen import LoadResult, latency_summary
+from patcher.benchmark.results import comparisons, targets
+from patcher.benchmark.sweep import Budget, make_sweep, round_order
 from patcher.triton.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def test_bench_run_covers_every_model_setting_and_baseline(report: dict[str, Any
     }
     for row in report["results"]:
         _check_counts(row, SWEEP["max_requests"])
-    from patcher.runs.store import sha256_file
+    from patcher.base.files import sha256_file
 
     assert report["run"]["manifest_sha256"] == sha256_file(run_copy / "manifest.json")  # the bytes benchmarked
     assert (run_copy / "onnx" / "export.json").is_file()  # exported on the way

@@ -11,16 +11,17 @@ import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from patcher.base.files import sha256_file
+from patcher.base.records import to_json
 from patcher.cli import app
 from patcher.runs.manifest import load_run
-from patcher.runs.store import sha256_file
 
 runner = CliRunner()
 
 
 def test_run_directory_follows_the_contract(tiny_run: Path):
     run = load_run(tiny_run)
-    manifest = run.manifest
+    manifest = to_json(run.manifest)
     assert manifest["patch_tasks"] == ["digits"] and manifest["support_tasks"] == ["fashion-mnist"]
     for relative in ("models/zeroshot.safetensors", "models/finetuned.safetensors", "models/patched.safetensors",
                      "alpha_curve.png", "train.log", "open_clip_config.json"):
@@ -34,7 +35,7 @@ def test_run_directory_follows_the_contract(tiny_run: Path):
 
 
 def test_manifest_records_the_alpha_search(tiny_run: Path):
-    alpha = load_run(tiny_run).manifest["alpha"]
+    alpha = to_json(load_run(tiny_run).manifest.alpha)
     alphas = [point["alpha"] for point in alpha["curve"]]
     assert alpha["evaluations"] == len(alphas) < 11
     assert 0.0 in alphas and 1.0 in alphas and alpha["chosen"] in alphas
@@ -58,7 +59,7 @@ def test_test_accuracies_are_those_of_the_stored_models(tiny_run: Path):
     from patcher.models.classifier import MultiHeadClassifier
     from patcher.models.state import split_classifier_state
 
-    manifest = load_run(tiny_run).manifest
+    manifest = to_json(load_run(tiny_run).manifest)
     assert set(manifest["test_accuracy"]) == {"zeroshot", "finetuned", "patched"}
     config = json.loads((tiny_run / "open_clip_config.json").read_text())
     transform = eval_transform(config["preprocess_cfg"])
@@ -86,12 +87,12 @@ def test_a_corrupted_file_is_caught_by_its_hash(tiny_run: Path, tmp_path: Path):
     with open(copy / "models/patched.safetensors", "r+b") as handle:
         handle.seek(-4, 2)
         handle.write(b"\0\0\0\1")
-    from patcher.errors import PatcherError
+    from patcher.base.errors import PatcherError
 
     with pytest.raises(PatcherError, match="sha256"):
         load_run(copy).verified_file("models/patched.safetensors")
     assert sha256_file(tiny_run / "models/patched.safetensors") == \
-        load_run(tiny_run).manifest["files"]["models/patched.safetensors"]["sha256"]
+        load_run(tiny_run).manifest.files["models/patched.safetensors"].sha256
 
 
 def test_show_prints_the_table(tiny_run: Path):
@@ -154,9 +155,11 @@ def test_resume_refuses_other_options_and_missing_state(tmp_path: Path):
     out = tmp_path / "run"
     result = runner.invoke(app, [*BASE, "--task", "digits", "--out", str(out), "--resume"])
     assert result.exit_code == 2 and "nothing to resume" in result.output
-    from patcher.runs.store import prepare_staging
+    from patcher.base.staging import Resume, staged_output
 
-    prepare_staging(out, {"task": "something else"}, resume=False)
+    with pytest.raises(KeyboardInterrupt), staged_output(out, resume=Resume({"task": "something else"})) as staging:
+        staging.open()
+        raise KeyboardInterrupt  # an interrupted build keeps its staging for --resume
     result = runner.invoke(app, [*BASE, "--task", "digits", "--out", str(out), "--resume"])
     assert result.exit_code == 2 and "other options" in result.output
     assert not out.exists()

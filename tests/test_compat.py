@@ -7,7 +7,7 @@ import sys
 
 
 def test_torchvision_imports_and_transforms_work():
-    from patcher.compat import import_torchvision
+    from patcher.base.compat import import_torchvision
 
     torchvision = import_torchvision()
     from PIL import Image
@@ -24,7 +24,7 @@ def test_compat_does_nothing_where_torchvision_imports_on_its_own():
         "    plain = True\n"
         "except RuntimeError:\n"
         "    plain = False\n"
-        "from patcher import compat\n"
+        "from patcher.base import compat\n"
         "compat.import_torchvision()\n"
         "print(plain, compat.patched_schemas())\n"
     )

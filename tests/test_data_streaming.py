@@ -12,14 +12,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from patcher.base.errors import PatcherError
 from patcher.data.evaluation import accuracies
+from patcher.data.image_store import StoreItems, build_store, open_store
 from patcher.data.items import TransformedItems
-from patcher.data.loading import DataOptions, TrainSplit, prepare_splits
-from patcher.data.store import StoreItems, build_store, open_store
+from patcher.data.loading import TrainSplit, prepare_splits
+from patcher.data.options import DataOptions
 from patcher.data.tasks import get_task
 from patcher.data.tasks.views import ArrayImages
 from patcher.data.transforms import Normalize, eval_transform, train_transform
-from patcher.errors import PatcherError
 from patcher.models import load_clip
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.training.sampling import TaskMixture
@@ -80,7 +81,7 @@ class Anonymous(Dataset):
 
 
 def test_a_dataset_without_fingerprint_gets_a_one_off_disk_store(tmp_path: Path):
-    from patcher.data.store import remove_store
+    from patcher.data.image_store import remove_store
 
     store, one_off = build_store(Anonymous(5), CFG, "decoding", False, cache_dir=tmp_path / "cache")
     assert one_off is not None and one_off.is_dir() and len(store) == 5

@@ -11,13 +11,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from patcher.errors import PatcherError
-from patcher.export import EXPORT_FORMAT, export_run, read_metadata
-from patcher.export.exporter import weights_file
+from patcher.base.errors import PatcherError
+from patcher.base.files import FileRecord
+from patcher.base.records import to_json
+from patcher.export.contract import EXPORT_FORMAT
 from patcher.export.graph import load_graph, reference_outputs
 from patcher.export.heldout import load_heldout
+from patcher.export.metadata import read_metadata
+from patcher.runs.layout import model_file
 from patcher.runs.manifest import load_run
-from patcher.runs.store import file_record
+from patcher.stages.export import ExportOptions, export_run
 
 TASKS = ["digits", "fashion-mnist"]
 OUTPUTS = ["embedding", "logits_digits", "logits_fashion_mnist"]
@@ -30,7 +33,8 @@ def plain(tiny_export: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def variants(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_run(tiny_run, tmp_path_factory.mktemp("export") / "variants", fp16=True, optimize=True)
+    out = tmp_path_factory.mktemp("export") / "variants"
+    return export_run(tiny_run, ExportOptions(out=out, fp16=True, optimize=True))
 
 
 def record(export_dir: Path) -> dict:
@@ -47,10 +51,10 @@ def test_export_writes_verified_models(plain: Path, tiny_run: Path) -> None:
     assert data["format"] == EXPORT_FORMAT and data["opset"] == 17
     assert set(data["models"]) == {"patched", "zeroshot"}
     for entry in data["models"].values():
-        assert {k: entry[k] for k in ("sha256", "bytes")} == file_record(plain / entry["file"])
+        assert {k: entry[k] for k in ("sha256", "bytes")} == to_json(FileRecord.of(plain / entry["file"]))
         assert entry["precision"] == "fp32"
     assert [o["name"] for o in data["outputs"]] == OUTPUTS
-    size = load_run(tiny_run).manifest["model"]["preprocess"]["image_size"]
+    size = list(load_run(tiny_run).manifest.model.preprocess.image_size)
     assert data["input"] == {"name": "image", "dtype": "float32", "shape": [-1, 3, *size]}
     for key, report in data["parity"]["models"].items():
         assert report["passed"], key
@@ -63,7 +67,7 @@ def test_one_session_serves_batch_1_7_64(plain: Path, tiny_run: Path) -> None:
     run = load_run(tiny_run)
     config = json.loads((tiny_run / "open_clip_config.json").read_text())
     heldout = load_heldout(["fashion-mnist"], config["preprocess_cfg"], per_task=72)
-    graph = load_graph(config, tiny_run / weights_file("patched"), run.tasks)
+    graph = load_graph(config, tiny_run / model_file("patched"), run.tasks)
     expected = reference_outputs(graph, heldout.images)
     session = ort.InferenceSession(str(plain / "patched.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == OUTPUTS
@@ -105,9 +109,9 @@ def test_metadata_round_trip(plain: Path, tiny_run: Path) -> None:
     run = load_run(tiny_run)
     data = record(plain)
     assert data["run"]["manifest_sha256"] == run.manifest_sha256
-    assert data["preprocess"] == run.manifest["model"]["preprocess"]
-    assert data["alpha"] == run.manifest["alpha"]["chosen"]
-    assert data["tasks"]["digits"]["classnames"] == run.manifest["tasks"]["digits"]["classnames"]
+    assert data["preprocess"] == to_json(run.manifest.model.preprocess)
+    assert data["alpha"] == run.manifest.alpha.chosen
+    assert data["tasks"]["digits"]["classnames"] == run.manifest.classnames("digits")
     assert data["tasks"]["fashion-mnist"]["output"] == "logits_fashion_mnist"
     meta = read_metadata(plain / "patched.onnx")
     assert meta["model"] == "patched" and meta["precision"] == "fp32" and meta["opset"] == "17"
@@ -123,21 +127,21 @@ def test_metadata_round_trip(plain: Path, tiny_run: Path) -> None:
 
 def test_same_export_is_up_to_date(plain: Path, tiny_run: Path) -> None:
     before = (plain / "export.json").read_bytes()
-    assert export_run(tiny_run, plain) == plain
+    assert export_run(tiny_run, ExportOptions(out=plain)) == plain
     assert (plain / "export.json").read_bytes() == before
 
 
 def test_different_export_refused_then_replaced_with_overwrite(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    out = export_run(run, tasks=["digits"])
+    out = export_run(run, ExportOptions(tasks=["digits"]))
     assert out == run / "onnx"
     data = record(out)
     assert [o["name"] for o in data["outputs"]] == ["embedding", "logits_digits"]
     with pytest.raises(PatcherError, match="different export"):
         export_run(run)
     assert record(out) == data
-    export_run(run, overwrite=True)
+    export_run(run, ExportOptions(overwrite=True))
     assert [o["name"] for o in record(out)["outputs"]] == OUTPUTS
     assert leftovers(run) == []
 
@@ -145,7 +149,7 @@ def test_different_export_refused_then_replaced_with_overwrite(tiny_run: Path, t
 def test_corrupted_weights_refused_and_nothing_written(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    weights = run / weights_file("zeroshot")
+    weights = run / model_file("zeroshot")
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 0xFF
     weights.write_bytes(bytes(raw))
@@ -164,7 +168,7 @@ def test_corrupted_weights_refused_and_nothing_written(tiny_run: Path, tmp_path:
 )
 def test_bad_options_refused(tiny_run: Path, tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(PatcherError, match=message):
-        export_run(tiny_run, tmp_path / "out", **kwargs)
+        export_run(tiny_run, ExportOptions(out=tmp_path / "out", **kwargs))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -177,7 +181,7 @@ def test_not_a_run_refused(tmp_path: Path) -> None:
 def test_folder_that_is_not_an_export_is_never_replaced(tiny_run: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(PatcherError, match="not a patcher export"):
-        export_run(tiny_run, tmp_path, overwrite=True)
+        export_run(tiny_run, ExportOptions(out=tmp_path, overwrite=True))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -188,5 +192,5 @@ def test_model_failing_parity_is_not_written(tiny_run: Path, tmp_path: Path, mon
 
     monkeypatch.setitem(parity.RULES, "fp32", replace(parity.RULES["fp32"], max_abs_diff=0.0))
     with pytest.raises(PatcherError, match=r"patched.onnx fails the parity check .* max \|logits_digits diff\|"):
-        export_run(tiny_run, tmp_path / "out", images_per_task=16)
+        export_run(tiny_run, ExportOptions(out=tmp_path / "out", images_per_task=16))
     assert list(tmp_path.iterdir()) == []

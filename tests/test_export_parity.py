@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
+from patcher.export.contract import logits_output
 from patcher.export.graph import ExportGraph, load_graph, reference_outputs
 from patcher.export.heldout import HeldOut, load_heldout
-from patcher.export.naming import logits_output
-from patcher.export.onnx_export import TRACE_BATCH, export_onnx, mha_fastpath_disabled, save_onnx, to_fp16
 from patcher.export.parity import RULES, failures, margins, task_parity
+from patcher.export.trace import TRACE_BATCH, export_onnx, mha_fastpath_disabled, save_onnx
+from patcher.export.variants import to_fp16
 from patcher.export.verify import verify_model
 
 TASKS = ["digits", "fashion-mnist"]

@@ -10,8 +10,8 @@ import pytest
 from faults_support import BUILD, assert_complete_export, assert_complete_run, hidden, the_error_line, wait_for
 from typer.testing import CliRunner
 
+from patcher.base.locks import lock_path
 from patcher.cli import app
-from patcher.runs.locks import lock_path
 
 pytestmark = pytest.mark.slow
 LONG = [*BUILD, "--steps", "80", "--checkpoint-every", "1000"]  # a few seconds of work after the lock

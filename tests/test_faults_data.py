@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import get_task
 from patcher.data.tasks.checks import find_bad_images, image_problem, skipping_bad_images
-from patcher.errors import PatcherError
 
 BUILD = [sys.executable, "-m", "patcher", "build", "--model", "patcher-tiny", "--pretrained", "none", "--steps", "2",
          "--batch-size", "8", "--device", "cpu", "--workers", "0"]

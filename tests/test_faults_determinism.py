@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from patcher.runs.tensorfile import read_header, save_tensors
+from patcher.base.tensorfile import read_header, save_tensors
 
 
 def tensors() -> dict[str, torch.Tensor]:

@@ -19,9 +19,9 @@ from faults_support import (
 )
 from typer.testing import CliRunner
 
+from patcher.base.errors import PatcherError
+from patcher.base.staging import Resume, staged_output
 from patcher.cli import app
-from patcher.errors import PatcherError
-from patcher.runs.store import output_directory, run_staging
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -73,10 +73,10 @@ def tmpfs(small: SmallFilesystem) -> SmallFilesystem:
     return small
 
 
-def test_output_directory_turns_enospc_into_one_error(tmpfs: SmallFilesystem) -> None:
+def test_a_staged_output_turns_enospc_into_one_error(tmpfs: SmallFilesystem) -> None:
     final = tmpfs.folder / "out"
     with (pytest.raises(PatcherError, match=r"cannot write .*out \(no space left on device"),
-          output_directory(final) as staging, open(staging / "big.bin", "wb") as handle):
+          staged_output(final) as staging, open(staging.open() / "big.bin", "wb") as handle):
         for _ in range(2 * SMALL // 4096):
             handle.write(b"x" * 4096)
     assert everything(tmpfs.folder) == []
@@ -86,7 +86,7 @@ def test_torch_saves_failing_on_a_full_disk_are_recognised(tmpfs: SmallFilesyste
     """torch.save reports a full disk as a RuntimeError naming no errno; the staging guard still knows it."""
     out = tmpfs.folder / "job"
     with (pytest.raises(PatcherError, match="no space left on device") as caught,
-          run_staging(out, {"seed": 0}, resume=False) as staging):
+          staged_output(out, resume=Resume({"seed": 0})) as staging):
         torch.save({"weights": torch.zeros(2 * SMALL // 4)}, staging.open() / "checkpoint.pt")
     assert isinstance(caught.value.__cause__, RuntimeError)
     assert everything(tmpfs.folder) == []

@@ -60,13 +60,13 @@ def test_an_output_name_of_300_characters_is_refused_before_any_work(tmp_path: P
 
 
 def test_a_long_but_valid_name_keeps_short_hidden_siblings(tmp_path: Path) -> None:
-    from patcher.runs.locks import lock_path
-    from patcher.runs.store import output_directory, staging_path
+    from patcher.base.locks import lock_path
+    from patcher.base.staging import resumable_path, staged_output
 
     out = tmp_path / ("r" * 250)
-    assert len(lock_path(out).name) <= 255 and len(staging_path(out).name) <= 255
-    with output_directory(out) as staging:
-        (staging / "file").write_text("x")
+    assert len(lock_path(out).name) <= 255 and len(resumable_path(out).name) <= 255
+    with staged_output(out) as staging:
+        (staging.open() / "file").write_text("x")
     assert (out / "file").read_text() == "x" and hidden(tmp_path) == []
 
 

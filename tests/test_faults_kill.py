@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from faults_support import BUILD, ForkedCLI, assert_complete_export, assert_complete_run, hidden, wait_for
 
-from patcher.runs.locks import lock_path, output_lock
+from patcher.base.locks import lock_path, output_lock
 
 pytestmark = pytest.mark.slow
 TIMES = ("created", "timings_s")  # export.json fields that carry times by design

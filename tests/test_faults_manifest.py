@@ -12,10 +12,11 @@ import pytest
 from faults_support import hidden, the_error_line
 from typer.testing import CliRunner
 
+from patcher.base.errors import PatcherError
+from patcher.base.files import FileRecord
+from patcher.base.records import to_json
 from patcher.cli import app
-from patcher.errors import PatcherError
-from patcher.export import export_run
-from patcher.runs.store import file_record
+from patcher.stages.export import export_run
 
 runner = CliRunner()
 
@@ -65,10 +66,14 @@ def test_an_edited_manifest_is_caught_against_the_weights(tiny_run: Path, tmp_pa
 
 DAMAGE = [
     (lambda m: m.update(tasks={}), "no tasks"),
-    (lambda m: m["model"]["preprocess"].update(image_size="large"), "image_size 'large' is not"),
-    (lambda m: m["alpha"].update(chosen="0.5"), "alpha.chosen '0.5' is not a number"),
-    (lambda m: m["tasks"]["digits"].update(classnames=[]), "task 'digits' has no class names"),
+    (lambda m: m["model"]["preprocess"].update(image_size="large"), "model.preprocess.image_size: expected a list"),
+    (lambda m: m["model"]["preprocess"].update(image_size=[0, 28]), "image_size [0, 28] is not [height, width]"),
+    (lambda m: m["alpha"].update(chosen="0.5"), "alpha.chosen: expected float, found '0.5'"),
+    (lambda m: m["alpha"].update(chosen=1.5), "alpha.chosen 1.5 is not a number in [0, 1]"),
+    (lambda m: m["tasks"]["digits"].update(classnames=[]), "tasks.digits: no class names"),
     (lambda m: m.update(patch_tasks=["gtsrb"]), "patch_tasks names tasks the manifest does not describe"),
+    (lambda m: m["training"].update(momentum=0.9), "training.momentum is not a field"),
+    (lambda m: m.pop("files"), "files is missing"),
 ]
 
 
@@ -90,7 +95,7 @@ def test_weights_of_another_kind_under_a_recorded_hash_are_refused(tiny_run: Pat
     shutil.copytree(tiny_run, run)
     shutil.copy(run / "models/zeroshot.safetensors", run / "models/patched.safetensors")
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["files"]["models/patched.safetensors"] = file_record(run / "models/patched.safetensors")
+    manifest["files"]["models/patched.safetensors"] = to_json(FileRecord.of(run / "models/patched.safetensors"))
     (run / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["export", str(run)])
     assert result.exit_code == 2

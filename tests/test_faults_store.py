@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from patcher.errors import PatcherError
-from patcher.runs.locks import lock_path, output_lock
-from patcher.runs.store import append_log, clean_stale, output_directory, remove_atomic_leftovers, trim_log, write_json
+from patcher.base.errors import PatcherError
+from patcher.base.files import append_json_line, remove_atomic_leftovers, trim_json_lines, write_json
+from patcher.base.locks import lock_path, output_lock
+from patcher.base.staging import clean_stale, staged_output
 
-HOLD = "import sys, time; from patcher.runs.locks import output_lock\nwith output_lock(sys.argv[1]):\n" \
+HOLD = "import sys, time; from patcher.base.locks import output_lock\nwith output_lock(sys.argv[1]):\n" \
        "    print('held', flush=True); time.sleep(120)"
 
 
@@ -49,7 +50,7 @@ def test_stale_partials_are_removed_and_a_half_replaced_directory_comes_back(tmp
     assert (final / "export.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".onnxx.partial-00000000", "onnx"]
 
-WRITE_AND_HANG = "import sys, time; from patcher.runs.store import atomic_file\nwith atomic_file(sys.argv[1]) as t:\n" \
+WRITE_AND_HANG = "import sys, time; from patcher.base.files import atomic_file\nwith atomic_file(sys.argv[1]) as t:\n" \
                  "    t.write_text('half'); print('writing', flush=True); time.sleep(120)"
 
 
@@ -69,23 +70,23 @@ def test_the_temporary_of_a_write_killed_by_kill_9_is_removed_and_nothing_else(t
     assert sorted(p.name for p in tmp_path.iterdir()) == [".journal.json", ".other.tmp"]
 
 
-def test_output_directory_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+def test_a_staged_output_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     final = tmp_path / "out"
-    with output_directory(final) as staging:
-        (staging / "a").write_text("old")
-    with pytest.raises(RuntimeError), output_directory(final, overwrite=True) as staging:
-        (staging / "a").write_text("new")
+    with staged_output(final) as staging:
+        (staging.open() / "a").write_text("old")
+    with pytest.raises(RuntimeError), staged_output(final, overwrite=True) as staging:
+        (staging.open() / "a").write_text("new")
         raise RuntimeError("fails half-way")
     assert (final / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    with pytest.raises(PatcherError, match="already exists"), output_directory(final):
+    with pytest.raises(PatcherError, match="already exists"), staged_output(final):
         pass
 
 
 def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
     log = tmp_path / "train.log"
     for step in (1, 11, 21):
-        append_log(log, {"step": step, "loss": 1.0})
+        append_json_line(log, {"step": step, "loss": 1.0})
     with open(log, "a") as handle:
         handle.write('{"step": 31, "lo')  # the process died mid-write
-    trim_log(log, 20)
+    trim_json_lines(log, 20)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 11]

@@ -6,16 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patcher.compat import import_open_clip
+from patcher.base.compat import import_open_clip
+from patcher.base.errors import PatcherError
 from patcher.data.items import TensorItems
 from patcher.data.loading import TrainSplit
 from patcher.data.tasks import get_task
-from patcher.errors import PatcherError
 from patcher.models import load_clip
 from patcher.models.heads import HeadResolver, build_head
 from patcher.models.state import project_head, text_state
 from patcher.patching.task_vectors import fill_missing
-from patcher.training.loop import TrainConfig, train, train_method
+from patcher.training.config import TrainConfig
+from patcher.training.loop import train, train_method
 from patcher.training.methods import MethodSetup, get_method, parse_params, train_config
 from patcher.training.methods.carft import ContextAwareFineTune, ContextParams, context_head
 from patcher.training.methods.flyp import ContrastiveFineTune, LabelAwareClipLoss, same_class_targets
@@ -106,13 +107,13 @@ def test_carft_kl_is_zero_at_step_zero_and_grows_once_the_encoder_moves(tiny: di
     method = ContextAwareFineTune(_setup(tiny), ContextParams(kl_weight=1.0))
     method.encoder.train()
     method.step_loss(0)
-    assert method.last_terms["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert method.last_terms["cross_entropy"] > 0
+    assert method.step_terms()["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert method.step_terms()["cross_entropy"] > 0
     with torch.no_grad():
         for parameter in method.encoder.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     method.step_loss(0)
-    assert method.last_terms["kl"] > 1e-4
+    assert method.step_terms()["kl"] > 1e-4
 
 
 def test_context_head_has_one_unit_column_per_template(tiny: dict):
@@ -145,8 +146,8 @@ def test_lpft_fine_tuning_stage_starts_from_the_probed_head(tiny: dict):
     params = ProbeThenFineTuneParams(lp_steps=15, lp_lr=1e-2)
     method = LinearProbeThenFineTune(setup, params)
     probe, finetune = method.stages()
-    assert probe.config.steps == 15 and probe.config.lr == 1e-2 and finetune.config.lr == 1e-3
-    train(probe.module, probe.parameters, probe.step_loss, probe.config)
+    assert probe.train_config.steps == 15 and probe.train_config.lr == 1e-2 and finetune.train_config.lr == 1e-3
+    train(probe.module, probe.parameters, probe.step_loss, probe.train_config)
     probed = method.probe.head("digits").detach().clone()
     assert not torch.allclose(probed, tiny["head"])
     images, labels = tiny["images"], tiny["labels"]
@@ -155,7 +156,7 @@ def test_lpft_fine_tuning_stage_starts_from_the_probed_head(tiny: dict):
     expected = F.cross_entropy(features @ probed, labels[index])
     assert finetune.step_loss(0).item() == pytest.approx(expected.item(), rel=1e-5)
     encoder_before = {k: v.clone() for k, v in method.encoder.state_dict().items()}
-    train(finetune.module, finetune.parameters, finetune.step_loss, finetune.config)
+    train(finetune.module, finetune.parameters, finetune.step_loss, finetune.train_config)
     assert any(not torch.equal(encoder_before[k], v) for k, v in method.encoder.state_dict().items())
     assert set(method.state()) > {"heads.digits"}
 

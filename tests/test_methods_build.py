@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_methods_helpers import make_small_fashion, make_tiny_model, tiny_build
 
+from patcher.base.records import to_json
 from patcher.data.tasks import get_task
 from patcher.models import load_clip
 from patcher.models.heads import build_head
@@ -48,7 +49,7 @@ def _models(run: Path) -> dict[str, tuple[dict, dict]]:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_writes_a_run_that_keeps_the_contract(runs: dict[str, Path], world: dict, method: str):
     run = load_run(runs[method])
-    manifest = run.manifest
+    manifest = to_json(run.manifest)
     assert manifest["method"]["name"] == method and manifest["method"]["trains"] == list(METHODS[method].trains)
     tasks = ["digits", world["support"]]
     for kind in KINDS:
@@ -71,11 +72,11 @@ def test_lp_run_keeps_the_encoder_and_interpolates_the_head(runs: dict[str, Path
     norms = zeroshot[1]["digits"].norm(dim=0)
     for kind in KINDS:
         assert torch.allclose(models[kind][1]["digits"].norm(dim=0), norms, rtol=1e-4)
-    assert load_run(runs["lp"]).manifest["method"]["head_tasks"] == ["digits"]
+    assert load_run(runs["lp"]).manifest.method.head_tasks == ["digits"]
 
 
 def test_lpft_run_trains_two_stages(runs: dict[str, Path]):
-    manifest = load_run(runs["lpft"]).manifest
+    manifest = to_json(load_run(runs["lpft"]).manifest)
     assert [s["stage"] for s in manifest["training"]["stages"]] == ["lp", "ft"]
     assert manifest["training"]["stages"][0]["lr"] == 1e-3 and manifest["method"]["params"]["lp_steps"] == 6
     stages = {json.loads(line)["stage"] for line in (runs["lpft"] / "train.log").read_text().splitlines()}
@@ -84,7 +85,7 @@ def test_lpft_run_trains_two_stages(runs: dict[str, Path]):
 
 def test_flyp_heads_come_from_the_interpolated_text_tower(runs: dict[str, Path], world: dict):
     run = load_run(runs["flyp"])
-    assert run.manifest["text_tower"]["trained"] and run.manifest["alpha"]["chosen"] == 0.5
+    assert run.manifest.text_tower.trained and run.manifest.alpha.chosen == 0.5
     loaded = load_clip(world["model"])
     tasks = {"digits": get_task("digits"), world["support"]: get_task(world["support"])}
     models = _models(runs["flyp"])
@@ -97,7 +98,7 @@ def test_flyp_heads_come_from_the_interpolated_text_tower(runs: dict[str, Path],
 
 
 def test_carft_records_its_parameters_and_logs_both_terms(runs: dict[str, Path]):
-    assert load_run(runs["carft"]).manifest["method"]["params"] == {"kl_weight": 1.0, "contexts": "task"}
+    assert load_run(runs["carft"]).manifest.method.params == {"kl_weight": 1.0, "contexts": "task"}
     first = json.loads((runs["carft"] / "train.log").read_text().splitlines()[0])
     assert first["kl"] == pytest.approx(0.0, abs=1e-5) and first["cross_entropy"] > 0
 
@@ -106,7 +107,7 @@ def test_an_interrupted_two_stage_build_resumes_to_the_same_weights(runs: dict[s
                                                                      monkeypatch: pytest.MonkeyPatch):
     import patcher.training.loop as runner_module
 
-    real_append = runner_module.append_log
+    real_append = runner_module.append_json_line
 
     def interrupt_in_fine_tuning(path: Path, entry: dict) -> None:
         real_append(path, entry)
@@ -114,10 +115,10 @@ def test_an_interrupted_two_stage_build_resumes_to_the_same_weights(runs: dict[s
             raise KeyboardInterrupt  # Ctrl-C: the staging directory is kept for --resume
 
     out = world["root"] / "resumed-lpft"
-    monkeypatch.setattr(runner_module, "append_log", interrupt_in_fine_tuning)
+    monkeypatch.setattr(runner_module, "append_json_line", interrupt_in_fine_tuning)
     with pytest.raises(KeyboardInterrupt):
         tiny_build(world["model"], "digits", world["support"], out, "lpft", method_params={"lp_steps": 6})
-    monkeypatch.setattr(runner_module, "append_log", real_append)
+    monkeypatch.setattr(runner_module, "append_json_line", real_append)
     tiny_build(world["model"], "digits", world["support"], out, "lpft", method_params={"lp_steps": 6}, resume=True)
     straight, resumed = _models(runs["lpft"])["finetuned"], _models(out)["finetuned"]
     assert all(torch.equal(straight[0][k], resumed[0][k]) for k in straight[0])

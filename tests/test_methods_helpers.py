@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from patcher.data.tasks import get_task
 from patcher.models import load_clip
 from patcher.stages.build import BuildOptions, build
-from patcher.training.loop import TrainConfig
+from patcher.training.config import TrainConfig
 
 TINY_STEPS = TrainConfig(steps=6, batch_size=16, lr=1e-3, warmup_steps=1, checkpoint_every=4, log_every=1)
 
@@ -71,5 +71,5 @@ def make_small_fashion(root: Path, train_per_class: int = 20, test_per_class: in
 def tiny_build(model: str, task: str, support: str, out: Path, method: str = "ft", **extra: object) -> Path:
     """`patcher build` on the tiny model with a few steps."""
     options = BuildOptions(task=task, support=[support], model=model, pretrained=None, method=method,
-                           finetune=TINY_STEPS, device="cpu", out=out, **extra)  # type: ignore[arg-type]
+                           train_config=TINY_STEPS, device="cpu", out=out, **extra)  # type: ignore[arg-type]
     return build(options)

@@ -59,7 +59,7 @@ def test_a_cached_tag_loads_from_the_cache_with_the_tags_settings(tmp_path: Path
 
 def test_an_uncached_tag_fails_at_once_with_advice(tmp_path: Path):
     (tmp_path / "empty").mkdir()
-    script = ("from patcher.errors import PatcherError\nfrom patcher.models import load_clip\n"
+    script = ("from patcher.base.errors import PatcherError\nfrom patcher.models import load_clip\n"
               "try:\n    load_clip('patcher-tiny', 'cached')\nexcept PatcherError as error:\n    print(error)\n")
     result = _run(script, tmp_path / "empty")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from test_methods_helpers import make_inverted_digits, make_small_fashion, make_tiny_model, tiny_build
 from typer.testing import CliRunner
 
+from patcher.base.files import sha256_file
+from patcher.base.records import to_json
 from patcher.cli import app
-from patcher.patching.strategies import task_arithmetic
+from patcher.patching.task_vectors import task_arithmetic
 from patcher.runs.manifest import load_run
-from patcher.runs.store import sha256_file
 from patcher.stages.merge import MergeOptions, merge_runs
 
 runner = CliRunner()
@@ -52,16 +53,17 @@ def _visual(run: Path, kind: str) -> dict[str, torch.Tensor]:
 def test_one_encoder_serves_every_patch_and_supported_task(runs: dict[str, Path], world: dict, name: str):
     run = load_run(runs[name])
     tasks = ["digits", world["second"], world["support"]]
-    assert run.manifest["patch_tasks"] == tasks[:2] and run.manifest["support_tasks"] == tasks[2:]
-    assert run.manifest["multi"]["strategy"] == ("parallel" if name == "merged" else name)
+    assert run.manifest.patch_tasks == tasks[:2] and run.manifest.support_tasks == tasks[2:]
+    assert run.manifest.multi is not None
+    assert run.manifest.multi.strategy == ("parallel" if name == "merged" else name)
     for kind in KINDS:
         keys = load_file(str(run.verified_file(f"models/{kind}.safetensors"))).keys()
         assert all(f"heads.{task}" in keys for task in tasks)
-        assert set(run.manifest["test_accuracy"][kind]) == set(tasks)
+        assert set(run.manifest.test_accuracy[kind]) == set(tasks)
 
 
 def test_sequential_steps_start_from_the_previous_patched_model(runs: dict[str, Path]):
-    alpha = load_run(runs["sequential"]).manifest["alpha"]
+    alpha = to_json(load_run(runs["sequential"]).manifest.alpha)
     first, second = alpha["steps"]
     start = {p["alpha"]: p["val_accuracy"] for p in first["curve"]}
     assert start[0.0] == alpha["zeroshot_val_accuracy"]
@@ -73,25 +75,26 @@ def test_sequential_steps_start_from_the_previous_patched_model(runs: dict[str, 
 
 
 def test_parallel_searches_the_coefficient_grid(runs: dict[str, Path]):
-    alpha = load_run(runs["parallel"]).manifest["alpha"]
+    alpha = to_json(load_run(runs["parallel"]).manifest.alpha)
     assert alpha["evaluations"] == 11 and alpha["search"] == "grid"
     assert alpha["parameter"] == "task-vector scaling coefficient"
 
 
 def test_parallel_build_equals_merging_the_single_task_runs(runs: dict[str, Path]):
     parallel, merged = load_run(runs["parallel"]).manifest, load_run(runs["merged"]).manifest
-    assert parallel["alpha"]["chosen"] == merged["alpha"]["chosen"]
+    assert parallel.alpha.chosen == merged.alpha.chosen
     for kind in ("finetuned", "patched"):
         ours, theirs = _visual(runs["parallel"], kind), _visual(runs["merged"], kind)
         assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours), kind
     for kind in KINDS:
-        for task, value in parallel["test_accuracy"][kind].items():
-            assert merged["test_accuracy"][kind][task] == pytest.approx(value, abs=1e-6)
+        for task, value in parallel.test_accuracy[kind].items():
+            assert merged.test_accuracy[kind][task] == pytest.approx(value, abs=1e-6)
 
 
 def test_merged_run_names_its_sources(runs: dict[str, Path]):
-    multi = load_run(runs["merged"]).manifest["multi"]
-    assert [s["name"] for s in multi["merged_runs"]] == [runs["single-digits"].name, runs["single-inverted"].name]
+    multi = load_run(runs["merged"]).manifest.multi
+    assert multi is not None and multi.merged_runs is not None
+    assert [s.name for s in multi.merged_runs] == [runs["single-digits"].name, runs["single-inverted"].name]
 
 
 def test_merge_refuses_other_base_weights_and_architectures(runs: dict[str, Path], tmp_path: Path):
@@ -123,7 +126,7 @@ def test_build_cli_takes_several_tasks_and_method_params(world: dict, tmp_path: 
                                  "--param", "kl_weight=0.5", "--multi", "joint", "--steps", "3", "--batch-size", "8",
                                  "--warmup-steps", "1", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    manifest = load_run(out).manifest
+    manifest = to_json(load_run(out).manifest)
     assert manifest["method"]["params"] == {"kl_weight": 0.5, "contexts": "task"}
     assert manifest["training"]["steps"] == 3
     assert manifest["training"]["lr"] == 1e-5  # the method's default, as --lr was not given
@@ -145,8 +148,8 @@ def test_task_arithmetic_adds_disjoint_probe_heads():
 
 def test_merged_run_exports_like_any_run(runs: dict[str, Path], world: dict, tmp_path: Path):
     pytest.importorskip("onnxruntime")
-    from patcher.export import export_run
+    from patcher.stages.export import ExportOptions, export_run
 
-    export = export_run(runs["merged"], out=tmp_path / "onnx", images_per_task=4)
+    export = export_run(runs["merged"], ExportOptions(out=tmp_path / "onnx", images_per_task=4))
     record = json.loads((export / "export.json").read_text())
     assert set(record["tasks"]) == {"digits", world["second"], world["support"]}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from patcher.base.files import sha256_file
 from patcher.models import load_clip, state_dict_digest
-from patcher.runs.store import sha256_file
 from patcher.stages.pretrain import RECORD_FILENAME, WEIGHTS_FILENAME
 
 
@@ -58,7 +58,7 @@ def test_an_unknown_objective_is_one_error_line_and_writes_nothing(tmp_path: Pat
 def test_the_instance_objective_trains_too(tmp_path: Path):
     """CLIP's loss (`--objective instances`) writes a model that knows the names it saw."""
     from patcher.stages.pretrain import PretrainOptions, Source, pretrain
-    from patcher.training.loop import TrainConfig
+    from patcher.training.config import TrainConfig
 
     options = PretrainOptions(
         sources=[Source("fashion-mnist", "val", None, 1.0)], model="patcher-tiny", objective="instances",

@@ -39,7 +39,7 @@ from serving_support import (
 )
 from triton_support import requires_bundled_triton
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.triton.client import classify_files
 from patcher.triton.publish import (
     STAGING_PREFIX,

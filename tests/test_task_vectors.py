@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.models import load_clip
 from patcher.patching.task_vectors import TaskVector, interpolate
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import get_task
-from patcher.errors import PatcherError
 
 
 def make_folder(root: Path, layout: dict[str, dict[str, int]]) -> Path:

@@ -22,12 +22,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from patcher.compat import import_torchvision
+from patcher.base.compat import import_torchvision
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import Task, get_task, loaders
 from patcher.data.tasks.classnames import EUROSAT_FOLDERS, RESISC45_FOLDERS, SUN397
 from patcher.data.tasks.kitti import closest_vehicle_class
 from patcher.data.tasks.views import ImageView
-from patcher.errors import PatcherError
 
 datasets = import_torchvision().datasets
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import get_task
 from patcher.data.tasks.fashion_mnist import DEBIAN_DIR, FILES, load_fashion_mnist
 from patcher.data.tasks.views import ImageView
-from patcher.errors import PatcherError
 
 
 def selected(view: ImageView) -> list[int]:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import PAINT_TASKS, Task, default_data_root, get_task, known_tasks
 from patcher.data.tasks.missing import first_line, missing_data_error
-from patcher.errors import PatcherError
 
 EXPECTED_TASKS = {
     *("cars", "dtd", "eurosat", "gtsrb", "kitti", "mnist", "resisc45", "sun397", "svhn"),
@@ -52,7 +52,7 @@ def test_gtsrb_uses_clips_descriptive_names_and_three_templates() -> None:
 
 
 def test_imagenet_reuses_open_clips_metadata() -> None:
-    from patcher.compat import import_torchvision
+    from patcher.base.compat import import_torchvision
 
     import_torchvision()
     from open_clip import zero_shot_metadata

@@ -12,7 +12,8 @@ from patcher.data.items import TensorItems
 from patcher.data.loading import TrainSplit
 from patcher.data.tasks import get_task
 from patcher.models import load_clip
-from patcher.training.loop import CHECKPOINT, TrainConfig, checkpoint_step, lr_factor, train
+from patcher.training.config import TrainConfig
+from patcher.training.loop import CHECKPOINT, checkpoint_step, lr_factor, train
 from patcher.training.methods import MethodSetup
 from patcher.training.methods.ft import FineTune
 from patcher.training.sampling import batch_indices
@@ -76,7 +77,7 @@ def test_finetuning_lowers_the_loss_through_a_frozen_head():
     config = TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=3)
     untrained = _fine_tune(TrainConfig(steps=1, batch_size=16, lr=1e-12, warmup_steps=0))
     method = _fine_tune(config)
-    images, labels = method.setup.train["toy"].items.inputs, method.setup.train["toy"].items.labels
+    images, labels = method.setup.train_splits["toy"].items.inputs, method.setup.train_splits["toy"].items.labels
 
     def loss(model: FineTune) -> float:
         with torch.no_grad():

@@ -26,7 +26,7 @@ from PIL import Image
 from triton_support import requires_bundled_triton
 from tritonclient.grpc import model_config_pb2 as mc
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.triton.client import classify_files
 from patcher.triton.configs import read_config
 from patcher.triton.ports import free_port
@@ -59,12 +59,12 @@ def _export(run: Path, out: Path) -> ExportCase:
     from safetensors.torch import load_file
 
     from patcher.data.transforms import eval_transform
-    from patcher.export import export_run
     from patcher.models import build_from_config
     from patcher.models.classifier import MultiHeadClassifier
     from patcher.models.state import split_classifier_state
+    from patcher.stages.export import ExportOptions, export_run
 
-    export_dir = Path(export_run(run, out=out, fp16=True))
+    export_dir = Path(export_run(run, ExportOptions(out=out, fp16=True)))
     config = json.loads((run / "open_clip_config.json").read_text())
     model = build_from_config(config)
     encoder, heads = split_classifier_state(load_file(str(run / "models" / "patched.safetensors")))

@@ -16,9 +16,9 @@ import pytest
 from faults_support import ForkedCLI, SmallFilesystem, everything, hidden, run_cli, the_error_line, wait_for
 from serving_support import entry_models, variant
 
-from patcher.errors import PatcherError
-from patcher.runs.locks import lock_path, output_lock
-from patcher.runs.store import sha256_file
+from patcher.base.errors import PatcherError
+from patcher.base.files import sha256_file
+from patcher.base.locks import lock_path, output_lock
 from patcher.triton.publish import STAGING_PREFIX, read_journal
 from patcher.triton.repository import model_versions, write_repository
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from serving_support import png
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.triton.access import find_key, new_key, read_key_file, write_key_file
 from patcher.triton.entry import MAX_NAME, Entry, check_name
 from patcher.triton.install import find_tritonserver

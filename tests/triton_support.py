@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.triton import find_tritonserver
 
 

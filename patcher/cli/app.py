@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from patcher.errors import PatcherError, as_os_error, from_os_error
+from patcher.base.errors import PatcherError, as_os_error, from_os_error
 
 app = typer.Typer(
     help="Patch one task of a CLIP model without breaking the others, export it to ONNX, serve it with Triton.",
@@ -72,8 +72,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write fails with EFBIG (reported) instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    import patcher.cli.patching
-    import patcher.cli.serving  # noqa: F401
+    import patcher.cli.make
+    import patcher.cli.ship  # noqa: F401
 
     try:
         app()

@@ -9,8 +9,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from patcher import distributed
-from patcher.data.store import ImageStore
+from patcher.base import distributed
+from patcher.data.image_store import ImageStore
 from patcher.data.transforms import Normalize
 from patcher.models.classifier import MultiHeadClassifier
 

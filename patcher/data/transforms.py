@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from patcher.compat import import_open_clip
+from patcher.base.compat import import_open_clip
 
 import_open_clip()  # makes torchvision, which open_clip imports, importable first
 from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: E402

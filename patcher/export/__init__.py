@@ -1,6 +1,5 @@
-"""ONNX export of a run: patched and zero-shot classifiers with their heads baked in, parity-checked."""
+"""ONNX export of a run: patched and zero-shot classifiers with their heads baked in, parity-checked.
 
-from patcher.export.exporter import export_run
-from patcher.export.metadata import EXPORT_FORMAT, EXPORT_JSON, read_metadata
-
-__all__ = ["EXPORT_FORMAT", "EXPORT_JSON", "export_run", "read_metadata"]
+`contract.py` (imports no torch) is what serving reads; `graph.py`, `trace.py`, `variants.py`, `heldout.py`,
+`parity.py`, `verify.py` and `metadata.py` make and check the files; the stage itself is `stages/export.py`.
+"""

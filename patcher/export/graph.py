@@ -11,14 +11,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from patcher.errors import PatcherError
-from patcher.export.naming import logits_output
+from patcher.base.errors import PatcherError
+from patcher.export.contract import EMBEDDING_OUTPUT, logits_output
 from patcher.models import build_from_config
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.state import head_scale, split_classifier_state
-
-INPUT_NAME = "image"
-EMBEDDING_OUTPUT = "embedding"
 
 
 class ExportGraph(nn.Module):
@@ -52,14 +49,6 @@ class ExportGraph(nn.Module):
         """(L2-normalised embedding [N, D], logits [N, C] of each task), one encoder pass for all heads."""
         embedding = self.classifier.embed(image)
         return (embedding, *(embedding @ self.classifier.head(task) for task in self.tasks))
-
-
-def output_names_for(tasks: list[str]) -> list[str]:
-    """The output names a graph for these tasks has; PatcherError when two tasks map to one tensor name."""
-    names = [EMBEDDING_OUTPUT, *(logits_output(task) for task in tasks)]
-    if len(set(names)) != len(names):
-        raise PatcherError(f"tasks {', '.join(tasks)} give clashing output names {names}: export them separately")
-    return names
 
 
 def load_graph(config: Mapping[str, Any], weights: Path, tasks: list[str]) -> ExportGraph:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from patcher.base.errors import PatcherError
 from patcher.data.loading import load_images
 from patcher.data.tasks import get_task
 from patcher.data.tasks.checks import skipping_bad_images
-from patcher.errors import PatcherError
 
 SPLIT = "val"
 

@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import torch
 
-from patcher.errors import PatcherError
-from patcher.export.graph import INPUT_NAME, ExportGraph
+from patcher.base.errors import PatcherError
+from patcher.export.contract import INPUT_NAME, logits_output
+from patcher.export.graph import ExportGraph
 from patcher.export.heldout import HeldOut
-from patcher.export.naming import logits_output
 from patcher.export.parity import RULES, failures, rule_for, task_parity
 
 BATCH_SIZES = (1, 7, 64)

@@ -4,7 +4,6 @@ from patcher.models.loading import (
     LoadedModel,
     build_from_config,
     load_clip,
-    preprocess_spec,
     state_dict_digest,
 )
 
@@ -12,6 +11,5 @@ __all__ = [
     "LoadedModel",
     "build_from_config",
     "load_clip",
-    "preprocess_spec",
     "state_dict_digest",
 ]

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.func import functional_call
 
-from patcher.compat import import_open_clip
+from patcher.base.cache import cache_dir as cache_dir_for
+from patcher.base.compat import import_open_clip
+from patcher.base.errors import PatcherError
+from patcher.base.files import atomic_file
 from patcher.data.tasks import Task
-from patcher.errors import PatcherError
 from patcher.models.loading import LoadedModel
 from patcher.models.state import (
     HEAD_PREFIX,
@@ -29,15 +32,8 @@ from patcher.models.state import (
     part,
     project_head,
 )
-from patcher.runs.store import atomic_file
 
 open_clip = import_open_clip()
-
-
-def default_cache_dir() -> Path:
-    """Where heads are cached: $PATCHER_CACHE/heads, else ~/.cache/patcher/heads."""
-    root = os.environ.get("PATCHER_CACHE") or Path.home() / ".cache" / "patcher"
-    return Path(root) / "heads"
 
 
 def head_key(weights_sha256: str, classnames: list[str], templates: list[str]) -> str:
@@ -46,14 +42,33 @@ def head_key(weights_sha256: str, classnames: list[str], templates: list[str]) -
     return hashlib.sha256(f"{weights_sha256}|{prompts}".encode()).hexdigest()[:32]
 
 
+class _HeadBuilder(nn.Module):
+    """open_clip's zero-shot classifier times the logit scale, as a forward, so that `functional_call` can evaluate
+    it at a given text tower."""
+
+    def __init__(self, loaded: LoadedModel, device: str) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = device
+
+    def forward(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
+        weights = open_clip.build_zero_shot_classifier(self.model, self.tokenizer, classnames, templates,
+                                                       num_classes_per_batch=32, device=self.device)
+        return weights * self.model.logit_scale.exp()
+
+
 @torch.no_grad()
-def build_head(loaded: LoadedModel, classnames: list[str], templates: list[str], device: str = "cpu") -> torch.Tensor:
-    """[D, C] head: per class, the mean of normalised template embeddings, renormalised, times the logit scale."""
-    model = loaded.model.to(device).eval()
-    weights = open_clip.build_zero_shot_classifier(
-        model, loaded.tokenizer, list(classnames), list(templates), num_classes_per_batch=32, device=device
-    )
-    return (weights * model.logit_scale.exp()).float().cpu()
+def build_head(loaded: LoadedModel, classnames: list[str], templates: list[str], device: str = "cpu",
+               text: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """[D, C] head: per class, the mean of normalised template embeddings, renormalised, times the logit scale;
+    computed with the text tower `text` (a state's `text.*` part, unprefixed) when given, else the model's own."""
+    builder = _HeadBuilder(loaded, device)
+    loaded.model.to(device).eval()
+    if text is None:
+        return builder(list(classnames), list(templates)).float().cpu()
+    weights = {f"model.{key}": value.to(device) for key, value in text.items()}
+    return functional_call(builder, weights, (list(classnames), list(templates))).float().cpu()
 
 
 def zero_shot_head(
@@ -64,7 +79,7 @@ def zero_shot_head(
     cache_dir: Path | None = None,
 ) -> torch.Tensor:
     """The task's head, read from the cache when this model and these prompts were seen before."""
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or cache_dir_for("heads")
     path = cache_dir / f"{head_key(loaded.weights_sha256, classnames, templates)}.safetensors"
     if path.is_file():
         return load_file(path)["head"]
@@ -104,16 +119,14 @@ class HeadResolver:
 
     @torch.no_grad()
     def text_heads(self, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every task's head built from this text tower (loaded into the model's non-visual part)."""
+        """Every task's head built from this text tower (evaluated at it; the model's own weights are untouched)."""
         if self.loaded is None:
             raise PatcherError("this state has a text tower but no model was given to build heads with")
-        model = self.loaded.model
-        missing, unexpected = model.load_state_dict(dict(text), strict=False)
-        untouched = [key for key in missing if not key.startswith(VISUAL_PREFIX)]
-        if unexpected or untouched:
-            first = (unexpected or untouched)[0]
+        expected = {key for key in self.loaded.model.state_dict() if not key.startswith(VISUAL_PREFIX)}
+        if set(text) != expected:
+            first = sorted(set(text) ^ expected)[0]
             raise PatcherError(f"text tower does not fit the model ({first}): different architecture")
         return {
-            name: build_head(self.loaded, list(task.classnames), list(task.templates), self.device)
+            name: build_head(self.loaded, list(task.classnames), list(task.templates), self.device, text)
             for name, task in self.tasks.items()
         }

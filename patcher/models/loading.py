@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from patcher.compat import import_open_clip
-from patcher.errors import PatcherError
+from patcher.base.compat import import_open_clip
+from patcher.base.errors import PatcherError
 
 open_clip = import_open_clip()
 
@@ -215,17 +215,3 @@ def build_from_config(config: Mapping[str, Any]) -> torch.nn.Module:
         with _random_init_expected():
             model = open_clip.create_model(f"{LOCAL_DIR_PREFIX}{folder}", load_weights=False)
     return model.eval()
-
-
-def preprocess_spec(preprocess_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The preprocessing a client must apply, in the form manifest.json and export.json record."""
-    size = preprocess_cfg.get("size", 224)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return {
-        "image_size": [int(height), int(width)],
-        "mean": [float(m) for m in preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)],
-        "std": [float(s) for s in preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)],
-        "interpolation": preprocess_cfg.get("interpolation", "bicubic"),
-        "resize_mode": preprocess_cfg.get("resize_mode", "shortest"),
-        "crop": "center",
-    }

@@ -14,9 +14,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-VISUAL_PREFIX = "visual."
-TEXT_PREFIX = "text."
-HEAD_PREFIX = "heads."
+from patcher.runs.layout import HEAD_PREFIX, TEXT_PREFIX, VISUAL_PREFIX
+
 State = dict[str, torch.Tensor]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from patcher.base.errors import PatcherError
+
 Accuracies = Mapping[str, float]
 Evaluate = Callable[[float], Accuracies]
 
@@ -121,3 +123,17 @@ def golden_search(evaluate: Evaluate, rule: AlphaRule, grid: Sequence[float] = D
 
 
 SEARCHES: dict[str, Callable[[Evaluate, AlphaRule], Selection]] = {"golden": golden_search, "grid": grid_search}
+
+
+def parse_alpha(alpha: str) -> float | None:
+    """None for 'auto', else a float in [0, 1]; PatcherError for anything else."""
+    if str(alpha).strip().lower() == "auto":
+        return None
+    try:
+        value = float(alpha)
+    except ValueError:
+        message = f"--alpha {alpha!r} is neither 'auto' nor a number: pass auto or a value in [0, 1]"
+        raise PatcherError(message) from None
+    if not 0.0 <= value <= 1.0:
+        raise PatcherError(f"--alpha {value:g} is outside [0, 1]: 0 keeps the zero-shot model, 1 the fine-tuned one")
+    return value

@@ -1,4 +1,9 @@
-"""A patching session: one model, its tasks and data; fine-tunes from any state, scores any state, chooses alpha."""
+"""A patching session: one model, its tasks and data; fine-tunes from any state, scores any state, chooses alpha.
+
+States are passed explicitly: `accuracy(state, ...)` evaluates the classifier that state gives without loading it
+into the shared model, so no result depends on what ran before. Only `fine_tune` changes the model: it trains
+it in place, starting from the state it is given.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from typing import Any
 
 import torch
 
+from patcher.base.progress import make_progress
 from patcher.data.evaluation import accuracies
+from patcher.data.image_store import ImageStore
 from patcher.data.loading import Splits
-from patcher.data.store import ImageStore
 from patcher.data.tasks import Task
 from patcher.models import LoadedModel
 from patcher.models.classifier import MultiHeadClassifier
@@ -29,8 +35,8 @@ from patcher.models.state import (
 )
 from patcher.patching.alpha import DEFAULT_GRID, SEARCHES, AlphaRule, Selection
 from patcher.patching.task_vectors import fill_missing
-from patcher.progress import make_progress
-from patcher.training.loop import TrainConfig, train_method
+from patcher.training.config import TrainConfig
+from patcher.training.loop import train_method
 from patcher.training.methods import Method, MethodSetup
 
 AlphaPath = Callable[[float], State]  # alpha -> state: an interpolation or task-arithmetic path
@@ -43,7 +49,22 @@ class Trained:
     state: State
     method: Method
     steps: int
-    configs: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # each stage's name and hyperparameters
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """One fine-tune: the method and its parameters, the tasks and hyperparameters, and where training writes
+    its checkpoints and log (steps numbered from `step_offset`, stages prefixed with `label`)."""
+
+    method: type[Method]
+    params: Any
+    tasks: list[str]
+    train_config: TrainConfig
+    checkpoints: Path | None = None
+    log: Path | None = None
+    step_offset: int = 0
+    label: str = ""
 
 
 class Session:
@@ -73,13 +94,6 @@ class Session:
             self._zeroshot_text = text_state(self.loaded.model)
         return self._zeroshot_text
 
-    def load(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Put a state's encoder and text tower (zero-shot where it has none) into the model."""
-        model = self.loaded.model
-        model.visual.load_state_dict(part(VISUAL_PREFIX, state))
-        text = part(TEXT_PREFIX, state) or (part(TEXT_PREFIX, self._zeroshot_text) if self._zeroshot_text else {})
-        model.load_state_dict(text, strict=False)
-
     def complete(self, *states: Mapping[str, torch.Tensor]) -> list[State]:
         """The states with the same keys: any key one lacks takes its zero-shot value."""
         base = {**self.zeroshot, **prefixed(HEAD_PREFIX, self.resolver.zeroshot_heads)}
@@ -87,36 +101,38 @@ class Session:
             base.update(self.zeroshot_text())
         return fill_missing(states, base)
 
-    def fine_tune(
-        self,
-        method_class: type[Method],
-        params: Any,
-        start: Mapping[str, torch.Tensor],
-        tasks: list[str],
-        config: TrainConfig,
-        checkpoint_dir: Path | None = None,
-        log_path: Path | None = None,
-        step_offset: int = 0,
-        label: str = "",
-    ) -> Trained:
-        """Train `method_class` on `tasks` (balanced) from `start`; the state is `start` with what it trained."""
-        if "text" in method_class.trains:
+    def fine_tune(self, start: Mapping[str, torch.Tensor], fine_tuning: FineTuning) -> Trained:
+        """Train the method on its tasks (balanced) from `start`, in place in the session's model; the state is
+        `start` with what the method trained."""
+        if "text" in fine_tuning.method.trains:
             self.zeroshot_text()
-        self.load(start)
-        setup = MethodSetup(self.loaded, {t: self.splits.train[t] for t in tasks}, self.tasks,
-                            self.resolver.heads(start), config, self.device)
-        method = method_class(setup, params)
-        configs = [{"stage": f"{label}{stage.name}", **stage.config.as_dict()} for stage in method.stages()]
-        steps = train_method(method, self.device, checkpoint_dir, log_path, step_offset, label)
+        self._load(start)
+        setup = MethodSetup(self.loaded, {t: self.splits.train[t] for t in fine_tuning.tasks}, self.tasks,
+                            self.resolver.heads(start), fine_tuning.train_config, self.device)
+        method = fine_tuning.method(setup, fine_tuning.params)
+        stages = [{"stage": f"{fine_tuning.label}{stage.name}", **stage.train_config.as_dict()}
+                  for stage in method.stages()]
+        steps = train_method(method, self.device, fine_tuning.checkpoints, fine_tuning.log, fine_tuning.step_offset,
+                             fine_tuning.label)
         self.loaded.model.eval()
-        return Trained({**dict(start), **method.state()}, method, steps, configs)
+        return Trained({**dict(start), **method.state()}, method, steps, stages)
+
+    def _load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put a state's encoder and text tower (the zero-shot one where it has none) into the model to train it."""
+        model = self.loaded.model
+        model.visual.load_state_dict(part(VISUAL_PREFIX, state))
+        text = part(TEXT_PREFIX, state) or (part(TEXT_PREFIX, self._zeroshot_text) if self._zeroshot_text else {})
+        model.load_state_dict(text, strict=False)
+
+    def classifier(self, state: Mapping[str, torch.Tensor], tasks: list[str]) -> MultiHeadClassifier:
+        """The classifier a state gives for these tasks, evaluating the encoder at the state's weights."""
+        encoder_state, heads = self.resolver.resolve(state)
+        weights = {key: value.to(self.device) for key, value in encoder_state.items()}
+        return MultiHeadClassifier(self.loaded.model.visual, {task: heads[task] for task in tasks}, weights)
 
     def accuracy(self, state: Mapping[str, torch.Tensor], stores: Mapping[str, ImageStore]) -> dict[str, float]:
         """Top-1 accuracy (%) of the classifier this state gives, per task, on the given held-out or test stores."""
-        encoder_state, heads = self.resolver.resolve(state)
-        encoder = self.loaded.model.visual
-        encoder.load_state_dict(encoder_state)
-        classifier = MultiHeadClassifier(encoder, {task: heads[task] for task in stores})
+        classifier = self.classifier(state, list(stores))
         return accuracies(classifier, stores, self.splits.normalize, self.eval_batch_size, self.device)
 
     def select(

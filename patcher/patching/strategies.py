@@ -1,41 +1,64 @@
 """Patching several tasks: joint (one fine-tune on the mixture), sequential (task after task), parallel
 (task arithmetic: one scaling coefficient for the sum of task vectors). One task is the joint case.
 
-Each strategy returns the three models a run stores (zero-shot, fine-tuned, patched) as states, and
-the alpha selections it made. What "fine-tuned" means: joint, the model trained on the mixture;
-sequential, the last step's fine-tuned model (trained from the previous patched one); parallel, the
-zero-shot model plus the full sum of task vectors (coefficient 1).
+Each strategy returns its own typed outcome: the three models a run stores (zero-shot, fine-tuned, patched) as
+states, the selection behind the patched model, and what the strategy records about itself (its steps, what its
+coefficient means, its plots), so the stage that writes the run never asks which strategy ran. What "fine-tuned"
+means: joint, the model trained on the mixture; sequential, the last step's fine-tuned model (trained from the
+previous patched one); parallel, the zero-shot model plus the full sum of task vectors (coefficient 1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from patcher.models.state import State
-from patcher.patching.alpha import AlphaRule, Selection
-from patcher.patching.session import Session, Trained
-from patcher.patching.task_vectors import TaskVector, interpolate
-from patcher.training.loop import TrainConfig
+from patcher.patching.alpha import DEFAULT_GRID, AlphaRule, Selection
+from patcher.patching.session import FineTuning, Session, Trained
+from patcher.patching.task_vectors import interpolate, task_arithmetic
+from patcher.runs.manifest import (
+    AlphaRecord,
+    FineTuneStep,
+    MergedRun,
+    MultiRecord,
+    SelectionStep,
+    curve_points,
+)
+from patcher.training.config import TrainConfig
 from patcher.training.methods import Method
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What to patch and how: method, tasks, alpha rule and where training writes its checkpoints and log."""
+    """What to patch and how: method, tasks, hyperparameters, alpha rule, and where training writes."""
 
     method: type[Method]
     params: Any
     patch: list[str]
     support: list[str]
-    config: Callable[[list[str]], TrainConfig]  # tasks trained together -> their main-stage config
-    tolerance: float
-    search: str
-    fixed_alpha: float | None
-    checkpoint_dir: Path | None = None
-    log_path: Path | None = None
+    train_config: TrainConfig
+    tolerance: float = 1.0
+    search: str = "golden"
+    fixed_alpha: float | None = None
+    epochs: float | None = None  # instead of train_config.steps: epochs over the tasks trained together
+    train_sizes: Mapping[str, int] = field(default_factory=dict)  # training images per task, for `epochs`
+    checkpoints: Path | None = None
+    log: Path | None = None
+
+    def train_config_for(self, tasks: list[str]) -> TrainConfig:
+        """The main stage's hyperparameters for tasks trained together (steps from `epochs` when given)."""
+        if self.epochs is None:
+            return self.train_config
+        items = sum(self.train_sizes[task] for task in tasks)
+        return replace(self.train_config, steps=max(1, round(self.epochs * items / self.train_config.batch_size)))
+
+    def fine_tuning(self, tasks: list[str], step_offset: int = 0, label: str = "") -> FineTuning:
+        """One fine-tune of this plan's method on `tasks`."""
+        return FineTuning(self.method, self.params, tasks, self.train_config_for(tasks), self.checkpoints, self.log,
+                          step_offset, label)
 
     def rule(self, patch: list[str], reference: Mapping[str, float] | None = None) -> AlphaRule:
         """PAINT's rule for these patch tasks (the plan's supported tasks and tolerance)."""
@@ -44,14 +67,23 @@ class Plan:
 
 @dataclass
 class Outcome:
-    """The stored models' states and alphas, the selection behind the patched model, and per-step records."""
+    """What a strategy made: the states a run stores, the selection behind the patched model, how it got there."""
 
     states: dict[str, State]
-    alphas: dict[str, float]
     selection: Selection
-    reference: dict[str, float]
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    trained: list[Trained] = field(default_factory=list)
+    reference: dict[str, float]  # held-out zero-shot accuracy the rule measured supported tasks against
+    trained: list[Trained]
+    title: str  # the alpha plot's title
+    several_tasks: bool = False
+
+    strategy: ClassVar[str] = "joint"
+    parameter: ClassVar[str | None] = None  # what alpha is, where it is not the interpolation weight
+    always_grid: ClassVar[bool] = False  # the coefficient is searched over the grid, whatever --search says
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        """The interpolation weight of each stored model."""
+        return {"zeroshot": 0.0, "finetuned": 1.0, "patched": self.selection.alpha}
 
     @property
     def total_steps(self) -> int:
@@ -63,21 +95,96 @@ class Outcome:
         """Tasks whose head was trained as a parameter by any fine-tune."""
         return list(dict.fromkeys(task for t in self.trained for task in t.method.trained_heads()))
 
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        """Every training stage run, with its hyperparameters."""
+        return [stage for trained in self.trained for stage in trained.stages]
+
+    def steps(self) -> list[SelectionStep] | list[FineTuneStep]:
+        """The strategy's steps, as the manifest records them."""
+        return []
+
+    def multi_record(self) -> MultiRecord | None:
+        """The manifest's `multi` section (None for a single patch task)."""
+        return MultiRecord(self.strategy, steps=self.steps()) if self.several_tasks else None
+
+    def alpha_record(self, fixed: bool, search: str, tolerance: float) -> AlphaRecord:
+        """The manifest's `alpha` section."""
+        selection = self.selection
+        return AlphaRecord(
+            mode="fixed" if fixed else "auto", chosen=selection.alpha, rule=selection.rule, tolerance=tolerance,
+            search="fixed" if fixed else ("grid" if self.always_grid else search),
+            evaluations=selection.evaluations, grid=list(DEFAULT_GRID), warning=selection.warning,
+            curve=curve_points(selection.curve), zeroshot_val_accuracy=dict(self.reference),
+            parameter=self.parameter, steps=self.alpha_steps(),
+        )
+
+    def alpha_steps(self) -> list[SelectionStep] | None:
+        """The per-step selections the `alpha` section repeats (sequential only)."""
+        return None
+
+    def step_plots(self) -> list[tuple[str, Selection]]:
+        """(task, selection) of each step that gets its own alpha plot."""
+        return []
+
+
+@dataclass
+class SequentialOutcome(Outcome):
+    """Task after task: each step's task and selection."""
+
+    selections: list[tuple[str, Selection]] = field(default_factory=list)
+
+    strategy: ClassVar[str] = "sequential"
+    parameter: ClassVar[str | None] = "per-step alpha (chosen = the last step's)"
+
+    def steps(self) -> list[SelectionStep]:
+        """Each step's task, alpha, rule and curve."""
+        return [SelectionStep(task, s.alpha, s.rule, s.warning, s.evaluations, curve_points(s.curve))
+                for task, s in self.selections]
+
+    def alpha_steps(self) -> list[SelectionStep]:
+        """Every step's selection."""
+        return self.steps()
+
+    def step_plots(self) -> list[tuple[str, Selection]]:
+        """One plot per step."""
+        return list(self.selections)
+
+
+@dataclass
+class ParallelOutcome(Outcome):
+    """Task vectors added with one coefficient: each fine-tune's task and steps (or the runs merged)."""
+
+    fine_tunes: list[tuple[str, int]] = field(default_factory=list)
+    merged_runs: list[MergedRun] | None = None
+
+    strategy: ClassVar[str] = "parallel"
+    parameter: ClassVar[str | None] = "task-vector scaling coefficient"
+    always_grid: ClassVar[bool] = True
+
+    def steps(self) -> list[FineTuneStep]:
+        """Each task's fine-tune."""
+        return [FineTuneStep(task, steps) for task, steps in self.fine_tunes]
+
+    def multi_record(self) -> MultiRecord:
+        """The strategy and its fine-tunes, or the runs `patcher merge` combined."""
+        if self.merged_runs is not None:
+            return MultiRecord(self.strategy, merged_runs=self.merged_runs)
+        return MultiRecord(self.strategy, steps=self.steps())
+
 
 def joint(session: Session, plan: Plan) -> Outcome:
     """One fine-tune on the balanced mixture of every patch task, then interpolation with the zero-shot model."""
     zeroshot = session.zeroshot
-    trained = session.fine_tune(plan.method, plan.params, zeroshot, plan.patch, plan.config(plan.patch),
-                                plan.checkpoint_dir, plan.log_path)
+    trained = session.fine_tune(zeroshot, plan.fine_tuning(plan.patch))
     base, finetuned = session.complete(zeroshot, trained.state)
     selection = session.select(lambda a: interpolate(base, finetuned, a), plan.rule(plan.patch), plan.search,
                                plan.fixed_alpha)
     states = {"zeroshot": zeroshot, "finetuned": finetuned, "patched": interpolate(base, finetuned, selection.alpha)}
-    return Outcome(states, {"zeroshot": 0.0, "finetuned": 1.0, "patched": selection.alpha}, selection,
-                   selection.curve[0.0], trained=[trained])
+    return Outcome(states, selection, selection.curve[0.0], [trained], _title(plan, "alpha"), len(plan.patch) > 1)
 
 
-def sequential(session: Session, plan: Plan) -> Outcome:
+def sequential(session: Session, plan: Plan) -> SequentialOutcome:
     """Patch task after task, each fine-tune starting from the previous patched model.
 
     Alpha is chosen per step for the mean held-out accuracy over the tasks patched so far, with supported
@@ -85,12 +192,12 @@ def sequential(session: Session, plan: Plan) -> Outcome:
     """
     zeroshot = session.zeroshot
     reference = session.accuracy(zeroshot, session.splits.val)
-    current: State = zeroshot
-    outcome = Outcome({}, {}, Selection(alpha=0.0, rule=""), reference)
+    current, finetuned = zeroshot, zeroshot
+    trained_all: list[Trained] = []
+    selections: list[tuple[str, Selection]] = []
     offset = 0
     for number, task in enumerate(plan.patch):
-        trained = session.fine_tune(plan.method, plan.params, current, [task], plan.config([task]),
-                                    plan.checkpoint_dir, plan.log_path, offset, f"{number}-")
+        trained = session.fine_tune(current, plan.fine_tuning([task], offset, f"{number}-"))
         offset += trained.steps
         start, finetuned = session.complete(current, trained.state)
         seen = plan.patch[: number + 1]
@@ -98,55 +205,38 @@ def sequential(session: Session, plan: Plan) -> Outcome:
                                    plan.search, plan.fixed_alpha,
                                    f"step {number + 1}/{len(plan.patch)} ({task}): choosing alpha")
         current = interpolate(start, finetuned, selection.alpha)
-        outcome.trained.append(trained)
-        outcome.steps.append({"task": task, "alpha": selection.alpha, "rule": selection.rule,
-                              "warning": selection.warning, "evaluations": selection.evaluations,
-                              "curve": _curve(selection)})
-        outcome.selection = selection
-        outcome.states["finetuned"] = finetuned
-    outcome.states = {"zeroshot": zeroshot, "finetuned": outcome.states["finetuned"], "patched": current}
-    outcome.alphas = {"zeroshot": 0.0, "finetuned": 1.0, "patched": outcome.selection.alpha}
-    return outcome
+        trained_all.append(trained)
+        selections.append((task, selection))
+    states = {"zeroshot": zeroshot, "finetuned": finetuned, "patched": current}
+    return SequentialOutcome(states, selections[-1][1], reference, trained_all, _title(plan, "alpha"), True,
+                             selections)
 
 
-def parallel(session: Session, plan: Plan) -> Outcome:
+def parallel(session: Session, plan: Plan) -> ParallelOutcome:
     """Fine-tune each task from the zero-shot model; patch with zero-shot + coefficient * sum of task vectors.
 
     The coefficient is searched over the grid 0, 0.1, ..., 1 (task arithmetic, Ilharco et al., 2023) with
     PAINT's rule, the patch accuracy being the mean over the patch tasks.
     """
     zeroshot = session.zeroshot
-    outcome = Outcome({}, {}, Selection(alpha=0.0, rule=""), {})
+    trained_all: list[Trained] = []
     offset = 0
     for number, task in enumerate(plan.patch):
-        trained = session.fine_tune(plan.method, plan.params, zeroshot, [task], plan.config([task]),
-                                    plan.checkpoint_dir, plan.log_path, offset, f"{number}-")
+        trained = session.fine_tune(zeroshot, plan.fine_tuning([task], offset, f"{number}-"))
         offset += trained.steps
-        outcome.trained.append(trained)
-        outcome.steps.append({"task": task, "steps": trained.steps})
-    base, *finetuned = session.complete(zeroshot, *(t.state for t in outcome.trained))
+        trained_all.append(trained)
+    base, *finetuned = session.complete(zeroshot, *(t.state for t in trained_all))
     path = task_arithmetic(base, finetuned)
     selection = session.select(path, plan.rule(plan.patch), "grid", plan.fixed_alpha,
                                description="choosing the task-vector coefficient")
-    outcome.states = {"zeroshot": zeroshot, "finetuned": path(1.0), "patched": path(selection.alpha)}
-    outcome.alphas = {"zeroshot": 0.0, "finetuned": 1.0, "patched": selection.alpha}
-    outcome.selection = selection
-    outcome.reference = selection.curve[0.0]
-    return outcome
+    states = {"zeroshot": zeroshot, "finetuned": path(1.0), "patched": path(selection.alpha)}
+    fine_tunes = [(task, trained.steps) for task, trained in zip(plan.patch, trained_all, strict=True)]
+    return ParallelOutcome(states, selection, selection.curve[0.0], trained_all, _title(plan, "the coefficient"),
+                           True, fine_tunes)
 
 
-def task_arithmetic(base: State, finetuned: list[State]) -> Callable[[float], State]:
-    """coefficient -> base + coefficient * sum over i of (finetuned_i - base)."""
-    total = sum(TaskVector.from_states(base, state) for state in finetuned)
-
-    def path(coefficient: float) -> State:
-        return total.apply_to(base, coefficient)
-
-    return path
-
-
-def _curve(selection: Selection) -> list[dict[str, Any]]:
-    return [{"alpha": a, "val_accuracy": acc} for a, acc in sorted(selection.curve.items())]
+def _title(plan: Plan, parameter: str) -> str:
+    return f"{', '.join(plan.patch)}: held-out accuracy against {parameter}"
 
 
 STRATEGIES: dict[str, Callable[[Session, Plan], Outcome]] = {

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.models.state import State
 
 StateDict = Mapping[str, torch.Tensor]
@@ -100,3 +100,13 @@ def fill_missing(states: Iterable[Mapping[str, torch.Tensor]], base: Mapping[str
     if missing:
         raise PatcherError(f"no base value for {missing[0]}: the states come from different architectures")
     return [{**{key: base[key] for key in keys - state.keys()}, **state} for state in states]
+
+
+def task_arithmetic(base: StateDict, finetuned: list[StateDict]) -> Callable[[float], dict[str, torch.Tensor]]:
+    """coefficient -> base + coefficient * sum over i of (finetuned_i - base) (Ilharco et al., 2023)."""
+    total = sum(TaskVector.from_states(base, state) for state in finetuned)
+
+    def path(coefficient: float) -> dict[str, torch.Tensor]:
+        return total.apply_to(base, coefficient)
+
+    return path

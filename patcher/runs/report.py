@@ -2,50 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.table import Table
 
-KINDS = ("zeroshot", "finetuned", "patched")
+from patcher.runs.layout import KINDS
+from patcher.runs.manifest import Manifest
 
 
-def accuracy_table(manifest: dict[str, Any]) -> Table:
+def accuracy_table(manifest: Manifest) -> Table:
     """Test accuracy per task for the zero-shot, fine-tuned and patched models."""
-    alpha = manifest["alpha"]["chosen"]
-    table = Table(title=f"{manifest['name']}: test accuracy (%), patched at alpha = {alpha:g}")
+    table = Table(title=f"{manifest.name}: test accuracy (%), patched at alpha = {manifest.alpha.chosen:g}")
     table.add_column("task")
     table.add_column("role")
     for kind in KINDS:
         table.add_column(kind, justify="right")
     table.add_column("patched - zero-shot", justify="right")
-    accuracy = manifest["test_accuracy"]
-    for task, entry in manifest["tasks"].items():
-        row = [accuracy[kind][task] for kind in KINDS]
-        table.add_row(task, entry["role"], *(f"{v:.2f}" for v in row), f"{row[2] - row[0]:+.2f}")
+    for task, row in _rows(manifest):
+        table.add_row(task, manifest.tasks[task].role, *(f"{v:.2f}" for v in row), f"{row[2] - row[0]:+.2f}")
     return table
 
 
-def alpha_lines(manifest: dict[str, Any]) -> list[str]:
+def alpha_lines(manifest: Manifest) -> list[str]:
     """How alpha was chosen, in a few lines."""
-    alpha = manifest["alpha"]
+    alpha = manifest.alpha
     lines = [
-        f"alpha {alpha['chosen']:g} ({alpha['mode']}, {alpha['search']} search, {alpha['evaluations']} evaluations)",
-        f"rule: {alpha['rule']}",
+        f"alpha {alpha.chosen:g} ({alpha.mode}, {alpha.search} search, {alpha.evaluations} evaluations)",
+        f"rule: {alpha.rule}",
     ]
-    if alpha.get("warning"):
-        lines.append(f"warning: {alpha['warning']}")
+    if alpha.warning:
+        lines.append(f"warning: {alpha.warning}")
     return lines
 
 
-def markdown_table(manifest: dict[str, Any]) -> str:
+def markdown_table(manifest: Manifest) -> str:
     """The accuracy table as Markdown, for the README and bench/results."""
     lines = [
         "| task | role | zero-shot | fine-tuned | patched | patched - zero-shot |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    accuracy = manifest["test_accuracy"]
-    for task, entry in manifest["tasks"].items():
-        row = [accuracy[kind][task] for kind in KINDS]
+    for task, row in _rows(manifest):
         cells = " | ".join(f"{v:.2f}" for v in row)
-        lines.append(f"| {task} | {entry['role']} | {cells} | {row[2] - row[0]:+.2f} |")
+        lines.append(f"| {task} | {manifest.tasks[task].role} | {cells} | {row[2] - row[0]:+.2f} |")
     return "\n".join(lines)
+
+
+def _rows(manifest: Manifest) -> list[tuple[str, list[float]]]:
+    return [(task, [manifest.test_accuracy[kind][task] for kind in KINDS]) for task in manifest.tasks]

@@ -18,14 +18,15 @@ from typing import Any
 
 from rich.console import Console
 
-from patcher.bench.machine import machine_info
-from patcher.data.loading import DataOptions
+from patcher.base.files import write_json, write_text
+from patcher.base.records import to_json
+from patcher.benchmark.machine import machine_info
+from patcher.data.options import DataOptions
 from patcher.runs.manifest import Run, load_run
 from patcher.runs.report import accuracy_table, alpha_lines, markdown_table
-from patcher.runs.store import write_json, write_text
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, pretrain, reference_dir
-from patcher.training.loop import TrainConfig
+from patcher.training.config import TrainConfig
 
 console = Console()
 
@@ -39,7 +40,7 @@ class DemoOptions:
     serve: bool = True
     bench: bool = True
     samples: int = 20  # test images classified over gRPC
-    finetune: TrainConfig = field(
+    train_config: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=300, batch_size=64, lr=1e-4, weight_decay=0.1, warmup_steps=30,
                                             checkpoint_every=100)
     )
@@ -73,7 +74,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_path = build(BuildOptions(
         task="digits", support=["fashion-mnist"], model=f"local-dir:{model_dir}", pretrained=None, alpha="auto",
-        finetune=options.finetune, data=DataOptions(augment=options.augment),
+        train_config=options.train_config, data=DataOptions(augment=options.augment),
         out=options.runs_dir / f"demo-digits-{stamp}",
     ))
     assert run_path is not None  # the demo runs on one process
@@ -82,13 +83,14 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     console.print(accuracy_table(run.manifest))
     for line in alpha_lines(run.manifest):
         console.print(line)
-    summary["run"] = {"path": str(run_path), "test_accuracy": run.manifest["test_accuracy"],
-                      "alpha": run.manifest["alpha"], "timings_s": run.timings.get("timings_s")}
+    summary["run"] = {"path": str(run_path), "test_accuracy": run.manifest.test_accuracy,
+                      "alpha": to_json(run.manifest.alpha), "timings_s": run.timings.get("timings_s")}
 
-    from patcher.export import EXPORT_JSON, export_run
+    from patcher.export.contract import EXPORT_JSON
+    from patcher.stages.export import ExportOptions, export_run
 
     tick = time.perf_counter()
-    export_dir = export_run(run_path, fp16=True)
+    export_dir = export_run(run_path, ExportOptions(fp16=True))
     timings["export"] = time.perf_counter() - tick
     export_record = json.loads((export_dir / EXPORT_JSON).read_text())
     summary["export"] = {"models": export_record["models"],
@@ -101,7 +103,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         summary["serving"] = _serve_and_classify(export_dir, options)
         timings["serve_and_classify"] = time.perf_counter() - tick
     if options.bench:
-        from patcher.bench import bench_run
+        from patcher.benchmark import bench_run
 
         tick = time.perf_counter()
         report = bench_run(run_path, out_dir=options.results_dir, name="demo-bench", **options.bench_sweep)

@@ -24,21 +24,25 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import Subset
 
-from patcher import __version__
-from patcher.compat import import_open_clip
+from patcher.base.cache import cache_dir
+from patcher.base.compat import import_open_clip
+from patcher.base.errors import PatcherError
+from patcher.base.files import FileRecord, append_json_line, now_iso, trim_json_lines, write_json
+from patcher.base.records import to_json
+from patcher.base.staging import Resume, Staging, resumable_path, staged_output
 from patcher.data.evaluation import predict
+from patcher.data.image_store import StoreItems, build_store
 from patcher.data.loading import TrainSplit
-from patcher.data.store import StoreItems, build_store
 from patcher.data.tasks import Task, get_task
 from patcher.data.transforms import Normalize
-from patcher.errors import PatcherError
 from patcher.models import load_clip
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.heads import build_head
 from patcher.models.loading import CONFIG_FILENAME
-from patcher.runs.manifest import library_versions, now_iso
-from patcher.runs.store import RunStaging, append_log, file_record, run_staging, trim_log, write_json
-from patcher.training.loop import TrainConfig, checkpoint_step, pick_device, train
+from patcher.runs.layout import CHECKPOINTS, TRAIN_LOG
+from patcher.runs.manifest import versions
+from patcher.training.config import TrainConfig
+from patcher.training.loop import checkpoint_step, pick_device, train
 from patcher.training.losses import MAX_LOGIT_SCALE, class_contrastive_loss
 from patcher.training.sampling import MixedBatch, TaskMixture, caption_templates
 
@@ -98,18 +102,10 @@ class PretrainOptions:
         return json.loads(json.dumps(data, default=str))
 
 
-def default_models_dir() -> Path:
-    """Where pretrained reference models are cached: $PATCHER_CACHE/models, else ~/.cache/patcher/models."""
-    import os
-
-    root = os.environ.get("PATCHER_CACHE") or Path.home() / ".cache" / "patcher"
-    return Path(root) / "models"
-
-
 def reference_dir(options: PretrainOptions) -> Path:
     """The cache folder of the model these options produce, named by their hash."""
     digest = hashlib.sha256(json.dumps(options.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
-    return default_models_dir() / f"{options.model}-{digest}"
+    return cache_dir("models") / f"{options.model}-{digest}"
 
 
 @dataclass
@@ -137,15 +133,16 @@ def pretrain(options: PretrainOptions) -> Path:
     out = Path(options.out) if options.out else reference_dir(options)
     if out.exists():
         raise PatcherError(f"{out} already exists: pass another --out, or use it with --model local-dir:{out}")
-    if options.resume and options.out is None and not (out.parent / f".{out.name}.partial").exists():
+    if options.resume and options.out is None and not resumable_path(out).exists():
         raise PatcherError(f"nothing to resume for {out}: run without --resume")
     device = pick_device(options.device)
-    with run_staging(out, options.fingerprint(), options.resume) as output:  # locked; renamed or removed at the end
+    resume = Resume(options.fingerprint(), options.resume)
+    with staged_output(out, resume=resume) as output:  # locked; renamed into place or removed at the end
         return _pretrain_into(options, output, device, started)
 
 
-def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, started: float) -> Path:
-    out = output.out
+def _pretrain_into(options: PretrainOptions, output: Staging, device: str, started: float) -> Path:
+    out = output.final
     torch.manual_seed(options.train.seed)
     loaded = load_clip(options.model, None, options.image_size, device=device)
     model = loaded.model
@@ -162,14 +159,14 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
     step_loss = (_class_step_loss if options.objective == "classes" else _instance_step_loss)(
         model, mixture, sources, options.train.seed, device)
 
-    log_path = staging / "train.log"
-    checkpoint_dir = staging / "checkpoints"
+    log_path = staging / TRAIN_LOG
+    checkpoint_dir = staging / CHECKPOINTS
     checkpoint_dir.mkdir(exist_ok=True)
-    trim_log(log_path, checkpoint_step(checkpoint_dir))
+    trim_json_lines(log_path, checkpoint_step(checkpoint_dir))
     tick = time.perf_counter()
     try:
         train(model, model.parameters(), step_loss, options.train, device, checkpoint_dir,
-              lambda entry: append_log(log_path, entry), f"pretraining {options.model}")
+              lambda entry: append_json_line(log_path, entry), f"pretraining {options.model}")
     finally:
         mixture.close()
     train_seconds = time.perf_counter() - tick
@@ -188,8 +185,8 @@ def _pretrain_into(options: PretrainOptions, output: RunStaging, device: str, st
         "per_batch": dict(zip([f"{s.task}/{s.split}" for s in options.sources], per_batch, strict=True)),
         "images": {name: len(data.split) for name, data in zip(names, sources, strict=True)},
         "zero_shot": evaluation,
-        "files": {name: file_record(staging / name) for name in (WEIGHTS_FILENAME, CONFIG_FILENAME)},
-        "versions": {**library_versions(), "patcher": __version__},
+        "files": {name: to_json(FileRecord.of(staging / name)) for name in (WEIGHTS_FILENAME, CONFIG_FILENAME)},
+        "versions": versions(),
         "timings_s": {"train": round(train_seconds, 2), "total": round(time.perf_counter() - started, 2)},
     }
     write_json(staging / RECORD_FILENAME, record)

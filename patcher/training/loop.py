@@ -14,41 +14,22 @@ import io
 import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from patcher import distributed
-from patcher.errors import PatcherError
-from patcher.progress import make_progress
-from patcher.runs.store import append_log, atomic_file, trim_log
+from patcher.base import distributed
+from patcher.base.errors import PatcherError
+from patcher.base.files import append_json_line, atomic_file, trim_json_lines
+from patcher.base.progress import make_progress
+from patcher.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from patcher.training.methods.base import Method, Stage
 
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters; defaults are PAINT's (AdamW, lr 1e-5, wd 0.1, 500 warmup steps, batch 128, clip 1.0)."""
-
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    warmup_steps: int = 500
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 10
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain dict for the manifest."""
-        return asdict(self)
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -118,21 +99,22 @@ def train(
     module: nn.Module,
     parameters: Iterable[nn.Parameter],
     step_loss: Callable[[int], torch.Tensor],
-    config: TrainConfig,
+    train_config: TrainConfig,
     device: str = "cpu",
     checkpoint_dir: Path | None = None,
     log: Callable[[dict[str, float]], None] | None = None,
     description: str = "training",
 ) -> None:
-    """Minimise `step_loss(step)` over `parameters` (of `module`, whose state is checkpointed) for config.steps.
+    """Minimise `step_loss(step)` over `parameters` (of `module`, whose state is checkpointed) for the configured
+    steps.
 
     Under torchrun every rank runs this with its part of each batch; DistributedDataParallel averages the
     gradients, so the update is the one-process update of the whole batch. Rank 0 writes checkpoints.
     """
     parameters = [p for p in parameters if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, config.steps)
+        optimizer, lambda step: lr_factor(step, train_config.warmup_steps, train_config.steps)
     )
     scaler = torch.amp.GradScaler("cuda", enabled=precision_name(device) == "amp-fp16")
     checkpoint = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
@@ -148,25 +130,25 @@ def train(
     module.train()
     stepper = _data_parallel(module, step_loss, device)
     with make_progress() as progress:
-        bar = progress.add_task(description, total=config.steps, completed=first_step, status="")
-        for step in range(first_step, config.steps):
+        bar = progress.add_task(description, total=train_config.steps, completed=first_step, status="")
+        for step in range(first_step, train_config.steps):
             with autocast(device):
                 loss = stepper(step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(parameters, train_config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             done = step + 1
-            if step % config.log_every == 0 or done == config.steps:
+            if step % train_config.log_every == 0 or done == train_config.steps:
                 value = float(distributed.all_reduce_sum(loss.detach().float()).item()) / distributed.world_size()
                 progress.update(bar, status=f"loss {value:.3f}")
                 if log is not None and distributed.is_main():
                     log({"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0]})
             progress.update(bar, advance=1)
-            if (checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps
+            if (checkpoint is not None and done % train_config.checkpoint_every == 0 and done < train_config.steps
                     and distributed.is_main()):
                 _save_checkpoint(checkpoint, done, module, optimizer, scheduler, scaler)
     module.eval()
@@ -216,32 +198,33 @@ def _train_stages(method: Method, device: str, checkpoint_dir: Path | None, log_
     main = distributed.is_main()
     offset = step_offset
     for index, stage in enumerate(method.stages()):
-        if stage.config.steps < 1:
-            raise PatcherError(f"stage {stage.name} of {method.name} has {stage.config.steps} steps: give at least 1")
+        if stage.train_config.steps < 1:
+            raise PatcherError(f"stage {stage.name} of {method.name} has {stage.train_config.steps} steps: "
+                               "give at least 1")
         folder = checkpoint_dir / f"{label}{index}-{stage.name}" if checkpoint_dir is not None else None
         if folder is not None and (folder / DONE).is_file():
             stage.module.load_state_dict(torch.load(folder / DONE, map_location=device, weights_only=True))
-            offset += stage.config.steps
+            offset += stage.train_config.steps
             continue
         if folder is not None and main:
             folder.mkdir(parents=True, exist_ok=True)
         if log_path is not None and main:
-            trim_log(log_path, offset + checkpoint_step(folder))
+            trim_json_lines(log_path, offset + checkpoint_step(folder))
         _freeze_all_but(stage)
         name = f"{label}{stage.name}"
 
         def log(entry: dict[str, Any], offset: int = offset, name: str = name) -> None:
             line = {**entry, "step": entry["step"] + offset, "stage": name,
-                    **{k: round(v, 6) for k, v in getattr(method, "last_terms", {}).items()}}
+                    **{k: round(v, 6) for k, v in method.step_terms().items()}}
             if log_path is not None and main:
-                append_log(log_path, line)
+                append_json_line(log_path, line)
             if on_log is not None:
                 on_log(line)
 
-        train(stage.module, stage.parameters, stage.step_loss, stage.config, device, folder, log,
-              f"{' '.join(dict.fromkeys([method.name, name]))} on {', '.join(method.setup.train)}")
+        train(stage.module, stage.parameters, stage.step_loss, stage.train_config, device, folder, log,
+              f"{' '.join(dict.fromkeys([method.name, name]))} on {', '.join(method.setup.train_splits)}")
         if folder is not None and main:
             with atomic_file(folder / DONE) as temporary:
                 torch.save(stage.module.state_dict(), temporary)
-        offset += stage.config.steps
+        offset += stage.train_config.steps
     return offset - step_offset

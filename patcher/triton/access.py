@@ -15,8 +15,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from patcher.errors import PatcherError
-from patcher.runs.store import atomic_file
+from patcher.base.errors import PatcherError
+from patcher.base.files import atomic_file
 
 HEADER = "patcher-key"
 GRPC_PREFIX = "triton-grpc-protocol-"

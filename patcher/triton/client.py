@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.triton.configs import IMAGE_BYTES
 
 LOGITS_PREFIX = "logits_"

@@ -11,8 +11,8 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from patcher.errors import PatcherError
-from patcher.runs.store import write_text
+from patcher.base.errors import PatcherError
+from patcher.base.files import write_text
 from patcher.triton.export_info import TensorSpec
 
 CONFIG_FILE = "config.pbtxt"

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from patcher.errors import PatcherError
-from patcher.export.naming import logits_output, tensor_name
+from patcher.base.errors import PatcherError
+from patcher.export.contract import logits_output, tensor_name
 
 MAX_NAME = 64  # leaves room for the longest suffix within one file name, and reads well in URLs
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patcher.errors import PatcherError
-from patcher.export.metadata import EXPORT_FORMAT, EXPORT_JSON
-from patcher.export.naming import tensor_name
-from patcher.runs.manifest import read_format_json
-from patcher.runs.store import sha256_file
+from patcher.base.errors import PatcherError
+from patcher.base.files import sha256_file
+from patcher.base.records import to_json
+from patcher.export.contract import EXPORT_JSON, read_export_record, tensor_name
 
 # ONNX TensorProto element types -> Triton config data types.
 ONNX_TO_TRITON = {
@@ -110,10 +109,7 @@ def load_export(path: Path | str) -> ExportInfo:
     export_json = path / EXPORT_JSON
     if not export_json.is_file():
         raise PatcherError(f"{path} has no {EXPORT_JSON}: pass the onnx/ folder written by `patcher export RUN`")
-    data = read_format_json(export_json, EXPORT_FORMAT, "run `patcher export` again")
-    for key in ("preprocess", "tasks", "models"):
-        if key not in data:
-            raise PatcherError(f"{export_json} lacks {key!r}: run `patcher export` again")
+    data = to_json(read_export_record(export_json))
     return ExportInfo(path=path, data=data, sha256=sha256_file(export_json))
 
 

@@ -9,7 +9,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 
 INSTALL_HINT = (
     "install it with `pip install nvidia-pytriton==0.7.0` (it bundles tritonserver), or run NVIDIA's container: "

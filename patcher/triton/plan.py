@@ -9,8 +9,8 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from patcher.errors import PatcherError
-from patcher.export.naming import logits_output
+from patcher.base.errors import PatcherError
+from patcher.export.contract import logits_output
 from patcher.triton.configs import (
     ENTRY_PARAMETER,
     IMAGE_BYTES,

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patcher.errors import PatcherError
-from patcher.runs.manifest import now_iso
-from patcher.runs.store import remove_atomic_leftovers, write_json
+from patcher.base.errors import PatcherError
+from patcher.base.files import now_iso, remove_atomic_leftovers, write_json
 
 DEFAULT_REPOSITORY = Path("runs/triton_models")  # local and git-ignored; triton_models/ is the committed example
 JOURNAL = ".patcher-journal.json"

@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from patcher.errors import PatcherError
-from patcher.runs.failures import naming
-from patcher.runs.locks import check_name as check_output_name
-from patcher.runs.manifest import now_iso
-from patcher.runs.store import output_lock, write_errors
+from patcher.base.errors import PatcherError
+from patcher.base.faults import naming, write_errors
+from patcher.base.files import now_iso
+from patcher.base.locks import check_output_name, output_lock
 from patcher.triton.configs import CONFIG_FILE, ENTRY_PARAMETER, Batching, config_text, parameter, read_config
 from patcher.triton.entry import Entry, check_name
 from patcher.triton.export_info import ExportInfo, load_export

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.triton.access import ServerKey, new_key
 from patcher.triton.configs import CONFIG_FILE
 from patcher.triton.install import (

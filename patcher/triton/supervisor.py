@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.triton.configs import CONFIG_FILE
 from patcher.triton.health import Suspects, backend_died, probe
 from patcher.triton.publish import publish_lock, read_journal

@@ -278,7 +278,7 @@ def imagenet() -> tuple[str, ...]:
 
 def open_clip_metadata() -> ModuleType:
     """open_clip's zero_shot_metadata module (its import needs torchvision, hence patcher.compat first)."""
-    from patcher.compat import import_torchvision
+    from patcher.base.compat import import_torchvision
 
     import_torchvision()
     from open_clip import zero_shot_metadata

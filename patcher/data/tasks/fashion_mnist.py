@@ -8,11 +8,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from patcher.base.errors import PatcherError
+from patcher.base.files import atomic_file
 from patcher.data.tasks.loaders import IDX_FILES, torchvision_class
 from patcher.data.tasks.missing import open_dataset
 from patcher.data.tasks.views import ImageView
-from patcher.errors import PatcherError
-from patcher.runs.store import atomic_file
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -10,13 +10,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from patcher.base.errors import PatcherError
+from patcher.base.progress import console
 from patcher.data.tasks import checks, templates
 from patcher.data.tasks.loaders import torchvision_class
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.task import Task
 from patcher.data.tasks.views import ImageView
-from patcher.errors import PatcherError
-from patcher.progress import console
 
 PREFIX = "folder:"
 LAYOUT = "train/<class>/<image> and optionally test/<class>/<image>"

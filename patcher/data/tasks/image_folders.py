@@ -6,12 +6,12 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import classnames
 from patcher.data.tasks.loaders import check_classes, torchvision_class
 from patcher.data.tasks.missing import open_dataset
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.views import ImageView
-from patcher.errors import PatcherError
 
 IMAGENET_CLASSES = 1000
 

@@ -14,12 +14,12 @@ from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 
-from patcher.compat import import_torchvision
+from patcher.base.compat import import_torchvision
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import classnames
 from patcher.data.tasks.missing import open_dataset
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.views import ImageView
-from patcher.errors import PatcherError
 
 IDX_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
 

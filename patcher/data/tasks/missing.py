@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 
 T = TypeVar("T")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import classnames as names
 from patcher.data.tasks import image_folders, loaders
 from patcher.data.tasks import templates as prompts
@@ -15,7 +16,6 @@ from patcher.data.tasks.folder import folder_task
 from patcher.data.tasks.kitti import load_kitti
 from patcher.data.tasks.printed_digits import load_printed_digits
 from patcher.data.tasks.task import Task
-from patcher.errors import PatcherError
 
 PAINT_TASKS = ("cars", "dtd", "eurosat", "gtsrb", "kitti", "mnist", "resisc45", "sun397", "svhn")
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from patcher.base.errors import PatcherError
 from patcher.data.tasks.paths import resolve_data_root
 from patcher.data.tasks.splits import holdout_indices
 from patcher.data.tasks.views import ImageView
-from patcher.errors import PatcherError
 
 # A loader returns one part of a task's data ("train", "test", or an extra part such as digits'
 # "pretrain") as (RGB PIL image, int label) items, given the data root and whether it may download.

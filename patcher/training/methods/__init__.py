@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from patcher.errors import PatcherError
-from patcher.training.loop import TrainConfig
+from patcher.base.errors import PatcherError
+from patcher.training.config import TrainConfig
 from patcher.training.methods.base import Method, MethodSetup, Stage, params_dict, parse_params
 from patcher.training.methods.carft import ContextAwareFineTune
 from patcher.training.methods.flyp import ContrastiveFineTune

@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from patcher.base.errors import PatcherError
 from patcher.data.loading import TrainSplit
 from patcher.data.tasks import Task
-from patcher.errors import PatcherError
 from patcher.models import LoadedModel
 from patcher.models.state import State
-from patcher.training.loop import TrainConfig
+from patcher.training.config import TrainConfig
 
 
 @dataclass
@@ -33,18 +33,19 @@ class Stage:
     module: nn.Module
     parameters: list[nn.Parameter]
     step_loss: Callable[[int], torch.Tensor]
-    config: TrainConfig
+    train_config: TrainConfig
 
 
 @dataclass
 class MethodSetup:
-    """What a method starts from: the CLIP model (at the starting weights), data, heads and the main config."""
+    """What a method starts from: the CLIP model (at the starting weights), data, heads and the main stage's
+    hyperparameters."""
 
     loaded: LoadedModel
-    train: dict[str, TrainSplit]
+    train_splits: dict[str, TrainSplit]
     tasks: dict[str, Task]
     heads: dict[str, torch.Tensor]
-    config: TrainConfig
+    train_config: TrainConfig
     device: str = "cpu"
 
 
@@ -79,6 +80,10 @@ class Method(ABC):
     @abstractmethod
     def state(self) -> State:
         """The flat entries this method trains, at their current values."""
+
+    def step_terms(self) -> dict[str, float]:
+        """The parts of the last step's loss worth logging beside it (CAR-FT's cross-entropy and KL); none here."""
+        return {}
 
     def trained_heads(self) -> list[str]:
         """Tasks whose head this method trains as a parameter."""

@@ -16,10 +16,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from patcher.compat import import_open_clip
+from patcher.base.compat import import_open_clip
+from patcher.base.errors import PatcherError
 from patcher.data.tasks import Task
 from patcher.data.tasks.templates import imagenet as imagenet_templates
-from patcher.errors import PatcherError
 from patcher.models import LoadedModel
 from patcher.training.losses import mixture_cross_entropy
 from patcher.training.methods.base import MethodSetup
@@ -85,11 +85,15 @@ class ContextAwareFineTune(FineTune):
         self.context_heads = {
             name: context_head(setup.loaded, list(setup.tasks[name].classnames),
                                context_templates(setup.tasks[name], params.contexts), self.device)
-            for name in setup.train
+            for name in setup.train_splits
         }
         # p_start(context | x) comes from a frozen copy of the starting encoder, on the same (augmented) images
         self.reference_encoder = copy.deepcopy(self.encoder).eval().requires_grad_(False)
         self.last_terms: dict[str, float] = {}
+
+    def step_terms(self) -> dict[str, float]:
+        """The last step's cross-entropy and KL terms."""
+        return dict(self.last_terms)
 
     def step_loss(self, step: int) -> torch.Tensor:
         """Cross-entropy + kl_weight * context KL on the batch at `step`."""

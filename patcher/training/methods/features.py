@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from patcher import distributed
+from patcher.base import distributed
+from patcher.base.errors import PatcherError
 from patcher.data.evaluation import shard
 from patcher.data.items import ItemError, unbatched
 from patcher.data.loading import TrainSplit
-from patcher.errors import PatcherError
 from patcher.models.classifier import MultiHeadClassifier
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from patcher import distributed
-from patcher.compat import import_open_clip
-from patcher.errors import PatcherError
+from patcher.base import distributed
+from patcher.base.compat import import_open_clip
+from patcher.base.errors import PatcherError
 from patcher.models.state import State, text_state, visual_state
-from patcher.training.loop import TrainConfig
+from patcher.training.config import TrainConfig
 from patcher.training.losses import MAX_LOGIT_SCALE
 from patcher.training.methods.base import Method, MethodSetup, Stage
 from patcher.training.sampling import SEED_STRIDE, TaskMixture, caption_templates
@@ -87,9 +87,9 @@ class ContrastiveFineTune(Method):
 
     def __init__(self, setup: MethodSetup, params: ContrastiveParams) -> None:
         super().__init__(setup, params)
-        torch.manual_seed(setup.config.seed)
+        torch.manual_seed(setup.train_config.seed)
         self.model = setup.loaded.model.to(self.device)
-        self.mixture = TaskMixture(setup.train, setup.config.batch_size, setup.config.seed)
+        self.mixture = TaskMixture(setup.train_splits, setup.train_config.batch_size, setup.train_config.seed)
         uneven = [task for task, share in self.mixture.shares.items() if share % distributed.world_size()]
         if uneven:
             raise PatcherError(f"flyp gathers equal parts of each batch over {distributed.world_size()} processes: "
@@ -101,11 +101,11 @@ class ContrastiveFineTune(Method):
         self.tokens = {  # [classes, templates, context] per patch task
             name: torch.stack([tokenizer([template.format(c) for template in setup.tasks[name].templates])
                                for c in setup.tasks[name].classnames])
-            for name in setup.train
+            for name in setup.train_splits
         }
-        names = sorted({c for name in setup.train for c in setup.tasks[name].classnames})
+        names = sorted({c for name in setup.train_splits for c in setup.tasks[name].classnames})
         self.class_ids = {  # a class is its name: two tasks' "7" caption the same concept
-            name: torch.tensor([names.index(c) for c in setup.tasks[name].classnames]) for name in setup.train
+            name: torch.tensor([names.index(c) for c in setup.tasks[name].classnames]) for name in setup.train_splits
         }
 
     @classmethod
@@ -123,8 +123,8 @@ class ContrastiveFineTune(Method):
         texts, classes = [], []
         for number, (task, where) in enumerate(batch.slices.items()):
             labels = batch.labels[where]
-            drawn = caption_templates(self.tokens[task].shape[1], self.mixture.shares[task], self.setup.config.seed,
-                                      step, SEED_STRIDE * number)
+            drawn = caption_templates(self.tokens[task].shape[1], self.mixture.shares[task],
+                                      self.setup.train_config.seed, step, SEED_STRIDE * number)
             template = drawn[self.mixture.sampler(task).positions]
             texts.append(self.tokens[task][labels, template])
             classes.append(self.class_ids[task][labels])
@@ -143,7 +143,7 @@ class ContrastiveFineTune(Method):
 
     def stages(self) -> list[Stage]:
         """One stage: the whole CLIP model."""
-        return [Stage("flyp", self.model, list(self.model.parameters()), self.step_loss, self.setup.config)]
+        return [Stage("flyp", self.model, list(self.model.parameters()), self.step_loss, self.setup.train_config)]
 
     def close(self) -> None:
         """Stop the data loaders."""

@@ -21,11 +21,11 @@ class FineTune(Method):
 
     def __init__(self, setup: MethodSetup, params: object) -> None:
         super().__init__(setup, params)
-        torch.manual_seed(setup.config.seed)
+        torch.manual_seed(setup.train_config.seed)
         self.encoder = setup.loaded.model.visual
-        heads = {task: setup.heads[task] for task in setup.train}
+        heads = {task: setup.heads[task] for task in setup.train_splits}
         self.classifier = MultiHeadClassifier(self.encoder, heads).to(self.device)
-        self.mixture = TaskMixture(setup.train, setup.config.batch_size, setup.config.seed)
+        self.mixture = TaskMixture(setup.train_splits, setup.train_config.batch_size, setup.train_config.seed)
         self.cross_entropy = classification_loss(self.classifier, self.mixture, self.device)
 
     def step_loss(self, step: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ class FineTune(Method):
 
     def stages(self) -> list[Stage]:
         """One stage: the encoder."""
-        return [Stage("ft", self.encoder, list(self.encoder.parameters()), self.step_loss, self.setup.config)]
+        return [Stage("ft", self.encoder, list(self.encoder.parameters()), self.step_loss, self.setup.train_config)]
 
     def close(self) -> None:
         """Stop the data loaders."""

@@ -19,7 +19,7 @@ from patcher.data.items import TensorItems
 from patcher.data.loading import TrainSplit
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.state import HEAD_PREFIX, VISUAL_PREFIX, State, head_scale, prefixed
-from patcher.training.loop import TrainConfig
+from patcher.training.config import TrainConfig
 from patcher.training.losses import mixture_cross_entropy
 from patcher.training.methods.base import Method, MethodSetup, NoParams, Stage
 from patcher.training.methods.features import embed_split
@@ -59,13 +59,13 @@ class LinearProbe(Method):
 
     def __init__(self, setup: MethodSetup, params: object) -> None:
         super().__init__(setup, params)
-        torch.manual_seed(setup.config.seed)
+        torch.manual_seed(setup.train_config.seed)
         self.encoder = setup.loaded.model.visual
-        self.probe = CosineHeads({task: setup.heads[task] for task in setup.train}).to(self.device)
+        self.probe = CosineHeads({task: setup.heads[task] for task in setup.train_splits}).to(self.device)
         frozen = MultiHeadClassifier(self.encoder, {}).to(self.device)
         self.features = {
             task: TrainSplit(TensorItems(*embed_split(frozen, split, self.device, what=f"{task}/train")))
-            for task, split in setup.train.items()
+            for task, split in setup.train_splits.items()
         }
         self.mixtures: list[TaskMixture] = []
 
@@ -76,7 +76,7 @@ class LinearProbe(Method):
 
     def probe_config(self) -> TrainConfig:
         """The probing stage's hyperparameters."""
-        return self.setup.config
+        return self.setup.train_config
 
     def probe_stage(self) -> Stage:
         """Cross-entropy of the probe on cached embeddings, balanced over patch tasks."""
@@ -133,7 +133,7 @@ class LinearProbeThenFineTune(LinearProbe):
 
     def probe_config(self) -> TrainConfig:
         """The probing stage: lp_* parameters, the build's batch size, seed and clipping."""
-        base = self.setup.config
+        base = self.setup.train_config
         return TrainConfig(steps=self.params.lp_steps, batch_size=base.batch_size, lr=self.params.lp_lr,
                            weight_decay=self.params.lp_weight_decay, warmup_steps=0, grad_clip=base.grad_clip,
                            seed=base.seed, checkpoint_every=base.checkpoint_every, log_every=base.log_every)
@@ -141,7 +141,7 @@ class LinearProbeThenFineTune(LinearProbe):
     def stages(self) -> list[Stage]:
         """The probe, then the encoder and the probed heads together."""
         classifier = MultiHeadClassifier(self.encoder, {})
-        mixture = TaskMixture(self.setup.train, self.setup.config.batch_size, self.setup.config.seed)
+        mixture = TaskMixture(self.setup.train_splits, self.setup.train_config.batch_size, self.setup.train_config.seed)
         self.mixtures.append(mixture)
 
         def step_loss(step: int) -> torch.Tensor:
@@ -149,7 +149,7 @@ class LinearProbeThenFineTune(LinearProbe):
             return mixture_cross_entropy(classifier.embed(batch.inputs(self.device)), batch, self.probe.head)
 
         module = nn.ModuleDict({"encoder": self.encoder, "probe": self.probe})
-        finetune = Stage("ft", module, list(module.parameters()), step_loss, self.setup.config)
+        finetune = Stage("ft", module, list(module.parameters()), step_loss, self.setup.train_config)
         return [self.probe_stage(), finetune]
 
     def state(self) -> State:

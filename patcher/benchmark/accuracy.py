@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.runs.manifest import Run
+from patcher.runs.weights import verified_config
 
 SPLIT = "test"
 
@@ -23,7 +23,7 @@ def test_images(
     from patcher.data.loading import load_images
     from patcher.data.tasks import get_task
 
-    config = json.loads(run.verified_file("open_clip_config.json").read_text())
+    config = verified_config(run)
     dataset = get_task(task).dataset(SPLIT, data_root=data_dir)
     total = len(dataset)
     if total == 0:
@@ -61,8 +61,8 @@ def accuracy_record(
     that this pipeline reproduces the manifest); every file when only a subset of the split is used, so that
     figures compared side by side come from the same images. Unreadable data: manifest figures and an "error".
     """
-    task = run.manifest["patch_tasks"][0]
-    manifest = run.manifest.get("test_accuracy", {})
+    task = run.manifest.patch_tasks[0]
+    manifest = run.manifest.test_accuracy
     record: dict[str, Any] = {
         "task": task,
         "split": SPLIT,

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from patcher.bench.loadgen import Payload, bytes_payload, shm_payload, tensor_payload
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
+from patcher.benchmark.loadgen import Payload, bytes_payload, shm_payload, tensor_payload
 from patcher.triton.client import describe_model
 
 KIND_SUFFIXES = {"_patched": "patched", "_zeroshot": "zeroshot", "_outensemble": "outensemble"}

@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from patcher.bench.flops import flops_per_image
-from patcher.bench.outensemble import KIND as OUTENSEMBLE
-from patcher.bench.outensemble import export_outensemble, run_graphs
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
+from patcher.benchmark.flops import flops_per_image
+from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
+from patcher.benchmark.outensemble import export_outensemble, run_graphs
 from patcher.runs.manifest import Run, load_run
 from patcher.triton.export_info import load_export
 
@@ -41,9 +41,9 @@ class RunContext:
             "name": self.run.name,
             "path": str(self.run.path),
             "manifest_sha256": self.run.manifest_sha256,
-            "alpha": self.run.manifest["alpha"]["chosen"],
-            "model": self.run.manifest["model"]["name"],
-            "patch_task": self.run.manifest["patch_tasks"][0],
+            "alpha": self.run.manifest.alpha.chosen,
+            "model": self.run.manifest.model.name,
+            "patch_task": self.run.manifest.patch_tasks[0],
             "export": {"dir": str(self.export_dir), "opset": self.export.get("opset"),
                        "optimize": self.export.get("options", {}).get("optimize")},
         }
@@ -53,7 +53,7 @@ def ensure_export(run: Run) -> Path:
     """RUN/onnx, exported now if it is missing; PatcherError if it belongs to another manifest."""
     export_dir = run.path / "onnx"
     if not (export_dir / "export.json").is_file():
-        from patcher.export import export_run
+        from patcher.stages.export import export_run
 
         export_dir = Path(export_run(run.path))
     info = load_export(export_dir)
@@ -78,7 +78,7 @@ def prepare_run(run_path: Path, workdir: Path, outensemble: bool = True) -> RunC
         onnx[OUTENSEMBLE] = export_outensemble(graphs[OUTENSEMBLE], info.data, Path(workdir) / "outensemble.onnx")  # type: ignore[arg-type]
     else:
         graphs.pop(OUTENSEMBLE)
-    patch = run.manifest["patch_tasks"][0]
+    patch = run.manifest.patch_tasks[0]
     output = info.tasks[patch]["output"]
     height, width = info.preprocess["image_size"]
     flops = {kind: flops_per_image(graph, (int(height), int(width))) for kind, graph in graphs.items()}

@@ -7,9 +7,14 @@ from typing import Annotated
 
 import typer
 
-from patcher.bench.defaults import DEFAULT_BATCH_SIZES, DEFAULT_CONCURRENCY, DEFAULT_DURATION_S, DEFAULT_MAX_REQUESTS
+from patcher.base.errors import PatcherError
+from patcher.benchmark.defaults import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_DURATION_S,
+    DEFAULT_MAX_REQUESTS,
+)
 from patcher.cli.app import DataDir, comma_list, command
-from patcher.errors import PatcherError
 from patcher.triton.publish import DEFAULT_REPOSITORY as REPOSITORY
 from patcher.triton.templates.preprocess_model import DEFAULT_LIMITS
 
@@ -28,15 +33,15 @@ def export(
     """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images."""
     import json
 
-    from patcher.export import EXPORT_JSON, export_run
+    from patcher.export.contract import EXPORT_JSON, read_export_record
+    from patcher.stages.export import ExportOptions, export_run
 
-    path = export_run(run, out=out, fp16=fp16, optimize=optimize, opset=opset,
-                      tasks=[t.strip() for t in tasks.split(",") if t.strip()] or None,
-                      overwrite=overwrite, data_dir=data_dir)
-    record = json.loads((path / EXPORT_JSON).read_text())
-    for key, model in record["models"].items():
-        typer.echo(f"{key}: {path / model['file']} ({model['bytes'] / 1e6:.1f} MB)")
-    for key, report in record["parity"]["models"].items():
+    path = export_run(run, ExportOptions(out=out, fp16=fp16, optimize=optimize, opset=opset,
+                                         tasks=comma_list(tasks) or None, overwrite=overwrite, data_dir=data_dir))
+    record = read_export_record(path / EXPORT_JSON)
+    for key, model in record.models.items():
+        typer.echo(f"{key}: {path / model.file} ({model.bytes / 1e6:.1f} MB)")
+    for key, report in record.parity["models"].items():
         typer.echo(f"parity {key}: {json.dumps(_parity_summary(report))}")
     typer.echo(f"export: {path}")
 
@@ -165,7 +170,7 @@ def bench(
     """Throughput and latency of patched against zero-shot (and the alternatives), served by Triton."""
     from rich.console import Console
 
-    from patcher.bench import bench_run, bench_url, format_table
+    from patcher.benchmark import bench_run, bench_url, format_table
 
     sweep = {"concurrency": _int_list(concurrency), "batch_sizes": _int_list(batch_sizes),
              "duration_s": duration, "max_requests": max_requests, "shared_memory": shared_memory,

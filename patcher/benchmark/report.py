@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from patcher.runs.store import write_json, write_text
+from patcher.base.files import write_json, write_text
 
 RUNTIME_LABEL = {"triton": "Triton gRPC", "onnxruntime": "onnxruntime", "torch": "PyTorch eager"}
 

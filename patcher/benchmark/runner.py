@@ -12,22 +12,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from patcher.bench.accuracy import accuracy_of, accuracy_record
-from patcher.bench.context import RunContext, prepare_run
-from patcher.bench.defaults import DEFAULT_BATCH_SIZES, DEFAULT_CONCURRENCY, DEFAULT_DURATION_S, DEFAULT_MAX_REQUESTS
-from patcher.bench.flops import matmul_peak
-from patcher.bench.inprocess import calibrate_threads
-from patcher.bench.machine import load_average, machine_info
-from patcher.bench.outensemble import KIND as OUTENSEMBLE
-from patcher.bench.outensemble import add_to_repository
-from patcher.bench.plots import latency_throughput_plot
-from patcher.bench.report import write_report
-from patcher.bench.results import FORMAT, comparisons, targets
-from patcher.bench.sweep import Sweep, inprocess_runners, make_sweep, run_sweep
-from patcher.bench.targets import BYTES_KIND, ServedTarget, check_batches, describe, inspect_target
-from patcher.errors import PatcherError
-from patcher.progress import make_progress
-from patcher.runs.manifest import now_iso
+from patcher.base.errors import PatcherError
+from patcher.base.files import now_iso
+from patcher.base.progress import make_progress
+from patcher.benchmark.accuracy import accuracy_of, accuracy_record
+from patcher.benchmark.context import RunContext, prepare_run
+from patcher.benchmark.defaults import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_DURATION_S,
+    DEFAULT_MAX_REQUESTS,
+)
+from patcher.benchmark.flops import matmul_peak
+from patcher.benchmark.inprocess import calibrate_threads
+from patcher.benchmark.machine import load_average, machine_info
+from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
+from patcher.benchmark.outensemble import add_to_repository
+from patcher.benchmark.plots import latency_throughput_plot
+from patcher.benchmark.report import write_report
+from patcher.benchmark.results import FORMAT, comparisons, targets
+from patcher.benchmark.sweep import Sweep, inprocess_runners, make_sweep, run_sweep
+from patcher.benchmark.targets import BYTES_KIND, ServedTarget, check_batches, describe, inspect_target
 
 CLIENT = "closed loop: a thread per concurrency slot, blocking gRPC unary calls on one channel, request serialised once"
 DEFAULT_OUT = Path("bench/results")

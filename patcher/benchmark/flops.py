@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from patcher.export.onnx_export import mha_fastpath_disabled
+from patcher.export.trace import mha_fastpath_disabled
 
 PEAK_SIZE = 2048
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from patcher.bench.loadgen import LoadResult
+from patcher.benchmark.loadgen import LoadResult
 
 Runner = Callable[[], object]
 

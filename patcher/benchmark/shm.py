@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 
 
 @contextmanager

@@ -7,7 +7,6 @@ classifiers, so it is served and measured exactly like them (`<name>_outensemble
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 from patcher.export.graph import ExportGraph, load_graph
-from patcher.export.onnx_export import export_onnx, optimize_onnx, save_onnx
+from patcher.export.trace import export_onnx, save_onnx
+from patcher.export.variants import optimize_onnx
 from patcher.runs.manifest import Run
+from patcher.runs.weights import verified_config, verified_weights
 from patcher.triton.configs import read_config, write_config
 from patcher.triton.repository import TEMPLATES, model_versions
 
@@ -58,12 +59,10 @@ class OutputEnsembleGraph(nn.Module):
 
 def run_graphs(run: Run, tasks: list[str]) -> dict[str, nn.Module]:
     """The PyTorch graphs of a run as exported: patched, zeroshot, and the output-space ensemble at the run's alpha."""
-    config = json.loads(run.verified_file("open_clip_config.json").read_text())
-    graphs: dict[str, Any] = {
-        kind: load_graph(config, run.verified_file(f"models/{kind}.safetensors"), tasks)
-        for kind in ("patched", "zeroshot", "finetuned")
-    }
-    alpha = float(run.manifest["alpha"]["chosen"])
+    config = verified_config(run)
+    graphs: dict[str, Any] = {kind: load_graph(config, verified_weights(run, kind, tasks), tasks)
+                              for kind in ("patched", "zeroshot", "finetuned")}
+    alpha = run.manifest.alpha_of("patched")
     graphs[KIND] = OutputEnsembleGraph(graphs["zeroshot"], graphs.pop("finetuned"), alpha).eval()
     return graphs
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from patcher.bench import server_stats
-from patcher.bench.context import RunContext
-from patcher.bench.inprocess import Runner, measure, onnxruntime_runner, torch_runner
-from patcher.bench.loadgen import LoadResult, Payload, open_channel, run_load, warm_up
-from patcher.bench.machine import cpu_seconds_group, cpu_seconds_self
-from patcher.bench.results import result_row
-from patcher.bench.shm import shared_input
-from patcher.bench.targets import ServedTarget, input_batch, payload
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
+from patcher.benchmark import server_stats
+from patcher.benchmark.context import RunContext
+from patcher.benchmark.inprocess import Runner, measure, onnxruntime_runner, torch_runner
+from patcher.benchmark.loadgen import LoadResult, Payload, open_channel, run_load, warm_up
+from patcher.benchmark.machine import cpu_seconds_group, cpu_seconds_self
+from patcher.benchmark.results import result_row
+from patcher.benchmark.shm import shared_input
+from patcher.benchmark.targets import ServedTarget, input_batch, payload
 
 WINDOW_S = 0.5  # target length of one interleaved measurement window
 WINDOWS_PER_LATENCY = 5  # a window lasts at least this many request latencies (the drain after it is idle time)

@@ -13,19 +13,26 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from patcher.base.errors import PatcherError
+from patcher.base.faults import naming
 
-from patcher.errors import PatcherError
-from patcher.runs.failures import naming
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+
+@cache
+def _dtypes() -> dict[Any, str]:
+    import torch  # only writers need it: reading a header imports no torch
+
+    return {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
 # The Rust writer's order of dtypes (its enum); it stores tensors by dtype, largest first, then by name.
 _ORDER = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
 ALIGNMENT = 8
@@ -34,9 +41,9 @@ MAX_HEADER = 100 << 20  # the readers' own limit
 
 def _ordered(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     for name, tensor in tensors.items():
-        if tensor.dtype not in DTYPES:
+        if tensor.dtype not in _dtypes():
             raise ValueError(f"tensor {name} has dtype {tensor.dtype}, which safetensors does not store")
-    return sorted(tensors, key=lambda name: (-_ORDER.index(DTYPES[tensors[name].dtype]), name))
+    return sorted(tensors, key=lambda name: (-_ORDER.index(_dtypes()[tensors[name].dtype]), name))
 
 
 def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
@@ -47,7 +54,7 @@ def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     for name in _ordered(tensors):
         tensor = tensors[name]
         size = tensor.numel() * tensor.element_size()
-        entries[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        entries[name] = {"dtype": _dtypes()[tensor.dtype], "shape": list(tensor.shape),
                          "data_offsets": [offset, offset + size]}
         offset += size
     header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
@@ -56,6 +63,8 @@ def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's bytes in row-major little-endian order (what safetensors stores)."""
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from patcher.errors import PatcherError, as_os_error, os_error_message
+from patcher.base.errors import PatcherError, as_os_error, os_error_message
 
 FULL_BYTES = 4 << 20  # a filesystem with less free space than this after a failed write is taken to be full
 

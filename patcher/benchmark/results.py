@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from patcher.bench.flops import achieved_gflops
-from patcher.bench.loadgen import LoadResult, latency_summary
+from patcher.benchmark.flops import achieved_gflops
+from patcher.benchmark.loadgen import LoadResult, latency_summary
 
 FORMAT = "patcher-bench/1"
 TARGETS = {

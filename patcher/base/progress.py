@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -18,9 +20,7 @@ console = Console(stderr=True)
 def make_progress(enabled: bool | None = None) -> Progress:
     """A progress display on stderr with a bar, counts and times; shown by rank 0 only unless `enabled` says."""
     if enabled is None:
-        from patcher.distributed import is_main
-
-        enabled = is_main()
+        enabled = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank, read without importing torch
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

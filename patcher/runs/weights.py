@@ -1,23 +1,22 @@
-"""Before anything is exported: the manifest must describe the weights it names (a hand-edited manifest is caught).
+"""A run's weights and configuration, handed out only after they agree with the manifest.
 
-File hashes prove the weights are the ones the build wrote; they cannot prove that manifest.json itself still
-tells the truth about them. These checks read only safetensors headers and open_clip_config.json: each head's
-shape against the task's class names and the embedding width, the alpha each file was written with against
-the manifest's, and the input size against the model's config.
+File hashes prove the files are the ones the build wrote; they cannot prove that manifest.json still tells the
+truth about them (a hand-edited manifest keeps its own hash). So before a stage reads weights it also checks,
+from safetensors headers and open_clip_config.json alone: each head's shape against the task's class names and
+the embedding width, the alpha the file was written with against the manifest's, and the input size against
+the model's config. Imports no torch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from patcher.errors import PatcherError
-from patcher.export.metadata import model_alpha
-from patcher.models.state import HEAD_PREFIX, VISUAL_PREFIX
+from patcher.base.errors import PatcherError
+from patcher.base.tensorfile import read_header
+from patcher.runs.layout import HEAD_PREFIX, OPEN_CLIP_CONFIG, VISUAL_PREFIX, model_file
 from patcher.runs.manifest import Run
-from patcher.runs.tensorfile import read_header
 
 REMEDY = "the manifest was edited or belongs to other weights: rebuild the run (or restore its manifest.json)"
 
@@ -30,25 +29,29 @@ def _pair(value: Any) -> list[int] | None:
     return None
 
 
-def check_image_size(run: Run, config: Mapping[str, Any]) -> None:
-    """The manifest's input size must be the one open_clip_config.json builds the encoder for."""
-    recorded = list(run.manifest["model"]["preprocess"]["image_size"])
+def verified_config(run: Run) -> dict[str, Any]:
+    """open_clip_config.json, after its hash and the input size it builds the encoder for are checked."""
+    config = run.verified_json(OPEN_CLIP_CONFIG)
+    recorded = list(run.manifest.model.preprocess.image_size)
     sizes = {"preprocess_cfg.size": _pair(config.get("preprocess_cfg", {}).get("size")),
              "model_cfg.vision_cfg.image_size": _pair(config.get("model_cfg", {}).get("vision_cfg", {})
                                                       .get("image_size"))}
     for where, size in sizes.items():
         if size is not None and size != recorded:
             raise PatcherError(f"manifest.json says the input is {recorded[0]}x{recorded[1]} pixels but "
-                               f"open_clip_config.json's {where} is {size[0]}x{size[1]}: {REMEDY}")
+                               f"{OPEN_CLIP_CONFIG}'s {where} is {size[0]}x{size[1]}: {REMEDY}")
+    return config
 
 
-def check_weights(run: Run, kind: str, path: Path, tasks: list[str]) -> None:
-    """The file's heads fit the manifest's class names and embedding width; its alpha is the manifest's."""
+def verified_weights(run: Run, kind: str, tasks: list[str] | None = None) -> Path:
+    """models/<kind>.safetensors, after its hash and its header (heads, width, alpha) are checked against the
+    manifest for `tasks` (default: every task of the run)."""
+    path = run.verified_file(model_file(kind))
     metadata, entries = read_header(path)
     name = path.name
     if metadata.get("model", kind) != kind:
         raise PatcherError(f"{name} holds the {metadata['model']} classifier, not {kind}: {REMEDY}")
-    expected = model_alpha(run, kind)
+    expected = run.manifest.alpha_of(kind)
     if "alpha" in metadata:
         try:
             written = float(metadata["alpha"])
@@ -59,9 +62,9 @@ def check_weights(run: Run, kind: str, path: Path, tasks: list[str]) -> None:
                                f"{expected:g}: {REMEDY}")
     if not any(key.startswith(VISUAL_PREFIX) for key in entries):
         raise PatcherError(f"{name} holds no image encoder ({VISUAL_PREFIX}* tensors): rebuild the run")
-    width = run.manifest["model"]["embed_dim"]
-    for task in tasks:
-        classes = len(run.manifest["tasks"][task]["classnames"])
+    width = run.manifest.model.embed_dim
+    for task in run.tasks if tasks is None else tasks:
+        classes = len(run.manifest.tasks[task].classnames)
         entry = entries.get(f"{HEAD_PREFIX}{task}")
         if entry is None:
             raise PatcherError(f"{name} has no head for task {task}: {REMEDY}")
@@ -73,10 +76,4 @@ def check_weights(run: Run, kind: str, path: Path, tasks: list[str]) -> None:
         if shape[0] != width:
             raise PatcherError(f"manifest.json says embeddings have {width} dimensions but the {task} head in "
                                f"{name} takes {shape[0]}: {REMEDY}")
-
-
-def check_run(run: Run, config: Mapping[str, Any], weights: Mapping[str, Path], tasks: list[str]) -> None:
-    """Every check above, for each classifier about to be exported."""
-    check_image_size(run, config)
-    for kind, path in weights.items():
-        check_weights(run, kind, path, tasks)
+    return path

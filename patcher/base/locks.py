@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from patcher.errors import PatcherError, from_os_error
+from patcher.base.errors import PatcherError, from_os_error
 
 _HELD: dict[Path, int] = {}  # lock files this process holds, with their nesting depth (the lock is reentrant)
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 SUFFIX_ROOM = 32  # what hidden siblings add to a name: ".", ".partial-0123abcd", ".lock", ...
 
 
-def check_name(target: Path) -> None:
+def check_output_name(target: Path) -> None:
     """PatcherError, before any work, for an output whose name no filesystem takes."""
     name = Path(target).name
     size = len(os.fsencode(name))
@@ -48,12 +48,13 @@ def _holder() -> str:
     return f"pid {os.getpid()} ({command})" if command else f"pid {os.getpid()}"
 
 
-def _acquire(path: Path, target: Path) -> int:
-    """An open descriptor of `path` holding its exclusive lock; PatcherError when another process holds it."""
+def _acquire(path: Path, target: Path, wait: bool) -> int:
+    """An open descriptor of `path` holding its exclusive lock; PatcherError when another process holds it (or, with
+    `wait`, once it has released it)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
@@ -72,8 +73,9 @@ def _acquire(path: Path, target: Path) -> int:
 
 
 @contextmanager
-def output_lock(target: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `target` while a stage writes it; PatcherError if another process holds it.
+def output_lock(target: Path, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `target` while a stage writes it; PatcherError if another process holds it, unless
+    `wait` (then block until it is released).
 
     Reentrant within a process. The lock file is removed on release, and so are the parent folders made for it
     if nothing was written into them; one left by a killed holder is unlocked (the kernel drops `flock` locks
@@ -90,7 +92,7 @@ def output_lock(target: Path) -> Iterator[None]:
     created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(path, Path(target))
+        fd = _acquire(path, Path(target), wait)
     except OSError as error:
         _remove_empty(created)
         raise from_os_error(error, f"cannot write {target}") from error
@@ -120,8 +122,3 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
-
-
-def holds_lock(target: Path) -> bool:
-    """True when this process holds the lock on `target`."""
-    return lock_path(target) in _HELD

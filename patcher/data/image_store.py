@@ -24,22 +24,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from patcher import distributed
+from patcher.base import distributed
+from patcher.base.cache import cache_dir as cache_dir_for
+from patcher.base.errors import PatcherError
+from patcher.base.locks import output_lock
+from patcher.base.progress import make_progress
+from patcher.base.staging import staged_output
 from patcher.data.identity import fingerprint
 from patcher.data.items import Batch, ItemError, Key, PixelItems, unbatched
 from patcher.data.transforms import Normalize, geometric_transform, image_size
-from patcher.errors import PatcherError
-from patcher.progress import make_progress
 
 STORE_FORMAT = "patcher-image-store/1"
 PIXELS, LABELS, RECORD = "pixels.u8", "labels.npy", "store.json"
 BUILD_BATCH = 64
-
-
-def default_cache_dir() -> Path:
-    """Where disk stores live: $PATCHER_CACHE/images, else ~/.cache/patcher/images."""
-    root = os.environ.get("PATCHER_CACHE") or Path.home() / ".cache" / "patcher"
-    return Path(root) / "images"
 
 
 @dataclass
@@ -165,11 +162,10 @@ def _fill_memory(dataset: Dataset, preprocess_cfg: Mapping[str, Any], workers: i
 
 def _fill_disk(dataset: Dataset, preprocess_cfg: Mapping[str, Any], workers: int, description: str,
                folder: Path) -> ImageStore:
-    from patcher.runs.store import atomic_directory
-
     height, width = image_size(preprocess_cfg)
     labels = []
-    with atomic_directory(folder, overwrite=True) as staging:
+    with staged_output(folder, overwrite=True) as output:
+        staging = output.open()
         with open(staging / PIXELS, "wb") as pixels:
             for batch in _batches(dataset, preprocess_cfg, workers, description):
                 pixels.write(batch.inputs.numpy().tobytes())
@@ -193,7 +189,7 @@ def build_store(dataset: Dataset, preprocess_cfg: Mapping[str, Any], description
     """
     if in_memory:
         return _fill_memory(dataset, preprocess_cfg, workers, description), None
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or cache_dir_for("images")
     key = store_key(dataset, preprocess_cfg)
     temporary = key is None
     if temporary:  # every rank must agree on the name of a one-off folder
@@ -201,7 +197,8 @@ def build_store(dataset: Dataset, preprocess_cfg: Mapping[str, Any], description
     folder = cache_dir / str(key)
     store = open_store(folder)
     if store is None and distributed.is_main():
-        store = _fill_disk(dataset, preprocess_cfg, workers, description, folder)
+        with output_lock(folder, wait=True):  # another build filling the same store: wait, then use its work
+            store = open_store(folder) or _fill_disk(dataset, preprocess_cfg, workers, description, folder)
     distributed.barrier()
     store = store or open_store(folder)
     if store is None:

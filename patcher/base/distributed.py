@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from patcher.errors import PatcherError
+from patcher.base.errors import PatcherError
 
 TIMEOUT = timedelta(minutes=30)  # a collective that waits longer than this means a rank died or hangs
 

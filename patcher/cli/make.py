@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
+from patcher.base.errors import PatcherError
 from patcher.cli.app import DataDir, Device, Download, comma_list, command
-from patcher.errors import PatcherError
 
 Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes per rank (default: cores - 1, <= 8).")]
 DataMode = Annotated[str, typer.Option(
@@ -74,19 +74,20 @@ def build(
     skip_bad_images: SkipBadImages = False,
 ) -> None:
     """Fine-tune on one or more tasks with a method, interpolate with the zero-shot weights and choose alpha."""
-    from patcher.data.loading import DataOptions
+    from patcher.data.options import DataOptions
     from patcher.stages.build import BuildOptions
     from patcher.stages.build import build as run_build
     from patcher.training.methods import train_config
 
     params = dict(_key_value(item) for item in param or [])
-    finetune = train_config(method, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                            warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed,
-                            checkpoint_every=checkpoint_every)
+    hyperparameters = train_config(method, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                   warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed,
+                                   checkpoint_every=checkpoint_every)
     options = BuildOptions(
         task=task, support=comma_list(support), model=model,
         pretrained=None if pretrained.lower() == "none" else pretrained, image_size=image_size, method=method,
-        method_params=params, multi=multi, alpha=alpha, tolerance=tolerance, search=search, finetune=finetune,
+        method_params=params, multi=multi, alpha=alpha, tolerance=tolerance, search=search,
+        train_config=hyperparameters,
         epochs=epochs, data_dir=data_dir, download=download, device=device, out=out, resume=resume,
         data=DataOptions(workers=workers, augment=augment, mode=data_mode, skip_bad_images=skip_bad_images),
         eval_batch_size=eval_batch_size,
@@ -126,7 +127,7 @@ def merge(
     skip_bad_images: SkipBadImages = False,
 ) -> None:
     """Combine finished runs by task arithmetic: zero-shot + coefficient * the sum of their task vectors."""
-    from patcher.data.loading import DataOptions
+    from patcher.data.options import DataOptions
     from patcher.stages.merge import MergeOptions, merge_runs
 
     path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,

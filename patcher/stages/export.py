@@ -1,0 +1,250 @@
+"""`patcher export RUN`: ONNX models of a run's patched and zero-shot classifiers, verified, with export.json.
+
+Read top to bottom, `Export.run`: the run's manifest, config and weights are checked against each other
+(`runs/weights.py`); the output is locked and what a killed export left is removed; an export already there with
+the same run and options is kept; otherwise held-out images are loaded, each classifier is traced
+(`export/trace.py`), optionally optimised and converted to fp16 (`export/variants.py`), checked against PyTorch
+(`export/verify.py`, `export/parity.py`), and export.json is written (`export/contract.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patcher.base.errors import PatcherError
+from patcher.base.faults import write_errors
+from patcher.base.files import FileRecord, now_iso, sha256_file
+from patcher.base.locks import check_output_name, output_lock
+from patcher.base.progress import console, make_progress
+from patcher.base.staging import clean_stale, staged_output
+from patcher.data.tasks.checks import skipping_bad_images
+from patcher.export.contract import (
+    EXPORT_FORMAT,
+    EXPORT_JSON,
+    ContentOptions,
+    ExportedModel,
+    ExportedTask,
+    ExportRecord,
+    SourceRun,
+    logits_output,
+    model_key,
+    output_names,
+    read_export_record,
+    tensor_entries,
+    write_export_record,
+)
+from patcher.export.graph import ExportGraph, load_graph, reference_outputs
+from patcher.export.heldout import SPLIT, HeldOut, load_heldout
+from patcher.export.metadata import EXPORTER, attach_metadata, metadata_props
+from patcher.export.trace import check_opset, export_onnx, save_onnx
+from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16
+from patcher.export.verify import thresholds, verify_model
+from patcher.runs.layout import EXPORT_DIR, EXPORTED_KINDS
+from patcher.runs.manifest import Run, TrainingRecord, load_run, versions
+from patcher.runs.weights import verified_config, verified_weights
+
+IMAGES_PER_TASK = 256
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `patcher export` takes."""
+
+    out: Path | None = None  # default RUN/onnx
+    fp16: bool = False
+    optimize: bool = False
+    opset: int = 17
+    tasks: list[str] | None = None  # default: every task of the run
+    overwrite: bool = False
+    data_dir: Path | None = None
+    images_per_task: int = IMAGES_PER_TASK
+
+
+def select_tasks(run: Run, tasks: list[str] | None) -> list[str]:
+    """The tasks to export, in the run's order unless given; PatcherError for a task the run lacks."""
+    if tasks is None:
+        return run.tasks
+    chosen = list(dict.fromkeys(tasks))
+    if not chosen:
+        raise PatcherError("no tasks given: pass task names the run has, or none for all of them")
+    unknown = [task for task in chosen if task not in run.tasks]
+    if unknown:
+        raise PatcherError(f"run {run.name} has no task {', '.join(unknown)}: it has {', '.join(run.tasks)}")
+    return chosen
+
+
+def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: bool) -> bool:
+    """True when `out` already holds this export; PatcherError when it holds something it may not replace."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise PatcherError(f"{out} is a file, not a directory: pass another --out")
+    if not (out / EXPORT_JSON).is_file():
+        if any(out.iterdir()):
+            raise PatcherError(f"{out} exists and is not a patcher export: refusing to replace it, pass another --out")
+        return False
+    try:
+        record: ExportRecord | None = read_export_record(out / EXPORT_JSON)
+    except PatcherError:
+        record = None
+    difference = _difference(record, run, content)
+    if difference is None and record is not None and _files_intact(out, record) and not overwrite:
+        return True
+    if overwrite:
+        return False
+    raise PatcherError(f"{out} holds a different export ({difference or 'files changed since'}): "
+                       "pass --overwrite to replace it or another --out")
+
+
+def _difference(record: ExportRecord | None, run: Run, content: ContentOptions) -> str | None:
+    if record is None:
+        return f"not a readable {EXPORT_FORMAT} record"
+    if record.run.manifest_sha256 != run.manifest_sha256:
+        return f"of run {record.run.name!r} with another manifest"
+    previous, wanted = vars(record.options), vars(content)
+    changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in wanted.items() if previous[key] != value]
+    return ", ".join(changed) or None
+
+
+def _files_intact(out: Path, record: ExportRecord) -> bool:
+    return all((out / entry.file).is_file() and sha256_file(out / entry.file) == entry.sha256
+               for entry in record.models.values())
+
+
+class Export:
+    """One `patcher export`, its state kept on this object: `run` checks, traces, verifies and writes."""
+
+    def __init__(self, run_path: Path, options: ExportOptions) -> None:
+        self.started = time.perf_counter()
+        check_opset(options.opset)
+        if options.images_per_task < 1:
+            raise PatcherError(f"images per task must be at least 1, got {options.images_per_task}")
+        self.options = options
+        self.run_record = load_run(run_path)
+        self.tasks = select_tasks(self.run_record, options.tasks)
+        output_names(self.tasks)
+        self.out = Path(options.out) if options.out is not None else self.run_record.path / EXPORT_DIR
+        check_output_name(self.out)
+        self.content = ContentOptions(list(self.tasks), options.fp16, options.optimize, options.opset,
+                                      options.images_per_task)
+        self.config = verified_config(self.run_record)
+        self.weights = {kind: verified_weights(self.run_record, kind, self.tasks) for kind in EXPORTED_KINDS}
+        self.timings: dict[str, float] = {}
+
+    def run(self) -> Path:
+        """The export directory: written, or kept when it already holds this export."""
+        out = self.out
+        with output_lock(out):
+            with write_errors(out):
+                clean_stale(out)
+            if existing_export(out, self.run_record, self.content, self.options.overwrite):
+                console.print(f"{out} is up to date: same run and options, nothing to do")
+                return out
+            heldout = self._timed("images", self.heldout)
+            with staged_output(out, overwrite=out.exists()) as staging:
+                folder = staging.open()
+                models, reports, widths = self.export_models(folder, heldout)
+                self.timings["total"] = time.perf_counter() - self.started
+                write_export_record(folder / EXPORT_JSON, self.record(models, reports, widths))
+        return out
+
+    def _timed(self, key: str, work: Any) -> Any:
+        tick = time.perf_counter()
+        result = work()
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - tick
+        return result
+
+    def heldout(self) -> HeldOut:
+        """The held-out images the parity check runs on (the files the build left out, left out too)."""
+        training = self.run_record.manifest.training
+        skip = isinstance(training, TrainingRecord) and training.data.skip_bad_images
+        with skipping_bad_images(skip):
+            return load_heldout(self.tasks, self.config["preprocess_cfg"], self.options.images_per_task,
+                                self.options.data_dir)
+
+    def export_models(self, folder: Path, heldout: HeldOut) -> tuple[dict[str, ExportedModel], dict[str, Any],
+                                                                      dict[str, int]]:
+        """Write and verify every model; their records, parity reports, and output widths."""
+        precisions = ["fp32", "fp16"] if self.options.fp16 else ["fp32"]
+        models: dict[str, ExportedModel] = {}
+        reports: dict[str, Any] = {}
+        widths: dict[str, int] = {}
+        with make_progress() as progress:
+            bar = progress.add_task("exporting", total=len(EXPORTED_KINDS) * len(precisions), status="")
+            for kind in EXPORTED_KINDS:
+                graph = self._timed("torch_reference", lambda k=kind: load_graph(self.config, self.weights[k],
+                                                                                 self.tasks))
+                reference = self._timed("torch_reference", lambda g=graph: reference_outputs(g, heldout.images))
+                widths = graph.output_widths()
+                progress.update(bar, status=f"{kind}.onnx")
+                for precision, path in self.write_model(folder, graph, kind).items():
+                    progress.update(bar, status=f"checking {path.name}")
+                    key = model_key(kind, precision)
+                    reports[key] = self._timed("verify", lambda p=path, q=precision, g=graph, r=reference:
+                                               verify_model(p, q, g, heldout, r))
+                    record = FileRecord.of(path)
+                    models[key] = ExportedModel(path.name, record.sha256, record.bytes, precision, kind,
+                                                self.run_record.manifest.alpha_of(kind), self.optimization or "none")
+                    progress.advance(bar)
+        return models, reports, widths
+
+    @property
+    def optimization(self) -> str | None:
+        """onnxruntime's offline optimisation level applied, if any."""
+        return OPTIMIZATION_LEVEL if self.options.optimize else None
+
+    def write_model(self, folder: Path, graph: ExportGraph, kind: str) -> dict[str, Path]:
+        """Write `<kind>.onnx` and, with fp16, `<kind>_fp16.onnx` (converted from the final float32 graph)."""
+        height, width = self.run_record.manifest.model.preprocess.image_size
+        path = folder / f"{model_key(kind, 'fp32')}.onnx"
+        traced = folder / f".{kind}.traced.onnx"
+        model = self._timed("torch_export", lambda: export_onnx(graph, traced, (height, width), self.options.opset))
+        if self.optimization:
+            save_onnx(model, traced)  # with the shapes set_io_shapes fixed in memory
+            model = self._timed("optimize", lambda: optimize_onnx(traced, path))
+        traced.unlink()
+        attach_metadata(model, self.metadata(kind, "fp32"))
+        save_onnx(model, path)
+        paths = {"fp32": path}
+        if self.options.fp16:
+            half = self._timed("fp16", lambda: to_fp16(model))
+            attach_metadata(half, self.metadata(kind, "fp16"))
+            paths["fp16"] = folder / f"{model_key(kind, 'fp16')}.onnx"
+            save_onnx(half, paths["fp16"])
+        return paths
+
+    def metadata(self, kind: str, precision: str) -> dict[str, str]:
+        """The ONNX metadata of one file."""
+        return metadata_props(self.run_record, kind, precision, self.options.opset, self.exported_tasks(),
+                              self.optimization)
+
+    def exported_tasks(self) -> dict[str, ExportedTask]:
+        """Role, class names and output of each exported task, in output order."""
+        manifest = self.run_record.manifest
+        return {task: ExportedTask(manifest.tasks[task].role, list(manifest.tasks[task].classnames),
+                                   logits_output(task)) for task in self.tasks}
+
+    def record(self, models: dict[str, ExportedModel], reports: dict[str, Any], widths: dict[str, int]) -> ExportRecord:
+        """export.json."""
+        run, manifest = self.run_record, self.run_record.manifest
+        image, outputs = tensor_entries(manifest.model.preprocess, widths, self.tasks)
+        return ExportRecord(
+            format=EXPORT_FORMAT, run=SourceRun(run.name, run.manifest_sha256, manifest.model.name),
+            alpha=manifest.alpha_of("patched"), opset=self.options.opset, exporter=EXPORTER, options=self.content,
+            preprocess=manifest.model.preprocess, input=image, outputs=outputs, tasks=self.exported_tasks(),
+            models=models, parity={"split": SPLIT, "thresholds": thresholds(), "models": reports},
+            versions=versions(), timings_s={key: round(value, 3) for key, value in self.timings.items()},
+            created=now_iso(),
+        )
+
+
+def export_run(run_path: Path, options: ExportOptions | None = None) -> Path:
+    """Export a run's patched and zero-shot classifiers to verified ONNX models; returns the export directory.
+
+    The manifest is checked against the weights first; `out` is locked while it is written, and what a killed
+    export left beside it is removed; a fault while writing (a full disk) is one PatcherError, nothing written.
+    """
+    return Export(Path(run_path), options or ExportOptions()).run()

@@ -1,0 +1,116 @@
+"""The write step `patcher build` and `patcher merge` share: a run directory from what the stage computed.
+
+    models/<kind>.safetensors, text/<kind>.safetensors   encoder + heads (and text tower) of each stored model
+    open_clip_config.json, alpha_curve*.png              how to rebuild the encoder; the alpha curves
+    timings.json, manifest.json                          the manifest last: a staging directory holding one is whole
+
+Files are byte-identical for the same tensors (`save_tensors`); the manifest holds no clock (timings.json does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patcher.base.files import now_iso, write_json
+from patcher.base.tensorfile import save_tensors
+from patcher.models.heads import HeadResolver
+from patcher.models.state import TEXT_PREFIX, State, classifier_state, has_text, part
+from patcher.patching.strategies import Outcome
+from patcher.runs.layout import (
+    ALPHA_CURVE,
+    KINDS,
+    OPEN_CLIP_CONFIG,
+    TEXT_KINDS,
+    TIMINGS,
+    alpha_curve_step,
+    model_file,
+    text_file,
+)
+from patcher.runs.manifest import (
+    RUN_FORMAT,
+    TIMINGS_FORMAT,
+    AlphaRecord,
+    BaseModel,
+    Manifest,
+    MergedTraining,
+    MethodRecord,
+    TaskRecord,
+    TextTower,
+    TrainingRecord,
+    files_record,
+    versions,
+    write_manifest,
+)
+from patcher.runs.plots import alpha_curve_plot
+
+
+@dataclass
+class RunContents:
+    """Everything a run directory holds, as the stage computed it."""
+
+    name: str
+    options_sha256: str
+    model: BaseModel
+    open_clip_config: dict[str, Any]
+    tasks: dict[str, TaskRecord]  # patch tasks first
+    method: MethodRecord
+    training: TrainingRecord | MergedTraining
+    outcome: Outcome
+    alpha: AlphaRecord
+    test_accuracy: dict[str, dict[str, float]]
+    resolver: HeadResolver  # turns the outcome's states into encoder + heads
+    timings: dict[str, float]
+
+    def roles(self, role: str) -> list[str]:
+        """The tasks with this role, in order."""
+        return [task for task, record in self.tasks.items() if record.role == role]
+
+
+def write_models(staging: Path, resolver: HeadResolver, states: Mapping[str, State],
+                 alphas: Mapping[str, float]) -> dict[str, str]:
+    """models/<kind>.safetensors for each state (encoder + every head), and text/<kind> where a text tower was
+    trained; returns the text files written by kind."""
+    (staging / "models").mkdir(exist_ok=True)
+    text_files = {}
+    for kind in KINDS:
+        encoder, heads = resolver.resolve(states[kind])
+        metadata = {"model": kind, "alpha": f"{alphas[kind]:g}"}
+        save_tensors(classifier_state(encoder, heads), staging / model_file(kind), metadata)
+        if kind in TEXT_KINDS and has_text(states[kind]):
+            (staging / "text").mkdir(exist_ok=True)
+            text = {k: v.contiguous() for k, v in part(TEXT_PREFIX, states[kind]).items()}
+            save_tensors(text, staging / text_file(kind), metadata)
+            text_files[kind] = text_file(kind)
+    return text_files
+
+
+def plot_curves(staging: Path, contents: RunContents) -> None:
+    """alpha_curve.png for the selection behind the patched model, alpha_curve_step<k>.png for each step."""
+    outcome, support = contents.outcome, contents.roles("support")
+    tolerance = contents.alpha.tolerance if support else None
+    alpha_curve_plot(outcome.selection.curve, outcome.selection.alpha, staging / ALPHA_CURVE, contents.roles("patch"),
+                     outcome.reference, tolerance, title=outcome.title)
+    for number, (task, step) in enumerate(outcome.step_plots(), start=1):
+        alpha_curve_plot(step.curve, step.alpha, staging / alpha_curve_step(number), [task], outcome.reference,
+                         tolerance, title=f"step {number} ({task}): held-out accuracy")
+
+
+def write_run(staging: Path, contents: RunContents) -> None:
+    """Every file of the run, the manifest last."""
+    text_files = write_models(staging, contents.resolver, contents.outcome.states, contents.outcome.alphas)
+    (staging / OPEN_CLIP_CONFIG).write_text(json.dumps(contents.open_clip_config, indent=2) + "\n")
+    plot_curves(staging, contents)
+    manifest = Manifest(
+        format=RUN_FORMAT, name=contents.name, options_sha256=contents.options_sha256, model=contents.model,
+        tasks=contents.tasks, patch_tasks=contents.roles("patch"), support_tasks=contents.roles("support"),
+        method=contents.method, multi=contents.outcome.multi_record(),
+        text_tower=TextTower(bool(text_files), text_files), training=contents.training, alpha=contents.alpha,
+        test_accuracy=contents.test_accuracy, files=files_record(staging), versions=versions(),
+    )
+    write_json(staging / TIMINGS, {"format": TIMINGS_FORMAT, "created": now_iso(),
+                                   "timings_s": {key: round(value, 3) for key, value in contents.timings.items()}})
+    write_manifest(staging, manifest)
