@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from methods_support import make_small_fashion, make_tiny_model, tiny_build
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_methods_helpers import make_small_fashion, make_tiny_model, tiny_build
 
 from patcher.base.records import to_json
 from patcher.data.tasks import get_task

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from methods_support import make_inverted_digits, make_small_fashion, make_tiny_model, tiny_build
 from safetensors.torch import load_file
-from test_methods_helpers import make_inverted_digits, make_small_fashion, make_tiny_model, tiny_build
 from typer.testing import CliRunner
 
 from patcher.base.files import sha256_file
 from patcher.base.records import to_json
 from patcher.cli import app
+from patcher.patching.alpha import AlphaRule
 from patcher.patching.task_vectors import task_arithmetic
 from patcher.runs.manifest import load_run
 from patcher.stages.merge import MergeOptions, merge_runs
@@ -60,6 +61,35 @@ def test_one_encoder_serves_every_patch_and_supported_task(runs: dict[str, Path]
         keys = load_file(str(run.verified_file(f"models/{kind}.safetensors"))).keys()
         assert all(f"heads.{task}" in keys for task in tasks)
         assert set(run.manifest.test_accuracy[kind]) == set(tasks)
+
+
+def test_each_strategy_stores_the_weights_it_says(runs: dict[str, Path]):
+    """joint: patched = lerp(zero-shot, fine-tuned, alpha), exactly; parallel: patched = zero-shot + c * (sum of
+    task vectors), the fine-tuned model being c = 1; the strategies' patched encoders differ."""
+    zeroshot, alpha = _visual(runs["joint"], "zeroshot"), load_run(runs["joint"]).manifest.alpha.chosen
+    finetuned, patched = _visual(runs["joint"], "finetuned"), _visual(runs["joint"], "patched")
+    assert all(torch.equal(patched[k], torch.lerp(zeroshot[k], finetuned[k], alpha)) for k in zeroshot)
+    coefficient = load_run(runs["parallel"]).manifest.alpha.chosen
+    base, summed = _visual(runs["parallel"], "zeroshot"), _visual(runs["parallel"], "finetuned")
+    patched = _visual(runs["parallel"], "patched")
+    assert all(torch.allclose(patched[k], base[k] + coefficient * (summed[k] - base[k]), atol=1e-6) for k in base)
+    encoders = [_visual(runs[name], "patched") for name in ("joint", "sequential", "parallel")]
+    key = next(k for k in encoders[0] if k.endswith("proj") or "weight" in k)
+    assert not torch.equal(encoders[0][key], encoders[2][key]) and not torch.equal(encoders[0][key], encoders[1][key])
+
+
+@pytest.mark.parametrize("name", ["joint", "sequential", "parallel", "merged"])
+def test_the_chosen_alpha_is_the_rules_choice_on_the_recorded_curve(runs: dict[str, Path], name: str):
+    """PAINT's rule, applied again to what the manifest recorded, chooses what the run chose (every step of a
+    sequential run, its supported tasks measured against the original zero-shot accuracy)."""
+    manifest = load_run(runs[name]).manifest
+    alpha = manifest.alpha
+    steps = [(step.curve, step.alpha) for step in alpha.steps or []] or [(alpha.curve, alpha.chosen)]
+    for number, (points, chosen) in enumerate(steps):
+        seen = manifest.patch_tasks[: number + 1] if alpha.steps else manifest.patch_tasks
+        rule = AlphaRule(seen, manifest.support_tasks, alpha.tolerance, alpha.zeroshot_val_accuracy)
+        assert rule.choose({point.alpha: point.val_accuracy for point in points}).alpha == chosen
+    assert steps[-1][1] == alpha.chosen
 
 
 def test_sequential_steps_start_from_the_previous_patched_model(runs: dict[str, Path]):

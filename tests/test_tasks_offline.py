@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import subprocess
+import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -60,9 +64,25 @@ def test_digits_items_are_rgb_8x8_scaled_to_255(tmp_path: Path) -> None:
     assert np.array_equal(pixels[..., 0], pixels[..., 2])
 
 
-def test_digits_split_is_deterministic(tmp_path: Path) -> None:
-    first = selected(get_task("digits").dataset("val", data_root=tmp_path))
-    assert first == selected(get_task("digits").dataset("val", data_root=tmp_path))
+SPLIT_IN_A_NEW_PROCESS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_tasks_offline import selected
+from patcher.data.tasks import get_task
+print(json.dumps({f"{name}/{split}": selected(get_task(name).dataset(split, data_root=sys.argv[2]))
+                  for name in ("digits", "printed-digits") for split in ("train", "val")}))
+"""
+
+
+def test_splits_are_the_same_in_another_process(tmp_path: Path) -> None:
+    """Seeded splits depend on nothing a process carries (hash seeds, import order): a fresh interpreter, with
+    another PYTHONHASHSEED, selects the same items."""
+    mine = {f"{name}/{split}": selected(get_task(name).dataset(split, data_root=tmp_path))
+            for name in ("digits", "printed-digits") for split in ("train", "val")}
+    result = subprocess.run([sys.executable, "-c", SPLIT_IN_A_NEW_PROCESS, str(Path(__file__).parent), str(tmp_path)],
+                            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert json.loads(result.stdout) == mine
+    assert len(mine["digits/val"]) == 59 and not set(mine["digits/val"]) & set(mine["digits/train"])
 
 
 def test_datasets_pickle_for_dataloader_workers(tmp_path: Path) -> None:

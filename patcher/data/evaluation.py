@@ -1,4 +1,8 @@
-"""Top-1 accuracy of a multi-head classifier on image stores, streamed in batches and sharded over ranks."""
+"""Top-1 accuracy of a multi-head classifier on image stores, streamed in batches and sharded over ranks.
+
+A classifier here is any module called as `classifier(images, task=task)` returning {task: logits}
+(`patcher.models.classifier.MultiHeadClassifier`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch import nn
 
 from patcher.base import distributed
 from patcher.data.image_store import ImageStore
 from patcher.data.transforms import Normalize
-from patcher.models.classifier import MultiHeadClassifier
 
 
 def shard(count: int) -> np.ndarray:
@@ -41,7 +45,7 @@ def _autocast(device: str):
 
 
 @torch.no_grad()
-def predict(classifier: MultiHeadClassifier, store: ImageStore, task: str, normalize: Normalize,
+def predict(classifier: nn.Module, store: ImageStore, task: str, normalize: Normalize,
             indices: np.ndarray | None = None, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
     """Predicted class of one task's head for the store's items at `indices` (all of them by default)."""
     classifier.eval().to(device)
@@ -54,7 +58,7 @@ def predict(classifier: MultiHeadClassifier, store: ImageStore, task: str, norma
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
-def correct_counts(classifier: MultiHeadClassifier, store: ImageStore, task: str, normalize: Normalize,
+def correct_counts(classifier: nn.Module, store: ImageStore, task: str, normalize: Normalize,
                    batch_size: int = 256, device: str = "cpu") -> tuple[int, int]:
     """(correct, total) of one task's head on this rank's shard of a store."""
     mine = shard(len(store))
@@ -62,7 +66,7 @@ def correct_counts(classifier: MultiHeadClassifier, store: ImageStore, task: str
     return int((predicted == torch.from_numpy(store.labels[mine])).sum()), len(mine)
 
 
-def accuracies(classifier: MultiHeadClassifier, stores: Mapping[str, ImageStore], normalize: Normalize,
+def accuracies(classifier: nn.Module, stores: Mapping[str, ImageStore], normalize: Normalize,
                batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
     """Accuracy in percent per task, each on its own store, summed over every rank's shard."""
     counts = [correct_counts(classifier, store, task, normalize, batch_size, device) for task, store in stores.items()]

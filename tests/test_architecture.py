@@ -1,0 +1,89 @@
+"""The import rule of docs/architecture.md, enforced on every module's imports (top level and inside functions):
+each part of the pipeline imports only the parts below it, the base layer nothing of patcher above it, and the
+records that cross process boundaries (run manifest, export contract) import no torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import patcher
+
+ROOT = Path(patcher.__file__).parent
+
+# part -> the parts it may import (besides itself). Records (runs/layout, runs/manifest, training/config,
+# data/options, export/contract) sit low enough that data, models and training may read them.
+ALLOWED: dict[str, set[str]] = {
+    "base": set(),
+    "runs": {"base", "data.options", "training.config"},
+    "data": {"base", "runs.layout"},
+    "models": {"base", "data", "runs.layout"},
+    "training": {"base", "data", "models", "runs.layout"},
+    "patching": {"base", "data", "models", "training", "runs"},
+    "export": {"base", "data", "models", "runs"},
+    "stages": {"base", "data", "models", "training", "patching", "runs", "export", "triton", "benchmark"},
+    "triton": {"base", "runs.layout", "runs.manifest", "export.contract", "data.options", "training.config"},
+    "benchmark": {"base", "data", "models", "runs", "export", "triton", "stages"},
+    "cli": {"base", "data", "models", "training", "patching", "runs", "export", "stages", "triton", "benchmark"},
+}
+TOP_LEVEL = {"__init__", "__main__", "__version__"}
+TORCH_FREE = ["patcher.base.records", "patcher.base.files", "patcher.base.staging", "patcher.base.tensorfile",
+              "patcher.runs.layout", "patcher.runs.manifest", "patcher.runs.weights", "patcher.runs.report",
+              "patcher.training.config", "patcher.data.options", "patcher.export.contract",
+              "patcher.export.parity"]
+
+
+def part_of(module: str) -> str:
+    """The pipeline part a `patcher.x.y` module belongs to: its top-level package."""
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+def patcher_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every `patcher...` module a file imports, anywhere in it."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] if node.module != "patcher" else [f"patcher.{a.name}" for a in node.names]
+            found += [(node.lineno, name) for name in names if name.startswith("patcher")]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("patcher")]
+    return found
+
+
+def allowed(source_part: str, target: str) -> bool:
+    if target == "patcher" or part_of(target) in (source_part, *TOP_LEVEL):
+        return True
+    rest = target.removeprefix("patcher.")
+    return any(rest == rule or rest.startswith(rule + ".") for rule in ALLOWED[source_part])
+
+
+def test_every_part_imports_only_the_parts_below_it() -> None:
+    violations = []
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if len(relative.parts) == 1:
+            continue  # patcher/__init__.py, __main__.py
+        source = relative.parts[0]
+        assert source in ALLOWED, f"{relative}: a new part of the pipeline needs its row in ALLOWED and the docs"
+        violations += [f"{relative}:{line} imports {target}" for line, target in patcher_imports(path)
+                       if not allowed(source, target)]
+    assert violations == []
+
+
+def test_the_rule_catches_an_inward_pointing_import(tmp_path: Path) -> None:
+    module = tmp_path / "x.py"
+    module.write_text("def f():\n    from patcher.stages.build import build\n")
+    assert [target for _, target in patcher_imports(module)] == ["patcher.stages.build"]
+    assert not allowed("base", "patcher.stages.build") and not allowed("triton", "patcher.models.heads")
+    assert allowed("triton", "patcher.export.contract") and allowed("export", "patcher.runs.weights")
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_records_and_the_export_contract_import_no_torch(module: str) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'open_clip', 'onnx') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
