@@ -46,7 +46,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Path:
         model=f"local-dir:{tiny_clip}",
         pretrained=None,
         alpha="auto",
-        train_config=TrainConfig(steps=30, batch_size=32, lr=1e-3, warmup_steps=3, checkpoint_every=10),
+        # lr 3e-4: a fine-tune whose chosen alpha is above 0 here, so that patched and zero-shot differ
+        train_config=TrainConfig(steps=30, batch_size=32, lr=3e-4, warmup_steps=3, checkpoint_every=10),
         device="cpu",
         out=out,
     )

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from patcher.base.errors import PatcherError
 from patcher.base.files import FileRecord
@@ -34,7 +35,7 @@ def plain(tiny_export: Path) -> Path:
 @pytest.fixture(scope="module")
 def variants(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export") / "variants"
-    return export_run(tiny_run, ExportOptions(out=out, fp16=True, optimize=True))
+    return export_run(tiny_run, ExportOptions(out=out, fp16=True, int8=True, optimize=True))
 
 
 def record(export_dir: Path) -> dict:
@@ -84,7 +85,8 @@ def test_one_session_serves_batch_1_7_64(plain: Path, tiny_run: Path) -> None:
 
 def test_fp16_keeps_float32_io_and_agrees(variants: Path) -> None:
     data = record(variants)
-    assert set(data["models"]) == {"patched", "zeroshot", "patched_fp16", "zeroshot_fp16"}
+    assert set(data["models"]) == {"patched", "zeroshot", "patched_fp16", "zeroshot_fp16", "patched_int8",
+                                   "zeroshot_int8"}
     for key in ("patched_fp16", "zeroshot_fp16"):
         model = onnx.load(str(variants / f"{key}.onnx"))
         types = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
@@ -94,6 +96,44 @@ def test_fp16_keeps_float32_io_and_agrees(variants: Path) -> None:
         assert report["precision"] == "fp16" and report["passed"]
         assert min(task["decisive_top1_agreement"] for task in report["tasks"].values()) >= 99.5
     assert data["models"]["patched_fp16"]["bytes"] < 0.75 * data["models"]["patched"]["bytes"]
+
+
+def test_int8_keeps_float32_io_and_passes_the_same_rule(variants: Path) -> None:
+    data = record(variants)
+    for key in ("patched_int8", "zeroshot_int8"):
+        model = onnx.load(str(variants / f"{key}.onnx"))
+        types = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+        assert types == {onnx.TensorProto.FLOAT}
+        assert any(init.data_type == onnx.TensorProto.INT8 for init in model.graph.initializer)
+        assert {node.op_type for node in model.graph.node} & {"MatMulInteger", "DynamicQuantizeLinear"}
+        report = data["parity"]["models"][key]
+        assert report["precision"] == "int8" and report["passed"] and report["rule"]["decisive_margin"] == 0.1
+        assert read_metadata(variants / f"{key}.onnx")["precision"] == "int8"
+    assert data["models"]["patched_int8"]["bytes"] < 0.5 * data["models"]["patched"]["bytes"]
+
+
+def structure(path: Path) -> tuple[list, list]:
+    """A graph without its weights: every node (operator, inputs, outputs, attributes) and every initializer's
+    name, type and shape."""
+    graph = onnx.load(str(path)).graph
+    nodes = [(n.op_type, n.domain, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
+             for n in graph.node]
+    weights = [(i.name, i.data_type, list(i.dims)) for i in graph.initializer]
+    io = [v.SerializeToString() for v in [*graph.input, *graph.output]]
+    return nodes + io, weights
+
+
+@pytest.mark.parametrize("suffix", ["", "_fp16", "_int8"])
+def test_patching_changes_only_initializer_values(variants: Path, plain: Path, tiny_run: Path, suffix: str) -> None:
+    """Patching is free at inference: the patched graph is the zero-shot graph with other weights."""
+    alpha = load_run(tiny_run).manifest.alpha.chosen
+    for folder in (plain, variants) if not suffix else (variants,):
+        patched, zeroshot = folder / f"patched{suffix}.onnx", folder / f"zeroshot{suffix}.onnx"
+        assert structure(patched) == structure(zeroshot)
+        values = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(zeroshot)).graph.initializer}
+        changed = [i.name for i in onnx.load(str(patched)).graph.initializer
+                   if not np.array_equal(numpy_helper.to_array(i), values[i.name])]
+        assert bool(changed) == (alpha > 0)  # alpha 0 keeps the zero-shot weights
 
 
 def test_optimised_models_are_portable_and_checked(variants: Path) -> None:

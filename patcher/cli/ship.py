@@ -24,6 +24,7 @@ def export(
     run: Annotated[Path, typer.Argument(help="A run directory from `patcher build`.")],
     out: Annotated[Path | None, typer.Option(help="Export directory (default RUN/onnx).")] = None,
     fp16: Annotated[bool, typer.Option(help="Also write half-precision variants (float32 in and out).")] = False,
+    int8: Annotated[bool, typer.Option(help="Also write int8 variants (onnxruntime dynamic quantisation).")] = False,
     optimize: Annotated[bool, typer.Option(help="Also apply onnxruntime's offline graph optimisation.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     tasks: Annotated[str, typer.Option(help="Comma-separated subset of the run's tasks (default all).")] = "",
@@ -36,7 +37,7 @@ def export(
     from patcher.export.contract import EXPORT_JSON, read_export_record
     from patcher.stages.export import ExportOptions, export_run
 
-    path = export_run(run, ExportOptions(out=out, fp16=fp16, optimize=optimize, opset=opset,
+    path = export_run(run, ExportOptions(out=out, fp16=fp16, int8=int8, optimize=optimize, opset=opset,
                                          tasks=comma_list(tasks) or None, overwrite=overwrite, data_dir=data_dir))
     record = read_export_record(path / EXPORT_JSON)
     for key, model in record.models.items():

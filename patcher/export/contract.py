@@ -25,7 +25,7 @@ EXPORT_FORMAT = "patcher-export/1"
 EXPORT_JSON = "export.json"
 INPUT_NAME = "image"
 EMBEDDING_OUTPUT = "embedding"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 REMEDY = "run `patcher export` again"
 
 
@@ -102,6 +102,7 @@ class ContentOptions:
     optimize: bool
     opset: int
     images_per_task: int
+    int8: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from patcher.export.graph import ExportGraph, load_graph, reference_outputs
 from patcher.export.heldout import SPLIT, HeldOut, load_heldout
 from patcher.export.metadata import EXPORTER, attach_metadata, metadata_props
 from patcher.export.trace import check_opset, export_onnx, save_onnx
-from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16
+from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16, to_int8
 from patcher.export.verify import thresholds, verify_model
 from patcher.runs.layout import EXPORT_DIR, EXPORTED_KINDS
 from patcher.runs.manifest import Run, TrainingRecord, load_run, versions
@@ -55,6 +55,7 @@ class ExportOptions:
 
     out: Path | None = None  # default RUN/onnx
     fp16: bool = False
+    int8: bool = False
     optimize: bool = False
     opset: int = 17
     tasks: list[str] | None = None  # default: every task of the run
@@ -129,7 +130,7 @@ class Export:
         self.out = Path(options.out) if options.out is not None else self.run_record.path / EXPORT_DIR
         check_output_name(self.out)
         self.content = ContentOptions(list(self.tasks), options.fp16, options.optimize, options.opset,
-                                      options.images_per_task)
+                                      options.images_per_task, options.int8)
         self.config = verified_config(self.run_record)
         self.weights = {kind: verified_weights(self.run_record, kind, self.tasks) for kind in EXPORTED_KINDS}
         self.timings: dict[str, float] = {}
@@ -168,7 +169,7 @@ class Export:
     def export_models(self, folder: Path, heldout: HeldOut) -> tuple[dict[str, ExportedModel], dict[str, Any],
                                                                       dict[str, int]]:
         """Write and verify every model; their records, parity reports, and output widths."""
-        precisions = ["fp32", "fp16"] if self.options.fp16 else ["fp32"]
+        precisions = ["fp32", *(["fp16"] if self.options.fp16 else []), *(["int8"] if self.options.int8 else [])]
         models: dict[str, ExportedModel] = {}
         reports: dict[str, Any] = {}
         widths: dict[str, int] = {}
@@ -197,13 +198,20 @@ class Export:
         return OPTIMIZATION_LEVEL if self.options.optimize else None
 
     def write_model(self, folder: Path, graph: ExportGraph, kind: str) -> dict[str, Path]:
-        """Write `<kind>.onnx` and, with fp16, `<kind>_fp16.onnx` (converted from the final float32 graph)."""
+        """Write `<kind>.onnx` and, with fp16, `<kind>_fp16.onnx` (converted from the final float32 graph); with
+        int8, `<kind>_int8.onnx` (quantised from the traced graph, before any optimisation fuses its MatMuls)."""
         height, width = self.run_record.manifest.model.preprocess.image_size
         path = folder / f"{model_key(kind, 'fp32')}.onnx"
         traced = folder / f".{kind}.traced.onnx"
         model = self._timed("torch_export", lambda: export_onnx(graph, traced, (height, width), self.options.opset))
+        save_onnx(model, traced)  # with the shapes set_io_shapes fixed in memory
+        quantised = None
+        if self.options.int8:
+            int8_path = folder / f"{model_key(kind, 'int8')}.onnx"
+            quantised = self._timed("int8", lambda: to_int8(traced, int8_path))
+            attach_metadata(quantised, self.metadata(kind, "int8"))
+            save_onnx(quantised, int8_path)
         if self.optimization:
-            save_onnx(model, traced)  # with the shapes set_io_shapes fixed in memory
             model = self._timed("optimize", lambda: optimize_onnx(traced, path))
         traced.unlink()
         attach_metadata(model, self.metadata(kind, "fp32"))
@@ -214,6 +222,8 @@ class Export:
             attach_metadata(half, self.metadata(kind, "fp16"))
             paths["fp16"] = folder / f"{model_key(kind, 'fp16')}.onnx"
             save_onnx(half, paths["fp16"])
+        if quantised is not None:
+            paths["int8"] = folder / f"{model_key(kind, 'int8')}.onnx"
         return paths
 
     def metadata(self, kind: str, precision: str) -> dict[str, str]:
