@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with everything patcher needs, pinned by constraints.txt (CPU torch from the local wheel
-# where there is one), and Debian's Fashion-MNIST package where apt is available. Safe to run twice.
+# where there is one), and the Debian packages below where apt is available. Safe to run twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,10 +11,15 @@ fi
 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[serve,dev]" onnxscript
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+# Debian packages: Fashion-MNIST (the demo's data) and strace (the tests trace what is flushed before a rename)
+PACKAGES=""
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || PACKAGES="$PACKAGES dataset-fashion-mnist"
+command -v strace >/dev/null || PACKAGES="$PACKAGES strace"
+if [ -n "$PACKAGES" ] && command -v apt-get >/dev/null; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-    $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null || \
-        echo "note: could not install dataset-fashion-mnist; patcher will download Fashion-MNIST if it can" >&2
+    # shellcheck disable=SC2086
+    $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq $PACKAGES >/dev/null || \
+        echo "note: could not install$PACKAGES; patcher downloads Fashion-MNIST if it can, the strace test skips" >&2
 fi
 echo "setup done: .venv ready"

@@ -46,14 +46,44 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to its device (what a rename must not overtake, or a power cut leaves it empty)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (a rename into it, a file created in it) to its device."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory below `root`, and `root` itself, before the tree is renamed into place."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_file(Path(folder) / name)
+        fsync_directory(Path(folder))
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of `path` to write; rename it over `path` only if the block succeeds."""
+    """Yield a hidden temporary sibling of `path` to write; if the block succeeds, flush it, rename it over `path`
+    and flush the directory, so that after a power cut `path` is the old file or the new one, never empty."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield temporary
+        fsync_file(temporary)
         os.replace(temporary, path)
+        fsync_directory(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 

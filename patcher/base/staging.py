@@ -26,7 +26,7 @@ from typing import Any
 
 from patcher.base.errors import PatcherError
 from patcher.base.faults import write_errors
-from patcher.base.files import write_json
+from patcher.base.files import fsync_directory, fsync_tree, write_json
 from patcher.base.locks import check_output_name, hidden_sibling, output_lock
 
 FINGERPRINT = "options.json"  # in a resumable staging directory: the options it was started with
@@ -130,13 +130,16 @@ class Staging:
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
         if self.final.exists() and not self.overwrite:
             raise PatcherError(f"{self.final} appeared while this job ran: the result stays in {self.path}")
+        fsync_tree(self.path)  # every file on the device before the rename makes the output look complete
         if self.final.exists():
             backup = hidden_sibling(self.final, f".old-{uuid.uuid4().hex[:8]}")
             os.replace(self.final, backup)
             os.replace(self.path, self.final)
+            fsync_directory(self.final.parent)
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(self.path, self.final)
+            fsync_directory(self.final.parent)
 
 
 def _refuse_existing(final: Path) -> None:

@@ -27,14 +27,15 @@ from torch.utils.data import DataLoader, Dataset
 from patcher.base import distributed
 from patcher.base.cache import cache_dir as cache_dir_for
 from patcher.base.errors import PatcherError
+from patcher.base.files import sha256_file
 from patcher.base.locks import output_lock
-from patcher.base.progress import make_progress
-from patcher.base.staging import staged_output
+from patcher.base.progress import console, make_progress
+from patcher.base.staging import clean_stale, staged_output
 from patcher.data.identity import fingerprint
 from patcher.data.items import Batch, ItemError, Key, PixelItems, unbatched
 from patcher.data.transforms import Normalize, geometric_transform, image_size
 
-STORE_FORMAT = "patcher-image-store/1"
+STORE_FORMAT = "patcher-image-store/2"  # 2: store.json records each file's sha256
 PIXELS, LABELS, RECORD = "pixels.u8", "labels.npy", "store.json"
 BUILD_BATCH = 64
 
@@ -114,17 +115,22 @@ def store_key(dataset: Dataset, preprocess_cfg: Mapping[str, Any]) -> str | None
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def open_store(folder: Path) -> ImageStore | None:
-    """The complete disk store in `folder`, or None if there is none (a build that died leaves no record)."""
+def open_store(folder: Path, verify: bool = True) -> ImageStore | None:
+    """The complete disk store in `folder`, or None if there is none (a build that died leaves no record) or, with
+    `verify`, if a file no longer has the sha256 recorded when it was written (bit rot, a stray write)."""
     try:
         record = json.loads((folder / RECORD).read_text())
         labels = np.load(folder / LABELS, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if record.get("format") != STORE_FORMAT or len(labels) != record["count"]:
-        return None
-    store = ImageStore(labels, int(record["height"]), int(record["width"]), path=folder / PIXELS)
-    if (folder / PIXELS).stat().st_size != len(labels) * store.item_bytes:
+        if record.get("format") != STORE_FORMAT or len(labels) != record["count"]:
+            return None
+        store = ImageStore(labels, int(record["height"]), int(record["width"]), path=folder / PIXELS)
+        if (folder / PIXELS).stat().st_size != len(labels) * store.item_bytes:
+            return None
+        if verify and any(sha256_file(folder / name) != digest for name, digest in record["sha256"].items()):
+            console.print(f"[yellow]warning:[/] the cached image store {folder} fails its checksum (damaged on "
+                          "disk): decoding the images again")
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return store
 
@@ -172,9 +178,9 @@ def _fill_disk(dataset: Dataset, preprocess_cfg: Mapping[str, Any], workers: int
                 labels.append(batch.labels.numpy())
         np.save(staging / LABELS, np.concatenate(labels) if labels else np.empty(0, dtype=np.int64))
         record = {"format": STORE_FORMAT, "count": int(sum(len(part) for part in labels)), "height": height,
-                  "width": width}
+                  "width": width, "sha256": {name: sha256_file(staging / name) for name in (PIXELS, LABELS)}}
         (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    store = open_store(folder)
+    store = open_store(folder, verify=False)  # its hashes were just taken from what was written
     if store is None:
         raise PatcherError(f"the image store written to {folder} does not read back: remove it and rerun")
     return store
@@ -195,12 +201,13 @@ def build_store(dataset: Dataset, preprocess_cfg: Mapping[str, Any], description
     if temporary:  # every rank must agree on the name of a one-off folder
         key = distributed.broadcast(f"once-{uuid.uuid4().hex}")
     folder = cache_dir / str(key)
-    store = open_store(folder)
-    if store is None and distributed.is_main():
+    store = None
+    if distributed.is_main():
         with output_lock(folder, wait=True):  # another build filling the same store: wait, then use its work
+            clean_stale(folder)  # what a build killed while filling it left
             store = open_store(folder) or _fill_disk(dataset, preprocess_cfg, workers, description, folder)
     distributed.barrier()
-    store = store or open_store(folder)
+    store = store or open_store(folder, verify=False)  # rank 0 has checked it
     if store is None:
         raise PatcherError(f"rank {distributed.rank()} cannot open the image store {folder}: torchrun ranks on "
                            "several nodes need a shared PATCHER_CACHE (or --data-mode memory)")
