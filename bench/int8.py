@@ -142,8 +142,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["# int8 against float32 in process (onnxruntime)", "",
              f"{report['created']}, {machine['cpu']} ({machine['usable_cores']} usable cores, flags: "
              f"{', '.join(report['cpu_flags']) or 'no AVX-512, VNNI or AMX'}), onnxruntime {ort.__version__}, "
-             f"load average at start {machine['load_average_start']}. Median images/s over {report['rounds']} rounds of "
-             f"{report['window_s']} s windows, interleaved ABBA; ratio to float32 median (min to max over rounds).", ""]
+             f"load average at start {machine['load_average_start']}. "
+             f"Median images/s over {report['rounds']} rounds of {report['window_s']} s windows, interleaved ABBA; "
+             "ratio to float32 median (min to max over rounds).", ""]
     for model, figures in report["throughput"].items():
         lines += [f"## {model}", "", "| variant | batch 1 img/s | x fp32 | batch 16 img/s | x fp32 |",
                   "|---|---:|---:|---:|---:|"]
