@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     from patcher.benchmark.context import ensure_export
     from patcher.benchmark.runner import distinct_free_ports
     from patcher.runs.manifest import load_run
-    from patcher.triton import TritonServer, write_repository
-    from patcher.triton.configs import read_config, write_config
+    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.serving.server import TritonServer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
@@ -208,11 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="patcher-engines-") as workdir:
         repo = Path(workdir) / "repo"
-        written = write_repository(ensure_export(run), repo, max_queue_delay_us=0)
+        written = write_repository(ensure_export(run), repo, max_queue_delay_us=0, intra_op_threads=1)
         model = f"{written['name']}_patched"
-        config = read_config(repo / model)
-        config.parameters["intra_op_threads"].string_value = "1"
-        write_config(config, repo / model)
         size = tuple(run.manifest.model.preprocess.image_size)
         http, grpc_port, metrics = distinct_free_ports(3)
         with TritonServer(repo, models=[model], http_port=http, grpc_port=grpc_port, metrics_port=metrics) as server:

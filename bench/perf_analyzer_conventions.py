@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
 
-    from patcher.triton import TritonServer, write_repository
-    from patcher.triton.entry import Entry
+    from patcher.triton.repository.entry import Entry
+    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.serving.server import TritonServer
 
     binary, env = ensure_perf_analyzer()
     results = []

@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 
 def pytriton_libs() -> Path:
     """The nvidia_pytriton.libs folder that holds libb64 and libcudart."""
-    from patcher.triton.install import find_tritonserver
+    from patcher.triton.serving.install import find_tritonserver
 
     return find_tritonserver().libs
 
@@ -232,9 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     from patcher.benchmark.context import ensure_export
     from patcher.runs.manifest import load_run
-    from patcher.triton.configs import read_config, write_config
-    from patcher.triton.repository import write_repository
-    from patcher.triton.server import TritonServer
+    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.serving.server import TritonServer
 
     if args.run is None and (args.url is None or args.model is None):
         raise PatcherError("pass a run directory, or --url and --model of an already running server")
@@ -243,10 +242,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         if args.run is not None:
             run = load_run(args.run)
             written = write_repository(ensure_export(run), Path(workdir) / "repo", max_batch_size=max(64, args.batch),
-                                       max_queue_delay_us=DEFAULT_MAX_QUEUE_DELAY_US)
-            config = read_config(Path(workdir) / "repo" / f"{written['name']}_patched")
-            config.parameters["intra_op_threads"].string_value = str(args.threads)
-            write_config(config, Path(workdir) / "repo" / f"{written['name']}_patched")
+                                       max_queue_delay_us=DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads=args.threads)
             model = args.model or f"{written['name']}_patched"
             with TritonServer(Path(workdir) / "repo", models=[model]) as server:
                 result = crosscheck(server.grpc_url, model, args.batch, args.concurrency, args.duration, args.rounds,

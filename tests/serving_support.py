@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from patcher.triton.access import ServerKey, read_key_file
-from patcher.triton.ports import distinct_free_ports
-from patcher.triton.processes import Stub, stub_processes
+from patcher.triton.serving.access import ServerKey, read_key_file
+from patcher.triton.serving.ports import distinct_free_ports
+from patcher.triton.serving.processes import Stub, stub_processes
 
 
 def png(width: int, height: int, channels: int = 1) -> bytes:
@@ -275,7 +275,7 @@ def patcher_triton(export: Path, repo: Path, *options: str) -> str:
 
 def entry_models(export: Path, name: str = "digits") -> list[str]:
     """The model names of an export's entry."""
-    from patcher.triton.entry import Entry
+    from patcher.triton.repository.entry import Entry
 
     return [m.name for m in Entry(name, tuple(export_record(export)["tasks"])).models()]
 
@@ -298,7 +298,7 @@ def half_publish(repo: Path, export: Path, scratch: Path, options: dict[str, Any
     """The state a `patcher triton` killed after its first rename leaves: journal "publishing", one model's new
     version in place, the others' staged. Made by writing the same update into a copy of the repository, then
     moving its pieces, holding the publish lock as a writer does (the watcher may be loading meanwhile)."""
-    from patcher.triton.publish import (
+    from patcher.triton.repository.publish import (
         JOURNAL,
         MODEL_DIR,
         STAGING_PREFIX,
@@ -307,7 +307,7 @@ def half_publish(repo: Path, export: Path, scratch: Path, options: dict[str, Any
         publish_lock,
         read_journal,
     )
-    from patcher.triton.repository import write_repository
+    from patcher.triton.repository.writer import write_repository
 
     shutil.copytree(repo, scratch)
     written = write_repository(export, scratch, **options)

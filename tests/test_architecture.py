@@ -37,9 +37,17 @@ TORCH_FREE = ["patcher.base.records", "patcher.base.files", "patcher.base.stagin
               "patcher.export.parity"]
 
 
+HEAVY = ("torch", "open_clip")
+
+
 def part_of(module: str) -> str:
     """The pipeline part a `patcher.x.y` module belongs to: its top-level package."""
     return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+def is_patcher(module: str) -> bool:
+    """True for `patcher` and its modules (not for e.g. `patcher_imaging`, a file copied into a Triton model)."""
+    return module == "patcher" or module.startswith("patcher.")
 
 
 def patcher_imports(path: Path) -> list[tuple[int, str]]:
@@ -48,10 +56,53 @@ def patcher_imports(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] if node.module != "patcher" else [f"patcher.{a.name}" for a in node.names]
-            found += [(node.lineno, name) for name in names if name.startswith("patcher")]
+            found += [(node.lineno, name) for name in names if is_patcher(name)]
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("patcher")]
+            found += [(node.lineno, a.name) for a in node.names if is_patcher(a.name)]
     return found
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, anywhere in it, patcher's and third parties' alike."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def module_path(module: str) -> Path | None:
+    """The file of a `patcher...` module, or None when the name is an attribute, not a module."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return ROOT / "__init__.py"
+    relative = Path(*parts)
+    for candidate in (ROOT / relative.with_suffix(".py"), ROOT / relative / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def reachable(start: list[str]) -> tuple[set[str], set[str]]:
+    """(patcher modules, third-party top-level packages) reachable by any import, at any depth, from `start`."""
+    seen: set[str] = set()
+    third_party: set[str] = set()
+    todo = list(start)
+    while todo:
+        module = todo.pop()
+        path = module_path(module)
+        if module in seen or path is None:
+            continue
+        seen.add(module)
+        for name in imported_modules(path):
+            if is_patcher(name):
+                todo.append(name)
+            else:
+                third_party.add(name.split(".")[0])
+    return seen, third_party
 
 
 def allowed(source_part: str, target: str) -> bool:
@@ -87,3 +138,22 @@ def test_records_and_the_export_contract_import_no_torch(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'open_clip', 'onnx') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_triton_parts_import_no_torch_at_any_depth() -> None:
+    """The repository writer, serving and the client, followed through every import they make."""
+    start = [f"patcher.{p.relative_to(ROOT).with_suffix('').as_posix().replace('/', '.')}"
+             for p in (ROOT / "triton").rglob("*.py")]
+    modules, third_party = reachable([m.removesuffix(".__init__") for m in start])
+    assert "patcher.triton.serving.server" in modules and "patcher.export.contract" in modules
+    assert third_party & set(HEAVY) == set(), sorted(m for m in modules if not m.startswith("patcher.triton"))
+
+
+def test_the_static_check_sees_torch_behind_an_import() -> None:
+    _, third_party = reachable(["patcher.export.trace"])
+    assert "torch" in third_party
+
+
+def test_the_repository_writer_does_not_reach_serving_or_the_client() -> None:
+    modules, _ = reachable(["patcher.triton.repository.writer"])
+    assert not [m for m in modules if m.startswith(("patcher.triton.serving", "patcher.triton.client"))]

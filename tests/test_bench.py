@@ -12,11 +12,13 @@ import pytest
 from triton_support import requires_bundled_triton
 
 from patcher.base.errors import PatcherError
-from patcher.benchmark import bench_run, bench_url, format_table, server_stats
+from patcher.benchmark import server_stats
 from patcher.benchmark.loadgen import LoadResult, latency_summary
+from patcher.benchmark.report import format_table
 from patcher.benchmark.results import comparisons, targets
+from patcher.benchmark.runner import bench_run, bench_url
 from patcher.benchmark.sweep import Budget, make_sweep, round_order
-from patcher.triton.ports import free_port
+from patcher.triton.serving.ports import free_port
 
 pytestmark = pytest.mark.slow
 SWEEP = {"concurrency": [1, 3], "batch_sizes": [1, 4], "duration_s": 0.4, "max_requests": 60}
@@ -134,7 +136,8 @@ def test_flops_accuracy_machine_and_comparisons(report: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def server(run_copy: Path, report: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):
-    from patcher.triton import TritonServer, write_repository
+    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp("bench-repo")
     write_repository(run_copy / "onnx", repo, max_batch_size=8)
@@ -144,7 +147,7 @@ def server(run_copy: Path, report: dict[str, Any], tmp_path_factory: pytest.Temp
 
 @needs_server
 def test_bench_url_with_shared_memory(server, tmp_path: Path) -> None:
-    from patcher.triton.access import write_key_file
+    from patcher.triton.serving.access import write_key_file
 
     arguments = {"out_dir": tmp_path, "concurrency": [2], "batch_sizes": [8], "duration_s": 0.4, "max_requests": 30,
                  "shared_memory": True}
@@ -194,7 +197,7 @@ def test_bench_fails_with_one_error_line_when_requests_fail(server, tmp_path: Pa
     import subprocess
     import sys
 
-    from patcher.triton.processes import stub_processes
+    from patcher.triton.serving.processes import stub_processes
 
     (stub,) = [s for s in stub_processes(server.pgid) if s.model == "digits_zeroshot"]
     os.kill(stub.pid, signal.SIGSEGV)

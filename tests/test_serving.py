@@ -41,11 +41,11 @@ from triton_support import requires_bundled_triton
 
 from patcher.base.errors import PatcherError
 from patcher.triton.client import classify_files
-from patcher.triton.publish import (
+from patcher.triton.repository.publish import (
     STAGING_PREFIX,
     read_journal,
 )
-from patcher.triton.repository import write_repository
+from patcher.triton.repository.writer import write_repository
 
 pytestmark = [pytest.mark.slow, requires_bundled_triton()]
 MAX_BATCH = 16
@@ -338,7 +338,7 @@ def test_a_new_version_is_live_within_60_s_with_no_failed_requests(served: Serve
     swapped = classify_files([p for p, _, _ in digits[:30]], "digits", url=served.grpc_url, top_k=1)
     record = export_record(export)
     session = ort.InferenceSession(str(export / "zeroshot.onnx"), providers=["CPUExecutionProvider"])
-    from patcher.triton.templates.preprocess_model import decode_image, preprocess_image
+    from patcher.triton.imaging import decode_image, preprocess_image
 
     batch = np.stack([preprocess_image(decode_image(p.read_bytes()), record["preprocess"]) for p, _, _ in digits[:30]])
     (zeroshot,) = session.run(["logits_digits"], {"image": batch})

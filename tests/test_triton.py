@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -28,12 +29,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
 from patcher.triton.client import classify_files
-from patcher.triton.configs import read_config
-from patcher.triton.ports import free_port
-from patcher.triton.processes import group_pids
-from patcher.triton.repository import model_versions, write_repository
-from patcher.triton.server import TritonServer
-from patcher.triton.templates.preprocess_model import preprocess_image
+from patcher.triton.imaging import preprocess_image
+from patcher.triton.repository.configs import read_config
+from patcher.triton.repository.writer import model_versions, write_repository
+from patcher.triton.serving.ports import free_port
+from patcher.triton.serving.processes import group_pids
+from patcher.triton.serving.server import TritonServer
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 300
@@ -350,17 +351,32 @@ def test_a_model_that_fails_to_load_is_reported(tmp_path: Path) -> None:
     assert server.process is None and not server.stray_pids and not server.shm_segments()
 
 
+# Runs the real CLI, then reports which heavy packages the command imported (torch and open_clip must not be).
+CLI_PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('imported:', sorted(m for m in ('torch', 'open_clip') if m in sys.modules)))\n"
+    "from patcher.cli.app import main\n"
+    "sys.argv = ['patcher', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+def cli_probe(*args: str, **popen: Any) -> subprocess.Popen:
+    """`patcher ARGS` in a subprocess that prints, on exit, the heavy packages it imported."""
+    return subprocess.Popen([sys.executable, "-c", CLI_PROBE, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_patcher_triton_imports_neither_torch_nor_open_clip(tiny_export: Path, tmp_path: Path) -> None:
+    output, _ = cli_probe("triton", str(tiny_export), "--repo", str(tmp_path / "repo")).communicate(timeout=120)
+    assert "wrote version 1" in output and "imported: []" in output, output
+
+
 @needs_server
-def test_serve_forever_stops_cleanly_on_sigint(repo: Path, images) -> None:
+def test_patcher_serve_and_classify_import_no_torch_and_serve_stops_cleanly_on_sigint(repo: Path, images) -> None:
     grpc_port = free_port()
-    script = (
-        "import sys; from patcher.triton.serve import serve_forever; "
-        f"serve_forever(sys.argv[1], models=['digits'], http_port={free_port()}, grpc_port={grpc_port}, "
-        f"metrics_port={free_port()})"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, str(repo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process = cli_probe("serve", "--repo", str(repo), "--models", "digits", "--http-port", str(free_port()),
+                        "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()))
     try:
         lines = []
         deadline = time.monotonic() + 60
@@ -371,12 +387,15 @@ def test_serve_forever_stops_cleanly_on_sigint(repo: Path, images) -> None:
             lines.append(line)
         assert any(f"127.0.0.1:{grpc_port}" in line for line in lines), "".join(lines)
         assert len(classify_files(images[0][:2], "digits", url=f"127.0.0.1:{grpc_port}")) == 2
+        classified, _ = cli_probe("classify", str(images[0][0]), "--model", "digits", "--url",
+                                  f"127.0.0.1:{grpc_port}", "--json").communicate(timeout=60)
+        assert '"tasks"' in classified and "imported: []" in classified, classified
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0 and "stopped" in output
+    assert process.returncode == 0 and "stopped" in output and "imported: []" in output, output
     assert not [
         p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_mentions(p, f"--grpc-port={grpc_port}")
     ]

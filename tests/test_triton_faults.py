@@ -19,8 +19,8 @@ from serving_support import entry_models, variant
 from patcher.base.errors import PatcherError
 from patcher.base.files import sha256_file
 from patcher.base.locks import lock_path, output_lock
-from patcher.triton.publish import STAGING_PREFIX, read_journal
-from patcher.triton.repository import model_versions, write_repository
+from patcher.triton.repository.publish import STAGING_PREFIX, read_journal
+from patcher.triton.repository.writer import model_versions, write_repository
 
 pytestmark = pytest.mark.slow
 KILLS = 9

@@ -15,10 +15,15 @@ from PIL import Image
 from serving_support import png
 
 from patcher.base.errors import PatcherError
-from patcher.triton.access import find_key, new_key, read_key_file, write_key_file
-from patcher.triton.entry import MAX_NAME, Entry, check_name
-from patcher.triton.install import find_tritonserver
-from patcher.triton.templates.preprocess_model import ImageRejected, decode_image, open_image, preprocess_image
+from patcher.triton.imaging import (
+    ImageRejected,
+    decode_image,
+    open_image,
+    preprocess_image,
+)
+from patcher.triton.repository.entry import MAX_NAME, Entry, check_entry_name
+from patcher.triton.serving.access import find_key, new_key, read_key_file, write_key_file
+from patcher.triton.serving.install import find_tritonserver
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -94,12 +99,12 @@ def test_large_jpegs_are_decoded_at_reduced_scale_and_small_ones_exactly() -> No
 
 
 def test_entry_names_are_checked_not_rewritten() -> None:
-    assert check_name("a_b") == "a_b" and check_name("Model2") == "Model2"
+    assert check_entry_name("a_b") == "a_b" and check_entry_name("Model2") == "Model2"
     for bad, hint in [("a/b", "'a_b'"), ("a-b", "'a_b'"), ("_x", "'x'"), ("", "'model'"), ("ü", "'model'")]:
         with pytest.raises(PatcherError, match=f"not a Triton model name.*e.g. {hint}"):
-            check_name(bad)
+            check_entry_name(bad)
     with pytest.raises(PatcherError, match=f"300 characters long: use at most {MAX_NAME}"):
-        check_name("x" * 300)
+        check_entry_name("x" * 300)
     names = [m.name for m in Entry("digits", ("digits", "fashion-mnist")).models()]
     assert names == ["digits_preprocess", "digits_patched", "digits_zeroshot", "digits_pixels", "digits",
                      "digits_digits_pixels", "digits_digits_bytes", "digits_fashion_mnist_pixels",
@@ -116,7 +121,7 @@ def test_the_key_file_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                      f"patcher-key={key.value}"
     assert key.grpc_headers == {"triton-grpc-protocol-patcher-key": key.value}
     assert find_key("127.0.0.1:1") is None
-    from patcher.triton.access import default_key_file
+    from patcher.triton.serving.access import default_key_file
 
     written = write_key_file(key, default_key_file("127.0.0.1:1"), {"grpc": "127.0.0.1:1"})
     assert written.path is not None and written.path.stat().st_mode & 0o777 == 0o600

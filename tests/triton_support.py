@@ -7,7 +7,7 @@ import os
 import pytest
 
 from patcher.base.errors import PatcherError
-from patcher.triton import find_tritonserver
+from patcher.triton.serving.install import find_tritonserver
 
 
 def requires_bundled_triton() -> pytest.MarkDecorator:

@@ -14,7 +14,7 @@ from patcher.benchmark.flops import flops_per_image
 from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
 from patcher.benchmark.outensemble import export_outensemble, run_graphs
 from patcher.runs.manifest import Run, load_run
-from patcher.triton.export_info import load_export
+from patcher.triton.repository.export_info import load_export
 
 
 @dataclass

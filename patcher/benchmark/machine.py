@@ -76,7 +76,7 @@ def cpu_seconds_self() -> float:
 
 def cpu_seconds_group(pgid: int) -> float | None:
     """CPU time used so far by the live processes of a process group (a server and its backend stubs), from /proc."""
-    from patcher.triton.processes import group_process_stats
+    from patcher.triton.serving.processes import group_process_stats
 
     stats = group_process_stats(pgid)
     ticks = sum(int(fields[11]) + int(fields[12]) for fields in stats.values())

@@ -7,7 +7,6 @@ classifiers, so it is served and measured exactly like them (`<name>_outensemble
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,6 @@ from patcher.export.trace import export_onnx, save_onnx
 from patcher.export.variants import optimize_onnx
 from patcher.runs.manifest import Run
 from patcher.runs.weights import verified_config, verified_weights
-from patcher.triton.configs import read_config, write_config
-from patcher.triton.repository import TEMPLATES, model_versions
 
 KIND = "outensemble"
 PARITY_ATOL = 1e-4
@@ -98,23 +95,3 @@ def check_parity(graph: nn.Module, path: Path, image_size: tuple[int, int]) -> f
     if worst > PARITY_ATOL:
         raise PatcherError(f"{path.name} differs from PyTorch by {worst:.2e} (> {PARITY_ATOL}): cannot benchmark it")
     return worst
-
-
-def add_to_repository(repo: Path, source_model: str, name: str, onnx_file: Path) -> str:
-    """Serve `onnx_file` as model `name` with `source_model`'s config, labels and model.py (same batching)."""
-    source, target = Path(repo) / source_model, Path(repo) / name
-    versions = model_versions(source)
-    if not versions:
-        raise PatcherError(f"{source} has no version to copy the configuration of")
-    if target.exists():
-        shutil.rmtree(target)
-    version_dir = target / str(versions[-1])
-    version_dir.mkdir(parents=True)
-    shutil.copyfile(onnx_file, version_dir / "model.onnx")
-    shutil.copyfile(TEMPLATES / "onnx_model.py", version_dir / "model.py")
-    for labels in source.glob("*_labels.txt"):
-        shutil.copyfile(labels, target / labels.name)
-    config = read_config(source)
-    config.name = name
-    write_config(config, target)
-    return name

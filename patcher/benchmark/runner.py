@@ -27,7 +27,6 @@ from patcher.benchmark.flops import matmul_peak
 from patcher.benchmark.inprocess import calibrate_threads
 from patcher.benchmark.machine import load_average, machine_info
 from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
-from patcher.benchmark.outensemble import add_to_repository
 from patcher.benchmark.plots import latency_throughput_plot
 from patcher.benchmark.report import write_report
 from patcher.benchmark.results import FORMAT, comparisons, targets
@@ -207,7 +206,7 @@ def bench_url(
     in-process baselines. Writes `<name>`.json/.md/.png into out_dir and returns the report; PatcherError if
     requests failed, unless `tolerate_failures`. The server's key (for shared memory) is read from `key_file`, else
     from the file `patcher serve` wrote for `url`, if any."""
-    from patcher.triton.access import find_key
+    from patcher.triton.serving.access import find_key
 
     sweep = make_sweep(list(concurrency), list(batch_sizes), duration_s, max_requests, shared_memory, rounds)
     key = find_key(url, key_file)
@@ -220,22 +219,15 @@ def bench_url(
 
 def _repository(context: RunContext, repo: Path, sweep: Sweep, include_ensemble_baseline: bool, instances: int,
                 max_queue_delay_us: int, threads: int) -> dict[str, Any]:
-    """The model repository bench_run serves: `patcher triton`'s, plus `<name>_outensemble`, threads set."""
-    from patcher.triton.configs import read_config, write_config
-    from patcher.triton.repository import write_repository
+    """The model repository bench_run serves: `patcher triton`'s, with `<name>_outensemble` and threads set."""
+    from patcher.triton.repository.writer import write_repository
 
     max_batch = max(64, *sweep.batch_sizes)
+    extra = {OUTENSEMBLE: context.onnx[OUTENSEMBLE]} if include_ensemble_baseline else None
     written = write_repository(context.export_dir, repo, max_batch_size=max_batch, instances=instances,
-                               max_queue_delay_us=max_queue_delay_us)
-    name = written["name"]
-    if include_ensemble_baseline:
-        add_to_repository(repo, f"{name}_patched", f"{name}_{OUTENSEMBLE}", context.onnx[OUTENSEMBLE])
-    for model in (f"{name}_patched", f"{name}_zeroshot", f"{name}_{OUTENSEMBLE}"):
-        if (repo / model).is_dir():
-            config = read_config(repo / model)
-            config.parameters["intra_op_threads"].string_value = str(threads)
-            write_config(config, repo / model)
-    return {"name": name, "max_batch_size": max_batch, "instances": instances,
+                               max_queue_delay_us=max_queue_delay_us, intra_op_threads=threads,
+                               extra_classifiers=extra)
+    return {"name": written["name"], "max_batch_size": max_batch, "instances": instances,
             "max_queue_delay_us": max_queue_delay_us, "intra_op_threads": threads}
 
 
@@ -261,8 +253,8 @@ def bench_run(
     """Serve a run (exported first if RUN/onnx is missing) with the bundled tritonserver on free ports and benchmark
     patched, zero-shot, output-space ensemble and image-bytes ensemble. Writes JSON, Markdown, PNG into out_dir;
     PatcherError if requests failed, unless `tolerate_failures`."""
-    from patcher.triton.ports import distinct_free_ports
-    from patcher.triton.server import TritonServer
+    from patcher.triton.serving.ports import distinct_free_ports
+    from patcher.triton.serving.server import TritonServer
 
     sweep = make_sweep(list(concurrency), list(batch_sizes), duration_s, max_requests, shared_memory, rounds)
     with tempfile.TemporaryDirectory(prefix="patcher-bench-") as workdir:

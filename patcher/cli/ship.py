@@ -15,8 +15,8 @@ from patcher.benchmark.defaults import (
     DEFAULT_MAX_REQUESTS,
 )
 from patcher.cli.app import DataDir, comma_list, command
-from patcher.triton.publish import DEFAULT_REPOSITORY as REPOSITORY
-from patcher.triton.templates.preprocess_model import DEFAULT_LIMITS
+from patcher.triton.imaging import DEFAULT_LIMITS
+from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY
 
 
 @command
@@ -76,7 +76,7 @@ def triton(
         DEFAULT_LIMITS["jpeg_draft"]),
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
-    from patcher.triton import write_repository
+    from patcher.triton.repository.writer import write_repository
 
     export_dir = run / "onnx" if (run / "onnx").is_dir() else run
     limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels, "max_aspect": max_aspect_ratio,
@@ -104,8 +104,8 @@ def serve(
 ) -> None:
     """Serve a model repository with the bundled Triton until Ctrl-C or SIGTERM: control plane closed by a key,
     committed updates rolled out, dead backends reloaded."""
-    from patcher.triton.ports import distinct_free_ports
-    from patcher.triton.serve import serve_forever
+    from patcher.triton.serving.foreground import serve_forever
+    from patcher.triton.serving.ports import distinct_free_ports
 
     spare = iter(distinct_free_ports(3, host))
     http_port, grpc_port, metrics_port = (value or next(spare) for value in (http_port, grpc_port, metrics_port))
@@ -127,7 +127,7 @@ def classify(
     """Classify image files with a served model over gRPC; top-k labels and scores per task."""
     import json
 
-    from patcher.triton import classify_files
+    from patcher.triton.client import classify_files
 
     results = classify_files(images, model, url=url, top_k=top_k, raw=raw, batch_size=batch_size, key_file=key_file)
     if as_json:
@@ -171,7 +171,8 @@ def bench(
     """Throughput and latency of patched against zero-shot (and the alternatives), served by Triton."""
     from rich.console import Console
 
-    from patcher.benchmark import bench_run, bench_url, format_table
+    from patcher.benchmark.report import format_table
+    from patcher.benchmark.runner import bench_run, bench_url
 
     sweep = {"concurrency": _int_list(concurrency), "batch_sizes": _int_list(batch_sizes),
              "duration_s": duration, "max_requests": max_requests, "shared_memory": shared_memory,

@@ -103,7 +103,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         summary["serving"] = _serve_and_classify(export_dir, options)
         timings["serve_and_classify"] = time.perf_counter() - tick
     if options.bench:
-        from patcher.benchmark import bench_run
+        from patcher.benchmark.runner import bench_run
 
         tick = time.perf_counter()
         report = bench_run(run_path, out_dir=options.results_dir, name="demo-bench", **options.bench_sweep)
@@ -121,9 +121,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 def _serve_and_classify(export_dir: Path, options: DemoOptions) -> dict[str, Any]:
     """Write the export into the local repository, serve it, classify test images over gRPC; what was seen."""
     from patcher.data.tasks import get_task
-    from patcher.triton import TritonServer, classify_files, write_repository
-    from patcher.triton.access import new_key
-    from patcher.triton.publish import DEFAULT_REPOSITORY
+    from patcher.triton.client import classify_files
+    from patcher.triton.repository.publish import DEFAULT_REPOSITORY
+    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.serving.access import new_key
+    from patcher.triton.serving.server import TritonServer
 
     written = write_repository(export_dir, DEFAULT_REPOSITORY)
     console.print(written["message"])

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from patcher.base.errors import PatcherError
-from patcher.triton.configs import IMAGE_BYTES
+from patcher.triton.repository.configs import IMAGE_BYTES
 
 LOGITS_PREFIX = "logits_"
 
@@ -124,7 +124,7 @@ def _read(path: Path) -> bytes:
 def _raw_batch(
     paths: list[Path], blobs: list[bytes], spec: dict[str, Any], limits: dict[str, Any] | None
 ) -> np.ndarray:
-    from patcher.triton.templates.preprocess_model import decode_image, preprocess_image
+    from patcher.triton.imaging import decode_image, preprocess_image
 
     arrays = []
     for path, blob in zip(paths, blobs, strict=True):
@@ -158,7 +158,7 @@ def classify_files(
     (`key_file`, else the file `patcher serve` wrote for `url`) only serves to list its models when `model` is not
     one of them.
     """
-    from patcher.triton.access import find_key
+    from patcher.triton.serving.access import find_key
 
     grpcclient, InferenceServerException = _grpc()
     key = find_key(url, key_file)

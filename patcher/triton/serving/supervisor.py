@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from patcher.base.errors import PatcherError
-from patcher.triton.configs import CONFIG_FILE
-from patcher.triton.health import Suspects, backend_died, probe
-from patcher.triton.publish import publish_lock, read_journal
-from patcher.triton.repository import model_versions
-from patcher.triton.server import TritonServer, repository_models
+from patcher.triton.repository.configs import CONFIG_FILE
+from patcher.triton.repository.publish import publish_lock, read_journal
+from patcher.triton.repository.writer import model_versions
+from patcher.triton.serving.health import Suspects, backend_died, probe
+from patcher.triton.serving.server import TritonServer, repository_models
 
 Echo = Callable[[str], None]
 

@@ -1,31 +1,21 @@
-"""Triton python-backend model: encoded images (JPEG, PNG, PPM, ...) in, CLIP-preprocessed tensors out.
+"""Images as the preprocessing model sees them: limits checked from the header, decoded, and turned into the
+classifier's input exactly as open_clip's evaluation transform does (PIL resize, centre crop or pad, RGB,
+ToTensor, Normalize), with PIL and numpy only.
 
-Copied into `<name>_preprocess/<version>/model.py` by `patcher triton`; it reads the preprocessing (`preprocess`)
-and the input limits (`limits`) from its config.pbtxt parameters. Every image is checked from its header
-before anything is decoded (encoded bytes, pixel count, aspect ratio), JPEGs much larger than the model need
-are decoded at reduced scale (`Image.draft`), and a refused or undecodable image fails its request with
-INVALID_ARG, naming the limit or the reason. The pure functions reproduce open_clip's evaluation transform
-(PIL resize, centre crop or pad, RGB, ToTensor, Normalize) with PIL and numpy only, so they run in NVIDIA's
-container too (`pip install pillow numpy` there); the patcher client imports them for `--raw` requests.
+One module for both sides: `patcher triton` copies it beside the preprocessing model's model.py (as
+`patcher_imaging.py`, so it runs in NVIDIA's container too: `pip install pillow numpy` there), and the patcher
+client imports it for `--raw` requests, so a client-side tensor is the server's to the bit.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-try:
-    import triton_python_backend_utils as pb_utils
-except ImportError:  # imported outside Triton, by the patcher client
-    pb_utils = None
-
-INPUT = "image_bytes"
-OUTPUT = "image"
 FORMATS = ("JPEG", "PNG", "PPM", "BMP", "GIF", "TIFF", "WEBP")
 # Safe defaults: a 36-megapixel photo decodes in well under 300 MB; panoramas up to 12:1 pass.
 DEFAULT_LIMITS: dict[str, Any] = {"max_bytes": 16 << 20, "max_pixels": 36_000_000, "max_aspect": 12.0,
@@ -154,32 +144,3 @@ def preprocess_bytes(items: list[bytes], spec: dict[str, Any], limits: dict[str,
         except ValueError as error:
             raise ImageRejected(f"item {index}: {error}") from None
     return np.stack(arrays).astype(spec.get("dtype", "float32"), copy=False)
-
-
-def _invalid_argument(message: str) -> Any:
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # python backends before 23.05 have no codes
-    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-
-
-class TritonPythonModel:
-    """Decode and preprocess every image of every request in a dynamic batch; bad bytes fail only their request."""
-
-    def initialize(self, args: dict[str, str]) -> None:
-        """Read the preprocessing and the input limits from this model's config parameters."""
-        parameters = json.loads(args["model_config"]).get("parameters", {})
-        self.spec = json.loads(parameters["preprocess"]["string_value"])
-        limits = parameters.get("limits", {}).get("string_value")
-        self.limits = check_limits(json.loads(limits) if limits else {})
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        """One response per request: the preprocessed batch, or INVALID_ARG naming the image refused and why."""
-        responses = []
-        for request in requests:
-            items = pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy().reshape(-1)
-            try:
-                batch = preprocess_bytes([bytes(item) for item in items], self.spec, self.limits)
-            except ValueError as error:
-                responses.append(pb_utils.InferenceResponse(error=_invalid_argument(str(error))))
-                continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, batch)]))
-        return responses

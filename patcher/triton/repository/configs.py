@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format, text_format
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
 from patcher.base.files import write_text
-from patcher.triton.export_info import TensorSpec
+from patcher.triton.repository.export_info import TensorSpec
 
 CONFIG_FILE = "config.pbtxt"
 BACKENDS = ("python", "onnxruntime")
@@ -142,11 +142,6 @@ def ensemble_config(
 def config_text(config: mc.ModelConfig) -> str:
     """The config.pbtxt text of a model configuration."""
     return text_format.MessageToString(config)
-
-
-def config_json(config: mc.ModelConfig) -> str:
-    """The JSON form of a configuration, as Triton's load API takes it."""
-    return json_format.MessageToJson(config, preserving_proto_field_name=True)
 
 
 def write_config(config: mc.ModelConfig, model_dir: Path) -> Path:

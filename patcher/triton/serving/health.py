@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from patcher.triton.processes import stub_processes
+from patcher.triton.serving.processes import stub_processes
 
 DEAD_BACKEND = ("is not healthy", "Stub process")  # how Triton 2.51 answers for a python model whose stub died
 NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64, "TYPE_INT32": np.int32,

@@ -9,6 +9,7 @@ An entry `<name>` is one export served as:
     <name>_pixels          the patched classifier taking raw 0-255 pixels (NCHW), normalising inside the graph
     <name>_<task>_pixels   per task, Triton's image-classification convention: pixels in, one labelled output
     <name>_<task>_bytes    per task: encoded images in, one labelled output
+    <name>_<kind>          an extra classifier written beside them (e.g. the bench's output-space ensemble)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Model:
     """One Triton model of an entry: its name, kind and (per-task models) task."""
 
     name: str
-    kind: str  # ensemble, preprocess, patched, zeroshot, pixels, task_pixels, task_bytes
+    kind: str  # ensemble, preprocess, patched, zeroshot, pixels, task_pixels, task_bytes, or an extra classifier
     task: str | None = None
 
     @property
@@ -38,7 +39,7 @@ class Model:
         return self.kind in ("ensemble", "task_pixels", "task_bytes")
 
 
-def check_name(name: str) -> str:
+def check_entry_name(name: str) -> str:
     """An entry name as given, or PatcherError: letters, digits and `_` only, at most MAX_NAME characters."""
     if len(name) > MAX_NAME:
         raise PatcherError(f"--name {name[:24]}... is {len(name)} characters long: use at most {MAX_NAME}")
@@ -55,6 +56,7 @@ class Entry:
 
     name: str
     tasks: tuple[str, ...]
+    extra: tuple[str, ...] = ()  # kinds of extra classifiers, served like the patched one
 
     def task_output(self, task: str) -> str:
         """The logits output of a task."""
@@ -63,7 +65,7 @@ class Entry:
     def models(self) -> list[Model]:
         """Every model, composing models first (the order to load them in)."""
         name = self.name
-        models = [Model(f"{name}_{kind}", kind) for kind in COMPOSING]
+        models = [Model(f"{name}_{kind}", kind) for kind in (*COMPOSING, *self.extra)]
         models.append(Model(name, "ensemble"))
         for task in self.tasks:
             safe = tensor_name(task)

@@ -21,17 +21,17 @@ from types import TracebackType
 from typing import Any
 
 from patcher.base.errors import PatcherError
-from patcher.triton.access import ServerKey, new_key
-from patcher.triton.configs import CONFIG_FILE
-from patcher.triton.install import (
+from patcher.triton.repository.configs import CONFIG_FILE
+from patcher.triton.serving.access import ServerKey, new_key
+from patcher.triton.serving.install import (
     INSTALL_HINT,
     TritonInstall,
     find_tritonserver,
     prepare_backends,
     server_environment,
 )
-from patcher.triton.ports import distinct_free_ports, port_in_use
-from patcher.triton.processes import die_with_parent, group_pids
+from patcher.triton.serving.ports import distinct_free_ports, port_in_use
+from patcher.triton.serving.processes import die_with_parent, group_pids
 
 SHM_DIR = Path("/dev/shm")
 DEFAULT_SHM_BYTES = 4 << 20

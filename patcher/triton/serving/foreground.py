@@ -8,9 +8,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from patcher.triton.access import RESTRICTED, default_key_file, new_key, remove_key_file, write_key_file
-from patcher.triton.server import TritonServer
-from patcher.triton.supervisor import Supervisor
+from patcher.triton.serving.access import RESTRICTED, default_key_file, new_key, remove_key_file, write_key_file
+from patcher.triton.serving.server import TritonServer
+from patcher.triton.serving.supervisor import Supervisor
 
 TICK_S = 1.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

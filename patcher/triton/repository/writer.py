@@ -1,8 +1,8 @@
 """Write an export into a Triton model repository as one entry: every model gets a new version, all or none.
 
-    write_repository(run / "onnx", repo)          # entry <patch task>: see patcher.triton.entry for its models
+    write_repository(run / "onnx", repo)          # entry <patch task>; its models: repository/entry.py
 
-The update is staged in full, then published under the repository's journal (patcher.triton.publish): a
+The update is staged in full, then published under the repository's journal (patcher.triton.repository.publish): a
 killed or failing `patcher triton` leaves the repository as it was or, if it was killed while publishing, in
 a state the next run completes; `patcher serve` loads only committed updates.
 """
@@ -10,8 +10,11 @@ a state the next run completes; `patcher serve` loads only committed updates.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import hashlib
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +22,26 @@ from typing import Any
 
 from patcher.base.errors import PatcherError
 from patcher.base.faults import naming, write_errors
-from patcher.base.files import now_iso
+from patcher.base.files import now_iso, sha256_file
 from patcher.base.locks import check_output_name, output_lock
-from patcher.triton.configs import CONFIG_FILE, ENTRY_PARAMETER, Batching, config_text, parameter, read_config
-from patcher.triton.entry import Entry, check_name
-from patcher.triton.export_info import ExportInfo, load_export
-from patcher.triton.plan import TEMPLATES, ModelPlan, Options, plan_entry
-from patcher.triton.publish import DEFAULT_REPOSITORY, Staged, new_staging, publish, recover, stage_model
-from patcher.triton.templates.preprocess_model import check_limits
+from patcher.triton.imaging import check_limits
+from patcher.triton.repository.builders import BUILDERS, TEMPLATES, ModelPlan, Options, plan_entry
+from patcher.triton.repository.configs import (
+    CONFIG_FILE,
+    ENTRY_PARAMETER,
+    Batching,
+    config_text,
+    parameter,
+    read_config,
+)
+from patcher.triton.repository.entry import Entry, check_entry_name
+from patcher.triton.repository.export_info import ExportInfo, load_export
+from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, new_staging, publish, recover, stage_model
 
 __all__ = ["DEFAULT_REPOSITORY", "TEMPLATES", "model_versions", "write_repository"]
 VERSION_RECORD = "patcher.json"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+EXTRA_KIND = re.compile(r"[a-z0-9][a-z0-9_]*")
 CLASSIFIERS = ("patched", "zeroshot")
 
 
@@ -73,10 +84,10 @@ def _check_owners(repo: Path, entry: Entry) -> None:
 
 def _entry_name(info: ExportInfo, name: str | None) -> str:
     if name is not None:
-        return check_name(name)
+        return check_entry_name(name)
     default = info.default_name()
     try:
-        return check_name(default)
+        return check_entry_name(default)
     except PatcherError:
         raise PatcherError(f"the patch task's name {info.patch_task!r} does not make a Triton model name: "
                            "pass --name (letters, digits and _)") from None
@@ -130,23 +141,40 @@ def _made(repo: Path) -> Iterator[None]:
         raise
 
 
-def _options(backend: str, max_batch_size: int, instances: int, preferred_batch_sizes: list[int] | None,
-             max_queue_delay_us: int, tensorrt_fp16: bool, precision: str, limits: dict[str, Any] | None) -> Options:
+def _options(backend: str, batching: Batching, tensorrt_fp16: bool, precision: str, limits: dict[str, Any] | None,
+             intra_op_threads: int, extra_classifiers: dict[str, Path] | None) -> Options:
+    """The writer's options, checked; PatcherError naming the first bad one."""
     if precision not in PRECISIONS:
         raise PatcherError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if tensorrt_fp16 and backend != "onnxruntime":
         raise PatcherError("TensorRT FP16 needs --backend onnxruntime (NVIDIA's container on a GPU host)")
-    if max_batch_size < 1 or instances < 1 or max_queue_delay_us < 0:
+    if batching.max_batch_size < 1 or batching.instances < 1 or batching.max_queue_delay_us < 0:
         raise PatcherError("max_batch_size and instances must be at least 1, max_queue_delay_us at least 0")
-    preferred = sorted(set(preferred_batch_sizes or []))
-    if any(size < 1 or size > max_batch_size for size in preferred):
-        raise PatcherError(f"preferred batch sizes {preferred} must lie in 1..{max_batch_size} (max_batch_size)")
+    if intra_op_threads < 0:
+        raise PatcherError(f"intra_op_threads must be 0 (onnxruntime's default) or more, not {intra_op_threads}")
+    preferred = sorted(set(batching.preferred_batch_sizes))
+    if any(size < 1 or size > batching.max_batch_size for size in preferred):
+        raise PatcherError(f"preferred batch sizes {preferred} must lie in 1..{batching.max_batch_size} "
+                           "(max_batch_size)")
+    extra = {kind: Path(path) for kind, path in (extra_classifiers or {}).items()}
+    taken = [kind for kind in extra if kind in BUILDERS or not EXTRA_KIND.fullmatch(kind)]
+    if taken:
+        raise PatcherError(f"extra classifier kinds {taken} clash with the entry's own kinds or are not a-z, 0-9, _")
     try:
         checked = check_limits(dict(limits or {}))
     except (ValueError, TypeError) as error:
         raise PatcherError(f"bad preprocessing limit: {error}") from None
-    return Options(backend, Batching(max_batch_size, instances, preferred, max_queue_delay_us), tensorrt_fp16,
-                   precision, checked)
+    return Options(backend, dataclasses.replace(batching, preferred_batch_sizes=preferred), tensorrt_fp16,
+                   precision, checked, intra_op_threads, extra)
+
+
+def _version_identity(info: ExportInfo, options: Options) -> tuple[str, str]:
+    """What a version serves: the export's content (and any extra classifier's bytes) at a precision."""
+    if not options.extra_classifiers:
+        return info.content_sha256, options.precision
+    extras = {kind: sha256_file(path) for kind, path in sorted(options.extra_classifiers.items())}
+    text = json.dumps({"export": info.content_sha256, "extra": extras}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), options.precision
 
 
 def write_repository(
@@ -161,20 +189,23 @@ def write_repository(
     tensorrt_fp16: bool = False,
     precision: str = "fp32",
     limits: dict[str, Any] | None = None,
+    intra_op_threads: int = 0,
+    extra_classifiers: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Add an export to a model repository as a new version of every model of entry `name` (default: the patch task).
 
     An export already in the repository gets no new version (configs and labels are refreshed). `limits` bounds
-    the images the preprocessing model accepts (max_bytes, max_pixels, max_aspect, jpeg_draft). Returns what was
-    written.
+    the images the preprocessing model accepts (max_bytes, max_pixels, max_aspect, jpeg_draft); `intra_op_threads`
+    the onnxruntime threads of each classifier; `extra_classifiers` (kind -> ONNX file with the patched model's
+    tensors) are served beside the entry as `<name>_<kind>`. Returns what was written.
     """
-    options = _options(backend, max_batch_size, instances, preferred_batch_sizes, max_queue_delay_us, tensorrt_fp16,
-                       precision, limits)
+    batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us)
+    options = _options(backend, batching, tensorrt_fp16, precision, limits, intra_op_threads, extra_classifiers)
     info = load_export(export_dir)
-    entry = Entry(_entry_name(info, name), tuple(info.tasks))
+    entry = Entry(_entry_name(info, name), tuple(info.tasks), tuple(options.extra_classifiers))
     models = entry.models()
-    files = {kind: info.model_file(kind, precision) for kind in CLASSIFIERS}
-    key = (info.content_sha256, precision)
+    files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
+    key = _version_identity(info, options)
     plans = plan_entry(info, entry, files, options, _record(info, key))
     repo = Path(repo)
     check_output_name(repo)

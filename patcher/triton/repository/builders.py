@@ -1,0 +1,244 @@
+"""What one entry's models consist of: each model's config.pbtxt, labels files and version files, from an export."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from patcher.base.errors import PatcherError
+from patcher.export.contract import logits_output
+from patcher.triton.repository.configs import (
+    ENTRY_PARAMETER,
+    IMAGE_BYTES,
+    Batching,
+    Step,
+    classifier_config,
+    ensemble_config,
+    preprocess_config,
+)
+from patcher.triton.repository.entry import Entry, Model
+from patcher.triton.repository.export_info import ExportInfo, TensorSpec, onnx_io
+from patcher.triton.repository.pixels import PIXELS_INPUT, pixels_graph
+
+TEMPLATES = Path(__file__).parent / "templates"
+IMAGING = Path(__file__).parents[1] / "imaging.py"
+IMAGING_FILE = "patcher_imaging.py"  # the name the preprocessing model imports it by
+TRITON_DTYPE_TO_NUMPY = {"TYPE_FP32": "float32", "TYPE_FP16": "float16"}
+IMAGE_FORMAT = "FORMAT_NCHW"
+# A version file: a file to copy, a text to write, or a function that writes the file at the path it is given.
+Source = Path | str | Callable[[Path], Any]
+
+
+@dataclass
+class ModelPlan:
+    """One model to write: its configuration, labels files (name -> class names) and version files."""
+
+    model: Model
+    config: mc.ModelConfig
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    files: dict[str, Source] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the entry is served: backend flavour, batching, precision, preprocessing limits, onnxruntime threads,
+    and extra classifiers (kind -> ONNX file with the patched model's tensors, served as `<entry>_<kind>`)."""
+
+    backend: str = "python"
+    batching: Batching = field(default_factory=Batching)
+    tensorrt_fp16: bool = False
+    precision: str = "fp32"
+    limits: dict[str, Any] = field(default_factory=dict)
+    intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
+    extra_classifiers: dict[str, Path] = field(default_factory=dict)
+
+
+def _fill_dims(spec: TensorSpec, declared: dict[str, list[int]]) -> TensorSpec:
+    """Unknown non-batch ONNX dims (-1) taken from export.json's shapes where it states them."""
+    shape = declared.get(spec.name)
+    if not shape or len(shape) != len(spec.shape):
+        return spec
+    dims = tuple(d if d != -1 else int(shape[i]) for i, d in enumerate(spec.shape))
+    return TensorSpec(spec.name, spec.data_type, (spec.shape[0], *dims[1:]))
+
+
+def classifier_io(info: ExportInfo, path: Path) -> tuple[TensorSpec, list[TensorSpec]]:
+    """The image input and the outputs of an exported classifier, checked against export.json."""
+    declared = {t["name"]: t["shape"] for t in [info.data.get("input", {}), *info.data.get("outputs", [])] if t}
+    for task, record in info.tasks.items():
+        declared.setdefault(record.get("output", logits_output(task)), [-1, len(record["classnames"])])
+    inputs, outputs = onnx_io(path)
+    inputs = [_fill_dims(s, declared) for s in inputs]
+    outputs = [_fill_dims(s, declared) for s in outputs]
+    if len(inputs) != 1:
+        raise PatcherError(f"{path} has {len(inputs)} inputs, expected one image input: re-run `patcher export`")
+    frozen = [s.name for s in [*inputs, *outputs] if not s.shape or s.shape[0] != -1]
+    if frozen:
+        raise PatcherError(f"{path}: batch dimension of {', '.join(frozen)} is fixed, not dynamic: re-export it")
+    missing = set(_task_outputs(info).values()) - {s.name for s in outputs}
+    if missing:
+        raise PatcherError(f"{path} lacks outputs {sorted(missing)} that {info.path / 'export.json'} lists")
+    if inputs[0].data_type not in TRITON_DTYPE_TO_NUMPY:
+        raise PatcherError(f"{path}: image input is {inputs[0].data_type}, expected float32 or float16")
+    return inputs[0], outputs
+
+
+def _task_outputs(info: ExportInfo) -> dict[str, str]:
+    """task -> logits output name."""
+    return {task: record.get("output", logits_output(task)) for task, record in info.tasks.items()}
+
+
+@dataclass(frozen=True)
+class EntryContext:
+    """What every builder of one entry reads: the export, its checked tensors, labels and shared parameters."""
+
+    info: ExportInfo
+    entry: Entry
+    options: Options
+    files: dict[str, Path]
+    image: TensorSpec
+    outputs: list[TensorSpec]
+    record: str
+
+    @property
+    def task_outputs(self) -> dict[str, str]:
+        """task -> logits output name."""
+        return _task_outputs(self.info)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """logits output -> its labels file."""
+        return {output: f"{output}_labels.txt" for output in self.task_outputs.values()}
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """export.json's preprocessing, with the numpy dtype the classifiers take."""
+        return {**self.info.preprocess, "dtype": TRITON_DTYPE_TO_NUMPY[self.image.data_type]}
+
+    @property
+    def pixels(self) -> TensorSpec:
+        """The raw-pixels input of the pixels models (same shape and type as the normalised image)."""
+        return TensorSpec(PIXELS_INPUT, self.image.data_type, self.image.shape)
+
+    def name(self, kind: str) -> str:
+        """The model name of the entry's single model of `kind`."""
+        return self.entry.model(kind)
+
+    def common(self) -> dict[str, Any]:
+        """Parameters every model carries: its entry and the run it came from."""
+        return {ENTRY_PARAMETER: self.entry.name, "run": self.info.data.get("run", {}).get("name", "")}
+
+    def described(self) -> dict[str, Any]:
+        """Parameters of the models clients discover tasks from."""
+        return {**self.common(), "tasks": self.task_outputs, "preprocess_model": self.name("preprocess")}
+
+    def output(self, task: str) -> TensorSpec:
+        """A task's logits output."""
+        wanted = self.task_outputs[task]
+        return next(spec for spec in self.outputs if spec.name == wanted)
+
+    def plan(self, model: Model, config: mc.ModelConfig, files: dict[str, Source] | None = None) -> ModelPlan:
+        """A model's plan: its config, the labels files its outputs name, the version record and `files`."""
+        label_text = {self.labels[output]: list(self.info.tasks[task]["classnames"])
+                      for task, output in self.task_outputs.items()}
+        used = {o.label_filename for o in config.output if o.label_filename}
+        return ModelPlan(model, config, {f: t for f, t in label_text.items() if f in used},
+                         {"patcher.json": self.record, **(files or {})})
+
+    def bytes_steps(self, outputs: dict[str, str]) -> list[Step]:
+        """Encoded images through the preprocessing model, then the patched classifier's `outputs`."""
+        image = self.image.name
+        return [Step(self.name("preprocess"), {IMAGE_BYTES: IMAGE_BYTES}, {image: image}),
+                Step(self.name("patched"), {image: image}, outputs)]
+
+
+IMAGE_BYTES_SPEC = TensorSpec(IMAGE_BYTES, "TYPE_STRING", (-1, 1))
+
+
+def build_preprocess(context: EntryContext, model: Model) -> ModelPlan:
+    """Encoded image bytes -> the classifier's normalised input (python backend, bounded inputs)."""
+    parameters = {**context.common(), "preprocess": context.preprocess, "limits": context.options.limits}
+    config = preprocess_config(model.name, context.image, context.options.batching, parameters)
+    return context.plan(model, config, {"model.py": (TEMPLATES / "preprocess_model.py").read_text(),
+                                        IMAGING_FILE: IMAGING.read_text()})
+
+
+def _classifier(context: EntryContext, model: Model, spec: TensorSpec, image_format: str | None,
+                onnx_file: Source) -> ModelPlan:
+    options = context.options
+    parameters = context.described()
+    if options.intra_op_threads:
+        parameters["intra_op_threads"] = str(options.intra_op_threads)
+    config = classifier_config(model.name, spec, context.outputs, options.backend, options.batching,
+                               context.labels, parameters, options.tensorrt_fp16, image_format)
+    # model.onnx serves platform onnxruntime_onnx and the python backend's model.py alike
+    return context.plan(model, config, {"model.onnx": onnx_file,
+                                        "model.py": (TEMPLATES / "onnx_model.py").read_text()})
+
+
+def build_classifier(context: EntryContext, model: Model) -> ModelPlan:
+    """An exported classifier (patched, zeroshot or an extra one): normalised images in, embedding and logits out."""
+    return _classifier(context, model, context.image, None, context.files[model.kind])
+
+
+def build_pixels(context: EntryContext, model: Model) -> ModelPlan:
+    """The patched classifier taking 0-255 NCHW pixels, normalising inside the graph (NVIDIA's image convention)."""
+    mean, std = context.preprocess["mean"], context.preprocess["std"]
+    source = context.files["patched"]
+    return _classifier(context, model, context.pixels, IMAGE_FORMAT,
+                       lambda target: pixels_graph(source, target, mean, std))
+
+
+def build_ensemble(context: EntryContext, model: Model) -> ModelPlan:
+    """Encoded images in, embedding and every task's labelled logits out."""
+    steps = context.bytes_steps({o.name: o.name for o in context.outputs})
+    config = ensemble_config(model.name, IMAGE_BYTES_SPEC, steps, context.outputs,
+                             context.options.batching.max_batch_size, context.labels, context.described())
+    return context.plan(model, config)
+
+
+def build_task_pixels(context: EntryContext, model: Model) -> ModelPlan:
+    """One task in Triton's image-classification convention: pixels in, one labelled output."""
+    output = context.output(model.task or "")
+    steps = [Step(context.name("pixels"), {PIXELS_INPUT: PIXELS_INPUT}, {output.name: output.name})]
+    parameters = {**context.common(), "tasks": {model.task: output.name}}
+    config = ensemble_config(model.name, context.pixels, steps, [output], context.options.batching.max_batch_size,
+                             context.labels, parameters, IMAGE_FORMAT)
+    return context.plan(model, config)
+
+
+def build_task_bytes(context: EntryContext, model: Model) -> ModelPlan:
+    """One task: encoded images in, one labelled output."""
+    output = context.output(model.task or "")
+    parameters = {**context.common(), "tasks": {model.task: output.name},
+                  "preprocess_model": context.name("preprocess")}
+    config = ensemble_config(model.name, IMAGE_BYTES_SPEC, context.bytes_steps({output.name: output.name}),
+                             [output], context.options.batching.max_batch_size, context.labels, parameters)
+    return context.plan(model, config)
+
+
+# One builder per model kind (entry.py lists the kinds); kinds not named here are extra classifiers.
+BUILDERS: dict[str, Callable[[EntryContext, Model], ModelPlan]] = {
+    "preprocess": build_preprocess,
+    "patched": build_classifier,
+    "zeroshot": build_classifier,
+    "pixels": build_pixels,
+    "ensemble": build_ensemble,
+    "task_pixels": build_task_pixels,
+    "task_bytes": build_task_bytes,
+}
+
+
+def plan_entry(info: ExportInfo, entry: Entry, files: dict[str, Path], options: Options, record: str
+               ) -> list[ModelPlan]:
+    """Every model of the entry with its configuration and files; `record` is the version record (patcher.json)."""
+    image, outputs = classifier_io(info, files["patched"])
+    for kind, path in files.items():
+        if kind != "patched" and classifier_io(info, path) != (image, outputs):
+            raise PatcherError(f"{path} and {files['patched']} have different inputs or outputs")
+    context = EntryContext(info, entry, options, files, image, outputs, record)
+    return [BUILDERS.get(model.kind, build_classifier)(context, model) for model in entry.models()]
