@@ -6,7 +6,7 @@ What `patcher export --int8` writes (dynamic quantisation: int8 weights, activat
 run time) is measured beside static QDQ quantisation calibrated on held-out images of every task (what the
 issue proposed), so the choice is on record: images/s at batch 1 and 16, every variant of a model measured
 in interleaved windows within one run (ratios side by side, min-max over rounds), and test accuracy of the
-demo's run per task. Writes bench/results/int8.{json,md}.
+demo's run per task. Writes bench/results/int8-<cpu>.{json,md} (cpu: amx, avx512-vnni, avx-vnni or avx2).
 """
 
 from __future__ import annotations
@@ -171,8 +171,16 @@ def cpu_flags() -> list[str]:
     return [flag for flag in wanted if flag in flags]
 
 
+def cpu_tag(flags: list[str]) -> str:
+    """A short name for the int8 kernels a CPU has: amx, avx512-vnni, avx-vnni, or avx2."""
+    for flag, tag in (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni")):
+        if flag in flags:
+            return tag
+    return "avx2"
+
+
 def main() -> None:
-    """Measure, then write bench/results/int8.json and int8.md."""
+    """Measure, then write bench/results/int8-<cpu>.json and .md (one pair per CPU kind measured)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=None, help="the demo's run (default: the newest runs/demo-*)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -194,8 +202,9 @@ def main() -> None:
             "tasks": run.tasks, "accuracy": accuracies(demo, run),
         }
     RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "int8.json", report)
-    write_text(RESULTS / "int8.md", markdown(report))
+    name = f"int8-{cpu_tag(report['cpu_flags'])}"
+    write_json(RESULTS / f"{name}.json", report)
+    write_text(RESULTS / f"{name}.md", markdown(report))
     print(markdown(report))
 
 

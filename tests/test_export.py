@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+from tolerances import TINY_INT8_TOLERANCE
 
 from patcher.base.errors import PatcherError
 from patcher.base.files import FileRecord
@@ -35,7 +36,8 @@ def plain(tiny_export: Path) -> Path:
 @pytest.fixture(scope="module")
 def variants(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export") / "variants"
-    return export_run(tiny_run, ExportOptions(out=out, fp16=True, int8=True, optimize=True))
+    return export_run(tiny_run, ExportOptions(out=out, fp16=True, int8=True, optimize=True,
+                                              accuracy_tolerance=TINY_INT8_TOLERANCE))
 
 
 def record(export_dir: Path) -> dict:
@@ -108,8 +110,16 @@ def test_int8_keeps_float32_io_and_passes_the_same_rule(variants: Path) -> None:
         assert {node.op_type for node in model.graph.node} & {"MatMulInteger", "DynamicQuantizeLinear"}
         report = data["parity"]["models"][key]
         assert report["precision"] == "int8" and report["passed"] and report["rule"]["decisive_margin"] == 0.1
+        assert report["rule"]["accuracy_tolerance"] == TINY_INT8_TOLERANCE  # the user's tolerance, recorded
         assert read_metadata(variants / f"{key}.onnx")["precision"] == "int8"
     assert data["models"]["patched_int8"]["bytes"] < 0.5 * data["models"]["patched"]["bytes"]
+    assert data["parity"]["thresholds"]["int8"]["accuracy_tolerance"] == TINY_INT8_TOLERANCE
+
+
+def test_a_negative_accuracy_tolerance_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(PatcherError, match="accuracy-tolerance must be 0 points or more"):
+        export_run(tiny_run, ExportOptions(out=tmp_path / "onnx", accuracy_tolerance=-1))
+    assert not (tmp_path / "onnx").exists()
 
 
 def structure(path: Path) -> tuple[list, list]:

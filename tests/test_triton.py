@@ -24,6 +24,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
+from tolerances import TINY_INT8_TOLERANCE
 from triton_support import requires_bundled_triton
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -56,7 +57,7 @@ class ExportCase:
 
 
 def _export(run: Path, out: Path) -> ExportCase:
-    """`patcher export` (fp32 and fp16) of the session's tiny run, with the run's PyTorch classifier as reference."""
+    """`patcher export` (fp32, fp16, int8) of the session's tiny run, with the run's PyTorch classifier as reference."""
     from safetensors.torch import load_file
 
     from patcher.data.transforms import eval_transform
@@ -65,7 +66,8 @@ def _export(run: Path, out: Path) -> ExportCase:
     from patcher.models.state import split_classifier_state
     from patcher.stages.export import ExportOptions, export_run
 
-    export_dir = Path(export_run(run, ExportOptions(out=out, fp16=True)))
+    export_dir = Path(export_run(run, ExportOptions(out=out, fp16=True, int8=True,
+                                                         accuracy_tolerance=TINY_INT8_TOLERANCE)))
     config = json.loads((run / "open_clip_config.json").read_text())
     model = build_from_config(config)
     encoder, heads = split_classifier_state(load_file(str(run / "models" / "patched.safetensors")))
@@ -217,6 +219,29 @@ def test_fp16_models_and_a_missing_precision(case: ExportCase, tmp_path: Path) -
     (fp32_only / "export.json").write_text(json.dumps(data))
     with pytest.raises(PatcherError, match="no fp16 patched model"):
         write_repository(fp32_only, tmp_path / "other", precision="fp16")
+
+
+@needs_server
+def test_int8_models_are_served_and_answer_as_onnxruntime_does(case: ExportCase, tmp_path: Path, images) -> None:
+    """`patcher triton --precision int8`: the int8 graph is what is served, and a real server answers with its
+    logits (the same onnxruntime kernels run inside Triton's python backend)."""
+    data = json.loads((case.path / "export.json").read_text())
+    repo = tmp_path / "repo"
+    written = write_repository(case.path, repo, precision="int8", max_batch_size=MAX_BATCH)
+    assert written["precision"] == "int8"
+    served = (repo / "digits_patched" / "1" / "model.onnx").read_bytes()
+    assert served == (case.path / data["models"]["patched_int8"]["file"]).read_bytes()
+    paths, decoded = images
+    with TritonServer(repo, models=["digits"], startup_timeout_s=60) as running:
+        results = classify_files(paths[:64], "digits", url=running.grpc_url, top_k=1, batch_size=16)
+    predicted = np.array([int(r["tasks"]["digits"][0]["label"]) for r in results])
+    scores = np.array([r["tasks"]["digits"][0]["score"] for r in results])
+    # Dynamic quantisation scales activations over the whole batch, so outputs depend on batch-mates: compare
+    # with onnxruntime on the same 16-image batches the client sent one at a time.
+    int8_logits = np.concatenate([_ort_logits(case, "patched_int8", decoded[i:i + 16])["digits"]
+                                  for i in range(0, 64, 16)])
+    np.testing.assert_allclose(scores, int8_logits.max(axis=1), rtol=1e-4, atol=1e-4)
+    _assert_same_top1(predicted, int8_logits, "triton int8 vs onnxruntime int8")
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "triton_models"

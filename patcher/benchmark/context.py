@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from patcher.base.errors import PatcherError
+from patcher.benchmark.defaults import INT8_KIND
 from patcher.benchmark.flops import flops_per_image
 from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
 from patcher.benchmark.outensemble import export_outensemble, run_graphs
@@ -49,13 +50,14 @@ class RunContext:
         }
 
 
-def ensure_export(run: Run) -> Path:
-    """RUN/onnx, exported now if it is missing; PatcherError if it belongs to another manifest."""
+def ensure_export(run: Run, int8: bool = False) -> Path:
+    """RUN/onnx, exported now if it is missing (with int8 variants if `int8`); PatcherError if it belongs to another
+    manifest."""
     export_dir = run.path / "onnx"
     if not (export_dir / "export.json").is_file():
-        from patcher.stages.export import export_run
+        from patcher.stages.export import ExportOptions, export_run
 
-        export_dir = Path(export_run(run.path))
+        export_dir = Path(export_run(run.path, ExportOptions(int8=int8)))
     info = load_export(export_dir)
     recorded = info.data.get("run", {}).get("manifest_sha256")
     if recorded != run.manifest_sha256:
@@ -66,10 +68,11 @@ def ensure_export(run: Run) -> Path:
     return export_dir
 
 
-def prepare_run(run_path: Path, workdir: Path, outensemble: bool = True) -> RunContext:
-    """Load and (if needed) export a run, build its graphs and the output-space ensemble ONNX in `workdir`."""
+def prepare_run(run_path: Path, workdir: Path, outensemble: bool = True, int8: bool = False) -> RunContext:
+    """Load and (if needed) export a run, build its graphs and the output-space ensemble ONNX in `workdir`; with
+    `int8`, the export's int8 patched graph too (`patcher export --int8`)."""
     run = load_run(run_path)
-    export_dir = ensure_export(run)
+    export_dir = ensure_export(run, int8)
     info = load_export(export_dir)
     tasks = list(info.tasks)
     graphs = run_graphs(run, tasks)
@@ -82,4 +85,7 @@ def prepare_run(run_path: Path, workdir: Path, outensemble: bool = True) -> RunC
     output = info.tasks[patch]["output"]
     height, width = info.preprocess["image_size"]
     flops = {kind: flops_per_image(graph, (int(height), int(width))) for kind, graph in graphs.items()}
+    if int8:
+        onnx[INT8_KIND] = info.model_file("patched", "int8")  # PatcherError naming `patcher export --int8`
+        flops[INT8_KIND] = flops["patched"]  # the same operations, on int8 weights
     return RunContext(run, export_dir, json.loads(json.dumps(info.data)), onnx, graphs, flops, output)

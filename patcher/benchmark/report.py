@@ -161,7 +161,8 @@ def markdown(report: dict[str, Any]) -> str:
               "the matmul peak."]
     compared = report["comparisons"]
     for key, title in (("patched_vs_zeroshot", "Patched / zero-shot (same graph: ~1.0 expected)"),
-                       ("patched_vs_outensemble", "Patched / output-space ensemble (one encoder pass against two)")):
+                       ("patched_vs_outensemble", "Patched / output-space ensemble (one encoder pass against two)"),
+                       ("int8_vs_patched", "int8 / float32 patched (same graph, dynamically quantised)")):
         if compared.get(key):
             lines += ["", f"## {title}", ""]
             lines += _md_table(["batch", "concurrency", "throughput ratio", "95% interval", "p99 ratio"],

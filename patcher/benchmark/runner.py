@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,7 @@ from patcher.base.progress import make_progress
 from patcher.benchmark.accuracy import accuracy_of, accuracy_record
 from patcher.benchmark.context import RunContext, prepare_run
 from patcher.benchmark.defaults import (
-    DEFAULT_BATCH_SIZES,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_DURATION_S,
-    DEFAULT_MAX_REQUESTS,
+    INT8_KIND,
 )
 from patcher.benchmark.flops import matmul_peak
 from patcher.benchmark.inprocess import calibrate_threads
@@ -30,7 +26,7 @@ from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
 from patcher.benchmark.plots import latency_throughput_plot
 from patcher.benchmark.report import write_report
 from patcher.benchmark.results import FORMAT, comparisons, targets
-from patcher.benchmark.sweep import Sweep, inprocess_runners, make_sweep, run_sweep
+from patcher.benchmark.sweep import Sweep, SweepOptions, inprocess_runners, run_sweep
 from patcher.benchmark.targets import BYTES_KIND, ServedTarget, check_batches, describe, inspect_target
 
 CLIENT = "closed loop: a thread per concurrency slot, blocking gRPC unary calls on one channel, request serialised once"
@@ -134,7 +130,7 @@ def _bench(
             flops[BYTES_KIND] = flops["patched"]
         inprocess = bool(context and include_inprocess)
         local = inprocess_runners(context, threads) if inprocess and context else None
-        slots = len(served) + (2 * len(context.onnx) if local and context else 0)
+        slots = len(served) + (sum(2 if k in context.graphs else 1 for k in context.onnx) if local and context else 0)
         steps = len(sweep.batch_sizes) * len(sweep.concurrency) * sweep.rounds * slots
         if threads > 0:
             torch.set_num_threads(threads)
@@ -188,16 +184,11 @@ def _bench(
 def bench_url(
     url: str,
     models: list[str],
+    sweep: SweepOptions = SweepOptions(),
     out_dir: Path = DEFAULT_OUT,
-    concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    duration_s: float = DEFAULT_DURATION_S,
-    max_requests: int = DEFAULT_MAX_REQUESTS,
-    shared_memory: bool = False,
     name: str | None = None,
     run_path: Path | None = None,
     include_inprocess: bool = True,
-    rounds: int | None = None,
     data_dir: Path | None = None,
     key_file: Path | None = None,
     tolerate_failures: bool = False,
@@ -208,11 +199,11 @@ def bench_url(
     from the file `patcher serve` wrote for `url`, if any."""
     from patcher.triton.serving.access import find_key
 
-    sweep = make_sweep(list(concurrency), list(batch_sizes), duration_s, max_requests, shared_memory, rounds)
+    plan = sweep.checked()
     key = find_key(url, key_file)
     with tempfile.TemporaryDirectory(prefix="patcher-bench-") as workdir:
         context = prepare_run(Path(run_path), Path(workdir)) if run_path is not None else None
-        return _bench(url, list(models), sweep, Path(out_dir), name, context, include_inprocess,
+        return _bench(url, list(models), plan, Path(out_dir), name, context, include_inprocess,
                       {"started_here": False}, data_dir=data_dir,
                       headers=key.grpc_headers if key else None, tolerate_failures=tolerate_failures)
 
@@ -223,7 +214,7 @@ def _repository(context: RunContext, repo: Path, sweep: Sweep, include_ensemble_
     from patcher.triton.repository.writer import write_repository
 
     max_batch = max(64, *sweep.batch_sizes)
-    extra = {OUTENSEMBLE: context.onnx[OUTENSEMBLE]} if include_ensemble_baseline else None
+    extra = {kind: context.onnx[kind] for kind in (OUTENSEMBLE, INT8_KIND) if kind in context.onnx}
     written = write_repository(context.export_dir, repo, max_batch_size=max_batch, instances=instances,
                                max_queue_delay_us=max_queue_delay_us, intra_op_threads=threads,
                                extra_classifiers=extra)
@@ -233,40 +224,39 @@ def _repository(context: RunContext, repo: Path, sweep: Sweep, include_ensemble_
 
 def bench_run(
     run_path: Path,
+    sweep: SweepOptions = SweepOptions(),
     out_dir: Path = DEFAULT_OUT,
-    concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    duration_s: float = DEFAULT_DURATION_S,
-    max_requests: int = DEFAULT_MAX_REQUESTS,
-    shared_memory: bool = False,
     include_ensemble_baseline: bool = True,
     include_inprocess: bool = True,
     name: str | None = None,
+    include_int8: bool = False,
     include_image_bytes: bool = True,
     instances: int = 1,
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
     intra_op_threads: int | str = 1,
-    rounds: int | None = None,
     data_dir: Path | None = None,
     tolerate_failures: bool = False,
 ) -> dict[str, Any]:
     """Serve a run (exported first if RUN/onnx is missing) with the bundled tritonserver on free ports and benchmark
     patched, zero-shot, output-space ensemble and image-bytes ensemble. Writes JSON, Markdown, PNG into out_dir;
-    PatcherError if requests failed, unless `tolerate_failures`."""
+    PatcherError if requests failed, unless `tolerate_failures`. With `include_int8`, the export's int8 patched
+    graph is served and measured beside them (`<name>_patched_int8`)."""
     from patcher.triton.serving.ports import distinct_free_ports
     from patcher.triton.serving.server import TritonServer
 
-    sweep = make_sweep(list(concurrency), list(batch_sizes), duration_s, max_requests, shared_memory, rounds)
+    plan = sweep.checked()
     with tempfile.TemporaryDirectory(prefix="patcher-bench-") as workdir:
-        context = prepare_run(Path(run_path), Path(workdir), outensemble=include_ensemble_baseline)
-        threads, calibration = choose_threads(context, intra_op_threads, min(8, max(sweep.batch_sizes)))
+        context = prepare_run(Path(run_path), Path(workdir), outensemble=include_ensemble_baseline, int8=include_int8)
+        threads, calibration = choose_threads(context, intra_op_threads, min(8, max(plan.batch_sizes)))
         repo = Path(workdir) / "repo"
-        settings = _repository(context, repo, sweep, include_ensemble_baseline, instances, max_queue_delay_us,
+        settings = _repository(context, repo, plan, include_ensemble_baseline, instances, max_queue_delay_us,
                                threads)
         base = settings["name"]
         models = [f"{base}_patched", f"{base}_zeroshot"]
         if include_ensemble_baseline:
             models.append(f"{base}_{OUTENSEMBLE}")
+        if include_int8:
+            models.append(f"{base}_{INT8_KIND}")
         load = list(models)
         if include_image_bytes:
             models.append(base)
@@ -276,6 +266,6 @@ def bench_run(
                           startup_timeout_s=120) as server:
             info = {"started_here": True, "tritonserver": "nvidia-pytriton 0.7.0 bundle (Triton 2.51, python backend)",
                     "repository": settings, "threads_calibration": calibration}
-            return _bench(server.grpc_url, models, sweep, Path(out_dir), name, context, include_inprocess, info,
+            return _bench(server.grpc_url, models, plan, Path(out_dir), name, context, include_inprocess, info,
                           threads=threads, server_pgid=server.pgid, data_dir=data_dir,
                           headers=server.key.grpc_headers, tolerate_failures=tolerate_failures)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
@@ -13,6 +13,12 @@ import numpy as np
 from patcher.base.errors import PatcherError
 from patcher.benchmark import server_stats
 from patcher.benchmark.context import RunContext
+from patcher.benchmark.defaults import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_DURATION_S,
+    DEFAULT_MAX_REQUESTS,
+)
 from patcher.benchmark.inprocess import Runner, measure, onnxruntime_runner, torch_runner
 from patcher.benchmark.loadgen import LoadResult, Payload, open_channel, run_load, warm_up
 from patcher.benchmark.machine import cpu_seconds_group, cpu_seconds_self
@@ -55,6 +61,24 @@ class Sweep:
     def windowed(self, rounds: int) -> Sweep:
         """This sweep with `rounds` windows per setting."""
         return replace(self, rounds=rounds)
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """The sweep as a user states it: batch sizes x concurrency, time and requests per model and setting, inputs in
+    shared memory or inline, rounds (default: about WINDOW_S windows). `checked()` validates it."""
+
+    concurrency: Sequence[int] = DEFAULT_CONCURRENCY
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
+    duration_s: float = DEFAULT_DURATION_S
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    shared_memory: bool = False
+    rounds: int | None = None
+
+    def checked(self) -> Sweep:
+        """The sweep to run; PatcherError for a bad setting."""
+        return make_sweep(list(self.concurrency), list(self.batch_sizes), self.duration_s, self.max_requests,
+                          self.shared_memory, self.rounds)
 
 
 def make_sweep(
@@ -160,7 +184,8 @@ def inprocess_runners(context: RunContext, threads: int) -> Callable[[int], dict
         runners: dict[tuple[str, str], Runner] = {}
         for kind in context.onnx:
             runners[("onnxruntime", kind)] = onnxruntime_runner(context.onnx[kind], array, threads)
-            runners[("torch", kind)] = torch_runner(context.graphs[kind], array)
+            if kind in context.graphs:  # PyTorch has no int8 graph of the run
+                runners[("torch", kind)] = torch_runner(context.graphs[kind], array)
         return runners
 
     return at

@@ -29,6 +29,9 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     tasks: Annotated[str, typer.Option(help="Comma-separated subset of the run's tasks (default all).")] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace a different export already at --out.")] = False,
+    accuracy_tolerance: Annotated[float | None, typer.Option(
+        help="Points a variant's held-out accuracy may differ from PyTorch's per task (default: 1, or 2 images).")
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images."""
@@ -38,6 +41,7 @@ def export(
     from patcher.stages.export import ExportOptions, export_run
 
     path = export_run(run, ExportOptions(out=out, fp16=fp16, int8=int8, optimize=optimize, opset=opset,
+                                         accuracy_tolerance=accuracy_tolerance,
                                          tasks=comma_list(tasks) or None, overwrite=overwrite, data_dir=data_dir))
     record = read_export_record(path / EXPORT_JSON)
     for key, model in record.models.items():
@@ -65,7 +69,7 @@ def triton(
     instances: Annotated[int, typer.Option(help="Model instances per model.")] = 1,
     max_queue_delay_us: Annotated[int, typer.Option(help="Batching delay, us (0: batch what is queued).")] = 0,
     tensorrt_fp16: Annotated[bool, typer.Option(help="TensorRT FP16 accelerator (onnxruntime backend, GPU).")] = False,
-    precision: Annotated[str, typer.Option(help="fp32, or fp16 for an export made with --fp16.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 / int8 (exported with --fp16 / --int8).")] = "fp32",
     max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image the server takes, bytes.")] = (
         DEFAULT_LIMITS["max_bytes"]),
     max_image_pixels: Annotated[int, typer.Option(help="Most pixels (width x height), read from the header.")] = (
@@ -167,23 +171,24 @@ def bench(
     tolerate_failures: Annotated[bool, typer.Option(help="Report even if requests failed.")] = False,
     key_file: Annotated[Path | None, typer.Option(help="With --url: the server's key file (for shared memory).")] = (
         None),
+    int8: Annotated[bool, typer.Option(help="With RUN: also serve and measure the int8 patched graph.")] = False,
 ) -> None:
     """Throughput and latency of patched against zero-shot (and the alternatives), served by Triton."""
     from rich.console import Console
 
     from patcher.benchmark.report import format_table
     from patcher.benchmark.runner import bench_run, bench_url
+    from patcher.benchmark.sweep import SweepOptions
 
-    sweep = {"concurrency": _int_list(concurrency), "batch_sizes": _int_list(batch_sizes),
-             "duration_s": duration, "max_requests": max_requests, "shared_memory": shared_memory,
-             "out_dir": out, "tolerate_failures": tolerate_failures}
+    sweep = SweepOptions(_int_list(concurrency), _int_list(batch_sizes), duration, max_requests, shared_memory)
+    common = {"sweep": sweep, "out_dir": out, "tolerate_failures": tolerate_failures, "name": name}
     if (run is None) == (url is None):
         raise PatcherError("pass either a run directory or --url HOST:PORT with --models")
     if run is not None:
-        report = bench_run(run, name=name, **sweep)
+        report = bench_run(run, include_int8=int8, **common)
     else:
         model_list = comma_list(models)
         if not model_list:
             raise PatcherError("--url needs --models A,B (the served model names to compare)")
-        report = bench_url(url, model_list, name=name, key_file=key_file, **sweep)
+        report = bench_url(url, model_list, key_file=key_file, **common)
     Console().print(format_table(report))

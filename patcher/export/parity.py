@@ -20,7 +20,7 @@ Pure numpy, so that a reader of export.json can recompute a verdict without torc
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -53,9 +53,11 @@ RULES: dict[str, PrecisionRule] = {
 SMALLEST_RESOLVED_IMAGES = 2  # the accuracy tolerance is at least this many images' worth of a task's split
 
 
-def rule_for(precision: str) -> PrecisionRule:
-    """The pass marks of a precision; KeyError for one the exporter does not write."""
-    return RULES[precision]
+def rule_for(precision: str, accuracy_tolerance: float | None = None) -> PrecisionRule:
+    """The pass marks of a precision, with the user's accuracy tolerance (points) where one is given; KeyError for
+    a precision the exporter does not write."""
+    rule = RULES[precision]
+    return rule if accuracy_tolerance is None else replace(rule, accuracy_tolerance=float(accuracy_tolerance))
 
 
 def margins(reference: np.ndarray, scale: float) -> np.ndarray:

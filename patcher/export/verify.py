@@ -23,9 +23,9 @@ LOAD_TIMEOUT_S = 300
 _LOAD_SCRIPT = "import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])"
 
 
-def thresholds() -> dict[str, Any]:
+def thresholds(accuracy_tolerance: float | None = None) -> dict[str, Any]:
     """The pass marks of every precision, as export.json records them."""
-    return {precision: rule.record() for precision, rule in RULES.items()}
+    return {precision: rule_for(precision, accuracy_tolerance).record() for precision in RULES}
 
 
 def check_structure(path: Path, output_names: list[str], widths: dict[str, int]) -> None:
@@ -105,9 +105,11 @@ def parity_report(
     reference: list[torch.Tensor],
     output_names: list[str],
     scales: dict[str, float],
+    accuracy_tolerance: float | None = None,
 ) -> dict[str, Any]:
     """onnxruntime against PyTorch on the held-out images: max |diff| per output, and per task the figures the
-    parity rule judges (`patcher.export.parity`); `scales` are the heads' logit scales."""
+    parity rule judges (`patcher.export.parity`); `scales` are the heads' logit scales, `accuracy_tolerance` the
+    user's (points) in place of the rule's."""
     count = len(heldout.images)
     needed = sum(BATCH_SIZES)
     # Too few images for one batch of each size: repeat them; the statistics use the first `count` rows.
@@ -122,7 +124,7 @@ def parity_report(
     by_name = dict(zip(output_names, outputs, strict=True))
     reference_by_name = dict(zip(output_names, expected, strict=True))
     labels = heldout.labels.numpy()
-    rule = rule_for(precision)
+    rule = rule_for(precision, accuracy_tolerance)
     tasks = {
         task: task_parity(reference_by_name[logits_output(task)][span], by_name[logits_output(task)][:count][span],
                           labels[span], scales[task], rule)
@@ -144,11 +146,13 @@ def parity_report(
 
 
 def verify_model(path: Path, precision: str, graph: ExportGraph, heldout: HeldOut,
-                 reference: list[torch.Tensor]) -> dict[str, Any]:
-    """Structure, a clean load and the parity rule for one exported file; its report, or PatcherError."""
+                 reference: list[torch.Tensor], accuracy_tolerance: float | None = None) -> dict[str, Any]:
+    """Structure, a clean load and the parity rule (with the user's accuracy tolerance, if given) for one exported
+    file; its report, or PatcherError."""
     check_structure(path, graph.output_names, graph.output_widths())
     check_loads(path)
-    report = parity_report(path, precision, heldout, reference, graph.output_names, graph.logit_scales())
+    report = parity_report(path, precision, heldout, reference, graph.output_names, graph.logit_scales(),
+                           accuracy_tolerance)
     if not report["passed"]:
         raise PatcherError(f"{path.name} fails the parity check on {report['images']} held-out images: "
                            f"{'; '.join(report['problems'])}; nothing was written")

@@ -21,6 +21,7 @@ from rich.console import Console
 from patcher.base.files import write_json, write_text
 from patcher.base.records import to_json
 from patcher.benchmark.machine import machine_info
+from patcher.benchmark.sweep import SweepOptions
 from patcher.data.options import DataOptions
 from patcher.runs.manifest import Run, load_run
 from patcher.runs.report import accuracy_table, alpha_lines, markdown_table
@@ -45,9 +46,8 @@ class DemoOptions:
                                             checkpoint_every=100)
     )
     augment: bool = False
-    bench_sweep: dict[str, Any] = field(default_factory=lambda: {
-        "concurrency": [1, 4], "batch_sizes": [1, 16], "duration_s": 1.5, "max_requests": 2000, "rounds": 2,
-        "include_image_bytes": False})
+    bench_sweep: SweepOptions = field(default_factory=lambda: SweepOptions(
+        concurrency=(1, 4), batch_sizes=(1, 16), duration_s=1.5, max_requests=2000, rounds=2))
 
 
 def reference_model() -> Path:
@@ -106,7 +106,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         from patcher.benchmark.runner import bench_run
 
         tick = time.perf_counter()
-        report = bench_run(run_path, out_dir=options.results_dir, name="demo-bench", **options.bench_sweep)
+        report = bench_run(run_path, options.bench_sweep, out_dir=options.results_dir, name="demo-bench",
+                           include_image_bytes=False)
         summary["bench"] = {"targets": report["targets"], "report": str(options.results_dir / "demo-bench.md")}
         timings["bench"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started

@@ -62,6 +62,7 @@ class ExportOptions:
     overwrite: bool = False
     data_dir: Path | None = None
     images_per_task: int = IMAGES_PER_TASK
+    accuracy_tolerance: float | None = None  # points a variant's accuracy may differ by; None: its precision's rule
 
 
 def select_tasks(run: Run, tasks: list[str] | None) -> list[str]:
@@ -121,6 +122,8 @@ class Export:
     def __init__(self, run_path: Path, options: ExportOptions) -> None:
         self.started = time.perf_counter()
         check_opset(options.opset)
+        if options.accuracy_tolerance is not None and not options.accuracy_tolerance >= 0:
+            raise PatcherError(f"--accuracy-tolerance must be 0 points or more, got {options.accuracy_tolerance}")
         if options.images_per_task < 1:
             raise PatcherError(f"images per task must be at least 1, got {options.images_per_task}")
         self.options = options
@@ -173,6 +176,7 @@ class Export:
         models: dict[str, ExportedModel] = {}
         reports: dict[str, Any] = {}
         widths: dict[str, int] = {}
+        tolerance = self.options.accuracy_tolerance
         with make_progress() as progress:
             bar = progress.add_task("exporting", total=len(EXPORTED_KINDS) * len(precisions), status="")
             for kind in EXPORTED_KINDS:
@@ -185,7 +189,7 @@ class Export:
                     progress.update(bar, status=f"checking {path.name}")
                     key = model_key(kind, precision)
                     reports[key] = self._timed("verify", lambda p=path, q=precision, g=graph, r=reference:
-                                               verify_model(p, q, g, heldout, r))
+                                               verify_model(p, q, g, heldout, r, tolerance))
                     record = FileRecord.of(path)
                     models[key] = ExportedModel(path.name, record.sha256, record.bytes, precision, kind,
                                                 self.run_record.manifest.alpha_of(kind), self.optimization or "none")
@@ -245,7 +249,8 @@ class Export:
             format=EXPORT_FORMAT, run=SourceRun(run.name, run.manifest_sha256, manifest.model.name),
             alpha=manifest.alpha_of("patched"), opset=self.options.opset, exporter=EXPORTER, options=self.content,
             preprocess=manifest.model.preprocess, input=image, outputs=outputs, tasks=self.exported_tasks(),
-            models=models, parity={"split": SPLIT, "thresholds": thresholds(), "models": reports},
+            models=models, parity={"split": SPLIT, "thresholds": thresholds(self.options.accuracy_tolerance),
+                                   "models": reports},
             versions=versions(), timings_s={key: round(value, 3) for key, value in self.timings.items()},
             created=now_iso(),
         )
