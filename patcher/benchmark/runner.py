@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tritonclient.utils import InferenceServerException
 
 from patcher.base.errors import PatcherError
 from patcher.base.files import now_iso
@@ -140,7 +141,12 @@ def _bench(
             def tick(status: str) -> None:
                 progress.update(bar, advance=1, status=status)
 
-            rows = run_sweep(url, client, served, sweep, flops, peak, server_pgid, local, tick, headers)
+            try:
+                rows = run_sweep(url, client, served, sweep, flops, peak, server_pgid, local, tick, headers)
+            except InferenceServerException as error:  # requests' own failures are counted per row, not raised
+                raise PatcherError(
+                    f"the server at {url} stopped answering during the sweep ({error.message()}): "
+                    "see its log; nothing was written") from None
     finally:
         client.close()
         torch.set_num_threads(previous_threads)
