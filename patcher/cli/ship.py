@@ -52,13 +52,15 @@ def _parity_summary(report: dict) -> dict:
     return {k: report[k] for k in keys if k in report}
 
 
-Repository = Annotated[Path, typer.Option(help="Model repository.")]
+Repository = Annotated[str, typer.Option(help="Model repository: a folder, or s3://BUCKET/PREFIX "
+                                                   "(s3://http://HOST:PORT/BUCKET/PREFIX for other endpoints).")]
 
 
 @command
 def triton(
     run: Annotated[Path, typer.Argument(help="A run directory (its onnx/ export) or an export directory.")],
-    repo: Annotated[Path, typer.Option(help="Model repository to write into.")] = REPOSITORY,
+    repo: Annotated[str, typer.Option(help="Model repository to write into: a folder or s3://BUCKET/PREFIX "
+                                            "(s3://http://HOST:PORT/BUCKET/PREFIX).")] = str(REPOSITORY),
     name: Annotated[str | None, typer.Option(help="Entry name: letters, digits, _ (default: the patch task).")] = None,
     backend: Annotated[str, typer.Option(help="python (bundled server) or onnxruntime (NVIDIA container).")] = "python",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch the server accepts.")] = 64,
@@ -93,7 +95,7 @@ def triton(
 
 @command
 def serve(
-    repo: Repository = REPOSITORY,
+    repo: Repository = str(REPOSITORY),
     models: Annotated[str, typer.Option(help="Comma-separated models to load (default all, and new ones).")] = "",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one).")] = 8000,

@@ -9,21 +9,21 @@ a state the next run completes; `patcher serve` loads only committed updates.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from patcher.base.errors import PatcherError
-from patcher.base.faults import naming, write_errors
+from patcher.base.faults import naming
 from patcher.base.files import now_iso, sha256_file
-from patcher.base.locks import check_output_name, output_lock
 from patcher.triton.imaging import check_limits
 from patcher.triton.repository.builders import BUILDERS, TEMPLATES, ModelPlan, Options, plan_entry
 from patcher.triton.repository.configs import (
@@ -32,11 +32,11 @@ from patcher.triton.repository.configs import (
     Batching,
     config_text,
     parameter,
-    read_config,
 )
 from patcher.triton.repository.entry import Entry, check_entry_name
 from patcher.triton.repository.export_info import ExportInfo, load_export
-from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, new_staging, publish, recover, stage_model
+from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, stage_model
+from patcher.triton.repository.stores import Store, model_versions, open_store
 
 __all__ = ["DEFAULT_REPOSITORY", "TEMPLATES", "model_versions", "write_repository"]
 VERSION_RECORD = "patcher.json"
@@ -45,41 +45,41 @@ EXTRA_KIND = re.compile(r"[a-z0-9][a-z0-9_]*")
 CLASSIFIERS = ("patched", "zeroshot")
 
 
-def model_versions(model_dir: Path) -> list[int]:
-    """The numbered version directories of one model, ascending."""
-    if not Path(model_dir).is_dir():
-        return []
-    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _version_key(model_dir: Path, version: int) -> tuple[str, str] | None:
+def _version_key(store: Store, model: str, version: int) -> tuple[str, str] | None:
     try:
-        data = json.loads((model_dir / str(version) / VERSION_RECORD).read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(store.read(f"{model}/{version}/{VERSION_RECORD}") or "")
+    except json.JSONDecodeError:
         return None
     return data.get("content_sha256"), data.get("precision")
 
 
-def _existing_version(repo: Path, entry: Entry, key: tuple[str, str]) -> int | None:
+def _existing_version(store: Store, entry: Entry, key: tuple[str, str]) -> int | None:
     """The version that already holds this export in every model of the entry, if one does."""
     common: set[int] | None = None
     for model in entry.models():
-        model_dir = repo / model.name
-        holding = {v for v in model_versions(model_dir) if _version_key(model_dir, v) == key}
+        holding = {v for v in store.versions(model.name) if _version_key(store, model.name, v) == key}
         common = holding if common is None else common & holding
     return max(common) if common else None
 
 
-def _check_owners(repo: Path, entry: Entry) -> None:
+def _check_owners(store: Store, entry: Entry) -> None:
     """PatcherError when a model name of the entry is taken by another entry or by a model patcher did not write."""
+    repo = store.location
     for model in entry.models():
-        model_dir = repo / model.name
-        if not model_dir.exists():
+        text = store.read(f"{model.name}/{CONFIG_FILE}")
+        if text is None and not store.versions(model.name):
             continue
-        owner = parameter(read_config(model_dir), ENTRY_PARAMETER) if (model_dir / CONFIG_FILE).is_file() else None
+        owner = parameter(_parse_config(text, f"{repo}/{model.name}"), ENTRY_PARAMETER) if text is not None else None
         if owner != entry.name:
             whose = f"entry {owner!r} (`patcher triton --name {owner}`)" if owner else "a model patcher did not write"
             raise PatcherError(f"model {model.name} in {repo} belongs to {whose}: choose another --name")
+
+
+def _parse_config(text: str, where: str) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as error:
+        raise PatcherError(f"cannot read Triton config {where}/{CONFIG_FILE}: {error}") from None
 
 
 def _entry_name(info: ExportInfo, name: str | None) -> str:
@@ -127,20 +127,6 @@ def _copy(source: Path, target: Path) -> None:
         raise
 
 
-@contextlib.contextmanager
-def _made(repo: Path) -> Iterator[None]:
-    """Create the repository folder for the block; remove it again if the block fails and leaves it empty."""
-    created = not repo.exists()
-    repo.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                repo.rmdir()
-        raise
-
-
 def _options(backend: str, batching: Batching, tensorrt_fp16: bool, precision: str, limits: dict[str, Any] | None,
              intra_op_threads: int, extra_classifiers: dict[str, Path] | None) -> Options:
     """The writer's options, checked; PatcherError naming the first bad one."""
@@ -179,7 +165,7 @@ def _version_identity(info: ExportInfo, options: Options) -> tuple[str, str]:
 
 def write_repository(
     export_dir: Path,
-    repo: Path,
+    repo: Path | str | Store,
     name: str | None = None,
     backend: str = "python",
     max_batch_size: int = 64,
@@ -207,32 +193,26 @@ def write_repository(
     files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
     key = _version_identity(info, options)
     plans = plan_entry(info, entry, files, options, _record(info, key))
-    repo = Path(repo)
-    check_output_name(repo)
-    with write_errors(repo), output_lock(repo), _made(repo):
-        recovered = recover(repo)
-        _check_owners(repo, entry)
-        existing = _existing_version(repo, entry, key)
+    store = open_store(repo)
+    with store.writing():
+        recovered = store.recover()
+        _check_owners(store, entry)
+        existing = _existing_version(store, entry, key)
         if existing is not None:
             version, new = existing, False
             message = (f"this export ({key[0][:12]}) is already version {version} of {entry.name}: "
                        "no new version written")
         else:
-            version = 1 + max([0, *(v for m in models for v in model_versions(repo / m.name))])
+            version = 1 + max([0, *(v for m in models for v in store.versions(m.name))])
             new = True
             message = f"wrote version {version} of {entry.name} ({len(models)} models)"
-        staging = new_staging(repo)
-        try:
-            with write_errors(repo, staging):
-                staged = [stage_model(staging, plan.model.name, version if new else None) for plan in plans]
-                for plan, item in zip(plans, staged, strict=True):
-                    _stage(plan, item)
-                journal = publish(repo, staging, staged, entry.name, version if new else None)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with store.staging() as staging:
+            staged = [stage_model(staging, plan.model.name, version if new else None) for plan in plans]
+            for plan, item in zip(plans, staged, strict=True):
+                _stage(plan, item)
+            journal = store.publish(staging, staged, entry.name, version if new else None)
     return {
-        "repository": str(repo),
+        "repository": store.location,
         "name": entry.name,
         "backend": backend,
         "precision": precision,
@@ -243,5 +223,5 @@ def write_repository(
         "serial": journal.serial,
         "content_sha256": key[0],
         "models": {m.name: {"kind": m.kind, "task": m.task, "version": version,
-                            "versions": model_versions(repo / m.name)} for m in models},
+                            "versions": store.versions(m.name)} for m in models},
     }
