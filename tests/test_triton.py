@@ -224,8 +224,10 @@ NOT_COMMITTED = ("model.onnx", "patcher.json", "README.md")  # weights, per-writ
 
 
 def _deployed(repo: Path) -> dict[str, str]:
-    """What a repository deploys besides weights: every file's text, by relative path (hidden files aside)."""
-    files = [p.relative_to(repo) for p in sorted(repo.rglob("*")) if p.is_file() and p.name not in NOT_COMMITTED]
+    """What a repository deploys besides weights and warmup samples: every file's text, by relative path (hidden
+    files aside)."""
+    files = [p.relative_to(repo) for p in sorted(repo.rglob("*")) if p.is_file() and p.name not in NOT_COMMITTED
+             and "warmup" not in p.relative_to(repo).parts]
     return {str(p): (repo / p).read_text() for p in files if not any(part.startswith(".") for part in p.parts)}
 
 

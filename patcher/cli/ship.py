@@ -66,7 +66,13 @@ def triton(
     max_batch_size: Annotated[int, typer.Option(help="Largest batch the server accepts.")] = 64,
     instances: Annotated[int, typer.Option(help="Model instances per model.")] = 1,
     max_queue_delay_us: Annotated[int, typer.Option(help="Batching delay, us (0: batch what is queued).")] = 0,
-    tensorrt_fp16: Annotated[bool, typer.Option(help="TensorRT FP16 accelerator (onnxruntime backend, GPU).")] = False,
+    tensorrt: Annotated[bool, typer.Option(help="onnxruntime's TensorRT provider (onnxruntime backend, GPU).")] = False,
+    tensorrt_fp16: Annotated[bool, typer.Option(help="TensorRT in FP16 (implies --tensorrt).")] = False,
+    tensorrt_workspace: Annotated[int | None, typer.Option(help="TensorRT builder workspace, bytes.")] = None,
+    tensorrt_cache: Annotated[str | None, typer.Option(help="Folder on the server host for TensorRT engine and "
+                                                            "timing caches (reused by later loads).")] = None,
+    warmup: Annotated[bool, typer.Option(help="Warm each new version on the export's sample image before it "
+                                              "reports READY (model_warmup).")] = True,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 for an export made with --fp16.")] = "fp32",
     max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image the server takes, bytes.")] = (
         DEFAULT_LIMITS["max_bytes"]),
@@ -78,6 +84,7 @@ def triton(
         DEFAULT_LIMITS["jpeg_draft"]),
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
+    from patcher.triton.repository.configs import TensorRT
     from patcher.triton.repository.writer import write_repository
 
     export_dir = run / "onnx" if (run / "onnx").is_dir() else run
@@ -85,7 +92,9 @@ def triton(
               "jpeg_draft": jpeg_draft}
     result = write_repository(export_dir, repo, name=name, backend=backend, max_batch_size=max_batch_size,
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
-                              tensorrt_fp16=tensorrt_fp16, precision=precision, limits=limits)
+                              precision=precision, limits=limits, warmup=warmup,
+                              tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
+                              if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None)
     for line in result["recovered"]:
         typer.echo(line)
     typer.echo(result["message"])

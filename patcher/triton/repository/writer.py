@@ -30,6 +30,7 @@ from patcher.triton.repository.configs import (
     CONFIG_FILE,
     ENTRY_PARAMETER,
     Batching,
+    TensorRT,
     config_text,
     parameter,
 )
@@ -37,6 +38,7 @@ from patcher.triton.repository.entry import Entry, check_entry_name
 from patcher.triton.repository.export_info import ExportInfo, load_export
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, stage_model
 from patcher.triton.repository.stores import Store, model_versions, open_store
+from patcher.triton.repository.warmup import warm
 
 __all__ = ["DEFAULT_REPOSITORY", "TEMPLATES", "model_versions", "write_repository"]
 VERSION_RECORD = "patcher.json"
@@ -104,6 +106,9 @@ def _stage(plan: ModelPlan, staged: Staged) -> None:
     (staged.model_dir / CONFIG_FILE).write_text(config_text(plan.config))
     for filename, classnames in plan.labels.items():
         (staged.model_dir / filename).write_text("".join(" ".join(str(c).split()) + "\n" for c in classnames))
+    for relative, data in plan.model_files.items():
+        (staged.model_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (staged.model_dir / relative).write_bytes(data)
     if staged.version is None:
         return
     for filename, source in plan.files.items():
@@ -127,13 +132,16 @@ def _copy(source: Path, target: Path) -> None:
         raise
 
 
-def _options(backend: str, batching: Batching, tensorrt_fp16: bool, precision: str, limits: dict[str, Any] | None,
-             intra_op_threads: int, extra_classifiers: dict[str, Path] | None) -> Options:
+def _options(backend: str, batching: Batching, tensorrt: TensorRT | None, precision: str,
+             limits: dict[str, Any] | None, intra_op_threads: int, extra_classifiers: dict[str, Path] | None
+             ) -> Options:
     """The writer's options, checked; PatcherError naming the first bad one."""
     if precision not in PRECISIONS:
         raise PatcherError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if tensorrt_fp16 and backend != "onnxruntime":
-        raise PatcherError("TensorRT FP16 needs --backend onnxruntime (NVIDIA's container on a GPU host)")
+    if tensorrt is not None and backend != "onnxruntime":
+        raise PatcherError("TensorRT needs --backend onnxruntime (NVIDIA's container on a GPU host)")
+    if tensorrt is not None and tensorrt.workspace_bytes is not None and tensorrt.workspace_bytes < 1:
+        raise PatcherError(f"the TensorRT workspace must be at least 1 byte, not {tensorrt.workspace_bytes}")
     if batching.max_batch_size < 1 or batching.instances < 1 or batching.max_queue_delay_us < 0:
         raise PatcherError("max_batch_size and instances must be at least 1, max_queue_delay_us at least 0")
     if intra_op_threads < 0:
@@ -150,7 +158,7 @@ def _options(backend: str, batching: Batching, tensorrt_fp16: bool, precision: s
         checked = check_limits(dict(limits or {}))
     except (ValueError, TypeError) as error:
         raise PatcherError(f"bad preprocessing limit: {error}") from None
-    return Options(backend, dataclasses.replace(batching, preferred_batch_sizes=preferred), tensorrt_fp16,
+    return Options(backend, dataclasses.replace(batching, preferred_batch_sizes=preferred), tensorrt,
                    precision, checked, intra_op_threads, extra)
 
 
@@ -177,22 +185,29 @@ def write_repository(
     limits: dict[str, Any] | None = None,
     intra_op_threads: int = 0,
     extra_classifiers: dict[str, Path] | None = None,
+    tensorrt: TensorRT | None = None,
+    warmup: bool = True,
 ) -> dict[str, Any]:
     """Add an export to a model repository as a new version of every model of entry `name` (default: the patch task).
 
     An export already in the repository gets no new version (configs and labels are refreshed). `limits` bounds
     the images the preprocessing model accepts (max_bytes, max_pixels, max_aspect, jpeg_draft); `intra_op_threads`
     the onnxruntime threads of each classifier; `extra_classifiers` (kind -> ONNX file with the patched model's
-    tensors) are served beside the entry as `<name>_<kind>`. Returns what was written.
+    tensors) are served beside the entry as `<name>_<kind>`; `tensorrt` (or `tensorrt_fp16`) configures onnxruntime's
+    TensorRT provider; `warmup` warms each new version on the export's sample image. `repo` is a folder or an
+    s3:// location (stores.py). Returns what was written.
     """
     batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us)
-    options = _options(backend, batching, tensorrt_fp16, precision, limits, intra_op_threads, extra_classifiers)
+    if tensorrt_fp16 and tensorrt is None:
+        tensorrt = TensorRT(fp16=True)
+    options = _options(backend, batching, tensorrt, precision, limits, intra_op_threads, extra_classifiers)
     info = load_export(export_dir)
     entry = Entry(_entry_name(info, name), tuple(info.tasks), tuple(options.extra_classifiers))
     models = entry.models()
     files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
     key = _version_identity(info, options)
     plans = plan_entry(info, entry, files, options, _record(info, key))
+    note = warm(plans, info, max_batch_size, gpu=tensorrt is not None) if warmup else None
     store = open_store(repo)
     with store.writing():
         recovered = store.recover()
@@ -218,7 +233,7 @@ def write_repository(
         "precision": precision,
         "version": version,
         "new_version": new,
-        "message": message,
+        "message": message if note is None else f"{message}; {note}",
         "recovered": recovered,
         "serial": journal.serial,
         "content_sha256": key[0],
