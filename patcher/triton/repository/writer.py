@@ -36,6 +36,7 @@ from patcher.triton.repository.configs import (
 )
 from patcher.triton.repository.entry import Entry, check_entry_name
 from patcher.triton.repository.export_info import ExportInfo, load_export
+from patcher.triton.repository.provenance import stamp
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, stage_model
 from patcher.triton.repository.stores import Store, model_versions, open_store
 from patcher.triton.repository.warmup import warm
@@ -207,6 +208,7 @@ def write_repository(
     files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
     key = _version_identity(info, options)
     plans = plan_entry(info, entry, files, options, _record(info, key))
+    stamp(plans, info, files)
     note = warm(plans, info, max_batch_size, gpu=tensorrt is not None) if warmup else None
     store = open_store(repo)
     with store.writing():
