@@ -141,8 +141,14 @@ class Bucket:
 
     def check(self) -> None:
         """PatcherError unless the bucket exists and can be read with these credentials."""
-        with self.errors("reading"):
-            self.client.head_bucket(Bucket=self.location.bucket)
+        try:
+            with self.errors("reading"):
+                self.client.head_bucket(Bucket=self.location.bucket)
+        except PatcherError as error:
+            if "404" not in str(error):
+                raise
+            raise PatcherError(f"bucket {self.location.bucket} does not exist at "
+                               f"{self.location.endpoint or 'AWS'}: create it first") from None
 
     def put(self, relative: str, data: bytes | Path, metadata: dict[str, str] | None = None) -> Digest:
         """Upload bytes or a file to `relative` and verify it landed whole; its digest."""
