@@ -127,7 +127,9 @@ def markdown(report: dict[str, Any]) -> str:
     """The results as a table."""
     machine = report["machine"]
     lines = [f"# model_warmup: the first request after a new version goes live ({report['date']})", "",
-             f"{machine.get('cpu')}, {machine.get('cores')} cores; bundled tritonserver 2.51 (python backend), "
+             f"{machine.get('cpu')} VM, {machine.get('usable_cores')} cores (load average "
+             f"{machine.get('load_average_start', ['?'])[0]} at the start: shared with other work); bundled "
+             "tritonserver 2.51 (python backend), "
              f"{report['rounds']} rounds interleaved ABBA, batch 1, closed loop; steady = the next {report['after']} "
              "version-2 requests. Median (min-max) over rounds, ms.", "",
              "| model | warmup | first request | steady p50 | steady p99 | first / steady p99 |",
@@ -151,7 +153,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--after", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args()
+    if args.report_only:
+        write_text(args.out / "warmup.md", markdown(json.loads((args.out / "warmup.json").read_text())))
+        return
     with tempfile.TemporaryDirectory(prefix="patcher-warmup-") as folder:
         scratch = Path(folder)
         second = swapped(args.export, scratch / "second")
