@@ -32,6 +32,7 @@ class VerifyOptions:
     batch_size: int = 64
     data_dir: Path | None = None
     timeout_s: float = 60.0
+    export: Path | None = None  # the run's export (default RUN/onnx), whose patched files the server must serve
 
 
 def manifest_accuracy(run: Run) -> dict[str, float]:
@@ -68,13 +69,15 @@ def served_hashes(client: Any, model: str, timeout_s: float) -> dict[str, str]:
             if key in (ONNX, RUN_MANIFEST)}
 
 
-def provenance_problems(run: Run, hashes: dict[str, str], model: str) -> list[str]:
+def provenance_problems(run: Run, hashes: dict[str, str], model: str, export: Path | None = None) -> list[str]:
     """Why the served classifier is not the run's patched model (empty when it is)."""
     problems = []
     if hashes.get(RUN_MANIFEST) != run.manifest_sha256:
         problems.append(f"{model} serves run manifest {hashes.get(RUN_MANIFEST, 'unrecorded')[:12]}, not "
                         f"{run.name}'s ({run.manifest_sha256[:12]})")
-    export_json = run.path / EXPORT_DIR / EXPORT_JSON
+    export_json = Path(export or run.path / EXPORT_DIR) / EXPORT_JSON
+    if export is not None and not export_json.is_file():
+        raise PatcherError(f"{export} has no {EXPORT_JSON}: pass the run's `patcher export` folder")
     if export_json.is_file():
         record = read_export_record(export_json)
         patched = {m.sha256 for m in record.models.values() if m.model == "patched"}
@@ -113,7 +116,7 @@ def verify_served(run_path: Path, url: str, options: VerifyOptions | None = None
         served = describe_model(client, name, url, options.timeout_s)
         patched = f"{name}_patched"
         hashes = served_hashes(client, patched, options.timeout_s)
-        problems = provenance_problems(run, hashes, patched)
+        problems = provenance_problems(run, hashes, patched, options.export)
         tasks = {}
         for task, (output, _) in served.tasks.items():
             if task not in expected:

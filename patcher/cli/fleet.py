@@ -58,13 +58,14 @@ def verify(
         1.0),
     limit: Annotated[int | None, typer.Option(help="Held-out images per task at most (default all).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 64,
+    export: Annotated[Path | None, typer.Option(help="The run's export folder (default RUN/onnx).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Classify the run's held-out images through the served entry: exit 2 with one error line if any task's accuracy
     differs from the manifest's, or the served classifier is not the run's."""
     from patcher.benchmark.verify import VerifyOptions, verify_served
 
-    report = verify_served(run, url, VerifyOptions(name, tolerance, limit, batch_size, data_dir))
+    report = verify_served(run, url, VerifyOptions(name, tolerance, limit, batch_size, data_dir, export=export))
     for task, row in report["tasks"].items():
         typer.echo(f"{task}: served {row['served']:.2f}%, manifest {row['manifest']:.2f}% "
                    f"({row['difference']:+.2f}, allowed {row['allowed']:.2f}; {row['images']} images)")
