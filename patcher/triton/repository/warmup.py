@@ -64,11 +64,24 @@ def input_bytes(sample: Sample, name: str, data_type: str) -> bytes | None:
     return preprocess_image(image, sample.preprocess).astype(NUMPY[data_type]).tobytes()
 
 
-def add_warmup(plan: ModelPlan, sample: Sample, batch_sizes: tuple[int, ...] = (1,)) -> bool:
+def accepted(sample: Sample, limits: dict) -> bool:
+    """True when the preprocessing model's limits take the sample: a warmup request that fails crashes Triton 2.51
+    (SIGSEGV in the python backend), so a refused sample must not become one."""
+    try:
+        decode_image(sample.png, limits, sample.preprocess)
+    except ValueError:
+        return False
+    return True
+
+
+def add_warmup(plan: ModelPlan, sample: Sample, batch_sizes: tuple[int, ...] = (1,), limits: dict | None = None
+               ) -> bool:
     """Give a backend model's config one warmup per batch size on `sample`, with its input files; False (nothing
-    added) for ensembles and for inputs the sample cannot fill."""
+    added) for ensembles, for inputs the sample cannot fill, and for encoded images `limits` refuse."""
     config = plan.config
     if config.platform == "ensemble":
+        return False
+    if any(t.name == IMAGE_BYTES for t in config.input) and not accepted(sample, limits or {}):
         return False
     files = {}
     for tensor in config.input:
@@ -87,7 +100,8 @@ def add_warmup(plan: ModelPlan, sample: Sample, batch_sizes: tuple[int, ...] = (
     return True
 
 
-def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: bool) -> str | None:
+def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: bool, limits: dict | None = None
+         ) -> str | None:
     """Warm every backend model of an entry on the export's sample; on a GPU (TensorRT engines are built per
     shape range) at batch 1 and at max_batch_size. Returns a note when the export has no sample."""
     sample = export_sample(info)
@@ -95,6 +109,6 @@ def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: boo
         return (f"{Path(info.path)} has no sample images (exported before patcher wrote them): no model_warmup; "
                 "run `patcher export` again to warm new versions up")
     sizes = (1, max_batch_size) if gpu else (1,)
-    for plan in plans:
-        add_warmup(plan, sample, sizes)
-    return None
+    refused = [plan.model.name for plan in plans if not add_warmup(plan, sample, sizes, limits)
+               and plan.config.platform != "ensemble"]
+    return f"no warmup for {', '.join(refused)} (the sample is outside its input limits)" if refused else None

@@ -209,7 +209,7 @@ def write_repository(
     key = _version_identity(info, options)
     plans = plan_entry(info, entry, files, options, _record(info, key))
     stamp(plans, info, files)
-    note = warm(plans, info, max_batch_size, gpu=tensorrt is not None) if warmup else None
+    note = warm(plans, info, max_batch_size, gpu=tensorrt is not None, limits=options.limits) if warmup else None
     store = open_store(repo)
     with store.writing():
         recovered = store.recover()
