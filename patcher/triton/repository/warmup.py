@@ -3,7 +3,9 @@
 The sample is the export's held-out image of the patch task (`RUN/onnx/samples/<task>.png`), given to each model in
 the form its input takes: the encoded PNG (image bytes), CLIP-normalised pixels (classifiers), raw 0-255 pixels
 (the pixels model). The files go in the model's `warmup/` folder, where Triton looks for them. Ensembles are not
-warmed themselves (Triton warms model instances; an ensemble has none): their composing models are.
+warmed themselves (Triton warms model instances; an ensemble has none): their composing models are. Inputs of
+other names (a model kind this module does not know) get no warmup rather than a wrong one: in Triton 2.51 a
+python-backend warmup that fails crashes the server.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
 from patcher.base.files import sha256_file
+from patcher.export.contract import INPUT_NAME
 from patcher.triton.imaging import decode_image, preprocess_image
 from patcher.triton.repository.builders import ModelPlan
 from patcher.triton.repository.configs import IMAGE_BYTES
@@ -54,7 +57,7 @@ def input_bytes(sample: Sample, name: str, data_type: str) -> bytes | None:
     """One batch item of input `name` as Triton's warmup reads it from a file; None for an input it cannot fill."""
     if name == IMAGE_BYTES and data_type == "TYPE_STRING":
         return struct.pack("<I", len(sample.png)) + sample.png  # a serialised BYTES element: length, then bytes
-    if data_type not in NUMPY:
+    if data_type not in NUMPY or name not in (INPUT_NAME, PIXELS_INPUT):
         return None
     image = decode_image(sample.png, None, sample.preprocess)
     if name == PIXELS_INPUT:
@@ -79,7 +82,7 @@ def add_warmup(plan: ModelPlan, sample: Sample, batch_sizes: tuple[int, ...] = (
     """Give a backend model's config one warmup per batch size on `sample`, with its input files; False (nothing
     added) for ensembles, for inputs the sample cannot fill, and for encoded images `limits` refuse."""
     config = plan.config
-    if config.platform == "ensemble":
+    if plan.model.is_ensemble or config.platform == "ensemble":  # kinds that route (whatever implements them)
         return False
     if any(t.name == IMAGE_BYTES for t in config.input) and not accepted(sample, limits or {}):
         return False
@@ -110,5 +113,5 @@ def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: boo
                 "run `patcher export` again to warm new versions up")
     sizes = (1, max_batch_size) if gpu else (1,)
     refused = [plan.model.name for plan in plans if not add_warmup(plan, sample, sizes, limits)
-               and plan.config.platform != "ensemble"]
+               and not plan.model.is_ensemble and plan.config.platform != "ensemble"]
     return f"no warmup for {', '.join(refused)} (the sample is outside its input limits)" if refused else None
