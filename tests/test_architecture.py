@@ -28,7 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "stages": {"base", "data", "models", "training", "patching", "runs", "export", "triton", "benchmark"},
     "triton": {"base", "runs.layout", "runs.manifest", "export.contract", "data.options", "training.config"},
     "benchmark": {"base", "data", "models", "runs", "export", "triton", "stages"},
-    "cli": {"base", "data", "models", "training", "patching", "runs", "export", "stages", "triton", "benchmark"},
+    "deploy": {"base", "triton"},
+    "cli": {"base", "data", "models", "training", "patching", "runs", "export", "stages", "triton", "benchmark",
+            "deploy"},
 }
 TOP_LEVEL = {"__init__", "__main__", "__version__"}
 TORCH_FREE = ["patcher.base.records", "patcher.base.files", "patcher.base.staging", "patcher.base.tensorfile",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -249,9 +250,13 @@ NOT_COMMITTED = ("model.onnx", "patcher.json", "README.md")  # weights, per-writ
 
 
 def _deployed(repo: Path) -> dict[str, str]:
-    """What a repository deploys besides weights: every file's text, by relative path (hidden files aside)."""
-    files = [p.relative_to(repo) for p in sorted(repo.rglob("*")) if p.is_file() and p.name not in NOT_COMMITTED]
-    return {str(p): (repo / p).read_text() for p in files if not any(part.startswith(".") for part in p.parts)}
+    """What a repository deploys besides weights and warmup samples: every file's text, by relative path (hidden
+    files aside)."""
+    files = [p.relative_to(repo) for p in sorted(repo.rglob("*")) if p.is_file() and p.name not in NOT_COMMITTED
+             and "warmup" not in p.relative_to(repo).parts]
+    hashes = re.compile(r'(key: "(?:run_manifest|onnx)_sha256"\s*value \{\s*string_value: ")[0-9a-f]{64}')
+    return {str(p): hashes.sub(r"\1<sha256>", (repo / p).read_text()) for p in files
+            if not any(part.startswith(".") for part in p.parts)}
 
 
 def test_the_committed_example_repository_is_what_patcher_triton_writes(case: ExportCase, tmp_path: Path) -> None:

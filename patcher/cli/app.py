@@ -72,6 +72,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write fails with EFBIG (reported) instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    import patcher.cli.fleet
     import patcher.cli.make
     import patcher.cli.ship  # noqa: F401
 

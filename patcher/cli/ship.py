@@ -56,19 +56,27 @@ def _parity_summary(report: dict) -> dict:
     return {k: report[k] for k in keys if k in report}
 
 
-Repository = Annotated[Path, typer.Option(help="Model repository.")]
+Repository = Annotated[str, typer.Option(help="Model repository: a folder, or s3://BUCKET/PREFIX "
+                                                   "(s3://http://HOST:PORT/BUCKET/PREFIX for other endpoints).")]
 
 
 @command
 def triton(
     run: Annotated[Path, typer.Argument(help="A run directory (its onnx/ export) or an export directory.")],
-    repo: Annotated[Path, typer.Option(help="Model repository to write into.")] = REPOSITORY,
+    repo: Annotated[str, typer.Option(help="Model repository to write into: a folder or s3://BUCKET/PREFIX "
+                                            "(s3://http://HOST:PORT/BUCKET/PREFIX).")] = str(REPOSITORY),
     name: Annotated[str | None, typer.Option(help="Entry name: letters, digits, _ (default: the patch task).")] = None,
     backend: Annotated[str, typer.Option(help="python (bundled server) or onnxruntime (NVIDIA container).")] = "python",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch the server accepts.")] = 64,
     instances: Annotated[int, typer.Option(help="Model instances per model.")] = 1,
     max_queue_delay_us: Annotated[int, typer.Option(help="Batching delay, us (0: batch what is queued).")] = 0,
-    tensorrt_fp16: Annotated[bool, typer.Option(help="TensorRT FP16 accelerator (onnxruntime backend, GPU).")] = False,
+    tensorrt: Annotated[bool, typer.Option(help="onnxruntime's TensorRT provider (onnxruntime backend, GPU).")] = False,
+    tensorrt_fp16: Annotated[bool, typer.Option(help="TensorRT in FP16 (implies --tensorrt).")] = False,
+    tensorrt_workspace: Annotated[int | None, typer.Option(help="TensorRT builder workspace, bytes.")] = None,
+    tensorrt_cache: Annotated[str | None, typer.Option(help="Folder on the server host for TensorRT engine and "
+                                                            "timing caches (reused by later loads).")] = None,
+    warmup: Annotated[bool, typer.Option(help="Warm each new version on the export's sample image before it "
+                                              "reports READY (model_warmup).")] = True,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 / int8 (exported with --fp16 / --int8).")] = "fp32",
     max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image the server takes, bytes.")] = (
         DEFAULT_LIMITS["max_bytes"]),
@@ -80,6 +88,7 @@ def triton(
         DEFAULT_LIMITS["jpeg_draft"]),
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
+    from patcher.triton.repository.configs import TensorRT
     from patcher.triton.repository.writer import write_repository
 
     export_dir = run / "onnx" if (run / "onnx").is_dir() else run
@@ -87,7 +96,9 @@ def triton(
               "jpeg_draft": jpeg_draft}
     result = write_repository(export_dir, repo, name=name, backend=backend, max_batch_size=max_batch_size,
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
-                              tensorrt_fp16=tensorrt_fp16, precision=precision, limits=limits)
+                              precision=precision, limits=limits, warmup=warmup,
+                              tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
+                              if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None)
     for line in result["recovered"]:
         typer.echo(line)
     typer.echo(result["message"])
@@ -97,7 +108,7 @@ def triton(
 
 @command
 def serve(
-    repo: Repository = REPOSITORY,
+    repo: Repository = str(REPOSITORY),
     models: Annotated[str, typer.Option(help="Comma-separated models to load (default all, and new ones).")] = "",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one).")] = 8000,

@@ -4,6 +4,7 @@ export.json as a typed record with one reader and one writer. Imports no torch a
 
     RUN/onnx/export.json        ExportRecord: the run it came from, preprocessing, tensors, tasks, models, parity
     RUN/onnx/<key>.onnx         key = model_key(kind, precision): patched, zeroshot, patched_fp16, ...
+    RUN/onnx/samples/<task>.png a real held-out image per task (servers warm new versions up with it)
 
 Every graph takes `image` [N, 3, H, W] float32 (CLIP-normalised) and returns `embedding` [N, D] (L2-normalised)
 and `logits_<task>` [N, C] per task, task names made tensor-safe by `tensor_name`.
@@ -27,6 +28,7 @@ INPUT_NAME = "image"
 EMBEDDING_OUTPUT = "embedding"
 PRECISIONS = ("fp32", "fp16", "int8")
 REMEDY = "run `patcher export` again"
+SAMPLES_DIR = "samples"
 
 
 def tensor_name(task: str) -> str:
@@ -85,6 +87,15 @@ class ExportedModel:
 
 
 @dataclass(frozen=True)
+class ExportedSample:
+    """A real held-out image of one task (PNG at the model's input size) and its label index."""
+
+    file: str
+    sha256: str
+    label: int
+
+
+@dataclass(frozen=True)
 class SourceRun:
     """The run an export came from."""
 
@@ -124,6 +135,7 @@ class ExportRecord:
     versions: dict[str, str]
     timings_s: dict[str, float]
     created: str
+    samples: dict[str, ExportedSample] = field(default_factory=dict)  # absent in exports made before samples
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.models:

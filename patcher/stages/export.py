@@ -26,6 +26,7 @@ from patcher.export.contract import (
     EXPORT_JSON,
     ContentOptions,
     ExportedModel,
+    ExportedSample,
     ExportedTask,
     ExportRecord,
     SourceRun,
@@ -39,6 +40,7 @@ from patcher.export.contract import (
 from patcher.export.graph import ExportGraph, load_graph, reference_outputs
 from patcher.export.heldout import SPLIT, HeldOut, load_heldout
 from patcher.export.metadata import EXPORTER, attach_metadata, metadata_props
+from patcher.export.samples import write_samples
 from patcher.export.trace import check_opset, export_onnx, save_onnx
 from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16, to_int8
 from patcher.export.verify import thresholds, verify_model
@@ -151,8 +153,9 @@ class Export:
             with staged_output(out, overwrite=out.exists()) as staging:
                 folder = staging.open()
                 models, reports, widths = self.export_models(folder, heldout)
+                samples = write_samples(folder, heldout, self.run_record.manifest.model.preprocess)
                 self.timings["total"] = time.perf_counter() - self.started
-                write_export_record(folder / EXPORT_JSON, self.record(models, reports, widths))
+                write_export_record(folder / EXPORT_JSON, self.record(models, reports, widths, samples))
         return out
 
     def _timed(self, key: str, work: Any) -> Any:
@@ -241,7 +244,8 @@ class Export:
         return {task: ExportedTask(manifest.tasks[task].role, list(manifest.tasks[task].classnames),
                                    logits_output(task)) for task in self.tasks}
 
-    def record(self, models: dict[str, ExportedModel], reports: dict[str, Any], widths: dict[str, int]) -> ExportRecord:
+    def record(self, models: dict[str, ExportedModel], reports: dict[str, Any], widths: dict[str, int],
+               samples: dict[str, ExportedSample]) -> ExportRecord:
         """export.json."""
         run, manifest = self.run_record, self.run_record.manifest
         image, outputs = tensor_entries(manifest.model.preprocess, widths, self.tasks)
@@ -252,7 +256,7 @@ class Export:
             models=models, parity={"split": SPLIT, "thresholds": thresholds(self.options.accuracy_tolerance),
                                    "models": reports},
             versions=versions(), timings_s={key: round(value, 3) for key, value in self.timings.items()},
-            created=now_iso(),
+            created=now_iso(), samples=samples,
         )
 
 

@@ -16,6 +16,7 @@ from patcher.triton.repository.configs import (
     IMAGE_BYTES,
     Batching,
     Step,
+    TensorRT,
     classifier_config,
     ensemble_config,
     preprocess_config,
@@ -41,6 +42,7 @@ class ModelPlan:
     config: mc.ModelConfig
     labels: dict[str, list[str]] = field(default_factory=dict)
     files: dict[str, Source] = field(default_factory=dict)
+    model_files: dict[str, bytes] = field(default_factory=dict)  # other model-level files, e.g. warmup/<input>
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Options:
 
     backend: str = "python"
     batching: Batching = field(default_factory=Batching)
-    tensorrt_fp16: bool = False
+    tensorrt: TensorRT | None = None
     precision: str = "fp32"
     limits: dict[str, Any] = field(default_factory=dict)
     intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
@@ -174,7 +176,7 @@ def _classifier(context: EntryContext, model: Model, spec: TensorSpec, image_for
     if options.intra_op_threads:
         parameters["intra_op_threads"] = str(options.intra_op_threads)
     config = classifier_config(model.name, spec, context.outputs, options.backend, options.batching,
-                               context.labels, parameters, options.tensorrt_fp16, image_format)
+                               context.labels, parameters, options.tensorrt, image_format)
     # model.onnx serves platform onnxruntime_onnx and the python backend's model.py alike
     return context.plan(model, config, {"model.onnx": onnx_file,
                                         "model.py": (TEMPLATES / "onnx_model.py").read_text()})

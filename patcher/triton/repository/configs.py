@@ -32,6 +32,29 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class TensorRT:
+    """onnxruntime's TensorRT execution provider on a GPU: precision, builder workspace, engine and timing caches.
+
+    `cache` is a folder on the server's host (a volume that outlives the pod): engines built once are reused by
+    every later load of the same graph, instead of being rebuilt for minutes.
+    """
+
+    fp16: bool = False
+    workspace_bytes: int | None = None
+    cache: str | None = None
+
+    def parameters(self) -> dict[str, str]:
+        """The accelerator's parameters as onnxruntime_backend names them."""
+        parameters = {"precision_mode": "FP16" if self.fp16 else "FP32"}
+        if self.workspace_bytes:
+            parameters["max_workspace_size_bytes"] = str(self.workspace_bytes)
+        if self.cache:
+            parameters.update(trt_engine_cache_enable="true", trt_engine_cache_path=self.cache,
+                              trt_timing_cache_enable="true", trt_timing_cache_path=self.cache)
+        return parameters
+
+
+@dataclass(frozen=True)
 class Step:
     """One step of an ensemble: the model, and its tensors mapped to the ensemble's (model name -> ensemble name)."""
 
@@ -79,7 +102,7 @@ def classifier_config(
     batching: Batching,
     labels: Mapping[str, str],
     parameters: Mapping[str, Any],
-    tensorrt_fp16: bool = False,
+    tensorrt: TensorRT | None = None,
     image_format: str | None = None,
 ) -> mc.ModelConfig:
     """An ONNX classifier: platform onnxruntime_onnx (NVIDIA's container) or python backend running onnxruntime.
@@ -92,16 +115,16 @@ def classifier_config(
     if backend == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = "model.onnx"
-        kind = mc.ModelInstanceGroup.KIND_GPU if tensorrt_fp16 else mc.ModelInstanceGroup.KIND_AUTO
+        kind = mc.ModelInstanceGroup.KIND_GPU if tensorrt else mc.ModelInstanceGroup.KIND_AUTO
     else:
         config.backend = "python"
         kind = mc.ModelInstanceGroup.KIND_CPU
     _batched(config, batching, kind)
     _add_input(config, image, image_format)
     _add_outputs(config, outputs, labels)
-    if tensorrt_fp16:
+    if tensorrt is not None:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        accelerator.parameters["precision_mode"] = "FP16"
+        accelerator.parameters.update(tensorrt.parameters())
     _parameters(config, parameters)
     return config
 

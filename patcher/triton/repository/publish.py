@@ -140,8 +140,10 @@ def _publish_model(repo: Path, staging: Path, model: str, version: int | None) -
     source, target = staging / model, repo / model
     target.mkdir(exist_ok=True)
     if (source / MODEL_DIR).is_dir():
-        for path in sorted((source / MODEL_DIR).iterdir()):
-            os.replace(path, target / path.name)
+        for path in sorted(p for p in (source / MODEL_DIR).rglob("*") if p.is_file()):  # warmup/ files too
+            destination = target / path.relative_to(source / MODEL_DIR)
+            destination.parent.mkdir(exist_ok=True)
+            os.replace(path, destination)
     if version is not None and (source / VERSION_DIR).is_dir():
         final = target / str(version)
         if final.exists():

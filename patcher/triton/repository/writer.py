@@ -9,34 +9,37 @@ a state the next run completes; `patcher serve` loads only committed updates.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from patcher.base.errors import PatcherError
-from patcher.base.faults import naming, write_errors
+from patcher.base.faults import naming
 from patcher.base.files import now_iso, sha256_file
-from patcher.base.locks import check_output_name, output_lock
 from patcher.triton.imaging import check_limits
 from patcher.triton.repository.builders import BUILDERS, TEMPLATES, ModelPlan, Options, plan_entry
 from patcher.triton.repository.configs import (
     CONFIG_FILE,
     ENTRY_PARAMETER,
     Batching,
+    TensorRT,
     config_text,
     parameter,
-    read_config,
 )
 from patcher.triton.repository.entry import Entry, check_entry_name
 from patcher.triton.repository.export_info import ExportInfo, load_export
-from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, new_staging, publish, recover, stage_model
+from patcher.triton.repository.provenance import stamp
+from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, stage_model
+from patcher.triton.repository.stores import Store, model_versions, open_store
+from patcher.triton.repository.warmup import warm
 
 __all__ = ["DEFAULT_REPOSITORY", "TEMPLATES", "model_versions", "write_repository"]
 VERSION_RECORD = "patcher.json"
@@ -45,41 +48,41 @@ EXTRA_KIND = re.compile(r"[a-z0-9][a-z0-9_]*")
 CLASSIFIERS = ("patched", "zeroshot")
 
 
-def model_versions(model_dir: Path) -> list[int]:
-    """The numbered version directories of one model, ascending."""
-    if not Path(model_dir).is_dir():
-        return []
-    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _version_key(model_dir: Path, version: int) -> tuple[str, str] | None:
+def _version_key(store: Store, model: str, version: int) -> tuple[str, str] | None:
     try:
-        data = json.loads((model_dir / str(version) / VERSION_RECORD).read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(store.read(f"{model}/{version}/{VERSION_RECORD}") or "")
+    except json.JSONDecodeError:
         return None
     return data.get("content_sha256"), data.get("precision")
 
 
-def _existing_version(repo: Path, entry: Entry, key: tuple[str, str]) -> int | None:
+def _existing_version(store: Store, entry: Entry, key: tuple[str, str]) -> int | None:
     """The version that already holds this export in every model of the entry, if one does."""
     common: set[int] | None = None
     for model in entry.models():
-        model_dir = repo / model.name
-        holding = {v for v in model_versions(model_dir) if _version_key(model_dir, v) == key}
+        holding = {v for v in store.versions(model.name) if _version_key(store, model.name, v) == key}
         common = holding if common is None else common & holding
     return max(common) if common else None
 
 
-def _check_owners(repo: Path, entry: Entry) -> None:
+def _check_owners(store: Store, entry: Entry) -> None:
     """PatcherError when a model name of the entry is taken by another entry or by a model patcher did not write."""
+    repo = store.location
     for model in entry.models():
-        model_dir = repo / model.name
-        if not model_dir.exists():
+        text = store.read(f"{model.name}/{CONFIG_FILE}")
+        if text is None and not store.versions(model.name):
             continue
-        owner = parameter(read_config(model_dir), ENTRY_PARAMETER) if (model_dir / CONFIG_FILE).is_file() else None
+        owner = parameter(_parse_config(text, f"{repo}/{model.name}"), ENTRY_PARAMETER) if text is not None else None
         if owner != entry.name:
             whose = f"entry {owner!r} (`patcher triton --name {owner}`)" if owner else "a model patcher did not write"
             raise PatcherError(f"model {model.name} in {repo} belongs to {whose}: choose another --name")
+
+
+def _parse_config(text: str, where: str) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as error:
+        raise PatcherError(f"cannot read Triton config {where}/{CONFIG_FILE}: {error}") from None
 
 
 def _entry_name(info: ExportInfo, name: str | None) -> str:
@@ -104,6 +107,9 @@ def _stage(plan: ModelPlan, staged: Staged) -> None:
     (staged.model_dir / CONFIG_FILE).write_text(config_text(plan.config))
     for filename, classnames in plan.labels.items():
         (staged.model_dir / filename).write_text("".join(" ".join(str(c).split()) + "\n" for c in classnames))
+    for relative, data in plan.model_files.items():
+        (staged.model_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (staged.model_dir / relative).write_bytes(data)
     if staged.version is None:
         return
     for filename, source in plan.files.items():
@@ -127,27 +133,16 @@ def _copy(source: Path, target: Path) -> None:
         raise
 
 
-@contextlib.contextmanager
-def _made(repo: Path) -> Iterator[None]:
-    """Create the repository folder for the block; remove it again if the block fails and leaves it empty."""
-    created = not repo.exists()
-    repo.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                repo.rmdir()
-        raise
-
-
-def _options(backend: str, batching: Batching, tensorrt_fp16: bool, precision: str, limits: dict[str, Any] | None,
-             intra_op_threads: int, extra_classifiers: dict[str, Path] | None) -> Options:
+def _options(backend: str, batching: Batching, tensorrt: TensorRT | None, precision: str,
+             limits: dict[str, Any] | None, intra_op_threads: int, extra_classifiers: dict[str, Path] | None
+             ) -> Options:
     """The writer's options, checked; PatcherError naming the first bad one."""
     if precision not in PRECISIONS:
         raise PatcherError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if tensorrt_fp16 and backend != "onnxruntime":
-        raise PatcherError("TensorRT FP16 needs --backend onnxruntime (NVIDIA's container on a GPU host)")
+    if tensorrt is not None and backend != "onnxruntime":
+        raise PatcherError("TensorRT needs --backend onnxruntime (NVIDIA's container on a GPU host)")
+    if tensorrt is not None and tensorrt.workspace_bytes is not None and tensorrt.workspace_bytes < 1:
+        raise PatcherError(f"the TensorRT workspace must be at least 1 byte, not {tensorrt.workspace_bytes}")
     if batching.max_batch_size < 1 or batching.instances < 1 or batching.max_queue_delay_us < 0:
         raise PatcherError("max_batch_size and instances must be at least 1, max_queue_delay_us at least 0")
     if intra_op_threads < 0:
@@ -164,7 +159,7 @@ def _options(backend: str, batching: Batching, tensorrt_fp16: bool, precision: s
         checked = check_limits(dict(limits or {}))
     except (ValueError, TypeError) as error:
         raise PatcherError(f"bad preprocessing limit: {error}") from None
-    return Options(backend, dataclasses.replace(batching, preferred_batch_sizes=preferred), tensorrt_fp16,
+    return Options(backend, dataclasses.replace(batching, preferred_batch_sizes=preferred), tensorrt,
                    precision, checked, intra_op_threads, extra)
 
 
@@ -179,7 +174,7 @@ def _version_identity(info: ExportInfo, options: Options) -> tuple[str, str]:
 
 def write_repository(
     export_dir: Path,
-    repo: Path,
+    repo: Path | str | Store,
     name: str | None = None,
     backend: str = "python",
     max_batch_size: int = 64,
@@ -191,57 +186,59 @@ def write_repository(
     limits: dict[str, Any] | None = None,
     intra_op_threads: int = 0,
     extra_classifiers: dict[str, Path] | None = None,
+    tensorrt: TensorRT | None = None,
+    warmup: bool = True,
 ) -> dict[str, Any]:
     """Add an export to a model repository as a new version of every model of entry `name` (default: the patch task).
 
     An export already in the repository gets no new version (configs and labels are refreshed). `limits` bounds
     the images the preprocessing model accepts (max_bytes, max_pixels, max_aspect, jpeg_draft); `intra_op_threads`
     the onnxruntime threads of each classifier; `extra_classifiers` (kind -> ONNX file with the patched model's
-    tensors) are served beside the entry as `<name>_<kind>`. Returns what was written.
+    tensors) are served beside the entry as `<name>_<kind>`; `tensorrt` (or `tensorrt_fp16`) configures onnxruntime's
+    TensorRT provider; `warmup` warms each new version on the export's sample image. `repo` is a folder or an
+    s3:// location (stores.py). Returns what was written.
     """
     batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us)
-    options = _options(backend, batching, tensorrt_fp16, precision, limits, intra_op_threads, extra_classifiers)
+    if tensorrt_fp16 and tensorrt is None:
+        tensorrt = TensorRT(fp16=True)
+    options = _options(backend, batching, tensorrt, precision, limits, intra_op_threads, extra_classifiers)
     info = load_export(export_dir)
     entry = Entry(_entry_name(info, name), tuple(info.tasks), tuple(options.extra_classifiers))
     models = entry.models()
     files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
     key = _version_identity(info, options)
     plans = plan_entry(info, entry, files, options, _record(info, key))
-    repo = Path(repo)
-    check_output_name(repo)
-    with write_errors(repo), output_lock(repo), _made(repo):
-        recovered = recover(repo)
-        _check_owners(repo, entry)
-        existing = _existing_version(repo, entry, key)
+    stamp(plans, info, files)
+    note = warm(plans, info, max_batch_size, gpu=tensorrt is not None, limits=options.limits) if warmup else None
+    store = open_store(repo)
+    with store.writing():
+        recovered = store.recover()
+        _check_owners(store, entry)
+        existing = _existing_version(store, entry, key)
         if existing is not None:
             version, new = existing, False
             message = (f"this export ({key[0][:12]}) is already version {version} of {entry.name}: "
                        "no new version written")
         else:
-            version = 1 + max([0, *(v for m in models for v in model_versions(repo / m.name))])
+            version = 1 + max([0, *(v for m in models for v in store.versions(m.name))])
             new = True
             message = f"wrote version {version} of {entry.name} ({len(models)} models)"
-        staging = new_staging(repo)
-        try:
-            with write_errors(repo, staging):
-                staged = [stage_model(staging, plan.model.name, version if new else None) for plan in plans]
-                for plan, item in zip(plans, staged, strict=True):
-                    _stage(plan, item)
-                journal = publish(repo, staging, staged, entry.name, version if new else None)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with store.staging() as staging:
+            staged = [stage_model(staging, plan.model.name, version if new else None) for plan in plans]
+            for plan, item in zip(plans, staged, strict=True):
+                _stage(plan, item)
+            journal = store.publish(staging, staged, entry.name, version if new else None)
     return {
-        "repository": str(repo),
+        "repository": store.location,
         "name": entry.name,
         "backend": backend,
         "precision": precision,
         "version": version,
         "new_version": new,
-        "message": message,
+        "message": message if note is None else f"{message}; {note}",
         "recovered": recovered,
         "serial": journal.serial,
         "content_sha256": key[0],
         "models": {m.name: {"kind": m.kind, "task": m.task, "version": version,
-                            "versions": model_versions(repo / m.name)} for m in models},
+                            "versions": store.versions(m.name)} for m in models},
     }

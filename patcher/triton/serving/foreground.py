@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from patcher.triton.repository.stores import is_object_store
 from patcher.triton.serving.access import RESTRICTED, default_key_file, new_key, remove_key_file, write_key_file
 from patcher.triton.serving.server import TritonServer
 from patcher.triton.serving.supervisor import Supervisor
@@ -17,7 +18,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve_forever(
-    repo: Path,
+    repo: Path | str,
     models: list[str] | None = None,
     host: str = "127.0.0.1",
     http_port: int = 8000,
@@ -33,7 +34,8 @@ def serve_forever(
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     grpc_url = f"{host}:{grpc_port}"
-    endpoints = {"grpc": grpc_url, "http": f"http://{host}:{http_port}", "repository": str(Path(repo).resolve())}
+    location = str(repo) if is_object_store(repo) else str(Path(repo).resolve())
+    endpoints = {"grpc": grpc_url, "http": f"http://{host}:{http_port}", "repository": location}
     key = write_key_file(new_key(), key_file or default_key_file(grpc_url), endpoints)
     server = TritonServer(repo, models, host, http_port, grpc_port, metrics_port, log_path, startup_timeout_s, key=key)
     try:

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from patcher.base.errors import PatcherError
-from patcher.triton.repository.configs import CONFIG_FILE
+from patcher.triton.repository.stores import Store, is_object_store, open_store
 from patcher.triton.serving.access import ServerKey, new_key
 from patcher.triton.serving.install import (
     INSTALL_HINT,
@@ -38,9 +38,9 @@ DEFAULT_SHM_BYTES = 4 << 20
 SHM_GROWTH_BYTES = 1 << 20
 
 
-def repository_models(repo: Path) -> list[str]:
-    """Names of the models in a repository (directories holding a config.pbtxt)."""
-    return sorted(p.name for p in Path(repo).iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
+def repository_models(repo: Path | str | Store) -> list[str]:
+    """Names of the models in a repository (folders holding a config.pbtxt), local or in an object store."""
+    return open_store(repo).models()
 
 
 class TritonServer:
@@ -48,7 +48,7 @@ class TritonServer:
 
     def __init__(
         self,
-        repo: Path,
+        repo: Path | str,
         models: list[str] | None = None,
         host: str = "127.0.0.1",
         http_port: int | None = None,
@@ -61,7 +61,8 @@ class TritonServer:
         log_verbose: int = 0,
         key: ServerKey | None = None,
     ) -> None:
-        self.repo = Path(repo).resolve()
+        self.store = open_store(repo)
+        self.repo: Path | str = self.store.location if is_object_store(repo) else Path(repo).resolve()
         self.models = models
         self.host = host
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
@@ -147,12 +148,10 @@ class TritonServer:
     def _check_start(self) -> list[str]:
         if self.process is not None:
             raise PatcherError("this TritonServer is already started")
-        if not self.repo.is_dir():
-            raise PatcherError(f"model repository {self.repo} does not exist: write one with `patcher triton RUN`")
-        models = self.models if self.models is not None else repository_models(self.repo)
-        missing = [m for m in models if not (self.repo / m / CONFIG_FILE).is_file()]
+        known = self.store.models()
+        models = self.models if self.models is not None else known
+        missing = [m for m in models if m not in known]
         if missing:
-            known = repository_models(self.repo)
             raise PatcherError(f"{self.repo} has no model {', '.join(missing)} (it has: {known})")
         unset = [kind for kind, port in self.ports.items() if port is None]
         self.ports.update(zip(unset, distinct_free_ports(len(unset), self.host), strict=True))

@@ -16,26 +16,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from patcher.base.errors import PatcherError
 from patcher.triton.repository.configs import CONFIG_FILE
-from patcher.triton.repository.publish import publish_lock, read_journal
-from patcher.triton.repository.writer import model_versions
 from patcher.triton.serving.health import Suspects, backend_died, probe
-from patcher.triton.serving.server import TritonServer, repository_models
+from patcher.triton.serving.server import TritonServer
 
 Echo = Callable[[str], None]
-
-
-def _signature(model_dir: Path) -> tuple[Any, ...]:
-    """What a load reads from disk: the newest version and the model-level files' modification times."""
-    if not model_dir.is_dir():
-        return (None, ())
-    files = sorted((p.name, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file())
-    versions = model_versions(model_dir)
-    return (versions[-1] if versions else None, tuple(files))
 
 
 class Supervisor:
@@ -45,8 +33,9 @@ class Supervisor:
         self.server = server
         self.serve_all = serve_all
         self.echo = echo
-        self.serial = read_journal(server.repo).serial
-        self.signatures = {model: _signature(server.repo / model) for model in server.loaded}
+        self.store = server.store
+        self.serial = self.store.journal().serial
+        self.signatures = {model: self.store.signature(model) for model in server.loaded}
         self.suspects = Suspects({})
         self.warned_half_published = False
         self.pending: list[str] = []  # dead models unloaded while the repository was half-published
@@ -63,7 +52,7 @@ class Supervisor:
         """One round of rollout and healing, skipped while a writer holds the publish lock; a failing round is
         reported (once per kind of failure) and the next one tries again: serving goes on."""
         try:
-            with publish_lock(self.server.repo, blocking=False) as held:
+            with self.store.watching() as held:
                 if not held:
                     return
                 with self._client() as client:
@@ -89,20 +78,19 @@ class Supervisor:
     def _wanted(self) -> list[str]:
         models = list(self.server.loaded)
         if self.serve_all:
-            models += [m for m in repository_models(self.server.repo) if m not in models]
+            models += [m for m in self.store.models() if m not in models]
         return models
 
     def _ordered(self, models: list[str]) -> list[str]:
         """Composing models first: ensembles (platform "ensemble") after the models they use."""
         def is_ensemble(model: str) -> bool:
-            path = self.server.repo / model / CONFIG_FILE
-            return path.is_file() and 'platform: "ensemble"' in path.read_text(errors="replace")
+            return 'platform: "ensemble"' in (self.store.read(f"{model}/{CONFIG_FILE}") or "")
 
         return sorted(models, key=is_ensemble)
 
     def _rollout(self, client: Any) -> bool:
         """Load what a committed update changed; False (nothing loaded) while the repository is half-published."""
-        journal = read_journal(self.server.repo)
+        journal = self.store.journal()
         if journal.publishing:
             if not self.warned_half_published:
                 self.log(f"{self.server.repo} is half-published (an interrupted `patcher triton`): serving the "
@@ -112,18 +100,18 @@ class Supervisor:
         self.warned_half_published = False
         if journal.serial == self.serial and not self.pending:
             return True
-        changed = [m for m in self._wanted() if _signature(self.server.repo / m) != self.signatures.get(m)]
+        changed = [m for m in self._wanted() if self.store.signature(m) != self.signatures.get(m)]
         healed = list(self.pending)
         changed += [m for m in healed if m not in changed]
         for model in self._ordered(changed):
-            versions = model_versions(self.server.repo / model)
+            versions = self.store.versions(model)
             started = time.perf_counter()
             try:
                 self.server.load_model(model)
             except PatcherError as error:
                 self.log(f"rollout: {model} did not load, the loaded version keeps serving: {error}")
                 continue
-            self.signatures[model] = _signature(self.server.repo / model)
+            self.signatures[model] = self.store.signature(model)
             self.log(f"rollout: {model} version {versions[-1] if versions else '?'} serving "
                      f"({time.perf_counter() - started:.1f} s)")
         if healed:

@@ -1,0 +1,72 @@
+"""Commands beyond one machine: Kubernetes manifests for a repository, and the gate before a rollout gets traffic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from patcher.cli.app import DataDir, command
+from patcher.deploy.options import TRITON_IMAGE, TRITON_TAG
+
+
+@command
+def deploy(
+    repo: Annotated[str, typer.Argument(help="The repository: s3://BUCKET/PREFIX (s3://http://HOST:PORT/BUCKET/"
+                                             "PREFIX), or a folder whose copy a claim holds (--pvc).")],
+    kubernetes: Annotated[Path, typer.Option(help="Folder to write the manifests into.")],
+    name: Annotated[str, typer.Option(help="Name of the Deployment, Service, ... and InferenceService.")] = (
+        "patcher-triton"),
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "default",
+    image: Annotated[str, typer.Option(help="Triton image (without tag).")] = TRITON_IMAGE,
+    tag: Annotated[str, typer.Option(help="Triton image tag (24.10-py3 is Triton 2.51).")] = TRITON_TAG,
+    gpus: Annotated[int, typer.Option(help="nvidia.com/gpu per pod (0: CPU only).")] = 1,
+    cpu: Annotated[str, typer.Option(help="CPU per pod (requested and limited).")] = "2",
+    memory: Annotated[str, typer.Option(help="Memory per pod (requested and limited).")] = "8Gi",
+    replicas: Annotated[int, typer.Option(help="Pods at least (and the HPA's minimum).")] = 2,
+    max_replicas: Annotated[int, typer.Option(help="Pods at most (HPA).")] = 6,
+    autoscale: Annotated[str, typer.Option(help="pending-requests (Triton metric via the Prometheus adapter) or "
+                                                "cpu.")] = "pending-requests",
+    autoscale_target: Annotated[float, typer.Option(help="Pending requests per pod, or CPU percent.")] = 8.0,
+    key_secret: Annotated[str, typer.Option(help="Secret holding the control-plane key (key `key`).")] = (
+        "patcher-triton-key"),
+    s3_secret: Annotated[str, typer.Option(help="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")] = (
+        "patcher-s3"),
+    region: Annotated[str | None, typer.Option(help="AWS_DEFAULT_REGION for the pods.")] = None,
+    pvc: Annotated[str | None, typer.Option(help="Claim holding a copy of a local repository folder.")] = None,
+    cache_pvc: Annotated[str | None, typer.Option(help="Claim for TensorRT engine caches (else emptyDir).")] = None,
+    canary_percent: Annotated[int, typer.Option(help="KServe: traffic share of a new revision.")] = 10,
+    overwrite: Annotated[bool, typer.Option(help="Replace manifests already in the folder.")] = False,
+) -> None:
+    """Write Kubernetes manifests serving a repository with NVIDIA's Triton container, and a KServe alternative."""
+    from patcher.deploy.manifests import write_manifests
+    from patcher.deploy.options import DeployOptions
+
+    options = DeployOptions(name, namespace, image, tag, gpus, cpu, memory, replicas, max_replicas, autoscale,
+                            autoscale_target, key_secret, s3_secret, region, pvc, cache_pvc, canary_percent)
+    for path in write_manifests(repo, kubernetes, options, overwrite=overwrite):
+        typer.echo(str(path))
+
+
+@command
+def verify(
+    run: Annotated[Path, typer.Argument(help="The run directory the server is meant to serve.")],
+    url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
+    name: Annotated[str | None, typer.Option(help="Served entry (default: the run's patch task).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Accuracy points a task may differ by (at least one image).")] = (
+        1.0),
+    limit: Annotated[int | None, typer.Option(help="Held-out images per task at most (default all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per request.")] = 64,
+    export: Annotated[Path | None, typer.Option(help="The run's export folder (default RUN/onnx).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Classify the run's held-out images through the served entry: exit 2 with one error line if any task's accuracy
+    differs from the manifest's, or the served classifier is not the run's."""
+    from patcher.benchmark.verify import VerifyOptions, verify_served
+
+    report = verify_served(run, url, VerifyOptions(name, tolerance, limit, batch_size, data_dir, export=export))
+    for task, row in report["tasks"].items():
+        typer.echo(f"{task}: served {row['served']:.2f}%, manifest {row['manifest']:.2f}% "
+                   f"({row['difference']:+.2f}, allowed {row['allowed']:.2f}; {row['images']} images)")
+    typer.echo(f"verified: {report['model']} version {report['version']} on {url} serves {report['run']}")

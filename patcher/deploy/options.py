@@ -1,0 +1,96 @@
+"""What `patcher deploy` takes, checked once; the repository's models and where the pods read them from."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from patcher.base.errors import PatcherError
+from patcher.triton.repository.configs import CONFIG_FILE
+from patcher.triton.repository.objectstore import pinned_versions
+from patcher.triton.repository.s3 import parse_location
+from patcher.triton.repository.stores import Store, is_object_store, open_store
+
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver"
+TRITON_TAG = "24.10-py3"  # Triton 2.51, the version patcher's bundled server is
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+AUTOSCALE = ("pending-requests", "cpu")
+PVC_MOUNT = "/models"
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """A deployment of one repository: names, image, resources, scaling, secrets, and the KServe canary share."""
+
+    name: str = "patcher-triton"
+    namespace: str = "default"
+    image: str = TRITON_IMAGE
+    tag: str = TRITON_TAG
+    gpus: int = 1
+    cpu: str = "2"
+    memory: str = "8Gi"
+    replicas: int = 2
+    max_replicas: int = 6
+    autoscale: str = "pending-requests"
+    autoscale_target: float = 8.0  # pending requests per pod, or CPU percent
+    key_secret: str = "patcher-triton-key"
+    s3_secret: str = "patcher-s3"
+    region: str | None = None
+    pvc: str | None = None  # the repository is this claim's content, mounted at /models
+    cache_pvc: str | None = None  # a claim for TensorRT engine caches (else an emptyDir)
+    canary_percent: int = 10
+
+    def check(self) -> None:
+        """PatcherError naming the first option Kubernetes would refuse."""
+        for label, value in (("--name", self.name), ("--namespace", self.namespace), ("--key-secret", self.key_secret),
+                             ("--s3-secret", self.s3_secret), ("--pvc", self.pvc or "x"),
+                             ("--cache-pvc", self.cache_pvc or "x")):
+            if len(value) > 63 or not DNS_LABEL.fullmatch(value):
+                raise PatcherError(f"{label} {value!r} is not a Kubernetes name: lower-case letters, digits and '-', "
+                                   "at most 63 characters")
+        if self.gpus < 0 or self.replicas < 1 or self.max_replicas < self.replicas:
+            raise PatcherError("--gpus must be 0 or more, --replicas at least 1 and --max-replicas at least --replicas")
+        if self.autoscale not in AUTOSCALE:
+            raise PatcherError(f"--autoscale {self.autoscale!r}: use one of {', '.join(AUTOSCALE)}")
+        if not 0 <= self.canary_percent <= 100 or self.autoscale_target <= 0:
+            raise PatcherError("--canary-percent must lie in 0..100 and --autoscale-target be positive")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the pods read the repository, and what they load from it."""
+
+    repository: str  # tritonserver's --model-repository
+    storage_uri: str  # KServe's storageUri
+    s3: bool
+    endpoint: str | None
+    models: list[str]
+    caches: list[str] = field(default_factory=list)  # TensorRT cache folders the configs name
+    onnxruntime_in_python: bool = False  # classifiers of the bundled flavour (python backend running onnxruntime)
+
+
+def read_source(repo: str, options: DeployOptions) -> Source:
+    """The repository's models (composing models first) and where pods find it: its s3:// location, or the claim
+    given by --pvc for a folder (whose content the claim holds)."""
+    store: Store = open_store(repo)
+    models = store.models()
+    if not models:
+        raise PatcherError(f"{store.location} holds no models: write one with `patcher triton RUN --repo {repo}`")
+    configs = {model: store.read(f"{model}/{CONFIG_FILE}") or "" for model in models}
+    ordered = sorted(models, key=lambda m: 'platform: "ensemble"' in configs[m])
+    caches = sorted({m.group(1) for text in configs.values()
+                     for m in re.finditer(r'key: "trt_engine_cache_path"\s*value: "([^"]+)"', text)})
+    python = any('backend: "python"' in text and 'key: "preprocess_model"' in text for text in configs.values())
+    if is_object_store(repo):
+        location = parse_location(repo)
+        if options.pvc:
+            raise PatcherError("--pvc is for a repository folder copied onto a claim; this one is in object storage")
+        unpinned = [m for m in models if not pinned_versions(configs[m])]
+        if unpinned:
+            raise PatcherError(f"{unpinned[0]} in {repo} does not pin its version: write it with `patcher triton`")
+        path = f"{location.bucket}/{location.prefix}".rstrip("/")
+        return Source(location.uri, f"s3://{path}", True, location.endpoint, ordered, caches, python)
+    if not options.pvc:
+        raise PatcherError(f"{repo} is a local folder: pods cannot read it. Publish it to object storage "
+                           "(`patcher triton RUN --repo s3://BUCKET/PREFIX`) or copy it onto a claim and pass --pvc")
+    return Source(PVC_MOUNT, f"pvc://{options.pvc}", False, None, ordered, caches, python)

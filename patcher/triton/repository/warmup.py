@@ -1,0 +1,117 @@
+"""`model_warmup` with a real sample: Triton runs it on every new version before it reports the version READY.
+
+The sample is the export's held-out image of the patch task (`RUN/onnx/samples/<task>.png`), given to each model in
+the form its input takes: the encoded PNG (image bytes), CLIP-normalised pixels (classifiers), raw 0-255 pixels
+(the pixels model). The files go in the model's `warmup/` folder, where Triton looks for them. Ensembles are not
+warmed themselves (Triton warms model instances; an ensemble has none): their composing models are. Inputs of
+other names (a model kind this module does not know) get no warmup rather than a wrong one: in Triton 2.51 a
+python-backend warmup that fails crashes the server.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from patcher.base.errors import PatcherError
+from patcher.base.files import sha256_file
+from patcher.export.contract import INPUT_NAME
+from patcher.triton.imaging import decode_image, preprocess_image
+from patcher.triton.repository.builders import ModelPlan
+from patcher.triton.repository.configs import IMAGE_BYTES
+from patcher.triton.repository.export_info import ExportInfo
+from patcher.triton.repository.pixels import PIXELS_INPUT
+
+WARMUP_DIR = "warmup"
+NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One real image: its task, label index, PNG bytes and the preprocessing of the export."""
+
+    task: str
+    label: int
+    png: bytes
+    preprocess: dict
+
+
+def export_sample(info: ExportInfo) -> Sample | None:
+    """The patch task's sample image of the export (checked against export.json), None for an export without."""
+    samples = info.data.get("samples") or {}
+    task = info.patch_task if info.patch_task in samples else next(iter(samples), None)
+    if task is None:
+        return None
+    record = samples[task]
+    path = info.path / record["file"]
+    if not path.is_file() or sha256_file(path) != record["sha256"]:
+        raise PatcherError(f"{path} is missing or does not match export.json: run `patcher export` again")
+    return Sample(task, int(record["label"]), path.read_bytes(), info.preprocess)
+
+
+def input_bytes(sample: Sample, name: str, data_type: str) -> bytes | None:
+    """One batch item of input `name` as Triton's warmup reads it from a file; None for an input it cannot fill."""
+    if name == IMAGE_BYTES and data_type == "TYPE_STRING":
+        return struct.pack("<I", len(sample.png)) + sample.png  # a serialised BYTES element: length, then bytes
+    if data_type not in NUMPY or name not in (INPUT_NAME, PIXELS_INPUT):
+        return None
+    image = decode_image(sample.png, None, sample.preprocess)
+    if name == PIXELS_INPUT:
+        height, width = sample.preprocess["image_size"]
+        pixels = np.asarray(image.convert("RGB").resize((width, height)), dtype=np.float32).transpose(2, 0, 1)
+        return np.ascontiguousarray(pixels).astype(NUMPY[data_type]).tobytes()
+    return preprocess_image(image, sample.preprocess).astype(NUMPY[data_type]).tobytes()
+
+
+def accepted(sample: Sample, limits: dict) -> bool:
+    """True when the preprocessing model's limits take the sample: a warmup request that fails crashes Triton 2.51
+    (SIGSEGV in the python backend), so a refused sample must not become one."""
+    try:
+        decode_image(sample.png, limits, sample.preprocess)
+    except ValueError:
+        return False
+    return True
+
+
+def add_warmup(plan: ModelPlan, sample: Sample, batch_sizes: tuple[int, ...] = (1,), limits: dict | None = None
+               ) -> bool:
+    """Give a backend model's config one warmup per batch size on `sample`, with its input files; False (nothing
+    added) for ensembles, for inputs the sample cannot fill, and for encoded images `limits` refuse."""
+    config = plan.config
+    if plan.model.is_ensemble or config.platform == "ensemble":  # kinds that route (whatever implements them)
+        return False
+    if any(t.name == IMAGE_BYTES for t in config.input) and not accepted(sample, limits or {}):
+        return False
+    files = {}
+    for tensor in config.input:
+        data = input_bytes(sample, tensor.name, mc.DataType.Name(tensor.data_type))
+        if data is None:
+            return False
+        files[tensor.name] = (tensor, data)
+    for batch_size in sorted(set(batch_sizes)):
+        warmup = config.model_warmup.add(name=f"{sample.task}_sample_batch_{batch_size}", batch_size=batch_size)
+        for name, (tensor, _) in files.items():
+            entry = warmup.inputs[name]
+            entry.data_type = tensor.data_type
+            entry.dims.extend(tensor.dims)
+            entry.input_data_file = name
+    plan.model_files.update({f"{WARMUP_DIR}/{name}": data for name, (_, data) in files.items()})
+    return True
+
+
+def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: bool, limits: dict | None = None
+         ) -> str | None:
+    """Warm every backend model of an entry on the export's sample; on a GPU (TensorRT engines are built per
+    shape range) at batch 1 and at max_batch_size. Returns a note when the export has no sample."""
+    sample = export_sample(info)
+    if sample is None:
+        return (f"{Path(info.path)} has no sample images (exported before patcher wrote them): no model_warmup; "
+                "run `patcher export` again to warm new versions up")
+    sizes = (1, max_batch_size) if gpu else (1,)
+    refused = [plan.model.name for plan in plans if not add_warmup(plan, sample, sizes, limits)
+               and not plan.model.is_ensemble and plan.config.platform != "ensemble"]
+    return f"no warmup for {', '.join(refused)} (the sample is outside its input limits)" if refused else None
