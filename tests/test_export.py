@@ -50,7 +50,7 @@ def leftovers(parent: Path) -> list[str]:
 
 def test_export_writes_verified_models(plain: Path, tiny_run: Path) -> None:
     data = record(plain)
-    assert sorted(p.name for p in plain.iterdir()) == ["export.json", "patched.onnx", "zeroshot.onnx"]
+    assert sorted(p.name for p in plain.iterdir()) == ["export.json", "patched.onnx", "samples", "zeroshot.onnx"]
     assert data["format"] == EXPORT_FORMAT and data["opset"] == 17
     assert set(data["models"]) == {"patched", "zeroshot"}
     for entry in data["models"].values():
