@@ -193,12 +193,13 @@ def task_records(checked: Checked, splits: Splits) -> dict[str, TaskRecord]:
             **{t.name: record(t, "monitor") for t in checked.monitor}}
 
 
-def task_head(loaded: LoadedModel, task: Task, device: str) -> torch.Tensor:
+def task_head(loaded: LoadedModel, task: Task, device: str, parent: Task | None = None) -> torch.Tensor:
     """A task's zero-shot head: its own, or the columns of another task's it is scored with (ImageNet-R's are
-    ImageNet's 200 columns, so its logits are ImageNet's restricted to them)."""
+    ImageNet's 200 columns, so its logits are ImageNet's restricted to them); `parent`: that task, if not the
+    registered one."""
     if task.head_from is None:
         return zero_shot_head(loaded, list(task.classnames), list(task.templates), device)
-    parent = get_task(task.head_from.parent)
+    parent = parent or get_task(task.head_from.parent)
     head = zero_shot_head(loaded, list(parent.classnames), list(parent.templates), device)
     return head[:, list(task.head_from.columns)].contiguous()
 
