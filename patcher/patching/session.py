@@ -164,7 +164,7 @@ class Session:
 
             def evaluate(alpha: float) -> dict[str, float]:
                 evaluated[alpha] = self.scores(path(alpha), self.splits.val)
-                result = {task: scores.accuracy for task, scores in evaluated[alpha].items()}
+                result = {task: figures.accuracy for task, figures in evaluated[alpha].items()}
                 shown = ", ".join(f"{t} {result[t]:.1f}%" for t in rule.patch)
                 progress.update(bar, advance=1, status=f"alpha {alpha:g}: {shown}")
                 return result
