@@ -16,11 +16,14 @@ from patcher.data.tasks.missing import first_line, missing_data_error
 EXPECTED_TASKS = {
     *("cars", "dtd", "eurosat", "gtsrb", "kitti", "mnist", "resisc45", "sun397", "svhn"),
     *("imagenet", "cifar10", "cifar100", "stl10", "fashion-mnist", "digits", "printed-digits"),
+    *("imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "objectnet", "food101", "typographic-digits"),
 }
+EVALUATION_SETS = {"imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "objectnet"}
 CLASS_COUNTS = {
     "cars": 196, "dtd": 47, "eurosat": 10, "gtsrb": 43, "kitti": 4, "mnist": 10, "resisc45": 45,
     "sun397": 397, "svhn": 10, "imagenet": 1000, "cifar10": 10, "cifar100": 100, "stl10": 10,
-    "fashion-mnist": 10, "digits": 10, "printed-digits": 10,
+    "fashion-mnist": 10, "digits": 10, "printed-digits": 10, "imagenet-v2": 1000, "imagenet-r": 200,
+    "imagenet-a": 200, "imagenet-sketch": 1000, "objectnet": 113, "food101": 101, "typographic-digits": 10,
 }  # fmt: skip
 
 
@@ -33,14 +36,18 @@ def test_known_tasks_are_the_registered_ones() -> None:
 def test_every_task_has_classnames_and_one_slot_templates(name: str) -> None:
     task = get_task(name)
     assert task.name == name
-    assert len(task.classnames) == CLASS_COUNTS[name]
-    duplicates = {c for c in task.classnames if task.classnames.count(c) > 1}
+    assert len(task.label_names) == CLASS_COUNTS[name]
+    duplicates = {c for c in task.label_names if task.label_names.count(c) > 1}
     # OpenAI's published ImageNet names repeat two (two missile classes, two sunglasses classes).
-    assert duplicates == ({"missile", "sunglasses"} if name == "imagenet" else set())
-    assert all(isinstance(c, str) and c.strip() == c and c for c in task.classnames)
+    thousand = name in ("imagenet", "imagenet-v2", "imagenet-sketch")
+    assert duplicates == ({"missile", "sunglasses"} if thousand else set())
+    assert all(isinstance(c, str) and c.strip() == c and c for c in (*task.classnames, *task.label_names))
     assert task.templates and all(t.count("{}") == 1 for t in task.templates)
     assert all(t.format("x") == t.replace("{}", "x") for t in task.templates)
-    assert task.splits[:3] == ("train", "val", "test")
+    if name in EVALUATION_SETS:
+        assert task.splits == ("val", "test") and not task.trainable
+    else:
+        assert task.splits[:3] == ("train", "val", "test") and task.trainable
 
 
 def test_gtsrb_uses_clips_descriptive_names_and_three_templates() -> None:

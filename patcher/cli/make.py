@@ -23,11 +23,14 @@ def print_run(path: Path) -> None:
     from rich.console import Console
 
     from patcher.runs.manifest import load_run
-    from patcher.runs.report import accuracy_table, alpha_lines
+    from patcher.runs.report import accuracy_table, alpha_lines, metrics_table
 
     manifest = load_run(path).manifest
     console = Console()
     console.print(accuracy_table(manifest))
+    metrics = metrics_table(manifest)
+    if metrics is not None:
+        console.print(metrics)
     for line in alpha_lines(manifest):
         console.print(line)
 
@@ -35,7 +38,12 @@ def print_run(path: Path) -> None:
 @command
 def build(
     task: Annotated[str, typer.Option(help="Task(s) to patch, comma-separated (see `patcher tasks`), or folder:PATH.")],
-    support: Annotated[str, typer.Option(help="Comma-separated supported tasks to protect.")] = "",
+    support: Annotated[str, typer.Option(
+        help="Comma-separated supported tasks to protect, each optionally with its own tolerance in points "
+             "(imagenet:0.5,cars:2; a bare name takes --tolerance).")] = "",
+    monitor: Annotated[str, typer.Option(
+        help="Comma-separated tasks measured at every alpha and on test (manifest, show, plots), never part of "
+             "the rule.")] = "",
     model: Annotated[str, typer.Option(help="open_clip model name, or local-dir:DIR.")] = "ViT-B-32",
     pretrained: Annotated[
         str, typer.Option(help="open_clip pretrained tag or checkpoint file; 'none' for random weights.")
@@ -51,7 +59,8 @@ def build(
         help="Several --task: joint (one fine-tune on the mixture), sequential (task after task) or parallel "
              "(task vectors added, one coefficient). Default joint.")] = None,
     alpha: Annotated[str, typer.Option(help="'auto' (chosen on held-out data) or a value in [0, 1].")] = "auto",
-    tolerance: Annotated[float, typer.Option(help="Points of accuracy a supported task may lose.")] = 1.0,
+    tolerance: Annotated[float, typer.Option(
+        help="Points of accuracy a supported task may lose (unless --support gives it its own).")] = 1.0,
     search: Annotated[str, typer.Option(help="Alpha search: golden (fewer evaluations) or grid (all 11).")] = "golden",
     steps: Annotated[int | None, typer.Option(help="Training steps (default 2000).")] = None,
     epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --steps.")] = None,
@@ -90,7 +99,7 @@ def build(
         train_config=hyperparameters,
         epochs=epochs, data_dir=data_dir, download=download, device=device, out=out, resume=resume,
         data=DataOptions(workers=workers, augment=augment, mode=data_mode, skip_bad_images=skip_bad_images),
-        eval_batch_size=eval_batch_size,
+        eval_batch_size=eval_batch_size, monitor=comma_list(monitor),
     )
     try:
         path = run_build(options)

@@ -1,7 +1,10 @@
-"""Top-1 accuracy of a multi-head classifier on image stores, streamed in batches and sharded over ranks.
+"""Top-1 accuracy and confusion matrices of a multi-head classifier on image stores, streamed in batches and
+sharded over ranks.
 
 A classifier here is any module called as `classifier(images, task=task)` returning {task: logits}
-(`patcher.models.classifier.MultiHeadClassifier`).
+(`patcher.models.classifier.MultiHeadClassifier`). A task whose head has several columns per label (ObjectNet's
+classes, each scored as the best of its ImageNet classes) passes `column_labels`: the label each column stands for,
+so the label predicted is that of the best column, which is the label whose best column is highest.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +20,7 @@ from torch import nn
 
 from patcher.base import distributed
 from patcher.data.image_store import ImageStore
+from patcher.data.metrics import Scores, confusion_matrix
 from patcher.data.transforms import Normalize
 
 
@@ -73,3 +78,36 @@ def accuracies(classifier: nn.Module, stores: Mapping[str, ImageStore], normaliz
     totals = distributed.all_reduce_sum(torch.tensor(counts, dtype=torch.int64).reshape(-1, 2))
     return {task: 100.0 * int(correct) / int(total) if int(total) else float("nan")
             for task, (correct, total) in zip(stores, totals.tolist(), strict=True)}
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """How one task's predictions are counted: its number of labels, and the label of each head column (None when
+    column i is label i)."""
+
+    classes: int
+    column_labels: tuple[int, ...] | None = None
+
+
+def confusion_counts(classifier: nn.Module, store: ImageStore, task: str, normalize: Normalize, labelling: Labelling,
+                     batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """[C, C] counts of true label by predicted label on this rank's shard of a store."""
+    mine = shard(len(store))
+    predicted = predict(classifier, store, task, normalize, mine, batch_size, device).numpy()
+    if labelling.column_labels is not None:
+        predicted = np.asarray(labelling.column_labels, dtype=np.int64)[predicted]
+    return confusion_matrix(store.labels[mine], predicted, labelling.classes)
+
+
+def scores(classifier: nn.Module, stores: Mapping[str, ImageStore], normalize: Normalize,
+           labelling: Mapping[str, Labelling], batch_size: int = 256, device: str = "cpu") -> dict[str, Scores]:
+    """Each task's scores on its own store, the confusion matrices summed over every rank's shard."""
+    counts = [confusion_counts(classifier, store, task, normalize, labelling[task], batch_size, device)
+              for task, store in stores.items()]
+    flat = torch.from_numpy(np.concatenate([matrix.ravel() for matrix in counts]) if counts else np.zeros(0, np.int64))
+    summed = distributed.all_reduce_sum(flat).numpy()
+    result, start = {}, 0
+    for task, matrix in zip(stores, counts, strict=True):
+        result[task] = Scores(summed[start : start + matrix.size].reshape(matrix.shape).astype(np.int64))
+        start += matrix.size
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from patcher.base.errors import PatcherError
 
@@ -21,6 +22,7 @@ class Selection:
     rule: str
     curve: dict[float, dict[str, float]] = field(default_factory=dict)
     warning: str | None = None
+    scores: dict[float, dict[str, Any]] = field(default_factory=dict)  # every task's data.metrics.Scores per alpha
 
     @property
     def evaluations(self) -> int:
@@ -33,13 +35,25 @@ class AlphaRule:
     """PAINT's rule: the best patch accuracy among the alphas that keep every supported task within tolerance.
 
     Supported tasks are measured against `reference`, alpha 0's accuracies unless given (sequential patching
-    measures them against the original zero-shot model, which is what can leave no alpha qualifying).
+    measures them against the original zero-shot model, which is what can leave no alpha qualifying). A supported
+    task named in `tolerances` may lose that many points instead of `tolerance`. Tasks neither patched nor
+    supported (monitored ones) are measured, never judged.
     """
 
     patch: Sequence[str]
     support: Sequence[str] = ()
     tolerance: float = 1.0
     reference: Accuracies | None = None
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+
+    def tolerance_of(self, task: str) -> float:
+        """Points of accuracy this supported task may lose."""
+        return self.tolerances.get(task, self.tolerance)
+
+    @property
+    def per_task(self) -> bool:
+        """Whether some supported task has a tolerance of its own."""
+        return any(self.tolerance_of(task) != self.tolerance for task in self.support)
 
     def describe(self) -> str:
         """The rule in words, as the manifest and the CLI state it."""
@@ -47,12 +61,16 @@ class AlphaRule:
         if not self.support:
             return (f"no supported tasks given: chose the alpha with the highest held-out accuracy on {patch} "
                     "(the smallest such alpha on ties); nothing guards other tasks, pass --support to protect them")
+        if self.per_task:
+            allowances = ", ".join(f"{task} {self.tolerance_of(task):g}" for task in self.support)
+            return (f"maximise held-out accuracy on {patch} subject to every supported task keeping accuracy >= "
+                    f"its zero-shot accuracy - its tolerance in points ({allowances})")
         return (f"maximise held-out accuracy on {patch} subject to every supported task "
                 f"({', '.join(self.support)}) keeping accuracy >= its zero-shot accuracy - {self.tolerance:g} points")
 
     def violation(self, accuracy: Accuracies, zeroshot: Accuracies) -> float:
         """Points by which the supported tasks fall below their allowance, summed (0 when the rule holds)."""
-        return sum(max(0.0, zeroshot[t] - self.tolerance - accuracy[t]) for t in self.support)
+        return sum(max(0.0, zeroshot[t] - self.tolerance_of(t) - accuracy[t]) for t in self.support)
 
     def patch_mean(self, accuracy: Accuracies) -> float:
         """Mean accuracy over the patch tasks."""
@@ -73,7 +91,8 @@ class AlphaRule:
             return Selection(alpha=best, rule=self.describe(), curve=full_curve)
         tasks = [*self.patch, *self.support]
         best = max(sorted(curve), key=lambda a: sum(curve[a][t] for t in tasks) / len(tasks))
-        warning = (f"no alpha keeps every supported task within {self.tolerance:g} points of zero-shot; "
+        within = "its tolerance" if self.per_task else f"{self.tolerance:g} points"
+        warning = (f"no alpha keeps every supported task within {within} of zero-shot; "
                    f"chose alpha {best:g}, the best mean accuracy over all tasks")
         rule = self.describe() + "; none qualified, so: best mean over all tasks"
         return Selection(alpha=best, rule=rule, curve=full_curve, warning=warning)
@@ -123,6 +142,46 @@ def golden_search(evaluate: Evaluate, rule: AlphaRule, grid: Sequence[float] = D
 
 
 SEARCHES: dict[str, Callable[[Evaluate, AlphaRule], Selection]] = {"golden": golden_search, "grid": grid_search}
+
+
+def parse_support(entries: Sequence[str], tolerance: float) -> tuple[list[str], dict[str, float]]:
+    """Supported task names and each one's tolerance from `--support` entries "name" or "name:points" (a bare
+    name takes `tolerance`); PatcherError for a tolerance that is not a number of points >= 0."""
+    names, tolerances = [], {}
+    for entry in entries:
+        name, points = _split_tolerance(entry.strip())
+        if points is None:
+            tolerances[name] = tolerance
+        else:
+            try:
+                tolerances[name] = float(points)
+            except ValueError:
+                raise PatcherError(f"--support {entry!r}: {points!r} is not a number of points; write task:points, "
+                                   "e.g. imagenet:0.5") from None
+            if not tolerances[name] >= 0:
+                raise PatcherError(f"--support {entry!r}: a tolerance is points of accuracy >= 0, e.g. imagenet:0.5")
+        if name in names:
+            raise PatcherError(f"--support names {name} twice: list each supported task once")
+        names.append(name)
+    return names, tolerances
+
+
+def _split_tolerance(entry: str) -> tuple[str, str | None]:
+    """("name", "points") for "name:points"; ("folder:PATH", None) for a folder task without a tolerance."""
+    name, separator, points = entry.rpartition(":")
+    if not separator or not name:
+        return entry, None
+    if entry.startswith("folder:") and not _is_number(points):  # "folder:PATH" alone; its PATH may hold colons
+        return entry, None
+    return name, points
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_alpha(alpha: str) -> float | None:

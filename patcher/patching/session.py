@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from patcher.base.progress import make_progress
-from patcher.data.evaluation import accuracies
+from patcher.data.evaluation import Labelling, scores
 from patcher.data.image_store import ImageStore
 from patcher.data.loading import Splits
+from patcher.data.metrics import Scores
 from patcher.data.tasks import Task
 from patcher.models import LoadedModel
 from patcher.models.classifier import MultiHeadClassifier
@@ -130,10 +131,21 @@ class Session:
         weights = {key: value.to(self.device) for key, value in encoder_state.items()}
         return MultiHeadClassifier(self.loaded.model.visual, {task: heads[task] for task in tasks}, weights)
 
+    def labelling(self, task: str) -> Labelling:
+        """How a task's predictions are counted: its labels, and the label of each head column."""
+        spec = self.tasks[task]
+        return Labelling(len(spec.label_names), spec.column_labels)
+
+    def scores(self, state: Mapping[str, torch.Tensor], stores: Mapping[str, ImageStore]) -> dict[str, Scores]:
+        """Confusion matrices (top-1, macro-F1, worst-class and per-class accuracy) of the classifier this state
+        gives, per task, on the given held-out or test stores."""
+        classifier = self.classifier(state, list(stores))
+        labelling = {task: self.labelling(task) for task in stores}
+        return scores(classifier, stores, self.splits.normalize, labelling, self.eval_batch_size, self.device)
+
     def accuracy(self, state: Mapping[str, torch.Tensor], stores: Mapping[str, ImageStore]) -> dict[str, float]:
         """Top-1 accuracy (%) of the classifier this state gives, per task, on the given held-out or test stores."""
-        classifier = self.classifier(state, list(stores))
-        return accuracies(classifier, stores, self.splits.normalize, self.eval_batch_size, self.device)
+        return {task: result.accuracy for task, result in self.scores(state, stores).items()}
 
     def select(
         self,
@@ -143,13 +155,16 @@ class Session:
         fixed_alpha: float | None = None,
         description: str = "choosing alpha",
     ) -> Selection:
-        """Choose alpha on held-out data along `path` with PAINT's rule (search, or a fixed value reported)."""
+        """Choose alpha on held-out data along `path` with PAINT's rule (search, or a fixed value reported); every
+        task evaluated (monitored ones too) keeps its scores at each alpha in `Selection.scores`."""
+        evaluated: dict[float, dict[str, Scores]] = {}
         with make_progress() as progress:
             total = len(DEFAULT_GRID) if fixed_alpha is None else 3
             bar = progress.add_task(description, total=total, status="")
 
             def evaluate(alpha: float) -> dict[str, float]:
-                result = self.accuracy(path(alpha), self.splits.val)
+                evaluated[alpha] = self.scores(path(alpha), self.splits.val)
+                result = {task: figures.accuracy for task, figures in evaluated[alpha].items()}
                 shown = ", ".join(f"{t} {result[t]:.1f}%" for t in rule.patch)
                 progress.update(bar, advance=1, status=f"alpha {alpha:g}: {shown}")
                 return result
@@ -157,7 +172,9 @@ class Session:
             if fixed_alpha is None:
                 selection = SEARCHES[search](evaluate, rule)
                 progress.update(bar, total=selection.evaluations)
-                return selection
-            curve = {a: evaluate(a) for a in sorted({0.0, fixed_alpha, 1.0})}
-        chosen = rule.choose(curve)
-        return Selection(alpha=fixed_alpha, rule=f"fixed by --alpha {fixed_alpha:g}", curve=chosen.curve)
+            else:
+                curve = {a: evaluate(a) for a in sorted({0.0, fixed_alpha, 1.0})}
+                selection = Selection(alpha=fixed_alpha, rule=f"fixed by --alpha {fixed_alpha:g}",
+                                      curve=rule.choose(curve).curve)
+        selection.scores = {alpha: evaluated[alpha] for alpha in selection.curve}
+        return selection

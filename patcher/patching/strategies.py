@@ -40,13 +40,14 @@ class Plan:
     patch: list[str]
     support: list[str]
     train_config: TrainConfig
-    tolerance: float = 1.0
+    tolerance: float = 1.0  # what a supported task may lose, unless `tolerances` names its own
     search: str = "golden"
     fixed_alpha: float | None = None
     epochs: float | None = None  # instead of train_config.steps: epochs over the tasks trained together
     train_sizes: Mapping[str, int] = field(default_factory=dict)  # training images per task, for `epochs`
     checkpoints: Path | None = None
     log: Path | None = None
+    tolerances: Mapping[str, float] = field(default_factory=dict)  # per supported task, in points
 
     def train_config_for(self, tasks: list[str]) -> TrainConfig:
         """The main stage's hyperparameters for tasks trained together (steps from `epochs` when given)."""
@@ -62,7 +63,7 @@ class Plan:
 
     def rule(self, patch: list[str], reference: Mapping[str, float] | None = None) -> AlphaRule:
         """PAINT's rule for these patch tasks (the plan's supported tasks and tolerance)."""
-        return AlphaRule(patch, self.support, self.tolerance, reference)
+        return AlphaRule(patch, self.support, self.tolerance, reference, self.tolerances)
 
 
 @dataclass
@@ -108,15 +109,16 @@ class Outcome:
         """The manifest's `multi` section (None for a single patch task)."""
         return MultiRecord(self.strategy, steps=self.steps()) if self.several_tasks else None
 
-    def alpha_record(self, fixed: bool, search: str, tolerance: float) -> AlphaRecord:
-        """The manifest's `alpha` section."""
+    def alpha_record(self, fixed: bool, search: str, tolerance: float,
+                     tolerances: Mapping[str, float] | None = None) -> AlphaRecord:
+        """The manifest's `alpha` section (`tolerances`: each supported task's, in points)."""
         selection = self.selection
         return AlphaRecord(
             mode="fixed" if fixed else "auto", chosen=selection.alpha, rule=selection.rule, tolerance=tolerance,
-            search="fixed" if fixed else ("grid" if self.always_grid else search),
+            tolerances=dict(tolerances or {}), search="fixed" if fixed else ("grid" if self.always_grid else search),
             evaluations=selection.evaluations, grid=list(DEFAULT_GRID), warning=selection.warning,
-            curve=curve_points(selection.curve), zeroshot_val_accuracy=dict(self.reference),
-            parameter=self.parameter, steps=self.alpha_steps(),
+            curve=curve_points(selection.curve, selection_metrics(selection)),
+            zeroshot_val_accuracy=dict(self.reference), parameter=self.parameter, steps=self.alpha_steps(),
         )
 
     def alpha_steps(self) -> list[SelectionStep] | None:
@@ -139,8 +141,8 @@ class SequentialOutcome(Outcome):
 
     def steps(self) -> list[SelectionStep]:
         """Each step's task, alpha, rule and curve."""
-        return [SelectionStep(task, s.alpha, s.rule, s.warning, s.evaluations, curve_points(s.curve))
-                for task, s in self.selections]
+        return [SelectionStep(task, s.alpha, s.rule, s.warning, s.evaluations,
+                              curve_points(s.curve, selection_metrics(s))) for task, s in self.selections]
 
     def alpha_steps(self) -> list[SelectionStep]:
         """Every step's selection."""
@@ -171,6 +173,12 @@ class ParallelOutcome(Outcome):
         if self.merged_runs is not None:
             return MultiRecord(self.strategy, merged_runs=self.merged_runs)
         return MultiRecord(self.strategy, steps=self.steps())
+
+
+def selection_metrics(selection: Selection) -> dict[float, dict[str, dict[str, float]]]:
+    """{alpha: {task: {metric: value}}} of every alpha a selection evaluated (empty where no scores were kept)."""
+    return {alpha: {task: scores.metrics() for task, scores in by_task.items()}
+            for alpha, by_task in selection.scores.items()}
 
 
 def joint(session: Session, plan: Plan) -> Outcome:

@@ -6,6 +6,8 @@
     RUN/models/<kind>.safetensors     the image encoder and every task's head, for each of KINDS
     RUN/text/<kind>.safetensors       the text tower, where the method trained one (finetuned, patched)
     RUN/alpha_curve.png, alpha_curve_step<k>.png, train.log
+    RUN/wiseft.png                    patch-task accuracy against every other task's, over the alphas tried
+    RUN/per_class_accuracy.json       every task's accuracy per class (runs/per_class.py)
     RUN/onnx/                         `patcher export`'s default output
 """
 
@@ -26,6 +28,8 @@ TIMINGS = "timings.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 TRAIN_LOG = "train.log"
 ALPHA_CURVE = "alpha_curve.png"
+WISEFT_PLOT = "wiseft.png"
+PER_CLASS = "per_class_accuracy.json"
 CHECKPOINTS = "checkpoints"
 EXPORT_DIR = "onnx"
 

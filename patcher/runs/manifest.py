@@ -29,7 +29,7 @@ from patcher.training.config import TrainConfig
 
 RUN_FORMAT = "patcher-run/1"
 TIMINGS_FORMAT = "patcher-timings/1"
-ROLES = ("patch", "support")
+ROLES = ("patch", "support", "monitor")
 MAX_IMAGE_SIDE = 8192
 
 
@@ -83,12 +83,16 @@ class BaseModel:
 
 @dataclass(frozen=True)
 class TaskRecord:
-    """One task of the run: its role, class names, prompt templates and split sizes."""
+    """One task of the run: its role (patch, support, or monitor: measured, never judged), the class names of its
+    head's columns, prompt templates and split sizes; `labels` and `column_labels` where several columns score one
+    label (ObjectNet)."""
 
     role: str
     classnames: tuple[str, ...]
     templates: tuple[str, ...] = ("{}",)
     sizes: dict[str, int] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = field(default=None, metadata=OMIT_NONE)
+    column_labels: tuple[int, ...] | None = field(default=None, metadata=OMIT_NONE)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -97,6 +101,15 @@ class TaskRecord:
             raise ValueError("no class names")
         if not self.templates or not all(self.templates):
             raise ValueError("malformed templates")
+        if (self.labels is None) != (self.column_labels is None):
+            raise ValueError("labels and column_labels go together")
+        if self.column_labels is not None and len(self.column_labels) != len(self.classnames):
+            raise ValueError("column_labels must give one label per class name")
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The classes the task's labels count (per-class figures are in this order)."""
+        return self.labels if self.labels is not None else self.classnames
 
 
 @dataclass(frozen=True)
@@ -112,15 +125,25 @@ class MethodRecord:
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """Held-out accuracy of every task at one alpha."""
+    """Held-out top-1 accuracy, macro-F1 and worst-class accuracy of every task at one alpha (%)."""
 
     alpha: float
     val_accuracy: dict[str, float]
+    val_macro_f1: dict[str, float] = field(default_factory=dict)
+    val_worst_class_accuracy: dict[str, float] = field(default_factory=dict)
 
 
-def curve_points(curve: Mapping[float, Mapping[str, float]]) -> list[CurvePoint]:
-    """A search's {alpha: accuracies} as points in ascending alpha."""
-    return [CurvePoint(alpha, dict(values)) for alpha, values in sorted(curve.items())]
+def curve_points(curve: Mapping[float, Mapping[str, float]],
+                 metrics: Mapping[float, Mapping[str, Mapping[str, float]]] | None = None) -> list[CurvePoint]:
+    """A search's {alpha: accuracies} as points in ascending alpha, with {alpha: {task: {metric: value}}} when
+    given (data.metrics.Scores.metrics())."""
+    metrics = metrics or {}
+
+    def of(alpha: float, name: str) -> dict[str, float]:
+        return {task: values[name] for task, values in metrics.get(alpha, {}).items()}
+
+    return [CurvePoint(alpha, dict(values), of(alpha, "macro_f1"), of(alpha, "worst_class_accuracy"))
+            for alpha, values in sorted(curve.items())]
 
 
 @dataclass(frozen=True)
@@ -209,6 +232,7 @@ class AlphaRecord:
     chosen: float
     rule: str
     tolerance: float
+    tolerances: dict[str, float] = field(default_factory=dict, kw_only=True)  # each supported task's, in points
     search: str  # golden | grid | fixed
     evaluations: int
     grid: list[float]
@@ -235,12 +259,15 @@ class Manifest:
     tasks: dict[str, TaskRecord]
     patch_tasks: list[str]
     support_tasks: list[str]
+    monitor_tasks: list[str] = field(default_factory=list, kw_only=True)
     method: MethodRecord
     multi: MultiRecord | None
     text_tower: TextTower
     training: TrainingRecord | MergedTraining
     alpha: AlphaRecord
     test_accuracy: dict[str, dict[str, float]]
+    test_macro_f1: dict[str, dict[str, float]] = field(default_factory=dict, kw_only=True)
+    test_worst_class_accuracy: dict[str, dict[str, float]] = field(default_factory=dict, kw_only=True)
     files: dict[str, FileRecord]
     versions: dict[str, str]
 
@@ -249,7 +276,7 @@ class Manifest:
             raise ValueError("no run name")
         if not self.tasks:
             raise ValueError("no tasks")
-        for key in ("patch_tasks", "support_tasks"):
+        for key in ("patch_tasks", "support_tasks", "monitor_tasks"):
             if not all(name in self.tasks for name in getattr(self, key)):
                 raise ValueError(f"{key} names tasks the manifest does not describe")
 

@@ -17,18 +17,22 @@ def alpha_curve_plot(
     path: Path,
     patch_tasks: Sequence[str],
     zeroshot: Mapping[str, float] | None = None,
-    tolerance: float | None = None,
+    tolerance: float | Mapping[str, float] | None = None,
     title: str = "",
+    monitored: Sequence[str] = (),
 ) -> None:
-    """Held-out accuracy of each task against alpha, the chosen alpha marked, tolerance bands for supported tasks."""
+    """Held-out accuracy of each task against alpha, the chosen alpha marked, tolerance bands for supported tasks
+    (`tolerance`: one for all, or each supported task's); monitored tasks dashed, without a band."""
     alphas = sorted(curve)
     tasks = list(next(iter(curve.values())))
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     for task in tasks:
-        role = "patch" if task in patch_tasks else "supported"
-        line = axes.plot(alphas, [curve[a][task] for a in alphas], marker="o", label=f"{task} ({role})")[0]
-        if zeroshot is not None and tolerance is not None and task not in patch_tasks:
-            axes.axhline(zeroshot[task] - tolerance, color=line.get_color(), linestyle=":", linewidth=1)
+        role = "patch" if task in patch_tasks else "monitored" if task in monitored else "supported"
+        line = axes.plot(alphas, [curve[a][task] for a in alphas], marker="o", label=f"{task} ({role})",
+                         linestyle="--" if role == "monitored" else "-")[0]
+        allowed = tolerance.get(task) if isinstance(tolerance, Mapping) else tolerance
+        if zeroshot is not None and allowed is not None and role == "supported":
+            axes.axhline(zeroshot[task] - allowed, color=line.get_color(), linestyle=":", linewidth=1)
     axes.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"chosen alpha = {chosen:g}")
     axes.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
     axes.set_ylabel("held-out accuracy (%)")
@@ -36,6 +40,46 @@ def alpha_curve_plot(
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize=8)
     axes.set_title(title or "accuracy against alpha")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def wiseft_plot(
+    curve: Mapping[float, Mapping[str, float]],
+    chosen: float,
+    path: Path,
+    patch_tasks: Sequence[str],
+    roles: Mapping[str, str],
+    title: str = "",
+) -> None:
+    """WiSE-FT's picture: held-out accuracy on the patch task(s) (x, their mean) against each supported or monitored
+    task's (y) over the alphas tried, zero-shot (alpha 0), fine-tuned (alpha 1) and the chosen alpha marked."""
+    alphas = sorted(curve)
+    others = [task for task in next(iter(curve.values())) if task not in patch_tasks]
+    x = [sum(curve[a][t] for t in patch_tasks) / len(patch_tasks) for a in alphas]
+    figure, axes = plt.subplots(figsize=(6.5, 5), dpi=120)
+    for task in others:
+        y = [curve[a][task] for a in alphas]
+        line = axes.plot(x, y, marker=".", label=f"{task} ({roles.get(task, 'supported')})",
+                         linestyle="--" if roles.get(task) == "monitor" else "-")[0]
+        colour = line.get_color()
+        for alpha, marker, size in ((0.0, "s", 60), (1.0, "^", 70), (chosen, "o", 90)):
+            if alpha in curve:
+                index = alphas.index(alpha)
+                axes.scatter([x[index]], [y[index]], marker=marker, s=size, facecolors="none" if alpha == chosen and
+                             alpha not in (0.0, 1.0) else colour, edgecolors=colour, zorder=3)
+        for index in (0, len(alphas) - 1):
+            axes.annotate(f"{alphas[index]:g}", (x[index], y[index]), textcoords="offset points", xytext=(4, 4),
+                          fontsize=7, color=colour)
+    for marker, text in (("s", "zero-shot (alpha 0)"), ("^", "fine-tuned (alpha 1)"), ("o", f"chosen ({chosen:g})")):
+        axes.scatter([], [], marker=marker, color="grey", label=text)
+    patch = patch_tasks[0] if len(patch_tasks) == 1 else f"mean of {', '.join(patch_tasks)}"
+    axes.set_xlabel(f"{patch}: held-out accuracy (%)")
+    axes.set_ylabel("other task: held-out accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize=7)
+    axes.set_title(title or "patch task against the others over alpha")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

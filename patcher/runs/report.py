@@ -21,6 +21,22 @@ def accuracy_table(manifest: Manifest) -> Table:
     return table
 
 
+def metrics_table(manifest: Manifest) -> Table | None:
+    """Macro-F1 and worst-class test accuracy per task and model; None for a run built before they were recorded."""
+    if not manifest.test_macro_f1:
+        return None
+    table = Table(title=f"{manifest.name}: test macro-F1 / worst-class accuracy (%)")
+    table.add_column("task")
+    table.add_column("role")
+    for kind in KINDS:
+        table.add_column(kind, justify="right")
+    for task, record in manifest.tasks.items():
+        cells = [f"{manifest.test_macro_f1[kind][task]:.2f} / {manifest.test_worst_class_accuracy[kind][task]:.2f}"
+                 for kind in KINDS]
+        table.add_row(task, record.role, *cells)
+    return table
+
+
 def alpha_lines(manifest: Manifest) -> list[str]:
     """How alpha was chosen, in a few lines."""
     alpha = manifest.alpha

@@ -22,11 +22,12 @@ from patcher.base.errors import PatcherError
 from patcher.base.progress import console, make_progress
 from patcher.base.staging import Resume, Staging, staged_output
 from patcher.data.loading import Splits, prepare_splits
+from patcher.data.metrics import Scores
 from patcher.data.options import DataOptions
 from patcher.data.tasks import Task, get_task
 from patcher.models import LoadedModel, load_clip
 from patcher.models.heads import zero_shot_head
-from patcher.patching.alpha import SEARCHES, parse_alpha
+from patcher.patching.alpha import SEARCHES, parse_alpha, parse_support
 from patcher.patching.session import Session
 from patcher.patching.strategies import STRATEGIES, Outcome, Plan
 from patcher.runs.layout import CHECKPOINTS, TRAIN_LOG
@@ -52,7 +53,7 @@ class BuildOptions:
     """Everything `patcher build` takes; `train_config` None means the method's defaults (PAINT's for `ft`)."""
 
     task: str  # one patch task, or several separated by commas
-    support: list[str] = field(default_factory=list)
+    support: list[str] = field(default_factory=list)  # "name" or "name:points" (its own tolerance)
     model: str = "ViT-B-32"
     pretrained: str | None = "openai"
     image_size: int | None = None
@@ -71,6 +72,7 @@ class BuildOptions:
     resume: bool = False
     eval_batch_size: int = 256
     data: DataOptions = field(default_factory=DataOptions)
+    monitor: list[str] = field(default_factory=list)  # tasks measured at every alpha and on test, never judged
 
     def __post_init__(self) -> None:
         if self.train_config is None:  # the one place the method's defaults fill in what was not given
@@ -99,6 +101,8 @@ class BuildOptions:
             data.pop(key)
         data["data"] = self.data.deciding()  # workers and where pixels are kept do not change results
         data["finetune"] = self.hyperparameters.hyperparameters()
+        if not self.monitor:
+            data.pop("monitor")  # a build without monitored tasks keeps the fingerprint builds had before them
         return json.loads(json.dumps(data, default=str))
 
 
@@ -112,17 +116,20 @@ def default_out(options: BuildOptions) -> Path:
 
 @dataclass(frozen=True)
 class Checked:
-    """The options, checked: the tasks, the fixed alpha (if any) and the method's parameters."""
+    """The options, checked: the tasks, the fixed alpha (if any), the method's parameters, each supported task's
+    tolerance, and the monitored tasks."""
 
     patch: list[Task]
     support: list[Task]
     fixed_alpha: float | None
     params: Any
+    tolerances: dict[str, float] = field(default_factory=dict)
+    monitor: list[Task] = field(default_factory=list)
 
     @property
     def tasks(self) -> dict[str, Task]:
-        """Every task of the run, patch tasks first."""
-        return {task.name: task for task in [*self.patch, *self.support]}
+        """Every task of the run: patch tasks first, then supported, then monitored ones."""
+        return {task.name: task for task in [*self.patch, *self.support, *self.monitor]}
 
 
 def check_options(options: BuildOptions) -> Checked:
@@ -143,17 +150,28 @@ def check_options(options: BuildOptions) -> Checked:
     if options.multi is not None and len(names) < 2:
         raise PatcherError(f"--multi {options.multi} combines several patch tasks: pass --task A,B (or drop --multi)")
     fixed_alpha = parse_alpha(options.alpha)
+    support_names, tolerances = parse_support(options.support, options.tolerance)
     patch = [get_task(name) for name in names]
-    support = [get_task(name) for name in options.support]
-    for name in options.support:
+    for task in patch:
+        if not task.trainable:
+            raise PatcherError(f"{task.name} is an evaluation set with no training images: pass it as --support or "
+                               "--monitor, and patch a task that has a train split")
+    support = [get_task(name) for name in support_names]
+    monitor = [get_task(name) for name in options.monitor]
+    for name in support_names:
         if name in names:
             raise PatcherError(f"{name} is both the patch task and a supported task: list it once")
+    if len(set(options.monitor)) != len(options.monitor):
+        raise PatcherError(f"--monitor {','.join(options.monitor)} names a task twice: list each monitored task once")
+    for name in options.monitor:
+        if name in names or name in support_names:
+            raise PatcherError(f"{name} is monitored and also patched or supported: give each task one role")
     config = options.hyperparameters
     if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
         raise PatcherError("--steps, --batch-size and --lr must be positive")
     if options.resume and options.out is None:
         raise PatcherError("--resume needs the --out of the interrupted build")
-    return Checked(patch, support, fixed_alpha, params)
+    return Checked(patch, support, fixed_alpha, params, tolerances, monitor)
 
 
 def base_model(loaded: LoadedModel, image_size: int | None) -> BaseModel:
@@ -168,10 +186,22 @@ def task_records(checked: Checked, splits: Splits) -> dict[str, TaskRecord]:
         sizes = {"val": len(splits.val[task.name]), "test": len(splits.test[task.name])}
         if task.name in splits.train:
             sizes = {"train": len(splits.train[task.name]), **sizes}
-        return TaskRecord(role, task.classnames, task.templates, sizes)
+        return TaskRecord(role, task.classnames, task.templates, sizes, task.labels, task.column_labels)
 
     return {**{t.name: record(t, "patch") for t in checked.patch},
-            **{t.name: record(t, "support") for t in checked.support}}
+            **{t.name: record(t, "support") for t in checked.support},
+            **{t.name: record(t, "monitor") for t in checked.monitor}}
+
+
+def task_head(loaded: LoadedModel, task: Task, device: str, parent: Task | None = None) -> torch.Tensor:
+    """A task's zero-shot head: its own, or the columns of another task's it is scored with (ImageNet-R's are
+    ImageNet's 200 columns, so its logits are ImageNet's restricted to them); `parent`: that task, if not the
+    registered one."""
+    if task.head_from is None:
+        return zero_shot_head(loaded, list(task.classnames), list(task.templates), device)
+    parent = parent or get_task(task.head_from.parent)
+    head = zero_shot_head(loaded, list(parent.classnames), list(parent.templates), device)
+    return head[:, list(task.head_from.columns)].contiguous()
 
 
 class Build:
@@ -213,9 +243,8 @@ class Build:
         return result
 
     def _patch_and_write(self, loaded: LoadedModel, splits: Splits, staging: Staging) -> Path | None:
-        heads = self._timed("heads", lambda: {name: zero_shot_head(loaded, list(t.classnames), list(t.templates),
-                                                                   self.device)
-                                              for name, t in self.checked.tasks.items()})
+        heads = self._timed("heads", lambda: {name: task_head(loaded, task, self.device)
+                                              for name, task in self.checked.tasks.items()})
         folder = staging.open()  # created (or taken up with --resume) by rank 0, now that the data is found
         distributed.barrier()  # the staging directory (and any checkpoint to resume from) exists for every rank
         session = Session(loaded, self.checked.tasks, heads, splits, self.device, self.options.eval_batch_size)
@@ -223,11 +252,11 @@ class Build:
             session, self.plan(splits, folder)))
         if outcome.selection.warning and distributed.is_main():
             console.print(f"[yellow]warning:[/] {outcome.selection.warning}")
-        test_accuracy = self._timed("test", lambda: test(session, outcome))
+        tested = self._timed("test", lambda: test_scores(session, outcome))
         if not distributed.is_main():
             return None
         self.timings["total"] = time.perf_counter() - self.started
-        write_run(folder, self.contents(staging.final.name, loaded, splits, session, outcome, test_accuracy))
+        write_run(folder, self.contents(staging.final.name, loaded, splits, session, outcome, tested))
         return staging.final  # staged_output renames the staging directory into place
 
     def plan(self, splits: Splits, folder: Path) -> Plan:
@@ -236,10 +265,10 @@ class Build:
         return Plan(get_method(options.method), checked.params, [t.name for t in checked.patch],
                     [t.name for t in checked.support], options.hyperparameters, options.tolerance, options.search,
                     checked.fixed_alpha, options.epochs, {name: len(split) for name, split in splits.train.items()},
-                    folder / CHECKPOINTS, folder / TRAIN_LOG)
+                    folder / CHECKPOINTS, folder / TRAIN_LOG, checked.tolerances)
 
     def contents(self, name: str, loaded: LoadedModel, splits: Splits, session: Session, outcome: Outcome,
-                 test_accuracy: dict[str, dict[str, float]]) -> RunContents:
+                 tested: dict[str, dict[str, Scores]]) -> RunContents:
         """What the run directory holds."""
         options, method = self.options, get_method(self.options.method)
         main_stage = {k: v for k, v in outcome.trained[0].stages[-1].items() if k != "stage"}
@@ -249,21 +278,32 @@ class Build:
             data=DataRecord(**asdict(options.data), skipped_bad_images=splits.skipped))
         method_record = MethodRecord(method.name, params_dict(self.checked.params), list(method.trains),
                                      outcome.trained_heads, method.reference)
-        alpha = outcome.alpha_record(self.checked.fixed_alpha is not None, options.search, options.tolerance)
+        alpha = outcome.alpha_record(self.checked.fixed_alpha is not None, options.search, options.tolerance,
+                                     self.checked.tolerances)
         return RunContents(name, options_sha256(options.fingerprint()), base_model(loaded, options.image_size),
                            loaded.open_clip_config(), task_records(self.checked, splits), method_record, training,
-                           outcome, alpha, test_accuracy, session.resolver, self.timings)
+                           outcome, alpha, accuracies_of(tested), session.resolver, self.timings, tested)
 
 
-def test(session: Session, outcome: Outcome) -> dict[str, dict[str, float]]:
-    """Test accuracy of each stored model on every task."""
+def test_scores(session: Session, outcome: Outcome) -> dict[str, dict[str, Scores]]:
+    """Test scores (confusion matrices) of each stored model on every task."""
     results = {}
     with make_progress() as progress:
         bar = progress.add_task("testing", total=len(outcome.states), status="")
         for kind, state in outcome.states.items():
-            results[kind] = session.accuracy(state, session.splits.test)
+            results[kind] = session.scores(state, session.splits.test)
             progress.advance(bar)
     return results
+
+
+def accuracies_of(tested: dict[str, dict[str, Scores]]) -> dict[str, dict[str, float]]:
+    """Top-1 accuracy by model and task."""
+    return {kind: {task: scores.accuracy for task, scores in by_task.items()} for kind, by_task in tested.items()}
+
+
+def test(session: Session, outcome: Outcome) -> dict[str, dict[str, float]]:
+    """Test accuracy of each stored model on every task."""
+    return accuracies_of(test_scores(session, outcome))
 
 
 def build(options: BuildOptions) -> Path | None:

@@ -33,7 +33,7 @@ from patcher.patching.task_vectors import task_arithmetic
 from patcher.runs.layout import text_file
 from patcher.runs.manifest import MergedRun, MergedTraining, MethodRecord, Run, TaskRecord, load_run, options_sha256
 from patcher.runs.weights import verified_config, verified_weights
-from patcher.stages.build import test
+from patcher.stages.build import accuracies_of, test_scores
 from patcher.stages.outputs import RunContents, write_run
 from patcher.training.loop import pick_device
 
@@ -196,12 +196,13 @@ def merge_runs(options: MergeOptions) -> Path:
     outcome = ParallelOutcome(states, selection, selection.curve[0.0], [],
                               f"merged {', '.join(patch)}: held-out accuracy against the coefficient",
                               merged_runs=sources)
-    test_accuracy = test(session, outcome)
+    tested = test_scores(session, outcome)
     training = MergedTraining(True, device, sum(run.manifest.training.total_steps for run in runs))
     contents = RunContents(out.name, options_sha256(options.fingerprint(runs)), runs[0].manifest.model, config,
                            _task_records(runs, tasks, patch, session), _merged_method(runs), training, outcome,
-                           outcome.alpha_record(fixed_alpha is not None, "grid", options.tolerance), test_accuracy,
-                           session.resolver, {})
+                           outcome.alpha_record(fixed_alpha is not None, "grid", options.tolerance,
+                                                {task: options.tolerance for task in support}),
+                           accuracies_of(tested), session.resolver, {}, tested)
     with staged_output(out) as staging:  # locked, stale partials cleaned, write faults as one error
         contents.timings["total"] = time.perf_counter() - started
         write_run(staging.open(), contents)

@@ -2,6 +2,7 @@
 
     models/<kind>.safetensors, text/<kind>.safetensors   encoder + heads (and text tower) of each stored model
     open_clip_config.json, alpha_curve*.png              how to rebuild the encoder; the alpha curves
+    wiseft.png, per_class_accuracy.json                  patch task against the others; accuracy per class
     timings.json, manifest.json                          the manifest last: a staging directory holding one is whole
 
 Files are byte-identical for the same tensors (`save_tensors`); the manifest holds no clock (timings.json does).
@@ -17,6 +18,7 @@ from typing import Any
 
 from patcher.base.files import now_iso, write_json
 from patcher.base.tensorfile import save_tensors
+from patcher.data.metrics import Scores
 from patcher.models.heads import HeadResolver
 from patcher.models.state import TEXT_PREFIX, State, classifier_state, has_text, part
 from patcher.patching.strategies import Outcome
@@ -26,6 +28,7 @@ from patcher.runs.layout import (
     OPEN_CLIP_CONFIG,
     TEXT_KINDS,
     TIMINGS,
+    WISEFT_PLOT,
     alpha_curve_step,
     model_file,
     text_file,
@@ -45,7 +48,8 @@ from patcher.runs.manifest import (
     versions,
     write_manifest,
 )
-from patcher.runs.plots import alpha_curve_plot
+from patcher.runs.per_class import PER_CLASS_FORMAT, AlphaPerClass, PerClassRecord, TaskPerClass, write_per_class
+from patcher.runs.plots import alpha_curve_plot, wiseft_plot
 
 
 @dataclass
@@ -64,6 +68,7 @@ class RunContents:
     test_accuracy: dict[str, dict[str, float]]
     resolver: HeadResolver  # turns the outcome's states into encoder + heads
     timings: dict[str, float]
+    test_scores: dict[str, dict[str, Scores]] | None = None  # by model and task: macro-F1, worst and per class
 
     def roles(self, role: str) -> list[str]:
         """The tasks with this role, in order."""
@@ -89,14 +94,40 @@ def write_models(staging: Path, resolver: HeadResolver, states: Mapping[str, Sta
 
 
 def plot_curves(staging: Path, contents: RunContents) -> None:
-    """alpha_curve.png for the selection behind the patched model, alpha_curve_step<k>.png for each step."""
-    outcome, support = contents.outcome, contents.roles("support")
-    tolerance = contents.alpha.tolerance if support else None
+    """alpha_curve.png for the selection behind the patched model, alpha_curve_step<k>.png for each step, and
+    wiseft.png (patch accuracy against every other task's over the alphas tried) when the run has other tasks."""
+    outcome, support, monitored = contents.outcome, contents.roles("support"), contents.roles("monitor")
+    alpha = contents.alpha
+    tolerance = (alpha.tolerances or alpha.tolerance) if support else None
     alpha_curve_plot(outcome.selection.curve, outcome.selection.alpha, staging / ALPHA_CURVE, contents.roles("patch"),
-                     outcome.reference, tolerance, title=outcome.title)
+                     outcome.reference, tolerance, title=outcome.title, monitored=monitored)
     for number, (task, step) in enumerate(outcome.step_plots(), start=1):
         alpha_curve_plot(step.curve, step.alpha, staging / alpha_curve_step(number), [task], outcome.reference,
-                         tolerance, title=f"step {number} ({task}): held-out accuracy")
+                         tolerance, title=f"step {number} ({task}): held-out accuracy", monitored=monitored)
+    if support or monitored:
+        roles = {task: record.role for task, record in contents.tasks.items()}
+        wiseft_plot(outcome.selection.curve, outcome.selection.alpha, staging / WISEFT_PLOT, contents.roles("patch"),
+                    roles, title=f"{', '.join(contents.roles('patch'))}: the others over alpha (held-out)")
+
+
+def per_class(contents: RunContents) -> PerClassRecord | None:
+    """Every task's accuracy per class: on test for each stored model, held-out at each alpha evaluated."""
+    tested = contents.test_scores
+    if tested is None:
+        return None
+    evaluated = contents.outcome.selection.scores
+    tasks = {}
+    for task, record in contents.tasks.items():
+        val = [AlphaPerClass(a, evaluated[a][task].per_class) for a in sorted(evaluated) if task in evaluated[a]]
+        tasks[task] = TaskPerClass(list(record.label_names), [int(n) for n in tested["zeroshot"][task].support],
+                                   {kind: tested[kind][task].per_class for kind in KINDS}, val)
+    return PerClassRecord(PER_CLASS_FORMAT, tasks)
+
+
+def test_metric(contents: RunContents, name: str) -> dict[str, dict[str, float]]:
+    """One test metric (data.metrics.METRICS) by model and task; empty without test scores."""
+    tested = contents.test_scores or {}
+    return {kind: {task: getattr(scores, name) for task, scores in by_task.items()} for kind, by_task in tested.items()}
 
 
 def write_run(staging: Path, contents: RunContents) -> None:
@@ -104,12 +135,17 @@ def write_run(staging: Path, contents: RunContents) -> None:
     text_files = write_models(staging, contents.resolver, contents.outcome.states, contents.outcome.alphas)
     (staging / OPEN_CLIP_CONFIG).write_text(json.dumps(contents.open_clip_config, indent=2) + "\n")
     plot_curves(staging, contents)
+    per_class_record = per_class(contents)
+    if per_class_record is not None:
+        write_per_class(staging, per_class_record)
     manifest = Manifest(
         format=RUN_FORMAT, name=contents.name, options_sha256=contents.options_sha256, model=contents.model,
         tasks=contents.tasks, patch_tasks=contents.roles("patch"), support_tasks=contents.roles("support"),
-        method=contents.method, multi=contents.outcome.multi_record(),
+        monitor_tasks=contents.roles("monitor"), method=contents.method, multi=contents.outcome.multi_record(),
         text_tower=TextTower(bool(text_files), text_files), training=contents.training, alpha=contents.alpha,
-        test_accuracy=contents.test_accuracy, files=files_record(staging), versions=versions(),
+        test_accuracy=contents.test_accuracy, test_macro_f1=test_metric(contents, "macro_f1"),
+        test_worst_class_accuracy=test_metric(contents, "worst_class_accuracy"), files=files_record(staging),
+        versions=versions(),
     )
     write_json(staging / TIMINGS, {"format": TIMINGS_FORMAT, "created": now_iso(),
                                    "timings_s": {key: round(value, 3) for key, value in contents.timings.items()}})

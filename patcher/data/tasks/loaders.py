@@ -147,3 +147,14 @@ def load_cars(part: str, root: Path, download: bool, dataset_class: str | type =
     )
     check_classes(data.classes, classnames.CARS, "Stanford Cars", where, by_name=False)
     return ImageView(data)
+
+
+def _food101_part(data: Any, part: str, where: Path) -> Dataset:
+    """Food-101's official 750 train / 250 test images per class, its classes checked."""
+    check_classes(data.classes, classnames.FOOD101_FOLDERS, "Food-101", where)
+    return ImageView(data)
+
+
+load_food101 = torchvision_loader(TorchvisionLayout(
+    "Food101", "Food-101", "food-101", "images/<class>/<id>.jpg for its 101 class folders, meta/train.json and "
+    "meta/test.json", "split", select=_food101_part))

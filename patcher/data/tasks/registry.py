@@ -13,11 +13,47 @@ from patcher.data.tasks.digits import load_digits
 from patcher.data.tasks.fashion_mnist import load_fashion_mnist
 from patcher.data.tasks.folder import PREFIX as FOLDER_PREFIX
 from patcher.data.tasks.folder import folder_task
+from patcher.data.tasks.imagenet_shifts import (
+    load_imagenet_a,
+    load_imagenet_r,
+    load_imagenet_sketch,
+    load_imagenet_v2,
+    load_objectnet,
+    subset_columns,
+)
 from patcher.data.tasks.kitti import load_kitti
+from patcher.data.tasks.objectnet_classes import OBJECTNET
 from patcher.data.tasks.printed_digits import load_printed_digits
-from patcher.data.tasks.task import Task
+from patcher.data.tasks.task import TEST_ONLY, HeadColumns, Loader, Task
+from patcher.data.tasks.typographic_digits import load_typographic_digits
 
 PAINT_TASKS = ("cars", "dtd", "eurosat", "gtsrb", "kitti", "mnist", "resisc45", "sun397", "svhn")
+IMAGENET_SHIFTS = ("imagenet-v2", "imagenet-r", "imagenet-sketch", "imagenet-a", "objectnet")
+
+
+def imagenet_like(name: str, loader: Loader) -> Task:
+    """An evaluation set with ImageNet's 1,000 classes, in its label order, and ImageNet's prompts."""
+    return Task(name, names.imagenet(), prompts.imagenet(), loader, parts=TEST_ONLY)
+
+
+def imagenet_subset(subset: str, loader: Loader) -> Task:
+    """ImageNet-R or -A: 200 of ImageNet's classes, scored with those columns of ImageNet's head."""
+    columns = subset_columns(subset)
+    imagenet = names.imagenet()
+    return Task(f"imagenet-{subset}", tuple(imagenet[c] for c in columns), prompts.imagenet(), loader,
+                parts=TEST_ONLY, head_from=HeadColumns("imagenet", columns))
+
+
+def objectnet() -> Task:
+    """ObjectNet's 113 ImageNet-mapped classes: the head holds their ImageNet classes' columns, each class scoring
+    the best of its columns."""
+    imagenet = names.imagenet()
+    columns = tuple(column for _, _, mapped in OBJECTNET for column in mapped)
+    column_labels = tuple(label for label, (_, _, mapped) in enumerate(OBJECTNET) for _ in mapped)
+    return Task("objectnet", tuple(imagenet[c] for c in columns), prompts.imagenet(), load_objectnet, parts=TEST_ONLY,
+                head_from=HeadColumns("imagenet", columns), labels=tuple(name for _, name, _ in OBJECTNET),
+                column_labels=column_labels)
+
 
 # Factories, so that a task is only built (ImageNet's names need open_clip) when it is asked for.
 _TASKS: dict[str, Callable[[], Task]] = {
@@ -31,12 +67,19 @@ _TASKS: dict[str, Callable[[], Task]] = {
     "sun397": lambda: Task("sun397", names.SUN397, prompts.SUN397, loaders.load_sun397),
     "svhn": lambda: Task("svhn", names.SVHN, prompts.SVHN, loaders.load_svhn),
     "imagenet": lambda: Task("imagenet", names.imagenet(), prompts.imagenet(), image_folders.load_imagenet),
+    "imagenet-v2": lambda: imagenet_like("imagenet-v2", load_imagenet_v2),
+    "imagenet-sketch": lambda: imagenet_like("imagenet-sketch", load_imagenet_sketch),
+    "imagenet-r": lambda: imagenet_subset("r", load_imagenet_r),
+    "imagenet-a": lambda: imagenet_subset("a", load_imagenet_a),
+    "objectnet": objectnet,
+    "food101": lambda: Task("food101", names.FOOD101, prompts.FOOD101, loaders.load_food101),
     "cifar10": lambda: Task("cifar10", names.CIFAR10, prompts.CIFAR10, loaders.load_cifar10),
     "cifar100": lambda: Task("cifar100", names.CIFAR100, prompts.CIFAR100, loaders.load_cifar100),
     "stl10": lambda: Task("stl10", names.STL10, prompts.STL10, loaders.load_stl10),
     "fashion-mnist": lambda: Task("fashion-mnist", names.FASHION_MNIST, prompts.FASHION_MNIST, load_fashion_mnist),
     "digits": lambda: Task("digits", names.DIGITS, prompts.DIGITS, load_digits, parts=DIGITS_PARTS),
     "printed-digits": lambda: Task("printed-digits", names.DIGITS, prompts.PRINTED_DIGITS, load_printed_digits),
+    "typographic-digits": lambda: Task("typographic-digits", names.DIGITS, prompts.DIGITS, load_typographic_digits),
 }
 
 

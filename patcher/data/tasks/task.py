@@ -18,6 +18,7 @@ from patcher.data.tasks.views import ImageView
 Loader = Callable[[str, Path, bool], Dataset]
 
 OFFICIAL_PARTS = ("train", "test")
+TEST_ONLY = ("test",)  # an evaluation set: its held-out split is a seeded part of its test images
 
 
 def is_template(text: str) -> bool:
@@ -27,14 +28,31 @@ def is_template(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class HeadColumns:
+    """A head taken from another task's: the columns of `parent`'s zero-shot head this task scores with (the
+    200 ImageNet classes of ImageNet-R, as WiSE-FT restricts the 1,000-class logits)."""
+
+    parent: str
+    columns: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Task:
-    """A classification task. Split "val" is a seeded holdout of the train part; "train" excludes it."""
+    """A classification task. Split "val" is a seeded holdout of the train part; "train" excludes it. A task
+    without a train part (an evaluation set such as ImageNet-R) holds out a seeded part of its test images instead.
+
+    `classnames` name the head's columns (what the prompts fill in); `labels`, when given, are the classes the
+    dataset's labels count, with `column_labels` the label of each column (ObjectNet: several ImageNet columns
+    per ObjectNet class)."""
 
     name: str
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
     load: Loader = field(repr=False, compare=False)
     parts: tuple[str, ...] = field(default=OFFICIAL_PARTS, repr=False, compare=False)
+    head_from: HeadColumns | None = field(default=None, repr=False, compare=False)
+    labels: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    column_labels: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.classnames:
@@ -46,19 +64,39 @@ class Task:
                 raise PatcherError(
                     f"task {self.name}: template {template!r} must contain exactly one '{{}}' and no other braces"
                 )
+        if self.head_from is not None and len(self.head_from.columns) != len(self.classnames):
+            raise PatcherError(f"task {self.name}: {len(self.head_from.columns)} head columns for "
+                               f"{len(self.classnames)} class names")
+        if (self.labels is None) != (self.column_labels is None):
+            raise PatcherError(f"task {self.name}: labels and column_labels go together")
+        if self.column_labels is not None and (len(self.column_labels) != len(self.classnames)
+                                               or set(self.column_labels) != set(range(len(self.labels or ())))):
+            raise PatcherError(f"task {self.name}: column_labels must give each column a label, every label a column")
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The classes the dataset's labels count, in label order."""
+        return self.labels if self.labels is not None else self.classnames
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the task has training images (an evaluation set has none)."""
+        return "train" in self.parts
 
     @property
     def splits(self) -> tuple[str, ...]:
-        """The split names dataset() accepts: train, val, test, then any extra parts of this task."""
-        return ("train", "val", "test", *(part for part in self.parts if part not in OFFICIAL_PARTS))
+        """The split names dataset() accepts: train (when the task has one), val, test, then any extra parts."""
+        train = ("train",) if self.trainable else ()
+        return (*train, "val", "test", *(part for part in self.parts if part not in OFFICIAL_PARTS))
 
     def dataset(self, split: str, data_root: Path | str | None = None, download: bool = False) -> Dataset:
         """Items (RGB PIL image, int label) of one split, read from under the data root."""
         if split not in self.splits:
             raise PatcherError(f"task {self.name} has no split {split!r}; its splits are {', '.join(self.splits)}")
         root = resolve_data_root(data_root)
-        if split not in ("train", "val"):
+        if split not in ("train", "val") and self.trainable:
             return self.load(split, root, download)
-        full_train = self.load("train", root, download)
-        train_indices, val_indices = holdout_indices(len(full_train))
-        return ImageView(full_train, train_indices if split == "train" else val_indices)
+        held_from = "train" if self.trainable else "test"  # an evaluation set holds out part of its test images
+        full = self.load(held_from, root, download)
+        kept, held_out = holdout_indices(len(full))
+        return ImageView(full, held_out if split == "val" else kept)

@@ -95,6 +95,8 @@ RESISC45 = (
     "aerial view of the {}.",
 )
 
+FOOD101 = ("a photo of {}, a type of food.",)
+
 FASHION_MNIST = (
     "a photo of a {}.",
     "a photo of the {}.",
