@@ -6,6 +6,7 @@
     RUN/models/<kind>.safetensors     the image encoder and every task's head, for each of KINDS
     RUN/text/<kind>.safetensors       the text tower, where the method trained one (finetuned, patched)
     RUN/alpha_curve.png, alpha_curve_step<k>.png, train.log
+    RUN/reports/                      --report-to's curves (tensorboard/ event files, wandb/), left out of the manifest
     RUN/onnx/                         `patcher export`'s default output
 """
 
@@ -27,6 +28,7 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 TRAIN_LOG = "train.log"
 ALPHA_CURVE = "alpha_curve.png"
 CHECKPOINTS = "checkpoints"
+REPORTS = "reports"
 EXPORT_DIR = "onnx"
 
 

@@ -129,6 +129,10 @@ def train(
     gets the step, loss, learning rate, gradient norm (before clipping), images per second and any held-out
     accuracy, every `log_every` steps and at every evaluation.
     """
+    if train_config.batch_size < train_config.accum_steps * distributed.world_size():
+        raise PatcherError(f"--batch-size {train_config.batch_size} leaves a micro-batch without images on "
+                           f"{distributed.world_size()} process(es) with --accum-steps {train_config.accum_steps}: "
+                           "raise --batch-size or lower --accum-steps")
     parameters = [p for p in parameters if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
