@@ -18,8 +18,8 @@ import inspect
 import io
 import math
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,36 @@ class _StepModule(nn.Module):
         return self.step_loss(step) if micro.count == 1 else self.step_loss(step, micro)
 
 
+class _Speed:
+    """Training images per second since the last reading; time spent evaluating or checkpointing left out."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.started, self.paused, self.images = time.perf_counter(), 0.0, 0
+
+    @contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time inside this block does not count."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - started
+
+    def read(self) -> float:
+        """Images per second over the window (queued GPU work finished first); a new window starts."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.started - self.paused
+        speed = self.images / elapsed if elapsed > 0 else 0.0
+        self.reset()
+        return speed
+
+
 def _synchronising(stepper: nn.Module, micro: Micro) -> AbstractContextManager[Any]:
     """Under DDP, gradients of every micro-batch but the last accumulate locally; the last pass averages them."""
     return nullcontext() if micro.last or not hasattr(stepper, "no_sync") else stepper.no_sync()
@@ -153,11 +183,10 @@ def train(
     stepper = _data_parallel(module, step_loss, device)
     micros = [Micro(index, train_config.accum_steps) for index in range(train_config.accum_steps)]
     every = train_config.eval_every if evaluate is not None else 0
-    seconds, images = 0.0, 0  # training time and images since the last log line (evaluation left out)
+    speed = _Speed(device)
     with make_progress() as progress:
         bar = progress.add_task(description, total=train_config.steps, completed=first_step, status="")
         for step in range(first_step, train_config.steps):
-            started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
             for micro in micros:
@@ -171,26 +200,28 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            seconds, images = seconds + time.perf_counter() - started, images + train_config.batch_size
+            speed.images += train_config.batch_size
             done = step + 1
-            accuracy = evaluate() if every and (done % every == 0 or done == train_config.steps) else None
-            if accuracy is not None:
-                module.train()  # evaluation put the encoder in eval mode
+            accuracy = None
+            if every and (done % every == 0 or done == train_config.steps):
+                with speed.pause():
+                    accuracy = evaluate()
+                    module.train()  # evaluation put the encoder in eval mode
             if step % train_config.log_every == 0 or done == train_config.steps or accuracy is not None:
                 value = float(distributed.all_reduce_sum(loss).item()) / distributed.world_size()
-                speed = images / seconds if seconds > 0 else 0.0
-                progress.update(bar, status=f"loss {value:.3f}, {speed:.1f} img/s")
+                images_per_s = speed.read()
+                progress.update(bar, status=f"loss {value:.3f}, {images_per_s:.1f} img/s")
                 entry = {"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
-                         "grad_norm": round(float(grad_norm), 5), "images_per_s": round(speed, 2)}
+                         "grad_norm": round(float(grad_norm), 5), "images_per_s": round(images_per_s, 2)}
                 if accuracy is not None:
                     entry["val_accuracy"] = {task: round(score, 4) for task, score in accuracy.items()}
                 if log is not None and distributed.is_main():
                     log(entry)
-                seconds, images = 0.0, 0
             progress.update(bar, advance=1)
             if (checkpoint is not None and done % train_config.checkpoint_every == 0 and done < train_config.steps
                     and distributed.is_main()):
-                _save_checkpoint(checkpoint, done, module, optimizer, scheduler, scaler)
+                with speed.pause():
+                    _save_checkpoint(checkpoint, done, module, optimizer, scheduler, scaler)
     module.eval()
 
 
