@@ -12,9 +12,10 @@ kernel, on CPU: the resident set at rest after the warm-up step (weights and Ada
 freed, as the loop frees them when a step starts) and its peak over the timed steps (VmHWM, reset through
 /proc/self/clear_refs after the warm-up step; glibc's mmap threshold fixed at 128 KiB so that freed activations
 go back to the kernel); their difference is what a step adds: the activations kept for the backward pass, and
-the gradients. On CUDA the same two figures come from torch.cuda's allocator statistics. Step time: the loop's
-own images/s over the timed steps. Configurations of one batch size run in turn within each round, so ratios
-are measured side by side.
+the gradients. What the forward pass holds for the backward pass (activations) is read at the end of each
+forward pass, gradients being None then. On CUDA the same figures come from torch.cuda's allocator statistics.
+Step time: the loop's own images/s over the timed steps. Configurations of one batch size run in turn within
+each round, so ratios are measured side by side.
 Writes bench/results/<name>.{json,md}.
 """
 
@@ -88,14 +89,26 @@ def measure(model: str, image_size: int, batch: int, config: str, steps: int, de
         else:
             marks["speeds"].append(line["images_per_s"])
 
+    method = FineTune(setup, None)
+    step_loss = method.step_loss
+
+    def measured_step_loss(*arguments: Any) -> Any:  # the loss of a (micro-)batch, its graph alive
+        loss = step_loss(*arguments)
+        if "rest_rss" in marks:  # the timed steps: gradients are None here, so this is what backward will need
+            held = (torch.cuda.memory_allocated() / 2**20 - marks["rest"] if cuda
+                    else _status_kib("VmRSS") / 1024 - marks["rest_rss"])
+            marks["forward"] = max(marks.get("forward", 0.0), held)
+        return loss
+
+    method.step_loss = measured_step_loss  # type: ignore[method-assign]
     trainable = sum(p.numel() for p in loaded.model.visual.parameters())
-    train_method(FineTune(setup, None), device, on_log=after_step)
+    train_method(method, device, on_log=after_step)
     peak_rss = _status_kib("VmHWM") / 1024
     result = {
         "model": model, "image_size": image_size, "batch": batch, "config": config, "accum_steps": accum_steps,
         "grad_checkpointing": checkpointing, "device": device, "trained_parameters": trainable,
         "rest_rss_mb": round(marks["rest_rss"], 1), "peak_rss_mb": round(peak_rss, 1),
-        "step_rss_mb": round(peak_rss - marks["rest_rss"], 1),
+        "step_rss_mb": round(peak_rss - marks["rest_rss"], 1), "forward_mb": round(marks["forward"], 1),
         "step_s": round(batch / statistics.mean(marks["speeds"]), 3),
     }
     if cuda:
@@ -134,6 +147,7 @@ def summarise(runs: list[dict[str, Any]], configs: list[str], batches: list[int]
             if base is not None:
                 row["peak_ratio"] = round(row["peak_rss_mb"] / base["peak_rss_mb"], 3)
                 row["step_memory_ratio"] = round(row["step_rss_mb"] / base["step_rss_mb"], 3)
+                row["forward_ratio"] = round(row["forward_mb"] / base["forward_mb"], 3)
                 row["time_ratio"] = round(row["step_s"] / base["step_s"], 3)
             rows.append(row)
     return rows
@@ -154,16 +168,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['runs'][0]['trained_parameters'] / 1e6:.1f}M parameters), one warm-up step, then "
         f"{setting['steps']} timed step(s); each run in a fresh process, {setting['rounds']} round(s), medians.",
         "",
-        "| batch | configuration | resident at rest MB | peak MB | step adds MB | peak / plain | step adds / plain "
-        "| s / step (min-max) | time / plain |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | configuration | resident at rest MB | peak MB | step adds MB | forward holds MB | peak / plain "
+        "| step adds / plain | forward holds / plain | s / step (min-max) | time / plain |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         low, high = row["step_s_range"]
         lines.append(
             f"| {row['batch']} | {row['config']} | {row['rest_rss_mb']:.0f} | {row['peak_rss_mb']:.0f} "
-            f"| {row['step_rss_mb']:.0f} | {row.get('peak_ratio', float('nan')):.2f} "
-            f"| {row.get('step_memory_ratio', float('nan')):.2f} | {row['step_s']:.2f} ({low:.2f}-{high:.2f}) "
+            f"| {row['step_rss_mb']:.0f} | {row['forward_mb']:.0f} | {row.get('peak_ratio', float('nan')):.2f} "
+            f"| {row.get('step_memory_ratio', float('nan')):.2f} | {row.get('forward_ratio', float('nan')):.2f} "
+            f"| {row['step_s']:.2f} ({low:.2f}-{high:.2f}) "
             f"| {row.get('time_ratio', float('nan')):.2f} |")
     lines += [
         "",
@@ -171,7 +186,9 @@ def markdown(report: dict[str, Any]) -> str:
         "of the image tower). *Peak*: the largest resident set during the timed steps (VmHWM). *Step adds*: peak "
         "minus rest, what a step allocates on top: the activations kept for the backward pass, which checkpointing "
         "and accumulation shrink, and the gradients, which they do not "
-        f"({report['runs'][0]['trained_parameters'] * 4 / 2**20:.0f} MB in float32). CPU memory here, float32; "
+        f"({report['runs'][0]['trained_parameters'] * 4 / 2**20:.0f} MB in float32). *Forward holds*: the most a "
+        "(micro-)batch's forward pass keeps for its backward pass (read when the forward pass ends, no gradients "
+        "held yet), the activations alone. CPU memory here, float32; "
         "on a GPU with bf16 autocast activations take about half as many bytes, weights and optimiser state the "
         "same.",
         "",

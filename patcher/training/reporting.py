@@ -9,7 +9,8 @@ for `wandb sync` later; `WANDB_PROJECT` names the project, default "patcher"). T
     heldout/<task>                                                           every --eval-every steps
     alpha_curve/<task>, alpha_curve/step<k>/<task>                           held-out accuracy against alpha, at
                                                                              step round(1000 * alpha)
-    alpha/chosen                                                             at the last training step
+    alpha/chosen                                                             at the last training step (wandb:
+                                                                             in the run's summary)
 
 The curves are for watching: their files carry wall-clock times, so the manifest's `files` leave them out.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,9 @@ class Sink(Protocol):
 
     def alpha_point(self, values: Mapping[str, float], alpha: float) -> None:
         """Record these tagged values at one alpha of a curve."""
+
+    def summary(self, values: Mapping[str, float], step: int) -> None:
+        """Record values that describe the whole run (the alpha chosen), once training is over at `step`."""
 
     def close(self) -> None:
         """Flush and close."""
@@ -61,20 +64,24 @@ class TensorBoardSink:
         """At step round(1000 * alpha)."""
         self.scalars(values, round(alpha * ALPHA_STEPS))
 
+    def summary(self, values: Mapping[str, float], step: int) -> None:
+        """Scalars at the last training step."""
+        self.scalars(values, step)
+
     def close(self) -> None:
         """Flush the events to disk and close the file."""
         self.writer.close()
 
 
 class WandbSink:
-    """A wandb run (one per run directory: a resumed build continues it)."""
+    """A wandb run named after the run directory (a resumed build starts another one of the same name)."""
 
     def __init__(self, folder: Path, name: str, config: Mapping[str, Any]) -> None:
         import wandb
 
         folder.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "patcher"), name=name, dir=str(folder),
-                              id=re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:64], resume="allow", config=dict(config))
+                              config=dict(config))
         self.run.define_metric("alpha")
         self.run.define_metric("alpha_curve/*", step_metric="alpha")
 
@@ -85,6 +92,10 @@ class WandbSink:
     def alpha_point(self, values: Mapping[str, float], alpha: float) -> None:
         """Logged against the "alpha" metric."""
         self.run.log({"alpha": alpha, **values})
+
+    def summary(self, values: Mapping[str, float], step: int) -> None:
+        """In the run's summary (wandb refuses history at a step it has passed)."""
+        self.run.summary.update(dict(values))
 
     def close(self) -> None:
         """Finish the run."""
@@ -133,7 +144,7 @@ class Reporter:
             for sink in self.sinks:
                 sink.alpha_point(values, alpha)
         for sink in self.sinks:
-            sink.scalars({f"alpha/{prefix}chosen": float(chosen)}, self.last_step)
+            sink.summary({f"alpha/{prefix}chosen": float(chosen)}, self.last_step)
 
     def close(self) -> None:
         """Close every sink."""
