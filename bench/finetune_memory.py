@@ -12,8 +12,9 @@ kernel, on CPU: the resident set at rest after the warm-up step (weights and Ada
 freed, as the loop frees them when a step starts) and its peak over the timed steps (VmHWM, reset through
 /proc/self/clear_refs after the warm-up step; glibc's mmap threshold fixed at 128 KiB so that freed activations
 go back to the kernel); their difference is what a step adds: the activations kept for the backward pass, and
-the gradients. What the forward pass holds for the backward pass (activations) is read at the end of each
-forward pass, gradients being None then. On CUDA the same figures come from torch.cuda's allocator statistics.
+the gradients. What the forward pass holds for the backward pass (activations) is read at the end of the
+forward pass of each step's first (micro-)batch, no gradients being held then. On CUDA the same figures come
+from torch.cuda's allocator statistics.
 Step time: the loop's own images/s over the timed steps. Configurations of one batch size run in turn within
 each round, so ratios are measured side by side.
 Writes bench/results/<name>.{json,md}.
@@ -94,7 +95,8 @@ def measure(model: str, image_size: int, batch: int, config: str, steps: int, de
 
     def measured_step_loss(*arguments: Any) -> Any:  # the loss of a (micro-)batch, its graph alive
         loss = step_loss(*arguments)
-        if "rest_rss" in marks:  # the timed steps: gradients are None here, so this is what backward will need
+        first = len(arguments) == 1 or arguments[1].index == 0  # no gradients held yet: the activations alone
+        if "rest_rss" in marks and first:
             held = (torch.cuda.memory_allocated() / 2**20 - marks["rest"] if cuda
                     else _status_kib("VmRSS") / 1024 - marks["rest_rss"])
             marks["forward"] = max(marks.get("forward", 0.0), held)
@@ -186,9 +188,9 @@ def markdown(report: dict[str, Any]) -> str:
         "of the image tower). *Peak*: the largest resident set during the timed steps (VmHWM). *Step adds*: peak "
         "minus rest, what a step allocates on top: the activations kept for the backward pass, which checkpointing "
         "and accumulation shrink, and the gradients, which they do not "
-        f"({report['runs'][0]['trained_parameters'] * 4 / 2**20:.0f} MB in float32). *Forward holds*: the most a "
-        "(micro-)batch's forward pass keeps for its backward pass (read when the forward pass ends, no gradients "
-        "held yet), the activations alone. CPU memory here, float32; "
+        f"({report['runs'][0]['trained_parameters'] * 4 / 2**20:.0f} MB in float32). *Forward holds*: what the "
+        "forward pass of a step's first (micro-)batch keeps for its backward pass (read when it ends, no gradients "
+        "held yet): the activations alone. CPU memory here, float32; "
         "on a GPU with bf16 autocast activations take about half as many bytes, weights and optimiser state the "
         "same.",
         "",
