@@ -49,6 +49,13 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(model: str, image_size: int, batch: int, config: str, steps: int, device: str) -> dict[str, Any]:
     """One configuration in this process: memory at rest and at peak (MB), seconds per timed step."""
     import torch
@@ -87,6 +94,7 @@ def measure(model: str, image_size: int, batch: int, config: str, steps: int, de
                 torch.cuda.reset_peak_memory_stats()
             marks["rest_rss"] = _status_kib("VmRSS") / 1024
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            marks["cpu_start"] = _cpu_seconds()
         else:
             marks["speeds"].append(line["images_per_s"])
 
@@ -106,12 +114,13 @@ def measure(model: str, image_size: int, batch: int, config: str, steps: int, de
     trainable = sum(p.numel() for p in loaded.model.visual.parameters())
     train_method(method, device, on_log=after_step)
     peak_rss = _status_kib("VmHWM") / 1024
+    cpu_per_step = (_cpu_seconds() - marks["cpu_start"]) / steps
     result = {
         "model": model, "image_size": image_size, "batch": batch, "config": config, "accum_steps": accum_steps,
         "grad_checkpointing": checkpointing, "device": device, "trained_parameters": trainable,
         "rest_rss_mb": round(marks["rest_rss"], 1), "peak_rss_mb": round(peak_rss, 1),
         "step_rss_mb": round(peak_rss - marks["rest_rss"], 1), "forward_mb": round(marks["forward"], 1),
-        "step_s": round(batch / statistics.mean(marks["speeds"]), 3),
+        "step_s": round(batch / statistics.mean(marks["speeds"]), 3), "step_cpu_s": round(cpu_per_step, 3),
     }
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -151,6 +160,7 @@ def summarise(runs: list[dict[str, Any]], configs: list[str], batches: list[int]
                 row["step_memory_ratio"] = round(row["step_rss_mb"] / base["step_rss_mb"], 3)
                 row["forward_ratio"] = round(row["forward_mb"] / base["forward_mb"], 3)
                 row["time_ratio"] = round(row["step_s"] / base["step_s"], 3)
+                row["cpu_ratio"] = round(row["step_cpu_s"] / base["step_cpu_s"], 3)
             rows.append(row)
     return rows
 
@@ -171,8 +181,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{setting['steps']} timed step(s); each run in a fresh process, {setting['rounds']} round(s), medians.",
         "",
         "| batch | configuration | resident at rest MB | peak MB | step adds MB | forward holds MB | peak / plain "
-        "| step adds / plain | forward holds / plain | s / step (min-max) | time / plain |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| step adds / plain | forward holds / plain | s / step (min-max) | time / plain | CPU s / step "
+        "| CPU time / plain |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         low, high = row["step_s_range"]
@@ -180,8 +191,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['batch']} | {row['config']} | {row['rest_rss_mb']:.0f} | {row['peak_rss_mb']:.0f} "
             f"| {row['step_rss_mb']:.0f} | {row['forward_mb']:.0f} | {row.get('peak_ratio', float('nan')):.2f} "
             f"| {row.get('step_memory_ratio', float('nan')):.2f} | {row.get('forward_ratio', float('nan')):.2f} "
-            f"| {row['step_s']:.2f} ({low:.2f}-{high:.2f}) "
-            f"| {row.get('time_ratio', float('nan')):.2f} |")
+            f"| {row['step_s']:.2f} ({low:.2f}-{high:.2f}) | {row.get('time_ratio', float('nan')):.2f} "
+            f"| {row['step_cpu_s']:.2f} | {row.get('cpu_ratio', float('nan')):.2f} |")
     lines += [
         "",
         "*Resident at rest*: the process between steps (Python and torch, both towers' weights, AdamW's two moments "
@@ -190,7 +201,9 @@ def markdown(report: dict[str, Any]) -> str:
         "and accumulation shrink, and the gradients, which they do not "
         f"({report['runs'][0]['trained_parameters'] * 4 / 2**20:.0f} MB in float32). *Forward holds*: what the "
         "forward pass of a step's first (micro-)batch keeps for its backward pass (read when it ends, no gradients "
-        "held yet): the activations alone. CPU memory here, float32; "
+        "held yet): the activations alone. *s / step*: wall time per step; *CPU s / step*: user + system CPU time "
+        "of the process per step, the steadier measure of the compute a configuration costs on a shared machine "
+        f"(load average {report['machine']['load_average_start']} when the runs started). CPU memory here, float32; "
         "on a GPU with bf16 autocast activations take about half as many bytes, weights and optimiser state the "
         "same.",
         "",

@@ -78,6 +78,27 @@ def test_accumulated_gradients_are_the_batch_gradient(method: str):
     assert micro_loss == pytest.approx(whole_loss, rel=1e-6)  # the logged loss is the batch's (a float32 sum)
 
 
+@pytest.mark.parametrize("method", ["flyp", "carft"])
+def test_resume_with_micro_batches_reaches_the_same_weights_bit_for_bit(method: str, tmp_path: Path):
+    """Batches are a function of the step, micro-batches of the batch: a run stopped after its checkpoint and resumed
+    ends exactly where an uninterrupted one does."""
+    settings = {"accum_steps": 4, "steps": 6, "checkpoint_every": 3}
+    straight = fine_tune(method, tiny_setup(torch.float32, **settings))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(line: dict) -> None:
+        if line["step"] == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_method(make_method(method, tiny_setup(torch.float32, **settings)), checkpoint_dir=tmp_path, on_log=stop)
+    resumed = make_method(method, tiny_setup(torch.float32, **settings))
+    train_method(resumed, checkpoint_dir=tmp_path)
+    assert all(torch.equal(straight[key], value) for key, value in resumed.state().items())
+
+
 def test_micro_batches_take_an_equal_run_of_every_task_and_cover_the_batch():
     sizes = [10, 7]
     rows = [micro_rows(sizes, Micro(index, 4)).tolist() for index in range(4)]
