@@ -59,6 +59,23 @@ def test_two_processes_write_one_run_equal_to_one_process(tmp_path: Path, method
     assert manifests[0]["test_accuracy"]["zeroshot"] == manifests[1]["test_accuracy"]["zeroshot"]
 
 
+def test_micro_batches_on_two_processes_give_the_one_process_step_of_the_whole_batch(tmp_path: Path):
+    """torchrun, 2 ranks x 4 micro-batches of 8 against one process with the batch of 64 in one pass: ft, flyp
+    (features gathered over ranks and cached over micro-batches) and carft agree within 1e-5 after 4 steps (float64,
+    as tests/test_finetune_scale.py explains); each rank chose the same few-shot images."""
+    from scale_support import fine_tune, max_difference, tiny_setup
+
+    worker = Path(__file__).parent / "accumulation_worker.py"
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for method in ("ft", "flyp", "carft"):
+        two = load_file(str(tmp_path / f"{method}.safetensors"))
+        one = fine_tune(method, tiny_setup(torch.float64, accum_steps=1))
+        assert max_difference(one, two) <= 1e-5, method
+    assert json.loads((tmp_path / "shots-0.json").read_text()) == json.loads((tmp_path / "shots-1.json").read_text())
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -71,6 +71,19 @@ def build(
     grad_clip: Annotated[float | None, typer.Option(help="Gradient norm clip (default 1.0).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for initialisation, batch order and augmentation.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default 500).")] = None,
+    accum_steps: Annotated[int | None, typer.Option(
+        help="Gradient accumulation: each step's --batch-size in K micro-batches (same update, less memory; "
+             "FLYP's contrastive loss recomputed among cached features).")] = None,
+    grad_checkpointing: Annotated[bool, typer.Option(
+        help="Recompute the trained towers' activations in the backward pass (open_clip's gradient "
+             "checkpointing): less memory, about a third more compute.")] = False,
+    shots: Annotated[int | None, typer.Option(
+        help="Few-shot: train on K images per class of each patch task (seeded by --seed).")] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        help="Held-out accuracy of the weights being trained every N steps (train.log and the manifest).")] = None,
+    report_to: Annotated[str, typer.Option(
+        help="Curves to watch, under RUN/reports: tensorboard, wandb, or both comma-separated (wandb honours "
+             "WANDB_MODE=offline).")] = "",
     augment: Annotated[bool, typer.Option(help="Train on open_clip's train transform (random resized crops).")] = True,
     eval_batch_size: Annotated[int, typer.Option(help="Images per batch when evaluating (held-out and test).")] = 256,
     workers: Workers = None,
@@ -91,7 +104,9 @@ def build(
     params = dict(_key_value(item) for item in param or [])
     hyperparameters = train_config(method, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                    warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed,
-                                   checkpoint_every=checkpoint_every)
+                                   checkpoint_every=checkpoint_every, accum_steps=accum_steps,
+                                   grad_checkpointing=grad_checkpointing or None, shots=shots, eval_every=eval_every,
+                                   report_to=tuple(comma_list(report_to)) or None)
     options = BuildOptions(
         task=task, support=comma_list(support), model=model,
         pretrained=None if pretrained.lower() == "none" else pretrained, image_size=image_size, method=method,

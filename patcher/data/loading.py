@@ -20,6 +20,7 @@ from patcher.base.errors import PatcherError
 from patcher.data.image_store import ImageStore, StoreItems, build_store, remove_store
 from patcher.data.items import TransformedItems
 from patcher.data.options import DataOptions
+from patcher.data.shots import FewShot
 from patcher.data.tasks import Task
 from patcher.data.tasks.checks import skipping_bad_images
 from patcher.data.transforms import Normalize, eval_transform, train_transform
@@ -69,9 +70,10 @@ def _dataset(task: Task, split: str, data_dir: Path | None, download: bool) -> D
 
 def prepare_splits(
     train_tasks: list[Task], eval_tasks: list[Task], preprocess_cfg: Mapping[str, Any], options: DataOptions,
-    data_dir: Path | None = None, download: bool = False, device: str = "cpu",
+    data_dir: Path | None = None, download: bool = False, device: str = "cpu", shots: FewShot | None = None,
 ) -> Splits:
-    """Find every split (failing before any work if one is missing), then build the held-out and test stores."""
+    """Find every split (failing before any work if one is missing), then build the held-out and test stores;
+    with `shots`, training splits keep K images per class (held-out and test splits stay whole)."""
     options.check()
     with skipping_bad_images(options.skip_bad_images) as report:
         found = {(task.name, split): _dataset(task, split, data_dir, download)
@@ -81,6 +83,8 @@ def prepare_splits(
     result = Splits({}, {}, {}, normalize, skipped=dict(report.skipped) if report else {})
     for task in train_tasks:
         dataset = found[task.name, "train"]
+        if shots is not None:
+            dataset = shots.select(dataset, task.name, len(task.classnames))
         small = options.in_memory(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
         workers = options.workers_for(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
         plain = TransformedItems(dataset, eval_transform(preprocess_cfg))

@@ -56,7 +56,8 @@ class Trained:
 @dataclass(frozen=True)
 class FineTuning:
     """One fine-tune: the method and its parameters, the tasks and hyperparameters, and where training writes
-    its checkpoints and log (steps numbered from `step_offset`, stages prefixed with `label`)."""
+    its checkpoints and log (steps numbered from `step_offset`, stages prefixed with `label`; every log line also
+    to `on_log`)."""
 
     method: type[Method]
     params: Any
@@ -66,6 +67,7 @@ class FineTuning:
     log: Path | None = None
     step_offset: int = 0
     label: str = ""
+    on_log: Callable[[dict[str, Any]], None] | None = None
 
 
 class Session:
@@ -104,7 +106,8 @@ class Session:
 
     def fine_tune(self, start: Mapping[str, torch.Tensor], fine_tuning: FineTuning) -> Trained:
         """Train the method on its tasks (balanced) from `start`, in place in the session's model; the state is
-        `start` with what the method trained."""
+        `start` with what the method trained. With `eval_every`, the held-out accuracy of every task is measured on
+        the weights being trained."""
         if "text" in fine_tuning.method.trains:
             self.zeroshot_text()
         self._load(start)
@@ -113,8 +116,13 @@ class Session:
         method = fine_tuning.method(setup, fine_tuning.params)
         stages = [{"stage": f"{fine_tuning.label}{stage.name}", **stage.train_config.as_dict()}
                   for stage in method.stages()]
+
+        def evaluate() -> dict[str, float]:
+            return self.accuracy({**dict(start), **method.state()}, self.splits.val)
+
         steps = train_method(method, self.device, fine_tuning.checkpoints, fine_tuning.log, fine_tuning.step_offset,
-                             fine_tuning.label)
+                             fine_tuning.label, fine_tuning.on_log,
+                             evaluate if fine_tuning.train_config.eval_every else None)
         self.loaded.model.eval()
         return Trained({**dict(start), **method.state()}, method, steps, stages)
 

@@ -48,6 +48,7 @@ class Plan:
     checkpoints: Path | None = None
     log: Path | None = None
     tolerances: Mapping[str, float] = field(default_factory=dict)  # per supported task, in points
+    on_log: Callable[[dict[str, Any]], None] | None = None  # every training log line (curves a person watches)
 
     def train_config_for(self, tasks: list[str]) -> TrainConfig:
         """The main stage's hyperparameters for tasks trained together (steps from `epochs` when given)."""
@@ -59,7 +60,7 @@ class Plan:
     def fine_tuning(self, tasks: list[str], step_offset: int = 0, label: str = "") -> FineTuning:
         """One fine-tune of this plan's method on `tasks`."""
         return FineTuning(self.method, self.params, tasks, self.train_config_for(tasks), self.checkpoints, self.log,
-                          step_offset, label)
+                          step_offset, label, self.on_log)
 
     def rule(self, patch: list[str], reference: Mapping[str, float] | None = None) -> AlphaRule:
         """PAINT's rule for these patch tasks (the plan's supported tasks and tolerance)."""

@@ -8,6 +8,7 @@
     RUN/alpha_curve.png, alpha_curve_step<k>.png, train.log
     RUN/wiseft.png                    patch-task accuracy against every other task's, over the alphas tried
     RUN/per_class_accuracy.json       every task's accuracy per class (runs/per_class.py)
+    RUN/reports/                      --report-to's curves (tensorboard/ event files, wandb/), left out of the manifest
     RUN/onnx/                         `patcher export`'s default output
 """
 
@@ -31,6 +32,7 @@ ALPHA_CURVE = "alpha_curve.png"
 WISEFT_PLOT = "wiseft.png"
 PER_CLASS = "per_class_accuracy.json"
 CHECKPOINTS = "checkpoints"
+REPORTS = "reports"
 EXPORT_DIR = "onnx"
 
 

@@ -24,7 +24,7 @@ from patcher.base.files import FileRecord, read_json_record, sha256_file, write_
 from patcher.base.records import OMIT_NONE, RecordError, from_json, to_json
 from patcher.base.staging import FINGERPRINT
 from patcher.data.options import DataOptions
-from patcher.runs.layout import MANIFEST, TIMINGS
+from patcher.runs.layout import CHECKPOINTS, MANIFEST, REPORTS, TIMINGS
 from patcher.training.config import TrainConfig
 
 RUN_FORMAT = "patcher-run/1"
@@ -203,6 +203,23 @@ class DataRecord(DataOptions):
 
 
 @dataclass(frozen=True)
+class HeldoutEvaluation:
+    """Held-out accuracy of the weights being trained at one step (`--eval-every`)."""
+
+    step: int  # numbered across stages and fine-tunes, as in train.log
+    stage: str
+    val_accuracy: dict[str, float]
+
+
+def heldout_evaluations(train_log: Path) -> list[HeldoutEvaluation]:
+    """The evaluations a train.log records (its lines with `val_accuracy`), in step order."""
+    if not train_log.is_file():
+        return []
+    lines = [json.loads(line) for line in train_log.read_text().splitlines() if '"val_accuracy"' in line]
+    return [HeldoutEvaluation(int(line["step"]), str(line["stage"]), dict(line["val_accuracy"])) for line in lines]
+
+
+@dataclass(frozen=True)
 class TrainingRecord(TrainConfig):
     """The main stage's hyperparameters, then how and where training ran."""
 
@@ -213,6 +230,7 @@ class TrainingRecord(TrainConfig):
     total_steps: int = 0
     world_size: int = 1
     data: DataRecord = field(default_factory=DataRecord)
+    evaluations: list[HeldoutEvaluation] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -313,11 +331,11 @@ def options_sha256(fingerprint: Mapping[str, Any]) -> str:
 
 
 def files_record(staging: Path, left_out: tuple[str, ...] = ()) -> dict[str, FileRecord]:
-    """sha256 and size of every file in a staging directory (the manifest's `files`); checkpoints, the resume
-    record, the timings and the manifest itself left out."""
+    """sha256 and size of every file in a staging directory (the manifest's `files`); checkpoints, reports (curves
+    with wall-clock times), the resume record, the timings and the manifest itself left out."""
     skipped = {MANIFEST, TIMINGS, FINGERPRINT, *left_out}
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name not in skipped
-                   and "checkpoints" not in p.relative_to(staging).parts)
+                   and not {CHECKPOINTS, REPORTS} & set(p.relative_to(staging).parts))
     return {str(p.relative_to(staging)): FileRecord.of(p) for p in files}
 
 

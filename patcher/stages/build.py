@@ -24,6 +24,7 @@ from patcher.base.staging import Resume, Staging, staged_output
 from patcher.data.loading import Splits, prepare_splits
 from patcher.data.metrics import Scores
 from patcher.data.options import DataOptions
+from patcher.data.shots import FewShot
 from patcher.data.tasks import Task, get_task
 from patcher.models import LoadedModel, load_clip
 from patcher.models.heads import zero_shot_head
@@ -38,12 +39,14 @@ from patcher.runs.manifest import (
     Preprocess,
     TaskRecord,
     TrainingRecord,
+    heldout_evaluations,
     options_sha256,
 )
 from patcher.stages.outputs import RunContents, write_run
 from patcher.training.config import TrainConfig
 from patcher.training.loop import pick_device, precision_name
 from patcher.training.methods import get_method, params_dict, parse_params, train_config
+from patcher.training.reporting import Reporter, check_reporters, open_reporter
 
 __all__ = ["BuildOptions", "build", "default_out"]
 
@@ -166,9 +169,8 @@ def check_options(options: BuildOptions) -> Checked:
     for name in options.monitor:
         if name in names or name in support_names:
             raise PatcherError(f"{name} is monitored and also patched or supported: give each task one role")
-    config = options.hyperparameters
-    if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
-        raise PatcherError("--steps, --batch-size and --lr must be positive")
+    options.hyperparameters.check()
+    check_reporters(options.hyperparameters.report_to)
     if options.resume and options.out is None:
         raise PatcherError("--resume needs the --out of the interrupted build")
     return Checked(patch, support, fixed_alpha, params, tolerances, monitor)
@@ -213,6 +215,7 @@ class Build:
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.device = "cpu"
+        self.train_log: Path | None = None  # train.log in the staging directory, once it is open
 
     def run(self) -> Path | None:
         """The run directory, once written (None on ranks other than 0 under torchrun)."""
@@ -226,9 +229,11 @@ class Build:
             with staged_output(out, resume=resume, writer=distributed.is_main()) as staging:
                 torch.manual_seed(options.hyperparameters.seed)  # random-weight models (tests) are reproducible
                 loaded = load_clip(options.model, options.pretrained, options.image_size, device=self.device)
+                config = options.hyperparameters
+                shots = FewShot(config.shots, config.seed) if config.shots is not None else None
                 splits = self._timed("data", lambda: prepare_splits(
                     self.checked.patch, list(self.checked.tasks.values()), loaded.preprocess_cfg, options.data,
-                    options.data_dir, options.download, self.device))
+                    options.data_dir, options.download, self.device, shots))
                 try:
                     return self._patch_and_write(loaded, splits, staging)
                 finally:
@@ -246,10 +251,18 @@ class Build:
         heads = self._timed("heads", lambda: {name: task_head(loaded, task, self.device)
                                               for name, task in self.checked.tasks.items()})
         folder = staging.open()  # created (or taken up with --resume) by rank 0, now that the data is found
+        self.train_log = folder / TRAIN_LOG
         distributed.barrier()  # the staging directory (and any checkpoint to resume from) exists for every rank
         session = Session(loaded, self.checked.tasks, heads, splits, self.device, self.options.eval_batch_size)
-        outcome = self._timed("finetune_and_alpha", lambda: STRATEGIES[self.options.strategy](
-            session, self.plan(splits, folder)))
+        reporter = self.reporter(folder, staging.final.name)
+        try:
+            outcome = self._timed("finetune_and_alpha", lambda: STRATEGIES[self.options.strategy](
+                session, self.plan(splits, folder, reporter)))
+            if reporter is not None:
+                report_alpha(reporter, outcome)
+        finally:
+            if reporter is not None:
+                reporter.close()
         if outcome.selection.warning and distributed.is_main():
             console.print(f"[yellow]warning:[/] {outcome.selection.warning}")
         tested = self._timed("test", lambda: test_scores(session, outcome))
@@ -259,13 +272,23 @@ class Build:
         write_run(folder, self.contents(staging.final.name, loaded, splits, session, outcome, tested))
         return staging.final  # staged_output renames the staging directory into place
 
-    def plan(self, splits: Splits, folder: Path) -> Plan:
-        """What the strategy runs: method, tasks, hyperparameters, rule, and where training writes."""
+    def reporter(self, folder: Path, name: str) -> Reporter | None:
+        """The curves a person watches (--report-to), written by rank 0 under the run directory."""
+        options = self.options
+        if not distributed.is_main():
+            return None
+        return open_reporter(options.hyperparameters.report_to, folder, name,
+                             {"method": options.method, "tasks": options.patch_tasks, "model": options.model,
+                              **options.hyperparameters.as_dict()})
+
+    def plan(self, splits: Splits, folder: Path, reporter: Reporter | None = None) -> Plan:
+        """What the strategy runs: method, tasks, hyperparameters, rule, and where training writes and reports."""
         options, checked = self.options, self.checked
         return Plan(get_method(options.method), checked.params, [t.name for t in checked.patch],
                     [t.name for t in checked.support], options.hyperparameters, options.tolerance, options.search,
                     checked.fixed_alpha, options.epochs, {name: len(split) for name, split in splits.train.items()},
-                    folder / CHECKPOINTS, folder / TRAIN_LOG, checked.tolerances)
+                    folder / CHECKPOINTS, folder / TRAIN_LOG, checked.tolerances,
+                    reporter.log_line if reporter is not None else None)
 
     def contents(self, name: str, loaded: LoadedModel, splits: Splits, session: Session, outcome: Outcome,
                  tested: dict[str, dict[str, Scores]]) -> RunContents:
@@ -275,7 +298,8 @@ class Build:
         training = TrainingRecord(
             **main_stage, epochs=options.epochs, device=self.device, precision=precision_name(self.device),
             stages=outcome.stages, total_steps=outcome.total_steps, world_size=distributed.world_size(),
-            data=DataRecord(**asdict(options.data), skipped_bad_images=splits.skipped))
+            data=DataRecord(**asdict(options.data), skipped_bad_images=splits.skipped),
+            evaluations=heldout_evaluations(self.train_log) if self.train_log is not None else [])
         method_record = MethodRecord(method.name, params_dict(self.checked.params), list(method.trains),
                                      outcome.trained_heads, method.reference)
         alpha = outcome.alpha_record(self.checked.fixed_alpha is not None, options.search, options.tolerance,
@@ -283,6 +307,13 @@ class Build:
         return RunContents(name, options_sha256(options.fingerprint()), base_model(loaded, options.image_size),
                            loaded.open_clip_config(), task_records(self.checked, splits), method_record, training,
                            outcome, alpha, accuracies_of(tested), session.resolver, self.timings, tested)
+
+
+def report_alpha(reporter: Reporter, outcome: Outcome) -> None:
+    """The alpha curve behind the patched model (and each step's, for a sequential run) to the watched curves."""
+    for number, (_, selection) in enumerate(outcome.step_plots(), start=1):
+        reporter.alpha_curve(selection.curve, selection.alpha, prefix=f"step{number}/")
+    reporter.alpha_curve(outcome.selection.curve, outcome.selection.alpha)
 
 
 def test_scores(session: Session, outcome: Outcome) -> dict[str, dict[str, Scores]]:

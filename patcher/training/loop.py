@@ -2,9 +2,14 @@
 that takes a method through it stage by stage.
 
 Each method supplies only its loss for a step; the loop owns the optimiser, the schedule, mixed
-precision on CUDA, progress, logging and checkpoints. A checkpoint holds the step, the trained module's
-state, and the optimiser, schedule and scaler states, and batches are a pure function of the step, so
-`--resume` reaches the same result as an uninterrupted run.
+precision on CUDA, gradient accumulation, progress, logging, evaluation and checkpoints. A checkpoint holds the
+step, the trained module's state, and the optimiser, schedule and scaler states, and batches are a pure function
+of the step, so `--resume` reaches the same result as an uninterrupted run.
+
+With `accum_steps` K the loop calls `step_loss(step, Micro(j, K))` for j < K and backpropagates each, ranks
+synchronising in the last pass only; a method makes the K passes' gradients add up to the whole batch's (a
+per-item loss is a sum over its micro-batch; FLYP's contrastive loss recomputes among cached features). With
+K = 1 it calls `step_loss(step)`.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 import inspect
 import io
 import math
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +29,17 @@ from torch import nn
 from patcher.base import distributed
 from patcher.base.errors import PatcherError
 from patcher.base.files import append_json_line, atomic_file, trim_json_lines
-from patcher.base.progress import make_progress
+from patcher.base.progress import console, make_progress
 from patcher.training.config import TrainConfig
+from patcher.training.sampling import Micro
 
 if TYPE_CHECKING:
     from patcher.training.methods.base import Method, Stage
 
 CHECKPOINT = "checkpoint.pt"
+TIMING_KEYS = ("images_per_s",)  # log entries a person watches but train.log leaves out (it stays reproducible)
+StepLoss = Callable[..., torch.Tensor]  # step -> loss, and (step, Micro) -> loss when accumulating
+Evaluate = Callable[[], dict[str, float]]  # held-out accuracy (%) per task of the weights being trained
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -72,16 +82,51 @@ def checkpoint_step(checkpoint_dir: Path | None) -> int:
 class _StepModule(nn.Module):
     """The trained module with the step's loss as its forward, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, module: nn.Module, step_loss: Callable[[int], torch.Tensor]) -> None:
+    def __init__(self, module: nn.Module, step_loss: StepLoss) -> None:
         super().__init__()
         self.module = module
         self.step_loss = step_loss
 
-    def forward(self, step: int) -> torch.Tensor:
-        return self.step_loss(step)
+    def forward(self, step: int, micro: Micro) -> torch.Tensor:
+        return self.step_loss(step) if micro.count == 1 else self.step_loss(step, micro)
 
 
-def _data_parallel(module: nn.Module, step_loss: Callable[[int], torch.Tensor], device: str) -> nn.Module:
+class _Speed:
+    """Training images per second since the last reading; time spent evaluating or checkpointing left out."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.started, self.paused, self.images = time.perf_counter(), 0.0, 0
+
+    @contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time inside this block does not count."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - started
+
+    def read(self) -> float:
+        """Images per second over the window (queued GPU work finished first); a new window starts."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.started - self.paused
+        speed = self.images / elapsed if elapsed > 0 else 0.0
+        self.reset()
+        return speed
+
+
+def _synchronising(stepper: nn.Module, micro: Micro) -> AbstractContextManager[Any]:
+    """Under DDP, gradients of every micro-batch but the last accumulate locally; the last pass averages them."""
+    return nullcontext() if micro.last or not hasattr(stepper, "no_sync") else stepper.no_sync()
+
+
+def _data_parallel(module: nn.Module, step_loss: StepLoss, device: str) -> nn.Module:
     """The step module, wrapped in DistributedDataParallel under torchrun (gradients averaged over ranks)."""
     stepper = _StepModule(module, step_loss)
     if distributed.world_size() == 1:
@@ -98,19 +143,26 @@ def _data_parallel(module: nn.Module, step_loss: Callable[[int], torch.Tensor], 
 def train(
     module: nn.Module,
     parameters: Iterable[nn.Parameter],
-    step_loss: Callable[[int], torch.Tensor],
+    step_loss: StepLoss,
     train_config: TrainConfig,
     device: str = "cpu",
     checkpoint_dir: Path | None = None,
-    log: Callable[[dict[str, float]], None] | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
     description: str = "training",
+    evaluate: Evaluate | None = None,
 ) -> None:
     """Minimise `step_loss(step)` over `parameters` (of `module`, whose state is checkpointed) for the configured
-    steps.
+    steps, each step's batch in `accum_steps` micro-batches; `evaluate` every `eval_every` steps and at the end.
 
     Under torchrun every rank runs this with its part of each batch; DistributedDataParallel averages the
-    gradients, so the update is the one-process update of the whole batch. Rank 0 writes checkpoints.
+    gradients, so the update is the one-process update of the whole batch. Rank 0 writes checkpoints. `log`
+    gets the step, loss, learning rate, gradient norm (before clipping), images per second and any held-out
+    accuracy, every `log_every` steps and at every evaluation.
     """
+    if train_config.batch_size < train_config.accum_steps * distributed.world_size():
+        raise PatcherError(f"--batch-size {train_config.batch_size} leaves a micro-batch without images on "
+                           f"{distributed.world_size()} process(es) with --accum-steps {train_config.accum_steps}: "
+                           "raise --batch-size or lower --accum-steps")
     parameters = [p for p in parameters if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -129,28 +181,47 @@ def train(
 
     module.train()
     stepper = _data_parallel(module, step_loss, device)
+    micros = [Micro(index, train_config.accum_steps) for index in range(train_config.accum_steps)]
+    every = train_config.eval_every if evaluate is not None else 0
+    speed = _Speed(device)
     with make_progress() as progress:
         bar = progress.add_task(description, total=train_config.steps, completed=first_step, status="")
         for step in range(first_step, train_config.steps):
-            with autocast(device):
-                loss = stepper(step)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss = torch.zeros((), device=device)
+            for micro in micros:
+                with _synchronising(stepper, micro):
+                    with autocast(device):
+                        part = stepper(step, micro)
+                    scaler.scale(part).backward()
+                loss += part.detach().float()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, train_config.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, train_config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            speed.images += train_config.batch_size
             done = step + 1
-            if step % train_config.log_every == 0 or done == train_config.steps:
-                value = float(distributed.all_reduce_sum(loss.detach().float()).item()) / distributed.world_size()
-                progress.update(bar, status=f"loss {value:.3f}")
+            accuracy = None
+            if every and (done % every == 0 or done == train_config.steps):
+                with speed.pause():
+                    accuracy = evaluate()
+                    module.train()  # evaluation put the encoder in eval mode
+            if step % train_config.log_every == 0 or done == train_config.steps or accuracy is not None:
+                value = float(distributed.all_reduce_sum(loss).item()) / distributed.world_size()
+                images_per_s = speed.read()
+                progress.update(bar, status=f"loss {value:.3f}, {images_per_s:.1f} img/s")
+                entry = {"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": round(float(grad_norm), 5), "images_per_s": round(images_per_s, 2)}
+                if accuracy is not None:
+                    entry["val_accuracy"] = {task: round(score, 4) for task, score in accuracy.items()}
                 if log is not None and distributed.is_main():
-                    log({"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0]})
+                    log(entry)
             progress.update(bar, advance=1)
             if (checkpoint is not None and done % train_config.checkpoint_every == 0 and done < train_config.steps
                     and distributed.is_main()):
-                _save_checkpoint(checkpoint, done, module, optimizer, scheduler, scaler)
+                with speed.pause():
+                    _save_checkpoint(checkpoint, done, module, optimizer, scheduler, scaler)
     module.eval()
 
 
@@ -180,22 +251,33 @@ def train_method(
     step_offset: int = 0,
     label: str = "",
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    evaluate: Evaluate | None = None,
 ) -> int:
     """Train every stage in order; a finished stage is restored from its `done.pt`. Returns the steps run in all.
 
-    Log lines number steps across stages (and across earlier calls, from `step_offset`) and name the stage.
+    Log lines number steps across stages (and across earlier calls, from `step_offset`) and name the stage;
+    train.log gets each line without its timings, `on_log` the whole line. With `grad_checkpointing` the towers
+    the method trains recompute their activations in the backward pass, for this training only.
     """
+    checkpointing = method.setup.train_config.grad_checkpointing
     try:
-        return _train_stages(method, device, checkpoint_dir, log_path, step_offset, label, on_log)
+        if checkpointing and not method.set_grad_checkpointing(True) and distributed.is_main():
+            console.print(f"[yellow]warning:[/] open_clip has no gradient checkpointing for "
+                          f"{method.setup.loaded.name}'s towers: training without it")
+        return _train_stages(method, device, checkpoint_dir, log_path, (step_offset, label), on_log, evaluate)
     finally:
         method.close()
+        if checkpointing:
+            method.set_grad_checkpointing(False)
         for parameter in method.setup.loaded.model.parameters():
             parameter.requires_grad_(True)
 
 
 def _train_stages(method: Method, device: str, checkpoint_dir: Path | None, log_path: Path | None,
-                  step_offset: int, label: str, on_log: Callable[[dict[str, Any]], None] | None) -> int:
+                  numbering: tuple[int, str], on_log: Callable[[dict[str, Any]], None] | None,
+                  evaluate: Evaluate | None) -> int:
     main = distributed.is_main()
+    step_offset, label = numbering
     offset = step_offset
     for index, stage in enumerate(method.stages()):
         if stage.train_config.steps < 1:
@@ -217,12 +299,12 @@ def _train_stages(method: Method, device: str, checkpoint_dir: Path | None, log_
             line = {**entry, "step": entry["step"] + offset, "stage": name,
                     **{k: round(v, 6) for k, v in method.step_terms().items()}}
             if log_path is not None and main:
-                append_json_line(log_path, line)
+                append_json_line(log_path, {k: v for k, v in line.items() if k not in TIMING_KEYS})
             if on_log is not None:
                 on_log(line)
 
         train(stage.module, stage.parameters, stage.step_loss, stage.train_config, device, folder, log,
-              f"{' '.join(dict.fromkeys([method.name, name]))} on {', '.join(method.setup.train_splits)}")
+              f"{' '.join(dict.fromkeys([method.name, name]))} on {', '.join(method.setup.train_splits)}", evaluate)
         if folder is not None and main:
             with atomic_file(folder / DONE) as temporary:
                 torch.save(stage.module.state_dict(), temporary)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from patcher.models.classifier import MultiHeadClassifier
-from patcher.training.sampling import MixedBatch, TaskMixture
+from patcher.training.sampling import WHOLE, Micro, MixedBatch, TaskMixture
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at 100; pretraining and FLYP do too
 
@@ -31,10 +31,11 @@ def mixture_cross_entropy(
 def classification_loss(
     classifier: MultiHeadClassifier, mixture: TaskMixture, device: str = "cpu"
 ) -> Callable[[int], torch.Tensor]:
-    """step -> cross-entropy of the mixture's batch at that step, one encoder pass for every task."""
+    """(step, micro-batch) -> cross-entropy of that part of the mixture's batch, one encoder pass for every task;
+    a per-item sum, so the micro-batches' losses add up to the batch's."""
 
-    def step_loss(step: int) -> torch.Tensor:
-        batch = mixture.batch(step)
+    def step_loss(step: int, micro: Micro = WHOLE) -> torch.Tensor:
+        batch = mixture.batch(step).micro(micro)
         return mixture_cross_entropy(classifier.embed(batch.inputs(device)), batch, classifier.head)
 
     return step_loss

@@ -4,6 +4,8 @@ The batch at a step is a pure function of (seed, step): the global batch's indic
 permutation, each item's augmentation seed from (seed, task, step, position). Under torchrun each rank
 takes every world-size-th position of that same global batch, so N processes see exactly the items
 (and augmentations) one process would, and `--resume` from any checkpoint replays the same stream.
+With gradient accumulation a rank's part of the batch is cut into micro-batches (`Micro`), each task's rows
+in equal runs, so the micro-batches together hold exactly the items of the undivided batch.
 """
 
 from __future__ import annotations
@@ -81,6 +83,33 @@ class StepSampler:
             step += 1
 
 
+@dataclass(frozen=True)
+class Micro:
+    """Which micro-batch of a step a forward pass takes: number `index` of `count` (gradient accumulation)."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def last(self) -> bool:
+        """Whether this is the step's last micro-batch (the one whose backward pass synchronises ranks)."""
+        return self.index == self.count - 1
+
+
+WHOLE = Micro()  # the whole batch of a step, in one pass
+
+
+def micro_rows(sizes: Sequence[int], micro: Micro) -> torch.Tensor:
+    """Rows of micro-batch `micro` in a batch made of consecutive parts of `sizes` rows: an equal run of each part."""
+    rows, start = [], 0
+    for size in sizes:
+        share, extra = divmod(size, micro.count)
+        first = start + micro.index * share + min(micro.index, extra)
+        rows.append(torch.arange(first, first + share + (1 if micro.index < extra else 0)))
+        start += size
+    return torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+
+
 @dataclass
 class MixedBatch:
     """This rank's items of several tasks, task by task; `slices[task]` says where each task's items are."""
@@ -105,6 +134,20 @@ class MixedBatch:
     def inputs(self, device: str | torch.device) -> torch.Tensor:
         """The model's inputs of every item on `device`."""
         return torch.cat([part.images(device) for part in self.parts.values()])
+
+    def rows(self, micro: Micro) -> torch.Tensor:
+        """Rows of `inputs` / `labels` that micro-batch `micro` takes."""
+        return micro_rows([len(part.labels) for part in self.parts.values()], micro)
+
+    def micro(self, micro: Micro) -> MixedBatch:
+        """Micro-batch `micro` of this batch: an equal run of each task's rows (the batch itself for `WHOLE`)."""
+        if micro.count == 1:
+            return self
+        parts = {}
+        for task, part in self.parts.items():
+            rows = micro_rows([len(part.labels)], micro)
+            parts[task] = Batch(part.inputs[rows], part.labels[rows], part.normalize)
+        return MixedBatch(parts, self.global_size)
 
     @property
     def loss_scale(self) -> float:
@@ -143,6 +186,7 @@ class TaskMixture:
         self.seed = seed
         self._iterators: dict[str, Iterator[Any]] = {}
         self._next_step: int | None = None
+        self._last: tuple[int, MixedBatch] | None = None  # micro-batches of one step read its batch once
 
     @property
     def tasks(self) -> list[str]:
@@ -165,13 +209,17 @@ class TaskMixture:
 
     def batch(self, step: int) -> MixedBatch:
         """The batch at `step` (this rank's part of it): every task's share."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
         if step != self._next_step:
             self._start(step)
         parts = {task: _next(iterator, task) for task, iterator in self._iterators.items()}
         self._next_step = step + 1
-        return MixedBatch(parts, sum(self.shares.values()))
+        self._last = (step, MixedBatch(parts, sum(self.shares.values())))
+        return self._last[1]
 
     def close(self) -> None:
         """Stop the loaders' workers."""
         self._iterators.clear()
         self._next_step = None
+        self._last = None

@@ -93,6 +93,21 @@ class Method(ABC):
         """Release what training held (data loader workers)."""
         return None
 
+    def set_grad_checkpointing(self, enable: bool) -> bool:
+        """Recompute the activations of the towers this method trains in the backward pass, or stop (open_clip's
+        `set_grad_checkpointing`); False when a trained tower has no checkpointing in open_clip (its ResNets)."""
+        model = self.setup.loaded.model
+        towers = [tower for tower in ("visual", "text") if tower in self.trains]
+        if towers == ["visual", "text"]:
+            model.set_grad_checkpointing(enable)
+        elif towers == ["visual"]:
+            model.visual.set_grad_checkpointing(enable)
+        trained = [model.visual] if towers else []
+        if "text" in towers:
+            trained.append(model.text if hasattr(model, "text") else model.transformer)
+        return not enable or all(any(getattr(module, "grad_checkpointing", False) for module in tower.modules())
+                                 for tower in trained)
+
 
 def parse_params(method: type[Method], raw: Mapping[str, Any]) -> Any:
     """The method's Params from KEY=VALUE strings (or values), converted to each field's type."""

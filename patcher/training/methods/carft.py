@@ -24,7 +24,7 @@ from patcher.models import LoadedModel
 from patcher.training.losses import mixture_cross_entropy
 from patcher.training.methods.base import MethodSetup
 from patcher.training.methods.ft import FineTune
-from patcher.training.sampling import MixedBatch
+from patcher.training.sampling import WHOLE, Micro, MixedBatch
 
 open_clip = import_open_clip()
 
@@ -95,14 +95,21 @@ class ContextAwareFineTune(FineTune):
         """The last step's cross-entropy and KL terms."""
         return dict(self.last_terms)
 
-    def step_loss(self, step: int) -> torch.Tensor:
-        """Cross-entropy + kl_weight * context KL on the batch at `step`."""
-        batch = self.mixture.batch(step)
+    def step_loss(self, step: int, micro: Micro = WHOLE) -> torch.Tensor:
+        """Cross-entropy + kl_weight * context KL on the batch at `step` (of its micro-batch `micro`).
+
+        Both terms are sums over items of the global batch mean (the KL is each image's own, against the
+        starting encoder on that image), so micro-batches' losses, and their logged terms, add up to the batch's.
+        """
+        batch = self.mixture.batch(step).micro(micro)
         images = batch.inputs(self.device)
         features = self.classifier.embed(images)
         cross_entropy = mixture_cross_entropy(features, batch, self.classifier.head)
         kl = self.kl(images, features, batch)
-        self.last_terms = {"cross_entropy": cross_entropy.detach().item(), "kl": kl.detach().item()}
+        terms = {"cross_entropy": cross_entropy.detach().item(), "kl": kl.detach().item()}
+        if micro.index > 0:
+            terms = {name: value + self.last_terms[name] for name, value in terms.items()}
+        self.last_terms = terms
         return cross_entropy + self.params.kl_weight * kl
 
     def kl(self, images: torch.Tensor, features: torch.Tensor, batch: MixedBatch) -> torch.Tensor:

@@ -21,7 +21,7 @@ from patcher.models.state import State, text_state, visual_state
 from patcher.training.config import TrainConfig
 from patcher.training.losses import MAX_LOGIT_SCALE
 from patcher.training.methods.base import Method, MethodSetup, Stage
-from patcher.training.sampling import SEED_STRIDE, TaskMixture, caption_templates
+from patcher.training.sampling import SEED_STRIDE, WHOLE, Micro, TaskMixture, caption_templates
 
 open_clip = import_open_clip()
 
@@ -103,6 +103,7 @@ class ContrastiveFineTune(Method):
                                for c in setup.tasks[name].classnames])
             for name in setup.train_splits
         }
+        self.cached: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # features of a step's micro-batches
         names = sorted({c for name in setup.train_splits for c in setup.tasks[name].classnames})
         self.class_ids = {  # a class is its name: two tasks' "7" caption the same concept
             name: torch.tensor([names.index(c) for c in setup.tasks[name].classnames]) for name in setup.train_splits
@@ -113,11 +114,11 @@ class ContrastiveFineTune(Method):
         """FLYP's recipe (AdamW, lr 1e-5, wd 0.1, 500 warmup steps, cosine; their ImageNet run) on PAINT's steps."""
         return TrainConfig(lr=1e-5, weight_decay=0.1, warmup_steps=500)
 
-    def captions(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, caption tokens, class ids) of this rank's part of the batch at `step`.
+    def captions(self, step: int, micro: Micro = WHOLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, caption tokens, class ids) of this rank's part of the batch at `step` (its micro-batch `micro`).
 
         Each caption's template is drawn for the whole step's batch and this rank takes its positions,
-        so the captions do not depend on the number of processes.
+        so the captions do not depend on the number of processes or micro-batches.
         """
         batch = self.mixture.batch(step)
         texts, classes = [], []
@@ -128,18 +129,44 @@ class ContrastiveFineTune(Method):
             template = drawn[self.mixture.sampler(task).positions]
             texts.append(self.tokens[task][labels, template])
             classes.append(self.class_ids[task][labels])
-        return batch.inputs(self.device), torch.cat(texts), torch.cat(classes)
+        rows = batch.rows(micro)
+        return batch.micro(micro).inputs(self.device), torch.cat(texts)[rows], torch.cat(classes)[rows]
 
-    def step_loss(self, step: int) -> torch.Tensor:
-        """The label-aware contrastive loss of the whole batch at `step` (features gathered over ranks)."""
-        images, texts, classes = self.captions(step)
-        image_features = gather_with_grad(self.model.encode_image(images, normalize=True))
-        text_features = gather_with_grad(self.model.encode_text(texts.to(self.device), normalize=True))
-        classes = gather_with_grad(classes.to(self.device))
-        scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    def features(self, step: int, micro: Micro = WHOLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features, text features, class ids) of a micro-batch, every rank's rows gathered."""
+        images, texts, classes = self.captions(step, micro)
+        return (gather_with_grad(self.model.encode_image(images, normalize=True)),
+                gather_with_grad(self.model.encode_text(texts.to(self.device), normalize=True)),
+                gather_with_grad(classes.to(self.device)))
+
+    def loss(self, image_features: torch.Tensor, text_features: torch.Tensor, classes: torch.Tensor,
+             scale: torch.Tensor) -> torch.Tensor:
+        """The label-aware (or, without same-class positives, CLIP's) contrastive loss of the features given."""
         if not self.same_class_positives:
             classes = torch.arange(len(classes))  # every item its own class: open_clip's ClipLoss target
         return self.loss_fn(image_features, text_features, scale, classes)
+
+    def step_loss(self, step: int, micro: Micro = WHOLE) -> torch.Tensor:
+        """The label-aware contrastive loss of the whole batch at `step` (features gathered over ranks).
+
+        With micro-batches it is done as open_clip_train does: the first pass caches every micro-batch's
+        features without gradients, then each pass recomputes its own with gradients and scores them among the
+        cached others, so the passes' gradients add up to the whole batch's. The temperature is trained in the
+        last pass alone (each pass sees the same loss), and each pass reports 1/count of the loss.
+        """
+        scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        if micro.count == 1:
+            return self.loss(*self.features(step), scale)
+        if micro.index == 0:
+            with torch.no_grad():
+                self.cached = [self.features(step, Micro(index, micro.count)) for index in range(micro.count)]
+        live = self.features(step, micro)
+        parts = [live if index == micro.index else cached for index, cached in enumerate(self.cached)]
+        image_features, text_features, classes = (torch.cat([part[column] for part in parts]) for column in range(3))
+        loss = self.loss(image_features, text_features, classes, scale if micro.last else scale.detach())
+        if micro.last:
+            self.cached = []
+        return loss - (1 - 1 / micro.count) * loss.detach()
 
     def stages(self) -> list[Stage]:
         """One stage: the whole CLIP model."""

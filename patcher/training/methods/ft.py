@@ -8,7 +8,7 @@ from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.state import VISUAL_PREFIX, State, prefixed
 from patcher.training.losses import classification_loss
 from patcher.training.methods.base import Method, MethodSetup, Stage
-from patcher.training.sampling import TaskMixture
+from patcher.training.sampling import WHOLE, Micro, TaskMixture
 
 
 class FineTune(Method):
@@ -28,9 +28,9 @@ class FineTune(Method):
         self.mixture = TaskMixture(setup.train_splits, setup.train_config.batch_size, setup.train_config.seed)
         self.cross_entropy = classification_loss(self.classifier, self.mixture, self.device)
 
-    def step_loss(self, step: int) -> torch.Tensor:
-        """Cross-entropy of the balanced batch at `step`."""
-        return self.cross_entropy(step)
+    def step_loss(self, step: int, micro: Micro = WHOLE) -> torch.Tensor:
+        """Cross-entropy of the balanced batch at `step` (of its micro-batch `micro`)."""
+        return self.cross_entropy(step, micro)
 
     def stages(self) -> list[Stage]:
         """One stage: the encoder."""

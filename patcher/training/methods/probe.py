@@ -9,7 +9,7 @@ The encoder is frozen while probing, so the probe trains on embeddings computed 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from patcher.training.config import TrainConfig
 from patcher.training.losses import mixture_cross_entropy
 from patcher.training.methods.base import Method, MethodSetup, NoParams, Stage
 from patcher.training.methods.features import embed_split
-from patcher.training.sampling import TaskMixture
+from patcher.training.sampling import WHOLE, Micro, TaskMixture
 
 # Kumar et al. fit the probe to convergence (L-BFGS logistic regression on frozen features). On cached
 # embeddings the same is cheap with the shared loop: AdamW at lr 1e-3 without weight decay or warmup,
@@ -84,8 +84,8 @@ class LinearProbe(Method):
         mixture = TaskMixture(self.features, config.batch_size, config.seed)
         self.mixtures.append(mixture)
 
-        def step_loss(step: int) -> torch.Tensor:
-            batch = mixture.batch(step)
+        def step_loss(step: int, micro: Micro = WHOLE) -> torch.Tensor:
+            batch = mixture.batch(step).micro(micro)
             return mixture_cross_entropy(batch.inputs(self.device), batch, self.probe.head)
 
         return Stage("lp", self.probe, list(self.probe.parameters()), step_loss, config)
@@ -132,11 +132,10 @@ class LinearProbeThenFineTune(LinearProbe):
         return TrainConfig()
 
     def probe_config(self) -> TrainConfig:
-        """The probing stage: lp_* parameters, the build's batch size, seed and clipping."""
+        """The probing stage: lp_* parameters; batch size, seed, clipping, accumulation and logging the build's."""
         base = self.setup.train_config
-        return TrainConfig(steps=self.params.lp_steps, batch_size=base.batch_size, lr=self.params.lp_lr,
-                           weight_decay=self.params.lp_weight_decay, warmup_steps=0, grad_clip=base.grad_clip,
-                           seed=base.seed, checkpoint_every=base.checkpoint_every, log_every=base.log_every)
+        return replace(base, steps=self.params.lp_steps, lr=self.params.lp_lr,
+                       weight_decay=self.params.lp_weight_decay, warmup_steps=0)
 
     def stages(self) -> list[Stage]:
         """The probe, then the encoder and the probed heads together."""
@@ -144,8 +143,8 @@ class LinearProbeThenFineTune(LinearProbe):
         mixture = TaskMixture(self.setup.train_splits, self.setup.train_config.batch_size, self.setup.train_config.seed)
         self.mixtures.append(mixture)
 
-        def step_loss(step: int) -> torch.Tensor:
-            batch = mixture.batch(step)
+        def step_loss(step: int, micro: Micro = WHOLE) -> torch.Tensor:
+            batch = mixture.batch(step).micro(micro)
             return mixture_cross_entropy(classifier.embed(batch.inputs(self.device)), batch, self.probe.head)
 
         module = nn.ModuleDict({"encoder": self.encoder, "probe": self.probe})
