@@ -201,9 +201,11 @@ def markdown(report: dict[str, Any]) -> str:
         "and accumulation shrink, and the gradients, which they do not "
         f"({report['runs'][0]['trained_parameters'] * 4 / 2**20:.0f} MB in float32). *Forward holds*: what the "
         "forward pass of a step's first (micro-)batch keeps for its backward pass (read when it ends, no gradients "
-        "held yet): the activations alone. *s / step*: wall time per step; *CPU s / step*: user + system CPU time "
-        "of the process per step, the steadier measure of the compute a configuration costs on a shared machine "
-        f"(load average {report['machine']['load_average_start']} when the runs started). CPU memory here, float32; "
+        "held yet): the activations alone. *s / step*: wall time per step, which other work on a shared machine "
+        "stretches (read the cost of a configuration from CPU time when the load average is above the cores); "
+        "*CPU s / step*: user + system CPU time of the process per step "
+        f"(load average {report['machine']['load_average_start'] or 'not recorded'} as the runs started, "
+        f"{report.get('load_average_end')} as they ended). CPU memory here, float32; "
         "on a GPU with bf16 autocast activations take about half as many bytes, weights and optimiser state the "
         "same.",
         "",
@@ -231,10 +233,11 @@ def main() -> None:
     from datetime import UTC, datetime
 
     from patcher.base.files import write_json, write_text
-    from patcher.benchmark.machine import machine_info
+    from patcher.benchmark.machine import load_average, machine_info
 
     configs = [name.strip() for name in arguments.configs.split(",") if name.strip()]
     batches = [int(batch) for batch in arguments.batches.split(",")]
+    machine = machine_info()
     runs = []
     for round_number in range(arguments.rounds):
         for batch in batches:
@@ -245,7 +248,8 @@ def main() -> None:
                 print(json.dumps(run), flush=True)
     report = {
         "measured": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": machine,
+        "load_average_end": load_average(),
         "setting": {"model": arguments.model, "image_size": arguments.image_size, "batches": batches,
                     "configs": configs, "steps": arguments.steps, "rounds": arguments.rounds,
                     "device": arguments.device, "mmap_threshold_bytes": int(MMAP_THRESHOLD)},
