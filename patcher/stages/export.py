@@ -9,10 +9,13 @@ the same run and options is kept; otherwise held-out images are loaded, each cla
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from patcher.base.errors import PatcherError
 from patcher.base.faults import write_errors
@@ -29,16 +32,33 @@ from patcher.export.contract import (
     ExportedTask,
     ExportRecord,
     SourceRun,
+    TextExport,
+    TextModel,
     logits_output,
     model_key,
     output_names,
     read_export_record,
     tensor_entries,
+    text_entries,
     write_export_record,
 )
+from patcher.export.contract import text_file as contract_text_file
 from patcher.export.graph import ExportGraph, load_graph, reference_outputs
 from patcher.export.heldout import SPLIT, HeldOut, load_heldout
 from patcher.export.metadata import EXPORTER, attach_metadata, metadata_props
+from patcher.export.text import (
+    attach_text_metadata,
+    base_model,
+    check_tokenizer,
+    copy_vocabulary,
+    export_text_onnx,
+    load_text_graph,
+    run_prompts,
+    text_metadata,
+    text_state,
+    tokenizer_spec,
+)
+from patcher.export.text_verify import verify_text_model
 from patcher.export.trace import check_opset, export_onnx, save_onnx
 from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16, to_int8
 from patcher.export.verify import thresholds, verify_model
@@ -62,6 +82,7 @@ class ExportOptions:
     overwrite: bool = False
     data_dir: Path | None = None
     images_per_task: int = IMAGES_PER_TASK
+    text: bool = True  # also the text tower (label sets at request time); needs the run's base model
 
 
 def select_tasks(run: Run, tasks: list[str] | None) -> list[str]:
@@ -130,10 +151,11 @@ class Export:
         self.out = Path(options.out) if options.out is not None else self.run_record.path / EXPORT_DIR
         check_output_name(self.out)
         self.content = ContentOptions(list(self.tasks), options.fp16, options.optimize, options.opset,
-                                      options.images_per_task, options.int8)
+                                      options.images_per_task, options.int8, options.text)
         self.config = verified_config(self.run_record)
         self.weights = {kind: verified_weights(self.run_record, kind, self.tasks) for kind in EXPORTED_KINDS}
         self.timings: dict[str, float] = {}
+        self.embeddings: dict[str, torch.Tensor] = {}  # PyTorch's held-out image embeddings, by kind
 
     def run(self) -> Path:
         """The export directory: written, or kept when it already holds this export."""
@@ -148,8 +170,9 @@ class Export:
             with staged_output(out, overwrite=out.exists()) as staging:
                 folder = staging.open()
                 models, reports, widths = self.export_models(folder, heldout)
+                text = self._timed("text", lambda: self.export_text(folder, heldout)) if self.options.text else None
                 self.timings["total"] = time.perf_counter() - self.started
-                write_export_record(folder / EXPORT_JSON, self.record(models, reports, widths))
+                write_export_record(folder / EXPORT_JSON, self.record(models, reports, widths, text))
         return out
 
     def _timed(self, key: str, work: Any) -> Any:
@@ -179,6 +202,7 @@ class Export:
                 graph = self._timed("torch_reference", lambda k=kind: load_graph(self.config, self.weights[k],
                                                                                  self.tasks))
                 reference = self._timed("torch_reference", lambda g=graph: reference_outputs(g, heldout.images))
+                self.embeddings[kind] = reference[0]
                 widths = graph.output_widths()
                 progress.update(bar, status=f"{kind}.onnx")
                 for precision, path in self.write_model(folder, graph, kind).items():
@@ -237,7 +261,56 @@ class Export:
         return {task: ExportedTask(manifest.tasks[task].role, list(manifest.tasks[task].classnames),
                                    logits_output(task)) for task in self.tasks}
 
-    def record(self, models: dict[str, ExportedModel], reports: dict[str, Any], widths: dict[str, int]) -> ExportRecord:
+    def export_text(self, folder: Path, heldout: HeldOut) -> TextExport:
+        """The text tower of each exported model (one file when the method left it untouched), the tokenizer's
+        vocabulary, each checked against PyTorch and against the heads the build stored."""
+        manifest = self.run_record.manifest
+        base = base_model(self.run_record)
+        prompts = run_prompts(self.run_record, self.tasks)
+        context = int(base.model.positional_embedding.shape[0])
+        spec, vocabulary = tokenizer_spec(base, context)
+        copy_vocabulary(vocabulary, folder)
+        check_tokenizer(base, spec, vocabulary, [p for task in self.tasks for p in prompts[task]])
+        tokens = {task: base.tokenizer(prompts[task]).numpy() for task in self.tasks}
+        text_models: dict[str, TextModel] = {}
+        reports: dict[str, Any] = {}
+        written: dict[bool, TextModel] = {}
+        for kind in EXPORTED_KINDS:
+            state, trained = text_state(self.run_record, kind, base)
+            graph = load_text_graph(self.config, state)
+            alpha = manifest.alpha_of(kind) if trained else 0.0
+            heads = self.text_heads(kind)
+            if not trained and False in written:  # the base tower, already written for the other kind
+                text_models[kind] = dataclasses.replace(written[False], model=kind)
+                reports[kind] = verify_text_model(folder / written[False].file, graph, tokens, heads, heldout,
+                                                  self.embeddings[kind])
+                continue
+            path = folder / contract_text_file(kind if trained else "zeroshot")
+            model = export_text_onnx(graph, path, self.options.opset)
+            attach_text_metadata(model, text_metadata(self.run_record, kind, alpha, trained, spec, graph.logit_scale))
+            save_onnx(model, path)
+            reports[kind] = verify_text_model(path, graph, tokens, heads, heldout, self.embeddings[kind])
+            record = FileRecord.of(path)
+            text_models[kind] = TextModel(path.name, record.sha256, record.bytes, kind, alpha, trained,
+                                          graph.logit_scale)
+            written.setdefault(trained, text_models[kind])
+        templates = {task: list(manifest.tasks[task].templates) for task in self.tasks}
+        source, output = text_entries(context, manifest.model.embed_dim)
+        return TextExport(source, output, spec, text_models, templates, {"models": reports})
+
+    def text_heads(self, kind: str) -> dict[str, tuple[int, torch.Tensor]]:
+        """The stored heads of `kind` that the text tower made (probed heads left out), with templates per class."""
+        from safetensors.torch import load_file
+
+        from patcher.models.state import split_classifier_state
+
+        _, heads = split_classifier_state(load_file(str(self.weights[kind])))
+        manifest = self.run_record.manifest
+        trained = set(manifest.method.head_tasks)
+        return {task: (len(manifest.tasks[task].templates), heads[task]) for task in self.tasks if task not in trained}
+
+    def record(self, models: dict[str, ExportedModel], reports: dict[str, Any], widths: dict[str, int],
+               text: TextExport | None = None) -> ExportRecord:
         """export.json."""
         run, manifest = self.run_record, self.run_record.manifest
         image, outputs = tensor_entries(manifest.model.preprocess, widths, self.tasks)
@@ -247,7 +320,7 @@ class Export:
             preprocess=manifest.model.preprocess, input=image, outputs=outputs, tasks=self.exported_tasks(),
             models=models, parity={"split": SPLIT, "thresholds": thresholds(), "models": reports},
             versions=versions(), timings_s={key: round(value, 3) for key, value in self.timings.items()},
-            created=now_iso(),
+            created=now_iso(), text=text,
         )
 
 
