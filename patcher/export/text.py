@@ -184,10 +184,3 @@ def attach_text_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
     model.producer_version = __version__
     model.doc_string = f"{props[METADATA_PREFIX + 'model']} of patcher run {props[METADATA_PREFIX + 'run']}"
 
-
-def class_heads(embeddings: np.ndarray, classes: int, templates: int, scale: float) -> np.ndarray:
-    """[D, C] heads from prompt embeddings in class-major order: per class, the normalised mean of its templates'
-    normalised embeddings, times the logit scale (open_clip's zero-shot classifier)."""
-    means = embeddings.reshape(classes, templates, -1).mean(axis=1)
-    return (means / np.linalg.norm(means, axis=1, keepdims=True)).T * np.float32(scale)
-

@@ -14,8 +14,9 @@ import torch
 from patcher.base.errors import PatcherError
 from patcher.export.contract import TEXT_INPUT, TEXT_OUTPUT
 from patcher.export.heldout import HeldOut
+from patcher.export.openvocab import class_heads
 from patcher.export.parity import failures, rule_for, task_parity
-from patcher.export.text import TextGraph, class_heads
+from patcher.export.text import TextGraph
 from patcher.export.verify import BATCH_SIZES, batch_plan, check_loads
 
 HEAD_TOLERANCE = 1e-3  # cosine units: a request-time head may differ from the build's by this much, at most

@@ -36,6 +36,7 @@ from patcher.triton.repository.configs import (
 )
 from patcher.triton.repository.entry import Entry, check_entry_name
 from patcher.triton.repository.export_info import ExportInfo, load_export
+from patcher.triton.repository.openvocab import checked_limits
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, new_staging, publish, recover, stage_model
 
 __all__ = ["DEFAULT_REPOSITORY", "TEMPLATES", "model_versions", "write_repository"]
@@ -142,7 +143,8 @@ def _made(repo: Path) -> Iterator[None]:
 
 
 def _options(backend: str, batching: Batching, tensorrt_fp16: bool, precision: str, limits: dict[str, Any] | None,
-             intra_op_threads: int, extra_classifiers: dict[str, Path] | None) -> Options:
+             intra_op_threads: int, extra_classifiers: dict[str, Path] | None,
+             open_vocab: dict[str, Any] | None = None) -> Options:
     """The writer's options, checked; PatcherError naming the first bad one."""
     if precision not in PRECISIONS:
         raise PatcherError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -165,7 +167,7 @@ def _options(backend: str, batching: Batching, tensorrt_fp16: bool, precision: s
     except (ValueError, TypeError) as error:
         raise PatcherError(f"bad preprocessing limit: {error}") from None
     return Options(backend, dataclasses.replace(batching, preferred_batch_sizes=preferred), tensorrt_fp16,
-                   precision, checked, intra_op_threads, extra)
+                   precision, checked, intra_op_threads, extra, checked_limits(open_vocab))
 
 
 def _version_identity(info: ExportInfo, options: Options) -> tuple[str, str]:
@@ -191,18 +193,22 @@ def write_repository(
     limits: dict[str, Any] | None = None,
     intra_op_threads: int = 0,
     extra_classifiers: dict[str, Path] | None = None,
+    open_vocab: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Add an export to a model repository as a new version of every model of entry `name` (default: the patch task).
 
     An export already in the repository gets no new version (configs and labels are refreshed). `limits` bounds
     the images the preprocessing model accepts (max_bytes, max_pixels, max_aspect, jpeg_draft); `intra_op_threads`
     the onnxruntime threads of each classifier; `extra_classifiers` (kind -> ONNX file with the patched model's
-    tensors) are served beside the entry as `<name>_<kind>`. Returns what was written.
+    tensors) are served beside the entry as `<name>_<kind>`; `open_vocab` bounds the label sets of the
+    open-vocabulary models an export with a text tower gets (max_labels, max_templates, label_cache,
+    truncate_prompts). Returns what was written.
     """
     batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us)
-    options = _options(backend, batching, tensorrt_fp16, precision, limits, intra_op_threads, extra_classifiers)
+    options = _options(backend, batching, tensorrt_fp16, precision, limits, intra_op_threads, extra_classifiers,
+                       open_vocab)
     info = load_export(export_dir)
-    entry = Entry(_entry_name(info, name), tuple(info.tasks), tuple(options.extra_classifiers))
+    entry = Entry(_entry_name(info, name), tuple(info.tasks), tuple(options.extra_classifiers), info.text is not None)
     models = entry.models()
     files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
     key = _version_identity(info, options)
