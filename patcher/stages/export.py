@@ -285,9 +285,10 @@ class Export:
                 reports[kind] = verify_text_model(folder / written[False].file, graph, tokens, heads, heldout,
                                                   self.embeddings[kind])
                 continue
-            path = folder / contract_text_file(kind if trained else "zeroshot")
+            owner = kind if trained else "zeroshot"  # an untrained tower is the base model's: one file for both
+            path = folder / contract_text_file(owner)
             model = export_text_onnx(graph, path, self.options.opset)
-            attach_text_metadata(model, text_metadata(self.run_record, kind, alpha, trained, spec, graph.logit_scale))
+            attach_text_metadata(model, text_metadata(self.run_record, owner, alpha, trained, spec, graph.logit_scale))
             save_onnx(model, path)
             reports[kind] = verify_text_model(path, graph, tokens, heads, heldout, self.embeddings[kind])
             record = FileRecord.of(path)
