@@ -16,6 +16,7 @@ from patcher.benchmark.defaults import (
     DEFAULT_MAX_REQUESTS,
 )
 from patcher.cli.app import DataDir, comma_list, command
+from patcher.export.openvocab import DEFAULT_LIMITS as LABEL_LIMITS
 from patcher.triton.imaging import DEFAULT_LIMITS
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY
 
@@ -31,6 +32,8 @@ def export(
     tasks: Annotated[str, typer.Option(help="Comma-separated subset of the run's tasks (default all).")] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace a different export already at --out.")] = False,
     data_dir: DataDir = None,
+    text: Annotated[bool, typer.Option(help="Also export the text tower (label sets at request time); needs the "
+                                            "run's base model.")] = True,
 ) -> None:
     """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images."""
     import json
@@ -39,12 +42,19 @@ def export(
     from patcher.stages.export import ExportOptions, export_run
 
     path = export_run(run, ExportOptions(out=out, fp16=fp16, int8=int8, optimize=optimize, opset=opset,
-                                         tasks=comma_list(tasks) or None, overwrite=overwrite, data_dir=data_dir))
+                                         tasks=comma_list(tasks) or None, overwrite=overwrite, data_dir=data_dir,
+                                         text=text))
     record = read_export_record(path / EXPORT_JSON)
     for key, model in record.models.items():
         typer.echo(f"{key}: {path / model.file} ({model.bytes / 1e6:.1f} MB)")
     for key, report in record.parity["models"].items():
         typer.echo(f"parity {key}: {json.dumps(_parity_summary(report))}")
+    if record.text is not None:
+        for key, model in record.text.models.items():
+            report = record.text.parity["models"][key]
+            typer.echo(f"text {key}: {path / model.file} ({'trained' if model.trained else 'the base model'}'s tower, "
+                       f"{report['prompts']} prompts, max |diff| {report['max_abs_diff']['text_embedding']:.1e}, "
+                       f"heads vs the build's {max(report['head_max_cosine_diff'].values(), default=0.0):.1e})")
     typer.echo(f"export: {path}")
 
 
@@ -75,6 +85,14 @@ def triton(
         DEFAULT_LIMITS["max_aspect"]),
     jpeg_draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced scale (2x the model's size).")] = (
         DEFAULT_LIMITS["jpeg_draft"]),
+    max_labels: Annotated[int, typer.Option(help="Most labels in one open-vocabulary request.")] = (
+        LABEL_LIMITS["max_labels"]),
+    max_templates: Annotated[int, typer.Option(help="Most templates in one open-vocabulary request.")] = (
+        LABEL_LIMITS["max_templates"]),
+    label_cache: Annotated[int, typer.Option(help="Label sets whose heads the server keeps (0: none).")] = (
+        LABEL_LIMITS["label_cache"]),
+    truncate_prompts: Annotated[bool, typer.Option(help="Cut prompts longer than the context as open_clip does "
+                                                        "(default: refuse them).")] = False,
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton.repository.writer import write_repository
@@ -84,7 +102,9 @@ def triton(
               "jpeg_draft": jpeg_draft}
     result = write_repository(export_dir, repo, name=name, backend=backend, max_batch_size=max_batch_size,
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
-                              tensorrt_fp16=tensorrt_fp16, precision=precision, limits=limits)
+                              tensorrt_fp16=tensorrt_fp16, precision=precision, limits=limits,
+                              open_vocab={"max_labels": max_labels, "max_templates": max_templates,
+                                          "label_cache": label_cache, "truncate_prompts": truncate_prompts})
     for line in result["recovered"]:
         typer.echo(line)
     typer.echo(result["message"])
