@@ -143,18 +143,22 @@ def test_a_flyp_runs_request_time_heads_are_the_builds_heads(flyp: dict) -> None
         assert diff < 1e-5
 
 
-def test_without_the_base_model_the_text_tower_is_refused_and_no_text_exports_the_images(
+def test_without_the_base_model_the_export_has_no_text_tower_or_fails_when_asked_for_one(
         tmp_path: Path, tiny_run: Path) -> None:
     model = make_tiny_model(tmp_path / "model", seed=1)
     run = tiny_build(model, "digits", make_small_fashion(tmp_path / "fashion"), tmp_path / "run")
     shutil.move(tmp_path / "model", tmp_path / "moved")
-    with pytest.raises(PatcherError, match=r"base model, which does not load.*--no-text"):
-        export_run(run, ExportOptions(out=tmp_path / "onnx"))
+    with pytest.raises(PatcherError, match=r"base model, which does not load.*--no-text exports the image graphs"):
+        export_run(run, ExportOptions(out=tmp_path / "onnx", text=True))
     assert not (tmp_path / "onnx").exists()
-    written = export_run(run, ExportOptions(out=tmp_path / "onnx", text=False))
-    assert read_export_record(written / EXPORT_JSON).text is None
+    for text in (None, False):  # by default, without the base model: the image graphs only, with a warning
+        written = export_run(run, ExportOptions(out=tmp_path / f"onnx-{text}", text=text))
+        record = read_export_record(written / EXPORT_JSON)
+        assert record.text is None and not record.options.text_tower
+    assert export_run(run, ExportOptions(out=tmp_path / "onnx-None")) == tmp_path / "onnx-None"  # up to date
     shutil.move(tmp_path / "moved", tmp_path / "model")
-    other = make_tiny_model(tmp_path / "model", seed=2)  # the same folder, other weights
-    with pytest.raises(PatcherError, match="weights_sha256 differs"):
-        export_run(run, ExportOptions(out=tmp_path / "onnx2"))
-    assert other.startswith("local-dir:")
+    make_tiny_model(tmp_path / "model", seed=2)  # the same folder, other weights
+    with pytest.raises(PatcherError, match="holds other weights now: weights_sha256 differs"):
+        export_run(run, ExportOptions(out=tmp_path / "onnx2", text=True))
+    with pytest.raises(PatcherError, match=r"holds a different export \(text_tower False -> True\)"):
+        export_run(run, ExportOptions(out=tmp_path / "onnx-None", text=True))

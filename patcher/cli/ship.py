@@ -32,8 +32,9 @@ def export(
     tasks: Annotated[str, typer.Option(help="Comma-separated subset of the run's tasks (default all).")] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace a different export already at --out.")] = False,
     data_dir: DataDir = None,
-    text: Annotated[bool, typer.Option(help="Also export the text tower (label sets at request time); needs the "
-                                            "run's base model.")] = True,
+    text: Annotated[bool | None, typer.Option("--text/--no-text", help="The text tower (label sets at request "
+                                                   "time), from the run's base model; default: when that model "
+                                                   "loads with the run's weights.")] = None,
 ) -> None:
     """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images."""
     import json

@@ -31,6 +31,7 @@ from patcher.models import LoadedModel, build_from_config, load_clip
 from patcher.runs.layout import VISUAL_PREFIX
 from patcher.runs.manifest import Run, versions
 
+NO_TEXT = "--no-text exports the image graphs only"
 CLEANINGS = {"_clean_lower": "lower", "_clean_whitespace": "whitespace", "_clean_canonicalize": "canonicalize"}
 
 
@@ -70,11 +71,13 @@ def base_model(run: Run) -> LoadedModel:
         loaded = load_clip(model.name, model.pretrained, model.image_size)
     except PatcherError as error:
         raise PatcherError(f"the text tower comes from the run's base model, which does not load: {error} "
-                           "(or pass --no-text to export the image graphs only)") from None
+                           f"({NO_TEXT})") from None
     if loaded.weights_sha256 != model.weights_sha256:
-        raise PatcherError(f"{model.name} ({model.pretrained}) no longer has the weights run {run.name} was built from "
-                           "(weights_sha256 differs): the text tower must be the one its heads came from "
-                           "(or pass --no-text)")
+        where = "random weights, not reproducible" if model.pretrained is None and ":" not in model.name else (
+            f"{model.pretrained or model.name} holds other weights now")
+        raise PatcherError(f"{model.name} does not load with the weights run {run.name} was built from ({where}: "
+                           "weights_sha256 differs); the text tower must be the one its heads came from "
+                           f"({NO_TEXT})")
     return loaded
 
 
@@ -108,15 +111,15 @@ def tokenizer_spec(loaded: LoadedModel, context_length: int) -> tuple[TokenizerS
     tokenizer = loaded.tokenizer
     if type(tokenizer).__name__ != "SimpleTokenizer" or getattr(tokenizer, "reduction_fn", None) is not None:
         raise PatcherError(f"{loaded.name} tokenizes with {type(tokenizer).__name__}, not open_clip's CLIP BPE "
-                           "SimpleTokenizer: its text tower cannot be served (pass --no-text)")
+                           f"SimpleTokenizer: its text tower cannot be served ({NO_TEXT})")
     clean = CLEANINGS.get(getattr(tokenizer.clean_fn, "__name__", ""))
     if clean is None:
-        raise PatcherError(f"{loaded.name}'s tokenizer cleans text in a way patcher does not serve (pass --no-text)")
+        raise PatcherError(f"{loaded.name}'s tokenizer cleans text in a way patcher does not serve ({NO_TEXT})")
     vocabulary = Path(loaded.model_cfg.get("text_cfg", {}).get("tokenizer_kwargs", {}).get(
         "bpe_path", open_clip.tokenizer.default_bpe()))
     if int(tokenizer.context_length) != context_length:
         raise PatcherError(f"the tokenizer's context length {tokenizer.context_length} is not the text tower's "
-                           f"{context_length}: the model's configuration is inconsistent (pass --no-text)")
+                           f"{context_length}: the model's configuration is inconsistent ({NO_TEXT})")
     return TokenizerSpec(VOCABULARY_FILE, sha256_file(vocabulary), context_length, clean), vocabulary
 
 
@@ -145,7 +148,7 @@ def check_tokenizer(loaded: LoadedModel, spec: TokenizerSpec, vocabulary: Path, 
     differing = np.flatnonzero((theirs != mine).any(axis=1))
     if len(differing):
         raise PatcherError(f"patcher's tokenizer differs from open_clip's on {len(differing)} of the run's prompts, "
-                           f"e.g. {prompts[differing[0]]!r}: the served text model would not match (pass --no-text)")
+                           f"e.g. {prompts[differing[0]]!r}: the served text model would not match ({NO_TEXT})")
 
 
 def export_text_onnx(graph: TextGraph, path: Path, opset: int) -> onnx.ModelProto:

@@ -82,7 +82,9 @@ class ExportOptions:
     overwrite: bool = False
     data_dir: Path | None = None
     images_per_task: int = IMAGES_PER_TASK
-    text: bool = True  # also the text tower (label sets at request time); needs the run's base model
+    # the text tower (label sets at request time), from the run's base model: True requires it; None (auto) exports
+    # it when that model loads with the weights the run recorded, else warns and exports the image graphs only
+    text: bool | None = None
 
 
 def select_tasks(run: Run, tasks: list[str] | None) -> list[str]:
@@ -98,7 +100,8 @@ def select_tasks(run: Run, tasks: list[str] | None) -> list[str]:
     return chosen
 
 
-def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: bool) -> bool:
+def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: bool, ignored: tuple[str, ...] = ()
+                    ) -> bool:
     """True when `out` already holds this export; PatcherError when it holds something it may not replace."""
     if not out.exists():
         return False
@@ -112,7 +115,7 @@ def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: boo
         record: ExportRecord | None = read_export_record(out / EXPORT_JSON)
     except PatcherError:
         record = None
-    difference = _difference(record, run, content)
+    difference = _difference(record, run, content, ignored)
     if difference is None and record is not None and _files_intact(out, record) and not overwrite:
         return True
     if overwrite:
@@ -121,13 +124,15 @@ def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: boo
                        "pass --overwrite to replace it or another --out")
 
 
-def _difference(record: ExportRecord | None, run: Run, content: ContentOptions) -> str | None:
+def _difference(record: ExportRecord | None, run: Run, content: ContentOptions, ignored: tuple[str, ...] = ()
+                ) -> str | None:
     if record is None:
         return f"not a readable {EXPORT_FORMAT} record"
     if record.run.manifest_sha256 != run.manifest_sha256:
         return f"of run {record.run.name!r} with another manifest"
     previous, wanted = vars(record.options), vars(content)
-    changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in wanted.items() if previous[key] != value]
+    changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in wanted.items()
+               if previous[key] != value and key not in ignored]
     return ", ".join(changed) or None
 
 
@@ -151,7 +156,7 @@ class Export:
         self.out = Path(options.out) if options.out is not None else self.run_record.path / EXPORT_DIR
         check_output_name(self.out)
         self.content = ContentOptions(list(self.tasks), options.fp16, options.optimize, options.opset,
-                                      options.images_per_task, options.int8, options.text)
+                                      options.images_per_task, options.int8, bool(options.text))
         self.config = verified_config(self.run_record)
         self.weights = {kind: verified_weights(self.run_record, kind, self.tasks) for kind in EXPORTED_KINDS}
         self.timings: dict[str, float] = {}
@@ -163,14 +168,17 @@ class Export:
         with output_lock(out):
             with write_errors(out):
                 clean_stale(out)
-            if existing_export(out, self.run_record, self.content, self.options.overwrite):
+            ignored = ("text_tower",) if self.options.text is None else ()  # auto: whatever the export has
+            if existing_export(out, self.run_record, self.content, self.options.overwrite, ignored):
                 console.print(f"{out} is up to date: same run and options, nothing to do")
                 return out
             heldout = self._timed("images", self.heldout)
             with staged_output(out, overwrite=out.exists()) as staging:
                 folder = staging.open()
                 models, reports, widths = self.export_models(folder, heldout)
-                text = self._timed("text", lambda: self.export_text(folder, heldout)) if self.options.text else None
+                wanted = self.options.text is not False
+                text = self._timed("text", lambda: self.export_text(folder, heldout)) if wanted else None
+                self.content = dataclasses.replace(self.content, text_tower=text is not None)
                 self.timings["total"] = time.perf_counter() - self.started
                 write_export_record(folder / EXPORT_JSON, self.record(models, reports, widths, text))
         return out
@@ -261,14 +269,22 @@ class Export:
         return {task: ExportedTask(manifest.tasks[task].role, list(manifest.tasks[task].classnames),
                                    logits_output(task)) for task in self.tasks}
 
-    def export_text(self, folder: Path, heldout: HeldOut) -> TextExport:
+    def export_text(self, folder: Path, heldout: HeldOut) -> TextExport | None:
         """The text tower of each exported model (one file when the method left it untouched), the tokenizer's
-        vocabulary, each checked against PyTorch and against the heads the build stored."""
+        vocabulary, each checked against PyTorch and against the heads the build stored; None (with a warning)
+        when the text tower is optional and the run's base model or tokenizer cannot give it."""
         manifest = self.run_record.manifest
-        base = base_model(self.run_record)
+        try:
+            base = base_model(self.run_record)
+            context = int(base.model.positional_embedding.shape[0])
+            spec, vocabulary = tokenizer_spec(base, context)
+        except PatcherError as error:
+            if self.options.text:
+                raise
+            console.print(f"warning: no text tower, the image graphs only (label sets at request time need it): "
+                          f"{error}")
+            return None
         prompts = run_prompts(self.run_record, self.tasks)
-        context = int(base.model.positional_embedding.shape[0])
-        spec, vocabulary = tokenizer_spec(base, context)
         copy_vocabulary(vocabulary, folder)
         check_tokenizer(base, spec, vocabulary, [p for task in self.tasks for p in prompts[task]])
         tokens = {task: base.tokenizer(prompts[task]).numpy() for task in self.tasks}
