@@ -58,7 +58,6 @@ def export_moments(parent: Path, name: str) -> dict[str, Callable[[], bool]]:
         "tracing": exists(f"{partial}/.patched.traced.onnx", parent),
         "patched written": exists(f"{partial}/patched.onnx", parent),
         "zeroshot written": exists(f"{partial}/zeroshot.onnx", parent),
-        "text tower written": exists(f"{partial}/text_zeroshot.onnx", parent),
         "export.json written": exists(f"{partial}/export.json", parent),
     }
 
