@@ -157,6 +157,8 @@ def classify(
     from patcher.triton.openvocab_client import classify_labels
 
     label_list = comma_list(labels)
+    if raw and (label_list or run is not None):
+        raise PatcherError("--raw sends preprocessed tensors to a served <model>_patched: not with --labels or --run")
     if templates is not None and not label_list:
         raise PatcherError("--templates needs --labels: the baked tasks have their templates already")
     if (model is None) == (run is None):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from patcher.base.errors import PatcherError
+from patcher.base.records import to_json
 from patcher.export.contract import (
     EMBEDDING_OUTPUT,
     EXPORT_JSON,
@@ -24,7 +25,7 @@ from patcher.export.contract import (
     verified_text_file,
     verified_vocabulary,
 )
-from patcher.export.openvocab import LabelSet, LabelSetError, class_heads, rank
+from patcher.export.openvocab import LabelSet, LabelSetError, check_label_set, class_heads, rank
 from patcher.export.tokenizer import ClipTokenizer, PromptError
 from patcher.triton.imaging import preprocess_bytes
 
@@ -49,7 +50,7 @@ class LocalModel:
         self.path = export_directory(path)
         self.record: ExportRecord = read_export_record(self.path / EXPORT_JSON)
         self.kind = kind
-        self.spec = {**_as_dict(self.record.preprocess), "dtype": "float32"}
+        self.spec = {**to_json(self.record.preprocess), "dtype": "float32"}
         image_file = verified_model_file(self.path, self.record, kind)
         self.image = ort.InferenceSession(str(image_file), providers=["CPUExecutionProvider"])
         self.outputs = [output.name for output in self.image.get_outputs()]
@@ -132,12 +133,6 @@ class LocalModel:
         return rank(scores, label_set.labels, top_k)
 
 
-def _as_dict(record: Any) -> dict[str, Any]:
-    from patcher.base.records import to_json
-
-    return to_json(record)
-
-
 def _item(message: str) -> int | None:
     if not message.startswith("item "):
         return None
@@ -159,8 +154,6 @@ def _named(message: str, names: Sequence[str]) -> str:
 def label_set(labels: Sequence[str], templates: Sequence[str] | None, max_labels: int = 1000,
               max_templates: int = 100) -> LabelSet:
     """A checked label set; PatcherError naming the label or template refused."""
-    from patcher.export.openvocab import check_label_set
-
     try:
         return check_label_set(list(labels), None if templates is None else list(templates), max_labels,
                                max_templates)
