@@ -191,6 +191,13 @@ def assert_complete_export(path: Path) -> dict[str, str]:
         assert sha256_file(path / entry["file"]) == entry["sha256"]
         hashes[entry["file"]] = entry["sha256"]
     assert set(hashes) >= {"patched.onnx", "zeroshot.onnx"}
+    text = record.get("text")
+    if text is not None:  # the text tower and the tokenizer's vocabulary
+        files = {m["file"]: m["sha256"] for m in text["models"].values()}
+        files[text["tokenizer"]["vocabulary"]] = text["tokenizer"]["vocabulary_sha256"]
+        for file, digest in files.items():
+            assert sha256_file(path / file) == digest
+        hashes.update(files)
     return hashes
 
 

@@ -277,7 +277,8 @@ def entry_models(export: Path, name: str = "digits") -> list[str]:
     """The model names of an export's entry."""
     from patcher.triton.repository.entry import Entry
 
-    return [m.name for m in Entry(name, tuple(export_record(export)["tasks"])).models()]
+    record = export_record(export)
+    return [m.name for m in Entry(name, tuple(record["tasks"]), open_vocabulary="text" in record).models()]
 
 
 def served_versions(client: Any, models: list[str]) -> list[list[str]]:

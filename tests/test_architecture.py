@@ -26,7 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "patching": {"base", "data", "models", "training", "runs"},
     "export": {"base", "data", "models", "runs"},
     "stages": {"base", "data", "models", "training", "patching", "runs", "export", "triton", "benchmark"},
-    "triton": {"base", "runs.layout", "runs.manifest", "export.contract", "data.options", "training.config"},
+    "triton": {"base", "runs.layout", "runs.manifest", "export.contract", "export.tokenizer", "export.openvocab",
+               "data.options", "training.config"},
     "benchmark": {"base", "data", "models", "runs", "export", "triton", "stages"},
     "deploy": {"base", "triton"},
     "cli": {"base", "data", "models", "training", "patching", "runs", "export", "stages", "triton", "benchmark",
@@ -37,7 +38,7 @@ TORCH_FREE = ["patcher.base.records", "patcher.base.files", "patcher.base.stagin
               "patcher.runs.layout", "patcher.runs.manifest", "patcher.runs.weights", "patcher.runs.report",
               "patcher.runs.per_class",
               "patcher.training.config", "patcher.data.options", "patcher.export.contract",
-              "patcher.export.parity"]
+              "patcher.export.parity", "patcher.export.tokenizer", "patcher.export.openvocab"]
 
 
 HEAVY = ("torch", "open_clip")

@@ -36,7 +36,7 @@ def plain(tiny_export: Path) -> Path:
 @pytest.fixture(scope="module")
 def variants(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export") / "variants"
-    return export_run(tiny_run, ExportOptions(out=out, fp16=True, int8=True, optimize=True,
+    return export_run(tiny_run, ExportOptions(out=out, fp16=True, int8=True, optimize=True, text=False,
                                               accuracy_tolerance=TINY_INT8_TOLERANCE))
 
 
@@ -50,7 +50,8 @@ def leftovers(parent: Path) -> list[str]:
 
 def test_export_writes_verified_models(plain: Path, tiny_run: Path) -> None:
     data = record(plain)
-    assert sorted(p.name for p in plain.iterdir()) == ["export.json", "patched.onnx", "samples", "zeroshot.onnx"]
+    assert sorted(p.name for p in plain.iterdir()) == ["bpe_simple_vocab_16e6.txt.gz", "export.json", "patched.onnx",
+                                                        "samples", "text_zeroshot.onnx", "zeroshot.onnx"]
     assert data["format"] == EXPORT_FORMAT and data["opset"] == 17
     assert set(data["models"]) == {"patched", "zeroshot"}
     for entry in data["models"].values():

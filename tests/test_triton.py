@@ -149,9 +149,9 @@ def _assert_same_top1(predicted: np.ndarray, logits: np.ndarray, what: str) -> N
 
 def test_repository_layout_and_config_parse_back(case: ExportCase, repo: Path) -> None:
     data = json.loads((case.path / "export.json").read_text())
-    expected = ["digits", "digits_digits_bytes", "digits_digits_pixels", "digits_fashion_mnist_bytes",
-                "digits_fashion_mnist_pixels", "digits_patched", "digits_pixels", "digits_preprocess",
-                "digits_zeroshot"]
+    expected = ["digits", "digits_classify", "digits_digits_bytes", "digits_digits_pixels", "digits_embed",
+                "digits_fashion_mnist_bytes", "digits_fashion_mnist_pixels", "digits_patched", "digits_pixels",
+                "digits_preprocess", "digits_text", "digits_zeroshot"]  # open-vocabulary models: test_open_vocab.py
     assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == expected
     for model in ("digits_patched", "digits_zeroshot"):
         config = read_config(repo / model)
@@ -246,7 +246,8 @@ def test_int8_models_are_served_and_answer_as_onnxruntime_does(case: ExportCase,
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "triton_models"
-NOT_COMMITTED = ("model.onnx", "patcher.json", "README.md")  # weights, per-write records, the folder's own README
+# weights (and the tokenizer's vocabulary, open_clip's), per-write records, the folder's own README
+NOT_COMMITTED = ("model.onnx", "bpe_simple_vocab_16e6.txt.gz", "patcher.json", "README.md")
 
 
 def _deployed(repo: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from patcher.benchmark.defaults import (
     DEFAULT_MAX_REQUESTS,
 )
 from patcher.cli.app import DataDir, comma_list, command
+from patcher.export.openvocab import DEFAULT_LIMITS as LABEL_LIMITS
 from patcher.triton.imaging import DEFAULT_LIMITS
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY
 
@@ -33,6 +35,9 @@ def export(
         help="Points a variant's held-out accuracy may differ from PyTorch's per task (default: 1, or 2 images).")
     ] = None,
     data_dir: DataDir = None,
+    text: Annotated[bool | None, typer.Option("--text/--no-text", help="The text tower (label sets at request "
+                                                   "time), from the run's base model; default: when that model "
+                                                   "loads with the run's weights.")] = None,
 ) -> None:
     """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images."""
     import json
@@ -42,12 +47,19 @@ def export(
 
     path = export_run(run, ExportOptions(out=out, fp16=fp16, int8=int8, optimize=optimize, opset=opset,
                                          accuracy_tolerance=accuracy_tolerance,
-                                         tasks=comma_list(tasks) or None, overwrite=overwrite, data_dir=data_dir))
+                                         tasks=comma_list(tasks) or None, overwrite=overwrite, data_dir=data_dir,
+                                         text=text))
     record = read_export_record(path / EXPORT_JSON)
     for key, model in record.models.items():
         typer.echo(f"{key}: {path / model.file} ({model.bytes / 1e6:.1f} MB)")
     for key, report in record.parity["models"].items():
         typer.echo(f"parity {key}: {json.dumps(_parity_summary(report))}")
+    if record.text is not None:
+        for key, model in record.text.models.items():
+            report = record.text.parity["models"][key]
+            typer.echo(f"text {key}: {path / model.file} ({'trained' if model.trained else 'the base model'}'s tower, "
+                       f"{report['prompts']} prompts, max |diff| {report['max_abs_diff']['text_embedding']:.1e}, "
+                       f"heads vs the build's {max(report['head_max_cosine_diff'].values(), default=0.0):.1e})")
     typer.echo(f"export: {path}")
 
 
@@ -86,6 +98,14 @@ def triton(
         DEFAULT_LIMITS["max_aspect"]),
     jpeg_draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced scale (2x the model's size).")] = (
         DEFAULT_LIMITS["jpeg_draft"]),
+    max_labels: Annotated[int, typer.Option(help="Most labels in one open-vocabulary request.")] = (
+        LABEL_LIMITS["max_labels"]),
+    max_templates: Annotated[int, typer.Option(help="Most templates in one open-vocabulary request.")] = (
+        LABEL_LIMITS["max_templates"]),
+    label_cache: Annotated[int, typer.Option(help="Label sets whose heads the server keeps (0: none).")] = (
+        LABEL_LIMITS["label_cache"]),
+    truncate_prompts: Annotated[bool, typer.Option(help="Cut prompts longer than the context as open_clip does "
+                                                        "(default: refuse them).")] = False,
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton.repository.configs import TensorRT
@@ -98,7 +118,9 @@ def triton(
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
                               precision=precision, limits=limits, warmup=warmup,
                               tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
-                              if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None)
+                              if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None,
+                              open_vocab={"max_labels": max_labels, "max_templates": max_templates,
+                                          "label_cache": label_cache, "truncate_prompts": truncate_prompts})
     for line in result["recovered"]:
         typer.echo(line)
     typer.echo(result["message"])
@@ -131,28 +153,133 @@ def serve(
 @command
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, PPM).")],
-    model: Annotated[str, typer.Option(help="Served model name (the ensemble, e.g. the patch task).")],
+    model: Annotated[str | None, typer.Option(help="Served model name (the ensemble, e.g. the patch task).")] = None,
     url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
     top_k: Annotated[int, typer.Option(help="Labels per task.")] = 3,
     raw: Annotated[bool, typer.Option(help="Preprocess here and send tensors to <model>_patched.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     key_file: Annotated[Path | None, typer.Option(help="The server's key file (lists its models on a typo).")] = None,
+    labels: Annotated[str, typer.Option(help="Comma-separated labels to classify against (open vocabulary).")] = "",
+    templates: Annotated[str | None, typer.Option(help="With --labels: a task's prompt templates, or a file with "
+                                                       "one template per line, each with {}.")] = None,
+    run: Annotated[Path | None, typer.Option(help="Classify in this process with RUN's export (no server).")] = None,
 ) -> None:
-    """Classify image files with a served model over gRPC; top-k labels and scores per task."""
+    """Classify image files with a served model over gRPC (or a run's export in process); top-k labels and scores
+    per task, or against a label set given now (--labels)."""
     import json
 
-    from patcher.triton.client import classify_files
+    from patcher.triton.openvocab_client import classify_labels
 
-    results = classify_files(images, model, url=url, top_k=top_k, raw=raw, batch_size=batch_size, key_file=key_file)
+    label_list = comma_list(labels)
+    if raw and (label_list or run is not None):
+        raise PatcherError("--raw sends preprocessed tensors to a served <model>_patched: not with --labels or --run")
+    if templates is not None and not label_list:
+        raise PatcherError("--templates needs --labels: the baked tasks have their templates already")
+    if (model is None) == (run is None):
+        raise PatcherError("pass --model NAME (a served model) or --run RUN (in process)")
+    if run is not None:
+        results = _classify_in_process(images, run, label_list, templates, top_k)
+    elif label_list:
+        chosen = _templates(templates, lambda: _served_templates(model, url, key_file))
+        results = classify_labels(images, model, label_list, chosen, url=url, top_k=top_k, batch_size=batch_size,
+                                  key_file=key_file)
+    else:
+        from patcher.triton.client import classify_files
+
+        results = classify_files(images, model, url=url, top_k=top_k, raw=raw, batch_size=batch_size,
+                                 key_file=key_file)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
     for result in results:
         typer.echo(f"{result['file']}:")
-        for task, labels in result["tasks"].items():
-            shown = ", ".join(f"{entry['label']} ({entry['score']:.2f})" for entry in labels)
+        for task, ranked in result["tasks"].items():
+            shown = ", ".join(f"{entry['label']} ({entry['score']:.2f})" for entry in ranked)
             typer.echo(f"  {task}: {shown}")
+
+
+def _served_templates(model: str | None, url: str, key_file: Path | None) -> dict[str, list[str]]:
+    from patcher.triton.openvocab_client import served_templates
+
+    return served_templates(model or "", url, key_file=key_file)
+
+
+def _templates(spec: str | None, known: Callable[[], dict[str, list[str]]]) -> list[str] | None:
+    """--templates: a file, a task of the model's run, or a registered task (its published templates)."""
+    from patcher.triton.openvocab_client import resolve_templates
+
+    if spec is None:
+        return None
+    found = resolve_templates(spec, known())
+    if found is not None:
+        return found
+    from patcher.data.tasks import get_task  # a task the run does not have: the registry (imports torch)
+
+    try:
+        return list(get_task(spec).templates)
+    except PatcherError:
+        raise PatcherError(f"--templates {spec!r} is neither a file nor a known task: pass a file with one "
+                           "template per line (each with {}) or a task name (`patcher tasks`)") from None
+
+
+def _classify_in_process(images: list[Path], run: Path, labels: list[str], templates: str | None,
+                         top_k: int) -> list[dict]:
+    from patcher.triton.local import LocalModel, label_set
+    from patcher.triton.openvocab_client import read_images
+
+    local = LocalModel(run)
+    names = [str(path) for path in images]
+    blobs = read_images(images)
+    if labels:
+        chosen = label_set(labels, _templates(templates, lambda: local.templates))
+        ranked = local.classify_labels(blobs, names, chosen, top_k)
+        tasks = [{"labels": entry} for entry in ranked]
+    else:
+        tasks = local.classify_tasks(blobs, names, top_k)
+    return [{"file": name, "model": f"{local.path} (in process)", "version": local.record.run.name, "tasks": entry}
+            for name, entry in zip(names, tasks, strict=True)]
+
+
+@command
+def embed(
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files (JPEG, PNG, PPM).")] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="A prompt to embed (repeat for more).")] = None,
+    model: Annotated[str | None, typer.Option(help="Served entry name (e.g. the patch task).")] = None,
+    run: Annotated[Path | None, typer.Option(help="Embed in this process with RUN's export (no server).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write .npy (float32 [N, D]) or .json; default JSON on stdout.")] = (
+        None),
+    url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
+    batch_size: Annotated[int, typer.Option(help="Items per request.")] = 16,
+    key_file: Annotated[Path | None, typer.Option(help="The server's key file (lists its models on a typo).")] = None,
+) -> None:
+    """L2-normalised embeddings of image files, or of prompts (--text), from the patched model: served over gRPC
+    (--model) or in process (--run)."""
+    import json
+
+    from patcher.triton.openvocab_client import embed_files, embed_texts, embedding_records, save_embeddings
+
+    if bool(images) == bool(text):
+        raise PatcherError("pass image files or --text prompts (one kind per call)")
+    if (model is None) == (run is None):
+        raise PatcherError("pass --model NAME (a served entry) or --run RUN (in process)")
+    keys = [str(path) for path in images] if images else list(text or [])
+    what = "file" if images else "text"
+    if run is not None:
+        from patcher.triton.local import LocalModel
+        from patcher.triton.openvocab_client import read_images
+
+        local = LocalModel(run)
+        array = local.embed_images(read_images(images), keys) if images else local.embed_texts(keys)
+    elif images:
+        array = embed_files(images, model or "", url=url, batch_size=batch_size, key_file=key_file)
+    else:
+        array = embed_texts(keys, model or "", url=url, batch_size=batch_size, key_file=key_file)
+    if out is None:
+        typer.echo(json.dumps(embedding_records(keys, array, what)))
+        return
+    save_embeddings(out, keys, array, what)
+    typer.echo(f"wrote {out}: {array.shape[0]} x {array.shape[1]} float32 embeddings ({what}s in the order given)")
 
 
 def _int_list(text: str) -> list[int]:

@@ -9,10 +9,13 @@ the same run and options is kept; otherwise held-out images are loaded, each cla
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from patcher.base.errors import PatcherError
 from patcher.base.faults import write_errors
@@ -30,17 +33,34 @@ from patcher.export.contract import (
     ExportedTask,
     ExportRecord,
     SourceRun,
+    TextExport,
+    TextModel,
     logits_output,
     model_key,
     output_names,
     read_export_record,
     tensor_entries,
+    text_entries,
     write_export_record,
 )
+from patcher.export.contract import text_file as contract_text_file
 from patcher.export.graph import ExportGraph, load_graph, reference_outputs
 from patcher.export.heldout import SPLIT, HeldOut, load_heldout
 from patcher.export.metadata import EXPORTER, attach_metadata, metadata_props
 from patcher.export.samples import write_samples
+from patcher.export.text import (
+    attach_text_metadata,
+    base_model,
+    check_tokenizer,
+    copy_vocabulary,
+    export_text_onnx,
+    load_text_graph,
+    run_prompts,
+    text_metadata,
+    text_state,
+    tokenizer_spec,
+)
+from patcher.export.text_verify import verify_text_model
 from patcher.export.trace import check_opset, export_onnx, save_onnx
 from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16, to_int8
 from patcher.export.verify import thresholds, verify_model
@@ -65,6 +85,9 @@ class ExportOptions:
     data_dir: Path | None = None
     images_per_task: int = IMAGES_PER_TASK
     accuracy_tolerance: float | None = None  # points a variant's accuracy may differ by; None: its precision's rule
+    # the text tower (label sets at request time), from the run's base model: True requires it; None (auto) exports
+    # it when that model loads with the weights the run recorded, else warns and exports the image graphs only
+    text: bool | None = None
 
 
 def select_tasks(run: Run, tasks: list[str] | None) -> list[str]:
@@ -80,7 +103,8 @@ def select_tasks(run: Run, tasks: list[str] | None) -> list[str]:
     return chosen
 
 
-def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: bool) -> bool:
+def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: bool, ignored: tuple[str, ...] = ()
+                    ) -> bool:
     """True when `out` already holds this export; PatcherError when it holds something it may not replace."""
     if not out.exists():
         return False
@@ -94,7 +118,7 @@ def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: boo
         record: ExportRecord | None = read_export_record(out / EXPORT_JSON)
     except PatcherError:
         record = None
-    difference = _difference(record, run, content)
+    difference = _difference(record, run, content, ignored)
     if difference is None and record is not None and _files_intact(out, record) and not overwrite:
         return True
     if overwrite:
@@ -103,13 +127,15 @@ def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: boo
                        "pass --overwrite to replace it or another --out")
 
 
-def _difference(record: ExportRecord | None, run: Run, content: ContentOptions) -> str | None:
+def _difference(record: ExportRecord | None, run: Run, content: ContentOptions, ignored: tuple[str, ...] = ()
+                ) -> str | None:
     if record is None:
         return f"not a readable {EXPORT_FORMAT} record"
     if record.run.manifest_sha256 != run.manifest_sha256:
         return f"of run {record.run.name!r} with another manifest"
     previous, wanted = vars(record.options), vars(content)
-    changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in wanted.items() if previous[key] != value]
+    changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in wanted.items()
+               if previous[key] != value and key not in ignored]
     return ", ".join(changed) or None
 
 
@@ -135,10 +161,11 @@ class Export:
         self.out = Path(options.out) if options.out is not None else self.run_record.path / EXPORT_DIR
         check_output_name(self.out)
         self.content = ContentOptions(list(self.tasks), options.fp16, options.optimize, options.opset,
-                                      options.images_per_task, options.int8)
+                                      options.images_per_task, options.int8, bool(options.text))
         self.config = verified_config(self.run_record)
         self.weights = {kind: verified_weights(self.run_record, kind, self.tasks) for kind in EXPORTED_KINDS}
         self.timings: dict[str, float] = {}
+        self.embeddings: dict[str, torch.Tensor] = {}  # PyTorch's held-out image embeddings, by kind
 
     def run(self) -> Path:
         """The export directory: written, or kept when it already holds this export."""
@@ -146,7 +173,8 @@ class Export:
         with output_lock(out):
             with write_errors(out):
                 clean_stale(out)
-            if existing_export(out, self.run_record, self.content, self.options.overwrite):
+            ignored = ("text_tower",) if self.options.text is None else ()  # auto: whatever the export has
+            if existing_export(out, self.run_record, self.content, self.options.overwrite, ignored):
                 console.print(f"{out} is up to date: same run and options, nothing to do")
                 return out
             heldout = self._timed("images", self.heldout)
@@ -154,8 +182,11 @@ class Export:
                 folder = staging.open()
                 models, reports, widths = self.export_models(folder, heldout)
                 samples = write_samples(folder, heldout, self.run_record.manifest.model.preprocess)
+                wanted = self.options.text is not False
+                text = self._timed("text", lambda: self.export_text(folder, heldout)) if wanted else None
+                self.content = dataclasses.replace(self.content, text_tower=text is not None)
                 self.timings["total"] = time.perf_counter() - self.started
-                write_export_record(folder / EXPORT_JSON, self.record(models, reports, widths, samples))
+                write_export_record(folder / EXPORT_JSON, self.record(models, reports, widths, samples, text))
         return out
 
     def _timed(self, key: str, work: Any) -> Any:
@@ -186,6 +217,7 @@ class Export:
                 graph = self._timed("torch_reference", lambda k=kind: load_graph(self.config, self.weights[k],
                                                                                  self.tasks))
                 reference = self._timed("torch_reference", lambda g=graph: reference_outputs(g, heldout.images))
+                self.embeddings[kind] = reference[0]
                 widths = graph.output_widths()
                 progress.update(bar, status=f"{kind}.onnx")
                 for precision, path in self.write_model(folder, graph, kind).items():
@@ -244,8 +276,65 @@ class Export:
         return {task: ExportedTask(manifest.tasks[task].role, list(manifest.tasks[task].classnames),
                                    logits_output(task)) for task in self.tasks}
 
+    def export_text(self, folder: Path, heldout: HeldOut) -> TextExport | None:
+        """The text tower of each exported model (one file when the method left it untouched), the tokenizer's
+        vocabulary, each checked against PyTorch and against the heads the build stored; None (with a warning)
+        when the text tower is optional and the run's base model or tokenizer cannot give it."""
+        manifest = self.run_record.manifest
+        try:
+            base = base_model(self.run_record)
+            context = int(base.model.positional_embedding.shape[0])
+            spec, vocabulary = tokenizer_spec(base, context)
+        except PatcherError as error:
+            if self.options.text:
+                raise
+            console.print(f"warning: no text tower, the image graphs only (label sets at request time need it): "
+                          f"{error}")
+            return None
+        prompts = run_prompts(self.run_record, self.tasks)
+        copy_vocabulary(vocabulary, folder)
+        check_tokenizer(base, spec, vocabulary, [p for task in self.tasks for p in prompts[task]])
+        tokens = {task: base.tokenizer(prompts[task]).numpy() for task in self.tasks}
+        text_models: dict[str, TextModel] = {}
+        reports: dict[str, Any] = {}
+        written: dict[bool, TextModel] = {}
+        for kind in EXPORTED_KINDS:
+            state, trained = text_state(self.run_record, kind, base)
+            graph = load_text_graph(self.config, state)
+            alpha = manifest.alpha_of(kind) if trained else 0.0
+            heads = self.text_heads(kind)
+            if not trained and False in written:  # the base tower, already written for the other kind
+                text_models[kind] = dataclasses.replace(written[False], model=kind)
+                reports[kind] = verify_text_model(folder / written[False].file, graph, tokens, heads, heldout,
+                                                  self.embeddings[kind])
+                continue
+            owner = kind if trained else "zeroshot"  # an untrained tower is the base model's: one file for both
+            path = folder / contract_text_file(owner)
+            model = export_text_onnx(graph, path, self.options.opset)
+            attach_text_metadata(model, text_metadata(self.run_record, owner, alpha, trained, spec, graph.logit_scale))
+            save_onnx(model, path)
+            reports[kind] = verify_text_model(path, graph, tokens, heads, heldout, self.embeddings[kind])
+            record = FileRecord.of(path)
+            text_models[kind] = TextModel(path.name, record.sha256, record.bytes, kind, alpha, trained,
+                                          graph.logit_scale)
+            written.setdefault(trained, text_models[kind])
+        templates = {task: list(manifest.tasks[task].templates) for task in self.tasks}
+        source, output = text_entries(context, manifest.model.embed_dim)
+        return TextExport(source, output, spec, text_models, templates, {"models": reports})
+
+    def text_heads(self, kind: str) -> dict[str, tuple[int, torch.Tensor]]:
+        """The stored heads of `kind` that the text tower made (probed heads left out), with templates per class."""
+        from safetensors.torch import load_file
+
+        from patcher.models.state import split_classifier_state
+
+        _, heads = split_classifier_state(load_file(str(self.weights[kind])))
+        manifest = self.run_record.manifest
+        trained = set(manifest.method.head_tasks)
+        return {task: (len(manifest.tasks[task].templates), heads[task]) for task in self.tasks if task not in trained}
+
     def record(self, models: dict[str, ExportedModel], reports: dict[str, Any], widths: dict[str, int],
-               samples: dict[str, ExportedSample]) -> ExportRecord:
+               samples: dict[str, ExportedSample], text: TextExport | None = None) -> ExportRecord:
         """export.json."""
         run, manifest = self.run_record, self.run_record.manifest
         image, outputs = tensor_entries(manifest.model.preprocess, widths, self.tasks)
@@ -256,7 +345,7 @@ class Export:
             models=models, parity={"split": SPLIT, "thresholds": thresholds(self.options.accuracy_tolerance),
                                    "models": reports},
             versions=versions(), timings_s={key: round(value, 3) for key, value in self.timings.items()},
-            created=now_iso(), samples=samples,
+            created=now_iso(), samples=samples, text=text,
         )
 
 

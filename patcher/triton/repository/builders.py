@@ -23,6 +23,7 @@ from patcher.triton.repository.configs import (
 )
 from patcher.triton.repository.entry import Entry, Model
 from patcher.triton.repository.export_info import ExportInfo, TensorSpec, onnx_io
+from patcher.triton.repository.openvocab import build_classify, build_embed, build_text
 from patcher.triton.repository.pixels import PIXELS_INPUT, pixels_graph
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -57,6 +58,7 @@ class Options:
     limits: dict[str, Any] = field(default_factory=dict)
     intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
     extra_classifiers: dict[str, Path] = field(default_factory=dict)
+    open_vocab: dict[str, Any] = field(default_factory=dict)  # label-set limits of the open-vocabulary models
 
 
 def _fill_dims(spec: TensorSpec, declared: dict[str, list[int]]) -> TensorSpec:
@@ -232,6 +234,9 @@ BUILDERS: dict[str, Callable[[EntryContext, Model], ModelPlan]] = {
     "ensemble": build_ensemble,
     "task_pixels": build_task_pixels,
     "task_bytes": build_task_bytes,
+    "text": build_text,
+    "embed": build_embed,
+    "classify": build_classify,
 }
 
 

@@ -10,6 +10,12 @@ An entry `<name>` is one export served as:
     <name>_<task>_pixels   per task, Triton's image-classification convention: pixels in, one labelled output
     <name>_<task>_bytes    per task: encoded images in, one labelled output
     <name>_<kind>          an extra classifier written beside them (e.g. the bench's output-space ensemble)
+
+and, when the export has a text tower (repository/openvocab.py):
+
+    <name>_text            python: prompts -> text embeddings (the patched model's text tower, tokenised inside)
+    <name>_classify        python: images and a label set (and templates) in -> a score per label, heads cached
+    <name>_embed           ensemble: raw 0-255 pixels (FORMAT_NCHW) in, the image embedding out (NVIDIA's conventions)
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from patcher.export.contract import logits_output, tensor_name
 MAX_NAME = 64  # leaves room for the longest suffix within one file name, and reads well in URLs
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
 COMPOSING = ("preprocess", "patched", "zeroshot", "pixels")  # loaded before the ensembles that use them
+OPEN_VOCABULARY = ("text", "classify")  # python models of an entry with a text tower; "embed" is an ensemble
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,7 @@ class Model:
     @property
     def is_ensemble(self) -> bool:
         """True for the models that only route tensors (no backend process of their own)."""
-        return self.kind in ("ensemble", "task_pixels", "task_bytes")
+        return self.kind in ("ensemble", "task_pixels", "task_bytes", "embed")
 
 
 def check_entry_name(name: str) -> str:
@@ -57,6 +64,7 @@ class Entry:
     name: str
     tasks: tuple[str, ...]
     extra: tuple[str, ...] = ()  # kinds of extra classifiers, served like the patched one
+    open_vocabulary: bool = False  # the export has a text tower: text, classify and embed models
 
     def task_output(self, task: str) -> str:
         """The logits output of a task."""
@@ -65,12 +73,15 @@ class Entry:
     def models(self) -> list[Model]:
         """Every model, composing models first (the order to load them in)."""
         name = self.name
-        models = [Model(f"{name}_{kind}", kind) for kind in (*COMPOSING, *self.extra)]
+        open_vocabulary = OPEN_VOCABULARY if self.open_vocabulary else ()
+        models = [Model(f"{name}_{kind}", kind) for kind in (*COMPOSING, *self.extra, *open_vocabulary)]
         models.append(Model(name, "ensemble"))
         for task in self.tasks:
             safe = tensor_name(task)
             models += [Model(f"{name}_{safe}_pixels", "task_pixels", task),
                        Model(f"{name}_{safe}_bytes", "task_bytes", task)]
+        if self.open_vocabulary:
+            models.append(Model(f"{name}_embed", "embed"))
         seen: dict[str, Model] = {}
         for model in models:
             if model.name in seen:

@@ -80,6 +80,9 @@ class ExportInfo:
             for key, record in self.data["models"].items()
         }
         identity = {key: self.data.get(key) for key in ("input", "outputs", "preprocess", "tasks")}
+        if self.text is not None:  # exports without a text tower keep the digest they always had
+            identity["text"] = {"tokenizer": self.text["tokenizer"], "templates": self.text["templates"],
+                                "models": {kind: m["sha256"] for kind, m in self.text["models"].items()}}
         text = json.dumps({**identity, "models": models}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -97,6 +100,33 @@ class ExportInfo:
         if not path.is_file():
             raise PatcherError(f"{path} is missing: the export is incomplete, run `patcher export` again")
         if "sha256" in record and sha256_file(path) != record["sha256"]:
+            raise PatcherError(f"{path} does not match the sha256 in {EXPORT_JSON}: re-run `patcher export`")
+        return path
+
+
+    @property
+    def text(self) -> dict[str, Any] | None:
+        """export.json's text tower (tensors, tokenizer, models, templates), None for an export without one."""
+        return self.data.get("text")
+
+    def text_file(self, kind: str = "patched") -> Path:
+        """The text tower of `kind`, after checking its sha256."""
+        if self.text is None or kind not in self.text["models"]:
+            raise PatcherError(f"{self.path / EXPORT_JSON} has no {kind} text tower: run `patcher export` again")
+        return self._checked(self.text["models"][kind]["file"], self.text["models"][kind]["sha256"])
+
+    def vocabulary_file(self) -> Path:
+        """The tokenizer's vocabulary file, after checking its sha256."""
+        if self.text is None:
+            raise PatcherError(f"{self.path / EXPORT_JSON} has no text tower: run `patcher export` again")
+        tokenizer = self.text["tokenizer"]
+        return self._checked(tokenizer["vocabulary"], tokenizer["vocabulary_sha256"])
+
+    def _checked(self, file: str, sha256: str) -> Path:
+        path = self.path / file
+        if not path.is_file():
+            raise PatcherError(f"{path} is missing: the export is incomplete, run `patcher export` again")
+        if sha256_file(path) != sha256:
             raise PatcherError(f"{path} does not match the sha256 in {EXPORT_JSON}: re-run `patcher export`")
         return path
 

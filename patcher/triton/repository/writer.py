@@ -36,6 +36,7 @@ from patcher.triton.repository.configs import (
 )
 from patcher.triton.repository.entry import Entry, check_entry_name
 from patcher.triton.repository.export_info import ExportInfo, load_export
+from patcher.triton.repository.openvocab import checked_limits
 from patcher.triton.repository.provenance import stamp
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, stage_model
 from patcher.triton.repository.stores import Store, model_versions, open_store
@@ -134,8 +135,8 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def _options(backend: str, batching: Batching, tensorrt: TensorRT | None, precision: str,
-             limits: dict[str, Any] | None, intra_op_threads: int, extra_classifiers: dict[str, Path] | None
-             ) -> Options:
+             limits: dict[str, Any] | None, intra_op_threads: int, extra_classifiers: dict[str, Path] | None,
+             open_vocab: dict[str, Any] | None = None) -> Options:
     """The writer's options, checked; PatcherError naming the first bad one."""
     if precision not in PRECISIONS:
         raise PatcherError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -160,7 +161,7 @@ def _options(backend: str, batching: Batching, tensorrt: TensorRT | None, precis
     except (ValueError, TypeError) as error:
         raise PatcherError(f"bad preprocessing limit: {error}") from None
     return Options(backend, dataclasses.replace(batching, preferred_batch_sizes=preferred), tensorrt,
-                   precision, checked, intra_op_threads, extra)
+                   precision, checked, intra_op_threads, extra, checked_limits(open_vocab))
 
 
 def _version_identity(info: ExportInfo, options: Options) -> tuple[str, str]:
@@ -188,6 +189,7 @@ def write_repository(
     extra_classifiers: dict[str, Path] | None = None,
     tensorrt: TensorRT | None = None,
     warmup: bool = True,
+    open_vocab: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Add an export to a model repository as a new version of every model of entry `name` (default: the patch task).
 
@@ -195,15 +197,17 @@ def write_repository(
     the images the preprocessing model accepts (max_bytes, max_pixels, max_aspect, jpeg_draft); `intra_op_threads`
     the onnxruntime threads of each classifier; `extra_classifiers` (kind -> ONNX file with the patched model's
     tensors) are served beside the entry as `<name>_<kind>`; `tensorrt` (or `tensorrt_fp16`) configures onnxruntime's
-    TensorRT provider; `warmup` warms each new version on the export's sample image. `repo` is a folder or an
-    s3:// location (stores.py). Returns what was written.
+    TensorRT provider; `warmup` warms each new version on the export's sample image; `open_vocab` bounds the label
+    sets of the open-vocabulary models an export with a text tower gets (max_labels, max_templates, label_cache,
+    truncate_prompts). `repo` is a folder or an s3:// location (stores.py). Returns what was written.
     """
     batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us)
     if tensorrt_fp16 and tensorrt is None:
         tensorrt = TensorRT(fp16=True)
-    options = _options(backend, batching, tensorrt, precision, limits, intra_op_threads, extra_classifiers)
+    options = _options(backend, batching, tensorrt, precision, limits, intra_op_threads, extra_classifiers,
+                       open_vocab)
     info = load_export(export_dir)
-    entry = Entry(_entry_name(info, name), tuple(info.tasks), tuple(options.extra_classifiers))
+    entry = Entry(_entry_name(info, name), tuple(info.tasks), tuple(options.extra_classifiers), info.text is not None)
     models = entry.models()
     files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
     key = _version_identity(info, options)

@@ -1,0 +1,129 @@
+"""The open-vocabulary models of an entry whose export has a text tower: one builder per model kind.
+
+    <name>_text       python: prompts (UTF-8 BYTES [N, 1]) -> text_embedding [N, D] (the patched model's text tower)
+    <name>_embed      ensemble in NVIDIA's image conventions: raw 0-255 pixels [N, 3, H, W], FORMAT_NCHW ->
+                      embedding [N, D] (through <name>_pixels)
+    <name>_classify   python: image_bytes [N, 1], labels [L], optional templates [T] -> scores [N, L]; a label
+                      set's head comes from <name>_text (BLS) and is cached
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+import patcher.export.openvocab as label_sets
+import patcher.export.tokenizer as tokenizer
+from patcher.base.errors import PatcherError
+from patcher.export.contract import EMBEDDING_OUTPUT, TEXT_OUTPUT
+from patcher.triton.repository.configs import IMAGE_BYTES, Batching, Step, classifier_config, ensemble_config
+from patcher.triton.repository.entry import Model
+from patcher.triton.repository.export_info import TensorSpec
+from patcher.triton.repository.pixels import PIXELS_INPUT
+
+if TYPE_CHECKING:
+    from patcher.triton.repository.builders import EntryContext, ModelPlan
+
+TEXT_INPUT = "text"  # the served text model's input: prompts, not token ids
+LABELS, TEMPLATE_INPUT, SCORES = "labels", "templates", "scores"
+TOKENIZER_FILE = "patcher_tokenizer.py"  # the names the python models import them by
+OPENVOCAB_FILE = "patcher_openvocab.py"
+MAX_PROMPT_BYTES = 4096
+# What `patcher triton` takes for the open-vocabulary models (flags of the same names), checked by `checked_limits`
+DEFAULT_LIMITS: dict[str, Any] = {**label_sets.DEFAULT_LIMITS, "truncate_prompts": False}
+
+
+def checked_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
+    """The open-vocabulary limits with defaults filled in; PatcherError naming a bad one."""
+    merged = {**DEFAULT_LIMITS, **(limits or {})}
+    unknown = sorted(set(merged) - set(DEFAULT_LIMITS))
+    if unknown:
+        raise PatcherError(f"unknown open-vocabulary limit {unknown[0]!r}: use {', '.join(DEFAULT_LIMITS)}")
+    for key in ("max_labels", "max_templates"):
+        if not isinstance(merged[key], int) or merged[key] < 1:
+            raise PatcherError(f"--{key.replace('_', '-')} must be at least 1, not {merged[key]!r}")
+    if not isinstance(merged["label_cache"], int) or merged["label_cache"] < 0:
+        raise PatcherError(f"--label-cache must be 0 (no cache) or more, not {merged['label_cache']!r}")
+    merged["truncate_prompts"] = bool(merged["truncate_prompts"])
+    return merged
+
+
+def _text(context: EntryContext) -> dict[str, Any]:
+    text = context.info.text
+    if text is None:
+        raise PatcherError(f"{context.info.path} has no text tower: run `patcher export` again")
+    return text
+
+
+def _threads(context: EntryContext) -> dict[str, str]:
+    threads = context.options.intra_op_threads
+    return {"intra_op_threads": str(threads)} if threads else {}
+
+
+def _source(module: Any) -> str:
+    return Path(module.__file__).read_text()
+
+
+def build_text(context: EntryContext, model: Model) -> ModelPlan:
+    """Prompts in, the patched model's text embeddings out: tokenised in the model with open_clip's tokenizer."""
+    from patcher.triton.repository.builders import TEMPLATES  # builders imports this module
+
+    text = _text(context)
+    limits = context.options.open_vocab
+    width = int(text["output"]["shape"][1])
+    parameters = {**context.common(), "tokenizer": text["tokenizer"], "max_prompt_bytes": str(MAX_PROMPT_BYTES),
+                  "truncate": limits["truncate_prompts"], "logit_scale": repr(text["models"]["patched"]["logit_scale"]),
+                  **_threads(context)}
+    config = classifier_config(model.name, TensorSpec(TEXT_INPUT, "TYPE_STRING", (-1, 1)),
+                               [TensorSpec(TEXT_OUTPUT, "TYPE_FP32", (-1, width))], "python",
+                               context.options.batching, {}, parameters)
+    vocabulary = context.info.vocabulary_file()
+    return context.plan(model, config, {"model.onnx": context.info.text_file("patched"),
+                                        "model.py": (TEMPLATES / "text_model.py").read_text(),
+                                        TOKENIZER_FILE: _source(tokenizer), vocabulary.name: vocabulary})
+
+
+def build_embed(context: EntryContext, model: Model) -> ModelPlan:
+    """The patched image embedding in NVIDIA's image conventions: one FORMAT_NCHW pixels input, one FP32 output."""
+    from patcher.triton.repository.builders import IMAGE_FORMAT
+
+    embedding = next(spec for spec in context.outputs if spec.name == EMBEDDING_OUTPUT)
+    steps = [Step(context.name("pixels"), {PIXELS_INPUT: PIXELS_INPUT}, {embedding.name: embedding.name})]
+    config = ensemble_config(model.name, context.pixels, steps, [embedding], context.options.batching.max_batch_size,
+                             {}, context.common(), IMAGE_FORMAT)
+    return context.plan(model, config)
+
+
+def classify_config(name: str, batching: Batching, parameters: dict[str, Any]) -> mc.ModelConfig:
+    """The open-vocabulary model: no batching across requests (each brings its own label set)."""
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=batching.instances)
+    config.version_policy.latest.num_versions = 1
+    config.input.add(name=IMAGE_BYTES, data_type=mc.TYPE_STRING, dims=[-1, 1])
+    config.input.add(name=LABELS, data_type=mc.TYPE_STRING, dims=[-1])
+    config.input.add(name=TEMPLATE_INPUT, data_type=mc.TYPE_STRING, dims=[-1], optional=True)
+    config.output.add(name=SCORES, data_type=mc.TYPE_FP32, dims=[-1, -1])
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
+    return config
+
+
+def build_classify(context: EntryContext, model: Model) -> ModelPlan:
+    """Images and a label set in, a score per label out; heads from the text model, cached."""
+    from patcher.triton.repository.builders import IMAGING, IMAGING_FILE, TEMPLATES
+
+    text = _text(context)
+    limits = context.options.open_vocab
+    parameters = {**context.common(), "preprocess": context.preprocess, "limits": context.options.limits,
+                  "logit_scale": repr(text["models"]["patched"]["logit_scale"]), "text_model": context.name("text"),
+                  "text_batch": str(context.options.batching.max_batch_size),
+                  "max_images": str(context.options.batching.max_batch_size),
+                  "max_labels": str(limits["max_labels"]), "max_templates": str(limits["max_templates"]),
+                  "label_cache": str(limits["label_cache"]), "templates": text["templates"], **_threads(context)}
+    config = classify_config(model.name, context.options.batching, parameters)
+    return context.plan(model, config, {"model.onnx": context.files["patched"],
+                                        "model.py": (TEMPLATES / "openvocab_model.py").read_text(),
+                                        IMAGING_FILE: IMAGING.read_text(), OPENVOCAB_FILE: _source(label_sets)})

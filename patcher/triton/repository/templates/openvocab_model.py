@@ -1,0 +1,125 @@
+"""Triton python-backend model: open-vocabulary classification with a label set given in the request.
+
+Copied into `<name>_classify/<version>/model.py` by `patcher triton`, beside `model.onnx` (the patched image graph),
+`patcher_imaging.py` (the preprocessing model's image path) and `patcher_openvocab.py` (label sets, heads, the
+cache). A request holds `image_bytes` [N, 1] (encoded images), `labels` [L] and optionally `templates` [T] (each
+with one `{}`; the label itself is the prompt without them), all UTF-8 BYTES, and gets `scores` [N, L]: the logits
+`normalize(image embedding) @ head`, as the baked tasks' are. A label set's head is computed once, by the entry's
+text model (`<name>_text`, called through BLS), and cached (bounded, keyed by labels and templates), so that a
+repeated label set costs one matrix product. Bad input fails its request with INVALID_ARG naming the item and the
+limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from patcher_imaging import check_limits, preprocess_bytes
+from patcher_openvocab import HeadCache, LabelSet, LabelSetError, check_label_set, class_heads
+
+IMAGES, LABELS, TEMPLATES, SCORES = "image_bytes", "labels", "templates", "scores"
+MODEL_FILE = "model.onnx"
+TEXT_INPUT, TEXT_OUTPUT = "text", "text_embedding"
+ITEM = re.compile(r"item (\d+): (.*)", re.DOTALL)
+
+
+def _invalid_argument(message: str) -> Any:
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # python backends before 23.05 have no codes
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+class RequestRefused(ValueError):
+    """Bad input of one request: INVALID_ARG with this message."""
+
+
+class TritonPythonModel:
+    """One onnxruntime session of the image graph; label-set heads from the text model, cached."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        """Read the preprocessing, limits and logit scale from the config; open the image graph."""
+        parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        self.spec = json.loads(parameters["preprocess"])
+        self.limits = check_limits(json.loads(parameters.get("limits") or "{}"))
+        self.logit_scale = float(parameters["logit_scale"])
+        self.text_model = parameters["text_model"]
+        self.text_batch = int(parameters["text_batch"])
+        self.max_labels = int(parameters["max_labels"])
+        self.max_templates = int(parameters["max_templates"])
+        self.max_images = int(parameters["max_images"])
+        self.cache = HeadCache(int(parameters["label_cache"]))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
+        options.inter_op_num_threads = 1
+        path = os.path.join(args["model_repository"], args["model_version"], MODEL_FILE)
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """One response per request: scores [N, L], or the error of that request alone."""
+        responses = []
+        for request in requests:
+            try:
+                scores = self.classify(request)
+            except RequestRefused as error:
+                responses.append(pb_utils.InferenceResponse(error=_invalid_argument(str(error))))
+                continue
+            except Exception as error:  # a failure of this request (the text model, onnxruntime), not the server
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(SCORES, scores)]))
+        return responses
+
+    def classify(self, request: Any) -> np.ndarray:
+        """The scores of one request's images against its label set."""
+        label_set = self.label_set(request)
+        images = pb_utils.get_input_tensor_by_name(request, IMAGES).as_numpy().reshape(-1)
+        if len(images) == 0 or len(images) > self.max_images:
+            raise RequestRefused(f"{len(images)} images: send 1 to max_images={self.max_images} per request")
+        try:
+            batch = preprocess_bytes([bytes(item) for item in images], self.spec, self.limits)
+        except ValueError as error:
+            raise RequestRefused(str(error)) from None
+        head = self.cache.get(label_set)
+        if head is None:
+            head = self.head(label_set)
+            self.cache.put(label_set, head)
+        embedding = self.session.run(["embedding"], {"image": batch})[0]
+        return np.ascontiguousarray(embedding.astype(np.float32) @ head)
+
+    def label_set(self, request: Any) -> LabelSet:
+        """The request's labels and templates, checked."""
+        labels = pb_utils.get_input_tensor_by_name(request, LABELS).as_numpy().reshape(-1)
+        given = pb_utils.get_input_tensor_by_name(request, TEMPLATES)
+        templates = None if given is None else [bytes(t) for t in given.as_numpy().reshape(-1)]
+        try:
+            return check_label_set([bytes(label) for label in labels], templates, self.max_labels, self.max_templates)
+        except LabelSetError as error:
+            raise RequestRefused(str(error)) from None
+
+    def head(self, label_set: LabelSet) -> np.ndarray:
+        """The label set's [D, L] head: its prompts embedded by the text model, in chunks of its batch size."""
+        prompts = label_set.prompts()
+        chunks = []
+        for start in range(0, len(prompts), self.text_batch):
+            part = np.array([p.encode("utf-8") for p in prompts[start : start + self.text_batch]],
+                            dtype=np.object_).reshape(-1, 1)
+            request = pb_utils.InferenceRequest(model_name=self.text_model, requested_output_names=[TEXT_OUTPUT],
+                                                inputs=[pb_utils.Tensor(TEXT_INPUT, part)])
+            response = request.exec()
+            if response.has_error():
+                message = response.error().message()
+                item = ITEM.search(message)
+                if item is None:
+                    raise RuntimeError(f"{self.text_model}: {message}")
+                raise RequestRefused(f"{label_set.source(start + int(item.group(1)))}: {item.group(2)}")
+            chunks.append(pb_utils.get_output_tensor_by_name(response, TEXT_OUTPUT).as_numpy())
+        return class_heads(np.concatenate(chunks), len(label_set.labels), len(label_set.templates),
+                           self.logit_scale)
