@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from patcher.cli.app import DataDir, command
-from patcher.deploy.options import TRITON_IMAGE, TRITON_TAG
+from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
 
 
 @command

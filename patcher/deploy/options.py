@@ -6,13 +6,12 @@ import re
 from dataclasses import dataclass, field
 
 from patcher.base.errors import PatcherError
+from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
 from patcher.triton.repository.configs import CONFIG_FILE
 from patcher.triton.repository.objectstore import pinned_versions
 from patcher.triton.repository.s3 import parse_location
 from patcher.triton.repository.stores import Store, is_object_store, open_store
 
-TRITON_IMAGE = "nvcr.io/nvidia/tritonserver"
-TRITON_TAG = "24.10-py3"  # Triton 2.51, the version patcher's bundled server is
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 AUTOSCALE = ("pending-requests", "cpu")
 PVC_MOUNT = "/models"
