@@ -75,7 +75,7 @@ def test_the_text_tower_is_exported_beside_unchanged_image_graphs(tiny_run: Path
     for name in ("patched.onnx", "zeroshot.onnx"):  # the image graphs do not change with the text tower
         assert (images_only / name).read_bytes() == (tiny_export / name).read_bytes()
     assert read_export_record(images_only / EXPORT_JSON).text is None
-    assert sorted(p.name for p in images_only.iterdir()) == ["export.json", "patched.onnx", "zeroshot.onnx"]
+    assert sorted(p.name for p in images_only.iterdir()) == ["export.json", "patched.onnx", "samples", "zeroshot.onnx"]
 
 
 def test_request_time_heads_are_the_builds_heads(tiny_run: Path, tiny_export: Path) -> None:
