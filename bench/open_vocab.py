@@ -266,8 +266,9 @@ def markdown(record: dict[str, Any]) -> str:
     machine = record["machine"]
     lines = [f"# Open vocabulary: label sets at request time ({record['name']}, run {record['run']})", "",
              f"{record['created']}, {machine['cpu']} ({machine['usable_cores']} usable cores), load average "
-             f"{record['load_average']}. Served by `patcher serve` (bundled Triton 2.51, python backend, one "
-             "instance per model), gRPC. `bench/open_vocab.py` reproduces it.", "",
+             f"{record['load_average']}. Served by `patcher serve` (bundled Triton 2.51, python backend, one instance "
+             f"per model, {record['classify_instances']} of the open-vocabulary model), gRPC. `bench/open_vocab.py` "
+             "reproduces it.", "",
              "## Label sets against the baked heads (every test image)", "",
              "| task | images | top-1 agreement | max \\|score - logit\\| | open-vocabulary acc. | baked acc. |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--name", default="open-vocab")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--classify-instances", type=int, default=0, help="0: as the other models (one)")
     args = parser.parse_args(argv)
 
     import tritonclient.grpc as grpcclient
@@ -319,13 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     export_dir = export_run(args.run)
     export = json.loads((export_dir / "export.json").read_text())
     with tempfile.TemporaryDirectory(prefix="open-vocab-") as workdir:
-        written = write_repository(export_dir, Path(workdir) / "repo")
+        written = write_repository(export_dir, Path(workdir) / "repo",
+                                   open_vocab={"classify_instances": args.classify_instances})
         entry = written["name"]
         server = Serve(Path(workdir) / "repo", Path(workdir) / "key.json")
         try:
             client = grpcclient.InferenceServerClient(server.url)
             record = {"name": args.name, "run": export["run"]["name"], "created": now_iso(), "machine": machine_info(),
                       "load_average": load_average(), "duration_s": args.duration, "rounds": args.rounds,
+                      "classify_instances": args.classify_instances or 1,
                       "first_request": first_requests(client, entry, export),
                       "throughput": throughput(server.url, entry, export, args.duration, args.rounds),
                       "text": text_rate(server.url, entry, export, args.duration),

@@ -106,6 +106,8 @@ def triton(
         LABEL_LIMITS["label_cache"]),
     truncate_prompts: Annotated[bool, typer.Option(help="Cut prompts longer than the context as open_clip does "
                                                         "(default: refuse them).")] = False,
+    classify_instances: Annotated[int, typer.Option(help="Processes of the open-vocabulary model (0: --instances); "
+                                                         "it takes no batches, each process has its own cache.")] = 0,
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton.repository.configs import TensorRT
@@ -120,7 +122,8 @@ def triton(
                               tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
                               if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None,
                               open_vocab={"max_labels": max_labels, "max_templates": max_templates,
-                                          "label_cache": label_cache, "truncate_prompts": truncate_prompts})
+                                          "label_cache": label_cache, "truncate_prompts": truncate_prompts,
+                                          "classify_instances": classify_instances})
     for line in result["recovered"]:
         typer.echo(line)
     typer.echo(result["message"])

@@ -19,7 +19,7 @@ import patcher.export.openvocab as label_sets
 import patcher.export.tokenizer as tokenizer
 from patcher.base.errors import PatcherError
 from patcher.export.contract import EMBEDDING_OUTPUT, TEXT_OUTPUT
-from patcher.triton.repository.configs import IMAGE_BYTES, Batching, Step, classifier_config, ensemble_config
+from patcher.triton.repository.configs import IMAGE_BYTES, Step, classifier_config, ensemble_config
 from patcher.triton.repository.entry import Model
 from patcher.triton.repository.export_info import TensorSpec
 from patcher.triton.repository.pixels import PIXELS_INPUT
@@ -33,7 +33,7 @@ TOKENIZER_FILE = "patcher_tokenizer.py"  # the names the python models import th
 OPENVOCAB_FILE = "patcher_openvocab.py"
 MAX_PROMPT_BYTES = 4096
 # What `patcher triton` takes for the open-vocabulary models (flags of the same names), checked by `checked_limits`
-DEFAULT_LIMITS: dict[str, Any] = {**label_sets.DEFAULT_LIMITS, "truncate_prompts": False}
+DEFAULT_LIMITS: dict[str, Any] = {**label_sets.DEFAULT_LIMITS, "truncate_prompts": False, "classify_instances": 0}
 
 
 def checked_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
@@ -45,6 +45,9 @@ def checked_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
     for key in ("max_labels", "max_templates"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise PatcherError(f"--{key.replace('_', '-')} must be at least 1, not {merged[key]!r}")
+    if not isinstance(merged["classify_instances"], int) or merged["classify_instances"] < 0:
+        raise PatcherError(f"--classify-instances must be 0 (as --instances) or more, not "
+                           f"{merged['classify_instances']!r}")
     if not isinstance(merged["label_cache"], int) or merged["label_cache"] < 0:
         raise PatcherError(f"--label-cache must be 0 (no cache) or more, not {merged['label_cache']!r}")
     merged["truncate_prompts"] = bool(merged["truncate_prompts"])
@@ -97,10 +100,10 @@ def build_embed(context: EntryContext, model: Model) -> ModelPlan:
     return context.plan(model, config)
 
 
-def classify_config(name: str, batching: Batching, parameters: dict[str, Any]) -> mc.ModelConfig:
+def classify_config(name: str, instances: int, parameters: dict[str, Any]) -> mc.ModelConfig:
     """The open-vocabulary model: no batching across requests (each brings its own label set)."""
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=batching.instances)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     config.version_policy.latest.num_versions = 1
     config.input.add(name=IMAGE_BYTES, data_type=mc.TYPE_STRING, dims=[-1, 1])
     config.input.add(name=LABELS, data_type=mc.TYPE_STRING, dims=[-1])
@@ -123,7 +126,8 @@ def build_classify(context: EntryContext, model: Model) -> ModelPlan:
                   "max_images": str(context.options.batching.max_batch_size),
                   "max_labels": str(limits["max_labels"]), "max_templates": str(limits["max_templates"]),
                   "label_cache": str(limits["label_cache"]), "templates": text["templates"], **_threads(context)}
-    config = classify_config(model.name, context.options.batching, parameters)
+    instances = limits["classify_instances"] or context.options.batching.instances
+    config = classify_config(model.name, instances, parameters)
     return context.plan(model, config, {"model.onnx": context.files["patched"],
                                         "model.py": (TEMPLATES / "openvocab_model.py").read_text(),
                                         IMAGING_FILE: IMAGING.read_text(), OPENVOCAB_FILE: _source(label_sets)})
