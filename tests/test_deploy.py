@@ -67,7 +67,9 @@ def test_manifests_for_a_folder_on_a_claim_validate(tmp_path: Path) -> None:
     container = pod["containers"][0]
     args = container["args"]
     loads = [a.removeprefix("--load-model=") for a in args if a.startswith("--load-model=")]
-    assert loads.index("digits_preprocess") < loads.index("digits") and len(loads) == 9  # composing models first
+    assert len(loads) == len(set(loads)) == 12  # 9 image models and the open-vocabulary text, classify and embed
+    assert loads.index("digits_preprocess") < loads.index("digits")  # composing models first
+    assert loads.index("digits_pixels") < loads.index("digits_embed")
     assert "--model-repository=/models" in args and any("patcher-key=$(PATCHER_KEY)" in a for a in args)
     assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "patcher-triton-key", "key": "key"}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
