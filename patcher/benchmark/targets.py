@@ -11,11 +11,11 @@ import numpy as np
 from patcher.base.errors import PatcherError
 from patcher.benchmark.loadgen import Payload, bytes_payload, shm_payload, tensor_payload
 from patcher.triton.client import describe_model
+from patcher.triton.repository.configs import NUMPY_TYPES
 
 KIND_SUFFIXES = {"_patched": "patched", "_zeroshot": "zeroshot", "_outensemble": "outensemble",
                  "_patched_int8": "patched_int8"}
 BYTES_KIND = "patched-bytes"
-NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
 
 
 @dataclass(frozen=True)

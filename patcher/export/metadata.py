@@ -39,14 +39,16 @@ def metadata_props(run: Run, kind: str, precision: str, opset: int, tasks: Mappi
     return {f"{METADATA_PREFIX}{key}": value for key, value in props.items()}
 
 
-def attach_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
-    """Replace the model's metadata_props with `props` and name patcher as its producer."""
+def attach_metadata(model: onnx.ModelProto, props: dict[str, str], noun: str = "classifier") -> None:
+    """Replace the model's metadata_props with `props` and name patcher as its producer (`noun`: what the file is,
+    for its doc string)."""
     del model.metadata_props[:]
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
     model.producer_name = "patcher"
     model.producer_version = __version__
-    model.doc_string = f"{props[METADATA_PREFIX + 'model']} classifier of patcher run {props[METADATA_PREFIX + 'run']}"
+    described = " ".join(part for part in (props[METADATA_PREFIX + "model"], noun) if part)
+    model.doc_string = f"{described} of patcher run {props[METADATA_PREFIX + 'run']}"
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

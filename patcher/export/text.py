@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from patcher import __version__
 from patcher.base.errors import PatcherError
 from patcher.base.faults import naming
 from patcher.base.files import sha256_file
@@ -177,13 +176,4 @@ def text_metadata(run: Run, kind: str, alpha: float, trained: bool, spec: Tokeni
              "versions": json.dumps(versions())}
     return {f"{METADATA_PREFIX}{key}": value for key, value in props.items()}
 
-
-def attach_text_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
-    """Replace the text model's metadata_props with `props` and name patcher as its producer."""
-    del model.metadata_props[:]
-    for key, value in props.items():
-        model.metadata_props.add(key=key, value=value)
-    model.producer_name = "patcher"
-    model.producer_version = __version__
-    model.doc_string = f"{props[METADATA_PREFIX + 'model']} of patcher run {props[METADATA_PREFIX + 'run']}"
 

@@ -17,20 +17,14 @@ from patcher.export.heldout import HeldOut
 from patcher.export.openvocab import class_heads
 from patcher.export.parity import failures, rule_for, task_parity
 from patcher.export.text import TextGraph
-from patcher.export.verify import BATCH_SIZES, batch_plan, check_loads
+from patcher.export.verify import BATCH_SIZES, batch_plan, check_loads, checked_graph
 
 HEAD_TOLERANCE = 1e-3  # cosine units: a request-time head may differ from the build's by this much, at most
 
 
 def check_text_structure(path: Path, graph: TextGraph) -> None:
     """onnx.checker, then the contract: int64 `tokens` [batch, context] in, float32 `text_embedding` [batch, D] out."""
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as error:
-        raise PatcherError(f"{path.name} fails onnx.checker: {str(error).splitlines()[0]}") from error
-    model = onnx.load(str(path), load_external_data=False).graph
-    initializers = {init.name for init in model.initializer}
-    inputs = [value for value in model.input if value.name not in initializers]
+    model, inputs = checked_graph(path)
     expected = {TEXT_INPUT: (onnx.TensorProto.INT64, graph.context_length),
                 TEXT_OUTPUT: (onnx.TensorProto.FLOAT, graph.width)}
     found = {value.name: value.type.tensor_type for value in [*inputs, *model.output]}

@@ -28,15 +28,21 @@ def thresholds(accuracy_tolerance: float | None = None) -> dict[str, Any]:
     return {precision: rule_for(precision, accuracy_tolerance).record() for precision in RULES}
 
 
-def check_structure(path: Path, output_names: list[str], widths: dict[str, int]) -> None:
-    """onnx.checker, then the contract: one float32 `image` input, the expected outputs, a symbolic batch axis."""
+def checked_graph(path: Path) -> tuple[onnx.GraphProto, list[onnx.ValueInfoProto]]:
+    """The graph of an ONNX file that passes onnx.checker, and its inputs (initializers left out); PatcherError
+    naming the checker's complaint otherwise."""
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as error:
         raise PatcherError(f"{path.name} fails onnx.checker: {str(error).splitlines()[0]}") from error
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {init.name for init in graph.initializer}
-    inputs = [value for value in graph.input if value.name not in initializers]
+    return graph, [value for value in graph.input if value.name not in initializers]
+
+
+def check_structure(path: Path, output_names: list[str], widths: dict[str, int]) -> None:
+    """onnx.checker, then the contract: one float32 `image` input, the expected outputs, a symbolic batch axis."""
+    graph, inputs = checked_graph(path)
     if [value.name for value in inputs] != [INPUT_NAME]:
         raise PatcherError(f"{path.name} has inputs {[v.name for v in inputs]}, expected [{INPUT_NAME!r}]")
     if [value.name for value in graph.output] != output_names:

@@ -49,7 +49,6 @@ from patcher.export.heldout import SPLIT, HeldOut, load_heldout
 from patcher.export.metadata import EXPORTER, attach_metadata, metadata_props
 from patcher.export.samples import write_samples
 from patcher.export.text import (
-    attach_text_metadata,
     base_model,
     check_tokenizer,
     copy_vocabulary,
@@ -311,7 +310,7 @@ class Export:
             owner = kind if trained else "zeroshot"  # an untrained tower is the base model's: one file for both
             path = folder / contract_text_file(owner)
             model = export_text_onnx(graph, path, self.options.opset)
-            attach_text_metadata(model, text_metadata(self.run_record, owner, alpha, trained, spec, graph.logit_scale))
+            attach_metadata(model, text_metadata(self.run_record, owner, alpha, trained, spec, graph.logit_scale), "")
             save_onnx(model, path)
             reports[kind] = verify_text_model(path, graph, tokens, heads, heldout, self.embeddings[kind])
             record = FileRecord.of(path)

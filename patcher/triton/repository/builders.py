@@ -14,6 +14,7 @@ from patcher.export.contract import logits_output
 from patcher.triton.repository.configs import (
     ENTRY_PARAMETER,
     IMAGE_BYTES,
+    NUMPY_TYPES,
     Batching,
     Step,
     TensorRT,
@@ -29,7 +30,6 @@ from patcher.triton.repository.pixels import PIXELS_INPUT, pixels_graph
 TEMPLATES = Path(__file__).parent / "templates"
 IMAGING = Path(__file__).parents[1] / "imaging.py"
 IMAGING_FILE = "patcher_imaging.py"  # the name the preprocessing model imports it by
-TRITON_DTYPE_TO_NUMPY = {"TYPE_FP32": "float32", "TYPE_FP16": "float16"}
 IMAGE_FORMAT = "FORMAT_NCHW"
 # A version file: a file to copy, a text to write, or a function that writes the file at the path it is given.
 Source = Path | str | Callable[[Path], Any]
@@ -86,7 +86,7 @@ def classifier_io(info: ExportInfo, path: Path) -> tuple[TensorSpec, list[Tensor
     missing = set(_task_outputs(info).values()) - {s.name for s in outputs}
     if missing:
         raise PatcherError(f"{path} lacks outputs {sorted(missing)} that {info.path / 'export.json'} lists")
-    if inputs[0].data_type not in TRITON_DTYPE_TO_NUMPY:
+    if inputs[0].data_type not in NUMPY_TYPES:
         raise PatcherError(f"{path}: image input is {inputs[0].data_type}, expected float32 or float16")
     return inputs[0], outputs
 
@@ -121,7 +121,7 @@ class EntryContext:
     @property
     def preprocess(self) -> dict[str, Any]:
         """export.json's preprocessing, with the numpy dtype the classifiers take."""
-        return {**self.info.preprocess, "dtype": TRITON_DTYPE_TO_NUMPY[self.image.data_type]}
+        return {**self.info.preprocess, "dtype": NUMPY_TYPES[self.image.data_type].__name__}
 
     @property
     def pixels(self) -> TensorSpec:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -18,6 +19,7 @@ from patcher.triton.repository.export_info import TensorSpec
 CONFIG_FILE = "config.pbtxt"
 BACKENDS = ("python", "onnxruntime")
 IMAGE_BYTES = "image_bytes"
+NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}  # the float types the image inputs may have
 ENTRY_PARAMETER = "patcher_entry"  # which `patcher triton --name` entry a model belongs to
 
 

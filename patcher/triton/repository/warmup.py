@@ -22,12 +22,11 @@ from patcher.base.files import sha256_file
 from patcher.export.contract import INPUT_NAME
 from patcher.triton.imaging import decode_image, preprocess_image
 from patcher.triton.repository.builders import ModelPlan
-from patcher.triton.repository.configs import IMAGE_BYTES
+from patcher.triton.repository.configs import IMAGE_BYTES, NUMPY_TYPES
 from patcher.triton.repository.export_info import ExportInfo
 from patcher.triton.repository.pixels import PIXELS_INPUT
 
 WARMUP_DIR = "warmup"
-NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
 
 
 @dataclass(frozen=True)
@@ -57,14 +56,14 @@ def input_bytes(sample: Sample, name: str, data_type: str) -> bytes | None:
     """One batch item of input `name` as Triton's warmup reads it from a file; None for an input it cannot fill."""
     if name == IMAGE_BYTES and data_type == "TYPE_STRING":
         return struct.pack("<I", len(sample.png)) + sample.png  # a serialised BYTES element: length, then bytes
-    if data_type not in NUMPY or name not in (INPUT_NAME, PIXELS_INPUT):
+    if data_type not in NUMPY_TYPES or name not in (INPUT_NAME, PIXELS_INPUT):
         return None
     image = decode_image(sample.png, None, sample.preprocess)
     if name == PIXELS_INPUT:
         height, width = sample.preprocess["image_size"]
         pixels = np.asarray(image.convert("RGB").resize((width, height)), dtype=np.float32).transpose(2, 0, 1)
-        return np.ascontiguousarray(pixels).astype(NUMPY[data_type]).tobytes()
-    return preprocess_image(image, sample.preprocess).astype(NUMPY[data_type]).tobytes()
+        return np.ascontiguousarray(pixels).astype(NUMPY_TYPES[data_type]).tobytes()
+    return preprocess_image(image, sample.preprocess).astype(NUMPY_TYPES[data_type]).tobytes()
 
 
 def accepted(sample: Sample, limits: dict) -> bool:
