@@ -98,10 +98,12 @@ def test_kill9_during_patcher_triton_leaves_the_old_or_the_new_repository_and_th
         child = cli.start("triton", str(second), "--repo", str(repo))
         if moment == 0:  # moment 0: almost at once (the forked child must have made its process group)
             time.sleep(0.05)
-        else:  # then spread from when staging starts to past the end
+        elif moment < KILLS - 1:  # then spread over the reference run's time from when staging starts
             wait_for(lambda r=repo, c=child: bool(list(r.glob(f"{STAGING_PREFIX}*"))) or c.poll() is not None, 300,
                      interval=0.002)
-            time.sleep((reference["total"] - reference["anchor"]) * 1.2 * (moment - 1) / (KILLS - 2))
+            time.sleep((reference["total"] - reference["anchor"]) * (moment - 1) / (KILLS - 2))
+        else:  # the last: after the run ended, however long a loaded machine made it take
+            wait_for(lambda c=child: c.poll() is not None, 300)
         child.kill9()
         seen.append(state(repo, models))
         if seen[-1] == "untouched":
