@@ -34,7 +34,7 @@ from patcher.triton.repository.configs import (
     parameter,
     read_config,
 )
-from patcher.triton.repository.entry import Entry, check_entry_name
+from patcher.triton.repository.entry import Entry, check_entry_name, check_repository_path
 from patcher.triton.repository.export_info import ExportInfo, load_export
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, new_staging, publish, recover, stage_model
 
@@ -199,6 +199,7 @@ def write_repository(
     the onnxruntime threads of each classifier; `extra_classifiers` (kind -> ONNX file with the patched model's
     tensors) are served beside the entry as `<name>_<kind>`. Returns what was written.
     """
+    check_repository_path(Path(repo))
     batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us)
     options = _options(backend, batching, tensorrt_fp16, precision, limits, intra_op_threads, extra_classifiers)
     info = load_export(export_dir)
