@@ -21,7 +21,14 @@ from types import FrameType
 from patcher.base.errors import PatcherError
 from patcher.triton.repository.entry import check_repository_path
 from patcher.triton.repository.publish import publish_lock
-from patcher.triton.serving.access import RESTRICTED, default_key_file, new_key, remove_key_file, write_key_file
+from patcher.triton.serving.access import (
+    RESTRICTED,
+    default_key_file,
+    live_owner,
+    new_key,
+    remove_key_file,
+    write_key_file,
+)
 from patcher.triton.serving.front import GrpcFront, message_limit
 from patcher.triton.serving.ports import free_port, port_in_use
 from patcher.triton.serving.server import TritonServer
@@ -115,12 +122,16 @@ def serve_forever(
     key = new_key()
     server = TritonServer(repo, models, host, http_port, free_port(PRIVATE), metrics_port, log_path, startup_timeout_s,
                           key=key, grpc_host=PRIVATE)
+    key_path = key_file or default_key_file(grpc_url)
     try:
         _check_ports(host, {"http": http_port, "gRPC": grpc_port, "metrics": metrics_port})
+        owner = live_owner(key_path)
+        if owner is not None:
+            raise PatcherError(f"{key_path} is the key file of the running server {owner}: choose another --key-file")
         front = GrpcFront(host, grpc_port, server.grpc_url, message_limit(server.repo, models)).start()
         server.start()
         endpoints = {"grpc": grpc_url, "http": server.http_url, "repository": str(server.repo)}
-        key = write_key_file(key, key_file or default_key_file(grpc_url), endpoints)  # the ports are ours now
+        key = write_key_file(key, key_path, endpoints)  # only now: the ports are this server's
         _announce(server, grpc_url, key.path, host, echo)
         supervisor = Supervisor(server, serve_all=models is None, echo=echo)
         history: list[float] = []
