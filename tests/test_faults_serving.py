@@ -7,9 +7,11 @@ One server for the module; the tests run in file order (the kill -9 test restart
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,3 +306,93 @@ def test_a_killed_tritonserver_is_restarted_on_the_same_ports_with_the_same_key(
     assert http.is_server_ready() and http.is_model_ready("digits_patched")
     http.close()
     assert json.loads(served.key_file.read_text())["http"].endswith(str(served.http_port))
+
+
+# --- failures that leave things behind ---------------------------------------------------------------------------
+
+
+def test_a_failed_start_names_a_log_that_exists_and_leaves_no_folder(tiny_export: Path, tmp_path: Path) -> None:
+    from patcher.triton.serving.ports import distinct_free_ports
+
+    repo = tmp_path / "repo"
+    write_repository(tiny_export, repo)
+    (repo / "digits_zeroshot" / "1" / "model.py").write_text("raise RuntimeError('this model cannot start')\n")
+    serve = _serve(repo, tmp_path / "key.json", *distinct_free_ports(3))
+    _, err = serve.communicate(timeout=300)
+    (line,) = err.strip().splitlines()[-1:]
+    assert serve.returncode == 2 and line.startswith("error: tritonserver exited during startup"), err
+    assert "load failed for model 'digits_zeroshot'" in line and "this model cannot start" in line
+    log = Path(line.split("(log ")[1].split(")")[0])
+    assert log.is_file() and "this model cannot start" in log.read_text(errors="replace")
+    assert not owned_scratch("patcher-triton-", serve.pid) and not (tmp_path / "key.json").exists()
+
+
+def test_sigterm_during_bench_removes_its_server_and_temporary_folders(tiny_run: Path, tiny_export: Path,
+                                                                       tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("onnx"))
+    shutil.copytree(tiny_export, run / "onnx")
+    bench = subprocess.Popen([sys.executable, "-m", "patcher", "bench", str(run), "--out", str(tmp_path / "out"),
+                              "--concurrency", "1", "--batch-sizes", "1", "--duration", "30"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline and bench.poll() is None, bench.communicate()[1][-2000:]
+        folders = owned_scratch("patcher-bench-", bench.pid) + owned_scratch("patcher-triton-", bench.pid)
+        with contextlib.suppress(AssertionError):
+            if len(folders) == 2:
+                tritonserver = _child(bench.pid, "bin/tritonserver")
+                break
+        time.sleep(0.1)
+    time.sleep(3)  # serving and measuring by now, or still loading: either way it must clean up
+    bench.send_signal(signal.SIGTERM)
+    _, err = bench.communicate(timeout=120)
+    assert bench.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: patcher bench stopped by SIGTERM"), err[-2000:]
+    assert not any(folder.exists() for folder in folders) and not group_pids(tritonserver)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_killed_serve_leaves_a_folder_the_next_server_sweeps(repo: Path, tmp_path: Path) -> None:
+    from patcher.triton.serving.ports import distinct_free_ports
+
+    serve = _serve(repo, tmp_path / "key.json", *distinct_free_ports(3))
+    assert serve.stdout is not None
+    while "Ctrl-C stops it" not in serve.stdout.readline():
+        assert serve.poll() is None, serve.communicate()[1][-2000:]
+    (workdir,) = owned_scratch("patcher-triton-", serve.pid)
+    tritonserver = _child(serve.pid, "bin/tritonserver")
+    serve.kill()  # kill -9: no clean-up runs; tritonserver follows it (PDEATHSIG)
+    serve.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while group_pids(tritonserver) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workdir.is_dir() and not group_pids(tritonserver)
+    time.sleep(5.5)  # past the grace a brand-new folder gets
+    with TritonServer(repo, models=["digits_pixels"], startup_timeout_s=120):
+        assert not workdir.exists()
+
+
+def test_a_low_soft_open_file_limit_is_raised_and_serve_starts(repo: Path, tmp_path: Path) -> None:
+    import resource
+
+    from patcher.triton.serving.ports import distinct_free_ports
+
+    http, grpc, metrics = distinct_free_ports(3)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    serve = subprocess.Popen([sys.executable, "-m", "patcher", "serve", "--repo", str(repo), "--key-file",
+                              str(tmp_path / "key.json"), "--http-port", str(http), "--grpc-port", str(grpc),
+                              "--metrics-port", str(metrics)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=environment(),
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)))
+    assert serve.stdout is not None
+    lines = []
+    while not lines or "Ctrl-C stops it" not in lines[-1]:
+        lines.append(serve.stdout.readline())
+        assert lines[-1] or serve.poll() is None, serve.communicate()[1][-2000:]
+    log = Path(next(line for line in lines if line.strip().startswith("log")).split()[-1])
+    assert log.is_file()
+    serve.send_signal(signal.SIGINT)
+    _, err = serve.communicate(timeout=60)
+    assert serve.returncode == 0, err[-2000:]
+    assert not log.exists()  # the work folder went with it; nothing failed, so nothing was kept
