@@ -179,6 +179,18 @@ def test_repository_paths_triton_cannot_take_are_refused_up_front(tiny_export: P
     assert "cannot start python models from" in line and not (tmp_path / "key.json").exists()
 
 
+def test_a_temporary_folder_triton_cannot_take_is_refused(tiny_export: Path, tmp_path: Path) -> None:
+    repo, temporary = tmp_path / "repo", tmp_path / "tmp dir"
+    write_repository(tiny_export, repo)
+    temporary.mkdir()
+    done = subprocess.run([sys.executable, "-m", "patcher", "serve", "--repo", str(repo), "--grpc-port", "0",
+                           "--http-port", "0", "--metrics-port", "0", "--key-file", str(tmp_path / "key.json")],
+                          capture_output=True, text=True, timeout=120, env={**environment(), "TMPDIR": str(temporary)})
+    line = _one_error_line(done)
+    assert line.startswith("error: temporary folder (TMPDIR) path") and "contains a space" in line
+    assert not list(temporary.iterdir()) and not (tmp_path / "key.json").exists()
+
+
 def test_an_export_is_written_into_a_repository_only_under_its_own_run(tiny_run: Path, tiny_export: Path,
                                                                        tmp_path: Path) -> None:
     own, other = tmp_path / "runA", tmp_path / "runB"

@@ -98,7 +98,8 @@ def _restart(server: TritonServer, supervisor: Supervisor, history: list[float])
     with publish_lock(server.repo):  # loads only what a writer has finished publishing
         server.restart()
         supervisor.restarted()
-    supervisor.log(f"tritonserver serving again ({time.perf_counter() - started:.1f} s, restart {server.restarts})")
+    supervisor.log(f"tritonserver serving again ({time.perf_counter() - started:.1f} s, restart {server.restarts}; "
+                   f"log {server.log_path})")
 
 
 def serve_forever(
