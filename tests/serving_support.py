@@ -330,3 +330,78 @@ def half_publish(repo: Path, export: Path, scratch: Path, options: dict[str, Any
                           dict.fromkeys(models, version), staging.name)
         (repo / JOURNAL).write_text(json.dumps(journal.record()))
     return journal
+
+
+# --- hostile load ------------------------------------------------------------------------------------------------
+
+
+# 0.5 to 8 ms, 1 ms among them: Triton's race needs an answer that arrives just as the deadline passes, and when that
+# is depends on the model's speed and the machine's load (1 ms alone killed the server on a loaded machine only)
+DEADLINES_S = (0.0005, 0.0007, 0.001, 0.0014, 0.002, 0.0028, 0.004, 0.0056, 0.008)
+
+
+def deadline_burst(url: str, models: list[str], seconds: float, blob: bytes, results: Any) -> None:
+    """One hostile client (run it in its own process): requests of `blob` to every model in turn, one at a time,
+    with deadlines of DEADLINES_S in turn, for `seconds`; puts (requests sent, {status: count}) on `results`."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    tensor = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[blob]], dtype=np.object_))
+    sent, statuses = 0, {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for model in models:
+            try:
+                client.infer(model, [tensor], client_timeout=DEADLINES_S[sent % len(DEADLINES_S)])
+                status = "OK"
+            except InferenceServerException as error:
+                status = str(error.status())
+            statuses[status] = statuses.get(status, 0) + 1
+            sent += 1
+    results.put((sent, statuses))
+
+
+def hostile_clients(url: str, models: list[str], seconds: float, blob: bytes, count: int = 3) -> Any:
+    """`count` deadline_burst processes (spawned: no gRPC state inherited), started; join them with `gather`."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=deadline_burst, args=(url, models, seconds, blob, results))
+                 for _ in range(count)]
+    for process in processes:
+        process.start()
+    return processes, results
+
+
+def gather(processes: list[Any], results: Any, timeout_s: float = 120) -> list[tuple[int, dict[str, int]]]:
+    """What each hostile client sent, once all have finished."""
+    gathered = [results.get(timeout=timeout_s) for _ in processes]
+    for process in processes:
+        process.join(timeout=timeout_s)
+    return gathered
+
+
+def group_pss_mb(pids: list[int]) -> float:
+    """Proportional set size of processes together, in MB (shared memory counted once across them)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def owned_scratch(prefix: str, pid: int) -> list[Path]:
+    """The scratch folders (patcher/base/scratch.py) in the temporary directory that process `pid` owns."""
+    import tempfile
+
+    found = []
+    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            if (path / ".owner.lock").read_text().strip() == str(pid):
+                found.append(path)
+    return found

@@ -104,3 +104,19 @@ def test_the_check_sees_an_unflushed_rename(tmp_path: Path) -> None:
     subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2", "-o", str(trace),
                     sys.executable, "-c", script, str(tmp_path / "file")], check=True)
     assert len(unflushed_renames(trace, tmp_path)) == 2
+
+
+def test_patcher_triton_flushes_before_it_renames_the_journal_included(tiny_export: Path, tmp_path: Path) -> None:
+    repo, cache = tmp_path / "repo", tmp_path / "cache"
+    first = traced(["triton", str(tiny_export), "--repo", str(repo)], tmp_path / "first.trace", cache)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = traced(["triton", str(tiny_export), "--repo", str(repo), "--max-batch-size", "8"],
+                   tmp_path / "again.trace", cache)  # configs only: no new version, the changed configs replaced
+    assert again.returncode == 0, again.stderr[-2000:]
+    for name in ("first", "again"):
+        trace = tmp_path / f"{name}.trace"
+        renamed = [e.target for e in events(trace) if e.kind == "rename" and e.target.startswith(str(repo))]
+        assert str(repo / ".patcher-journal.json") in renamed, name  # the journal's commit is a rename
+        assert unflushed_renames(trace, repo) == [], name
+    renamed = [e.target for e in events(tmp_path / "first.trace") if e.kind == "rename"]
+    assert str(repo / "digits_patched" / "1") in renamed and str(repo / "digits" / "config.pbtxt") in renamed

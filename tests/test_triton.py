@@ -169,8 +169,9 @@ def test_repository_layout_and_config_parse_back(case: ExportCase, repo: Path) -
     assert preprocess.input[0].data_type == mc.TYPE_STRING and list(preprocess.input[0].dims) == [1]
     recorded = json.loads(preprocess.parameters["preprocess"].string_value)
     assert recorded["image_size"] == data["preprocess"]["image_size"]
-    assert sorted(json.loads(preprocess.parameters["limits"].string_value)) == ["jpeg_draft", "max_aspect",
-                                                                               "max_bytes", "max_pixels"]
+    assert sorted(json.loads(preprocess.parameters["limits"].string_value)) == [
+        "jpeg_draft", "max_aspect", "max_bytes", "max_pixels", "max_request_bytes", "max_request_pixels",
+        "max_server_pixels"]
     assert not (repo / "digits_preprocess" / "1" / "preprocess.json").exists()  # the config is the one source
     assert read_config(repo / "digits_patched").parameters["preprocess_model"].string_value == "digits_preprocess"
     ensemble = read_config(repo / "digits")

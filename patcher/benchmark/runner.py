@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 from patcher.base.errors import PatcherError
 from patcher.base.files import now_iso
 from patcher.base.progress import make_progress
+from patcher.base.scratch import scratch_dir
 from patcher.benchmark.accuracy import accuracy_of, accuracy_record
 from patcher.benchmark.context import RunContext, prepare_run
 from patcher.benchmark.defaults import (
@@ -34,6 +38,37 @@ CLIENT = "closed loop: a thread per concurrency slot, blocking gRPC unary calls 
 DEFAULT_OUT = Path("bench/results")
 DEFAULT_MAX_QUEUE_DELAY_US = 0  # measured: 2000 makes every request wait 2 ms at low concurrency (bench/README.md)
 THREADS_AUTO = "auto"
+WORKDIR_PREFIX = "patcher-bench-"  # in the temporary directory; ones left by killed benches are swept
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind, so that the server bench_run started and the temporary folders go with it."""
+
+
+class Stopped(PatcherError):
+    """`patcher bench` ended by SIGTERM, everything it started removed; exits 143 as a SIGTERM-ed process does."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM raises (in the main thread), so every `with` on the way out cleans up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    except _Terminated:
+        raise Stopped("patcher bench stopped by SIGTERM: the server it started and its temporary folders are "
+                      "removed, no report was written") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def usable_cores() -> int:
@@ -207,7 +242,7 @@ def bench_url(
 
     plan = sweep.checked()
     key = find_key(url, key_file)
-    with tempfile.TemporaryDirectory(prefix="patcher-bench-") as workdir:
+    with _sigterm_unwinds(), scratch_dir(WORKDIR_PREFIX) as workdir:
         context = prepare_run(Path(run_path), Path(workdir)) if run_path is not None else None
         return _bench(url, list(models), plan, Path(out_dir), name, context, include_inprocess,
                       {"started_here": False}, data_dir=data_dir,
@@ -251,7 +286,7 @@ def bench_run(
     from patcher.triton.serving.server import TritonServer
 
     plan = sweep.checked()
-    with tempfile.TemporaryDirectory(prefix="patcher-bench-") as workdir:
+    with _sigterm_unwinds(), scratch_dir(WORKDIR_PREFIX) as workdir:
         context = prepare_run(Path(run_path), Path(workdir), outensemble=include_ensemble_baseline, int8=include_int8)
         threads, calibration = choose_threads(context, intra_op_threads, min(8, max(plan.batch_sizes)))
         repo = Path(workdir) / "repo"

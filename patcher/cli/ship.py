@@ -108,6 +108,12 @@ def triton(
                                                         "(default: refuse them).")] = False,
     classify_instances: Annotated[int, typer.Option(help="Processes of the open-vocabulary model (0: --instances); "
                                                          "it takes no batches, each process has its own cache.")] = 0,
+    max_request_bytes: Annotated[int, typer.Option(help="Most encoded bytes of all images of one request.")] = (
+        DEFAULT_LIMITS["max_request_bytes"]),
+    max_request_pixels: Annotated[int, typer.Option(help="Most pixels one request's images decode to.")] = (
+        DEFAULT_LIMITS["max_request_pixels"]),
+    max_server_pixels: Annotated[int, typer.Option(help="Most pixels the server decodes at once, all requests.")] = (
+        DEFAULT_LIMITS["max_server_pixels"]),
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton.repository.configs import TensorRT
@@ -115,7 +121,8 @@ def triton(
 
     export_dir = run / "onnx" if (run / "onnx").is_dir() else run
     limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels, "max_aspect": max_aspect_ratio,
-              "jpeg_draft": jpeg_draft}
+              "jpeg_draft": jpeg_draft, "max_request_bytes": max_request_bytes,
+              "max_request_pixels": max_request_pixels, "max_server_pixels": max_server_pixels}
     result = write_repository(export_dir, repo, name=name, backend=backend, max_batch_size=max_batch_size,
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
                               precision=precision, limits=limits, warmup=warmup,

@@ -182,9 +182,18 @@ def read_config(path: Path) -> mc.ModelConfig:
     if path.is_dir():
         path = path / CONFIG_FILE
     try:
-        return text_format.Parse(path.read_text(), mc.ModelConfig())
-    except (OSError, text_format.ParseError) as error:
+        text = path.read_text()
+    except OSError as error:
         raise PatcherError(f"cannot read Triton config {path}: {error}") from None
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, where: str) -> mc.ModelConfig:
+    """Parse the text of a config.pbtxt (read from `where`); PatcherError if malformed."""
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as error:
+        raise PatcherError(f"cannot read Triton config {where}: {error}") from None
 
 
 def parameter(config: mc.ModelConfig, key: str) -> str | None:

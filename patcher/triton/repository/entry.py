@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from patcher.base.errors import PatcherError
 from patcher.export.contract import logits_output, tensor_name
 
 MAX_NAME = 64  # leaves room for the longest suffix within one file name, and reads well in URLs
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
+# Triton's python backend starts each model as `bash -c "exec <stub> <repository>/<model>/<version>/model.py ..."`,
+# the path unquoted: a space splits it, quotes and $ are the shell's, non-ASCII fails in the stub.
+SAFE_PATH = re.compile(r"[A-Za-z0-9/._+,:@=-]+")
+SAFE_PATH_WORDS = "ASCII letters, digits and / . _ - + , : @ ="
 COMPOSING = ("preprocess", "patched", "zeroshot", "pixels")  # loaded before the ensembles that use them
 OPEN_VOCABULARY = ("text", "classify")  # python models of an entry with a text tower; "embed" is an ensemble
 
@@ -55,6 +60,17 @@ def check_entry_name(name: str) -> str:
         raise PatcherError(f"--name {name!r} is not a Triton model name patcher writes: use letters, digits and _ "
                            f"(starting with a letter or digit), e.g. {suggestion[:MAX_NAME]!r}")
     return name
+
+
+def check_repository_path(path: Path, what: str = "model repository") -> None:
+    """PatcherError, before any work, for a local path tritonserver's python backend cannot start models from."""
+    text = str(Path(path).absolute())
+    if SAFE_PATH.fullmatch(text):
+        return
+    bad = next(c for c in text if not SAFE_PATH.fullmatch(c))
+    shown = {" ": "a space", "\t": "a tab"}.get(bad, repr(bad))
+    raise PatcherError(f"{what} path {text} contains {shown}, which tritonserver cannot start python models from "
+                       f"(it passes the path to a shell unquoted): use a path of {SAFE_PATH_WORDS} only")
 
 
 @dataclass(frozen=True)

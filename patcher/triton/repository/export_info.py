@@ -12,6 +12,7 @@ from patcher.base.errors import PatcherError
 from patcher.base.files import sha256_file
 from patcher.base.records import to_json
 from patcher.export.contract import EXPORT_JSON, read_export_record, tensor_name
+from patcher.runs.layout import MANIFEST
 
 # ONNX TensorProto element types -> Triton config data types.
 ONNX_TO_TRITON = {
@@ -140,7 +141,23 @@ def load_export(path: Path | str) -> ExportInfo:
     if not export_json.is_file():
         raise PatcherError(f"{path} has no {EXPORT_JSON}: pass the onnx/ folder written by `patcher export RUN`")
     data = to_json(read_export_record(export_json))
+    _check_run(path, data)
     return ExportInfo(path=path, data=data, sha256=sha256_file(export_json))
+
+
+def _check_run(path: Path, data: dict[str, Any]) -> None:
+    """An export inside a run directory must be that run's: export.json's manifest hash is the run's manifest's."""
+    run = path.absolute().parent
+    manifest = run / MANIFEST
+    if not manifest.is_file():
+        return  # an export folder of its own: nothing to bind it to
+    recorded = data.get("run", {}).get("manifest_sha256")
+    actual = sha256_file(manifest)
+    if recorded != actual:
+        source = data.get("run", {}).get("name", "another run")
+        raise PatcherError(f"{path / EXPORT_JSON} was exported from {source!r} (manifest sha256 {str(recorded)[:12]}), "
+                           f"not from the run it sits in, {run} (manifest sha256 {actual[:12]}): "
+                           f"export this run with `patcher export {run} --overwrite`")
 
 
 def onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

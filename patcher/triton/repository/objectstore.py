@@ -90,6 +90,13 @@ class ObjectStore:
 
     def publish(self, staging: Path, staged: list[Staged], entry: str, version: int | None) -> Journal:
         """Upload and verify the versions, stage the configs, then journal, copy and commit (module docstring)."""
+        for item in staged:
+            config = item.model_dir / CONFIG_FILE
+            pinned = item.version if item.version is not None else self._current(item.model)
+            if pinned is not None:
+                config.write_text(pin_version(config.read_text(), pinned))
+        if not self._changed(staged):  # the same export again: no transaction, no reload anywhere
+            return self.journal()
         txn = uuid.uuid4().hex[:12]
         folder = f"{STAGING_PREFIX}{txn}/"
         models = {item.model: item.version for item in staged}
@@ -100,10 +107,6 @@ class ObjectStore:
                     self.bucket.put(f"{item.model}/{item.version}/{_relative(path, item.version_dir)}", path)
         files: dict[str, dict[str, Any]] = {}
         for item in staged:
-            config = item.model_dir / CONFIG_FILE
-            pinned = item.version if item.version is not None else self._current(item.model)
-            if pinned is not None:
-                config.write_text(pin_version(config.read_text(), pinned))
             for path in _files(item.model_dir):
                 relative = f"{item.model}/{_relative(path, item.model_dir)}"
                 files[relative] = vars(self.bucket.put(folder + relative, path))
@@ -112,6 +115,12 @@ class ObjectStore:
                           staging=folder.rstrip("/"))
         self._write_journal(journal, txn, files)
         return self._finish(journal, txn, files)
+
+    def _changed(self, staged: list[Staged]) -> bool:
+        """True when publishing would change anything: a new version, or a model-level file that differs."""
+        return any(item.version is not None or any(
+            self.bucket.get(f"{item.model}/{_relative(path, item.model_dir)}") != path.read_bytes()
+            for path in _files(item.model_dir)) for item in staged)
 
     def _finish(self, journal: Journal, txn: str, files: dict[str, dict[str, Any]]) -> Journal:
         """Copy the staged model-level objects into place (each config last), commit, clean up."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from patcher.base.errors import PatcherError
-from patcher.base.files import now_iso, remove_atomic_leftovers, write_json
+from patcher.base.files import fsync_directory, fsync_file, fsync_tree, now_iso, remove_atomic_leftovers, write_json
 
 DEFAULT_REPOSITORY = Path("runs/triton_models")  # local and git-ignored; triton_models/ is the committed example
 JOURNAL = ".patcher-journal.json"
@@ -135,21 +135,48 @@ def stage_model(staging: Path, model: str, version: int | None) -> Staged:
     return staged
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def _changed(repo: Path, staging: Path, staged: list[Staged]) -> bool:
+    """True when publishing would change anything: a new version, or a config or labels file that differs."""
+    for item in staged:
+        if item.version is not None:
+            return True
+        staged_files = staging / item.model / MODEL_DIR
+        files = sorted(p for p in staged_files.rglob("*") if p.is_file())
+        if any(not _same_file(path, repo / item.model / path.relative_to(staged_files)) for path in files):
+            return True
+    return False
+
+
 def _publish_model(repo: Path, staging: Path, model: str, version: int | None) -> None:
-    """Move one staged model into place; repeating it after an interruption finishes what is left."""
+    """Move one staged model into place; repeating it after an interruption finishes what is left. A file equal to
+    the one in place is left alone, so its modification time tells `patcher serve` the model did not change."""
     source, target = staging / model, repo / model
-    target.mkdir(exist_ok=True)
+    if not target.is_dir():
+        target.mkdir()
+        fsync_directory(repo)
     if (source / MODEL_DIR).is_dir():
         for path in sorted(p for p in (source / MODEL_DIR).rglob("*") if p.is_file()):  # warmup/ files too
             destination = target / path.relative_to(source / MODEL_DIR)
-            destination.parent.mkdir(exist_ok=True)
-            os.replace(path, destination)
+            if not destination.parent.is_dir():
+                destination.parent.mkdir()
+                fsync_directory(destination.parent.parent)
+            if not _same_file(path, destination):
+                os.replace(path, destination)
+                fsync_directory(destination.parent)
     if version is not None and (source / VERSION_DIR).is_dir():
         final = target / str(version)
         if final.exists():
             raise PatcherError(f"{final} exists although {repo / JOURNAL} is publishing it: remove the staging "
                                f"folder {staging} by hand")
         os.replace(source / VERSION_DIR, final)
+        fsync_directory(target)
 
 
 def _finish(repo: Path, journal: Journal) -> None:
@@ -161,21 +188,28 @@ def _finish(repo: Path, journal: Journal) -> None:
 
 
 def publish(repo: Path, staging: Path, staged: list[Staged], entry: str, version: int | None) -> Journal:
-    """Publish staged models all together: journal "publishing", renames, journal "committed" (a rename).
+    """Publish staged models all together: journal "publishing", renames, journal "committed" (a rename); nothing
+    (the journal as it was) when every staged file equals the one in place.
 
     Call it holding `output_lock(repo)`; it takes the publish lock, so a serving watcher never sees half of it.
     """
     repo = Path(repo)
     with publish_lock(repo):
         previous = read_journal(repo)
+        if not _changed(repo, staging, staged):  # the same export again: no transaction, no reload anywhere
+            shutil.rmtree(staging, ignore_errors=True)
+            return previous
         models = {s.model: s.version for s in staged}
         journal = Journal(previous.serial + 1, "publishing", entry, version, models, staging.name)
         committed = Journal(journal.serial, "committed", entry, version, models, staging.name)
+        fsync_tree(staging)  # every staged file on the device before the first rename publishes it
         write_json(repo / NEXT_JOURNAL, committed.record())  # written now: committing needs no free space
         write_json(repo / JOURNAL, journal.record())
         for item in staged:
             _publish_model(repo, staging, item.model, item.version)
+        fsync_file(repo / NEXT_JOURNAL)  # flushed when written; flushed again under its own name, to be plain
         os.replace(repo / NEXT_JOURNAL, repo / JOURNAL)
+        fsync_directory(repo)
     shutil.rmtree(staging, ignore_errors=True)
     return committed
 

@@ -34,7 +34,7 @@ from patcher.triton.repository.configs import (
     config_text,
     parameter,
 )
-from patcher.triton.repository.entry import Entry, check_entry_name
+from patcher.triton.repository.entry import Entry, check_entry_name, check_repository_path
 from patcher.triton.repository.export_info import ExportInfo, load_export
 from patcher.triton.repository.openvocab import checked_limits
 from patcher.triton.repository.provenance import stamp
@@ -201,6 +201,7 @@ def write_repository(
     sets of the open-vocabulary models an export with a text tower gets (max_labels, max_templates, label_cache,
     truncate_prompts). `repo` is a folder or an s3:// location (stores.py). Returns what was written.
     """
+    check_repository_path(Path(repo))
     batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us)
     if tensorrt_fp16 and tensorrt is None:
         tensorrt = TensorRT(fp16=True)

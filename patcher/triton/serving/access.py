@@ -107,6 +107,24 @@ def find_key(grpc_url: str, key_file: Path | None = None) -> ServerKey | None:
         return None
 
 
+def live_owner(path: Path) -> str | None:
+    """Who a key file belongs to if that server still runs ("pid N at host:port"), else None."""
+    try:
+        data = json.loads(Path(path).read_text())
+        pid, grpc = int(data["pid"]), str(data["grpc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return f"pid {pid} at {grpc}"
+
+
 def remove_key_file(key: ServerKey) -> None:
     """Delete the key's file (when its server stops)."""
     if key.path is not None:

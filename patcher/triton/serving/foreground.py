@@ -1,20 +1,108 @@
-"""`patcher serve`: a server on a repository with its key in a 0600 file, rolled out and healed until stopped."""
+"""`patcher serve`: a server on a repository behind its gRPC front, its key in a 0600 file, rolled out, healed and
+restarted until stopped.
+
+The ports are bound first (the front's gRPC port, then tritonserver's HTTP and metrics ports); the key file is written
+only once they are this server's, so a second `patcher serve` refused for a taken port never touches the first's
+key file. SIGINT or SIGTERM stops it at any phase, start-up included. A tritonserver that dies is started again on
+the same ports with the same key and models; one that dies RESTARTS_PER_WINDOW times within RESTART_WINDOW_S is
+given up, with its log named.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
+from patcher.base.errors import PatcherError
+from patcher.triton.repository.entry import check_repository_path
+from patcher.triton.repository.publish import publish_lock
 from patcher.triton.repository.stores import is_object_store
-from patcher.triton.serving.access import RESTRICTED, default_key_file, new_key, remove_key_file, write_key_file
+from patcher.triton.serving.access import (
+    RESTRICTED,
+    default_key_file,
+    live_owner,
+    new_key,
+    remove_key_file,
+    write_key_file,
+)
+from patcher.triton.serving.front import GrpcFront, message_limit
+from patcher.triton.serving.ports import free_port, port_in_use
 from patcher.triton.serving.server import TritonServer
 from patcher.triton.serving.supervisor import Supervisor
 
 TICK_S = 1.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PRIVATE = "127.0.0.1"  # tritonserver's own gRPC port, reached by the front and the supervisor only
+RESTARTS_PER_WINDOW = 5
+RESTART_WINDOW_S = 300.0
+Echo = Callable[[str], None]
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived before the server was up: unwind the start-up, cleaning as it goes."""
+
+
+class _Signals:
+    """SIGINT/SIGTERM: raise Stopped while starting (so a start-up that waits is cut short), set `stop` after."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.serving = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.stop.set()
+        if not self.serving:
+            raise Stopped(signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_ports(host: str, ports: dict[str, int]) -> None:
+    for kind, port in ports.items():
+        if port_in_use(host, port):
+            raise PatcherError(f"{kind} port {host}:{port} is in use (another server?): choose another port")
+
+
+def _announce(server: TritonServer, grpc_url: str, key_path: Path | None, host: str, echo: Echo) -> None:
+    echo(f"tritonserver ready in {server.timings['start_s']:.1f} s: repository {server.repo}")
+    echo(f"  gRPC    {grpc_url} (a front that never passes a client's deadline or cancellation to tritonserver)")
+    echo(f"  HTTP    {server.http_url}")
+    echo(f"  metrics {server.metrics_url}")
+    echo(f"  models  {', '.join(server.loaded)}")
+    echo(f"  key     {key_path} (0600; {', '.join(RESTRICTED)} need it)")
+    echo(f"  log     {server.log_path}")
+    if host not in LOOPBACK:
+        echo(f"  note    inference, health and metadata are open to anyone who reaches {host}; "
+             "loading models and the other control APIs need the key")
+    echo("Ctrl-C stops it.")
+
+
+def _restart(server: TritonServer, supervisor: Supervisor, history: list[float]) -> None:
+    """Start a dead tritonserver again; PatcherError once it has died too often."""
+    code = server.process.returncode if server.process is not None else None
+    how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
+    failure = server.failure(f"tritonserver exited unexpectedly ({how})")
+    now = time.monotonic()
+    history[:] = [t for t in history if now - t < RESTART_WINDOW_S] + [now]
+    if len(history) > RESTARTS_PER_WINDOW:
+        raise PatcherError(f"{failure}; it died {len(history)} times in {RESTART_WINDOW_S:.0f} s: not restarting")
+    supervisor.log(f"{failure}; restarting it on the same ports with the same key")
+    started = time.perf_counter()
+    # loads only what a writer has finished publishing (an object store has no lock: its journal's state tells)
+    with publish_lock(server.repo) if isinstance(server.repo, Path) else contextlib.nullcontext():
+        server.restart()
+        supervisor.restarted()
+    supervisor.log(f"tritonserver serving again ({time.perf_counter() - started:.1f} s, restart {server.restarts}; "
+                   f"log {server.log_path})")
 
 
 def serve_forever(
@@ -26,39 +114,49 @@ def serve_forever(
     metrics_port: int = 8002,
     log_path: Path | None = None,
     startup_timeout_s: float = 120,
-    echo: Callable[[str], None] = functools.partial(print, flush=True),
+    echo: Echo = functools.partial(print, flush=True),
     key_file: Path | None = None,
     tick_s: float = TICK_S,
 ) -> None:
-    """Start a server, write its key file, print its endpoints; roll out and heal until SIGINT/SIGTERM."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """Start a server, write its key file, print its endpoints; roll out, heal and restart until SIGINT/SIGTERM."""
+    if not is_object_store(repo):
+        check_repository_path(Path(repo))
+    signals = _Signals()
     grpc_url = f"{host}:{grpc_port}"
-    location = str(repo) if is_object_store(repo) else str(Path(repo).resolve())
-    endpoints = {"grpc": grpc_url, "http": f"http://{host}:{http_port}", "repository": location}
-    key = write_key_file(new_key(), key_file or default_key_file(grpc_url), endpoints)
-    server = TritonServer(repo, models, host, http_port, grpc_port, metrics_port, log_path, startup_timeout_s, key=key)
+    front: GrpcFront | None = None
+    key = new_key()
+    server = TritonServer(repo, models, host, http_port, free_port(PRIVATE), metrics_port, log_path, startup_timeout_s,
+                          key=key, grpc_host=PRIVATE)
+    key_path = key_file or default_key_file(grpc_url)
     try:
+        _check_ports(host, {"http": http_port, "gRPC": grpc_port, "metrics": metrics_port})
+        owner = live_owner(key_path)
+        if owner is not None:
+            raise PatcherError(f"{key_path} is the key file of the running server {owner}: choose another --key-file")
+        front = GrpcFront(host, grpc_port, server.grpc_url, message_limit(server.repo, models)).start()
         server.start()
-        echo(f"tritonserver ready in {server.timings['start_s']:.1f} s: repository {server.repo}")
-        echo(f"  gRPC    {server.grpc_url}")
-        echo(f"  HTTP    {server.http_url}")
-        echo(f"  metrics {server.metrics_url}")
-        echo(f"  models  {', '.join(server.loaded)}")
-        echo(f"  key     {key.path} (0600; {', '.join(RESTRICTED)} need it)")
-        echo(f"  log     {server.log_path}")
-        if host not in LOOPBACK:
-            echo(f"  note    inference, health and metadata are open to anyone who reaches {host}; "
-                 "loading models and the other control APIs need the key")
-        echo("Ctrl-C stops it.")
+        endpoints = {"grpc": grpc_url, "http": server.http_url, "repository": str(server.repo)}
+        key = write_key_file(key, key_path, endpoints)  # only now: the ports are this server's
+        _announce(server, grpc_url, key.path, host, echo)
         supervisor = Supervisor(server, serve_all=models is None, echo=echo)
-        while not stop.wait(tick_s):
+        history: list[float] = []
+        signals.serving = True
+        while not signals.stop.wait(tick_s):
             if not server.running():
-                raise server.failure("tritonserver exited unexpectedly")
+                signals.serving = False
+                _restart(server, supervisor, history)
+                signals.serving = True
+                continue
             supervisor.tick()
+            server.trim_log()
+            front.trim()
+    except Stopped as stopped:
+        echo(f"{stopped} during start-up: stopping")
     finally:
+        signals.serving = True  # a second signal while cleaning up must not cut the cleaning short
         server.stop()
+        if front is not None:
+            front.stop()
         remove_key_file(key)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.restore()
     echo(f"tritonserver stopped in {server.timings.get('stop_s', 0):.1f} s")

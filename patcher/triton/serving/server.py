@@ -9,10 +9,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -21,11 +19,16 @@ from types import TracebackType
 from typing import Any
 
 from patcher.base.errors import PatcherError
+from patcher.base.scratch import Scratch, make_scratch
+from patcher.triton.imaging import BUDGET_ENV
+from patcher.triton.repository.entry import check_repository_path
 from patcher.triton.repository.stores import Store, is_object_store, open_store
+from patcher.triton.serving import logs
 from patcher.triton.serving.access import ServerKey, new_key
 from patcher.triton.serving.install import (
     INSTALL_HINT,
     TritonInstall,
+    ensure_open_files,
     find_tritonserver,
     prepare_backends,
     server_environment,
@@ -36,6 +39,11 @@ from patcher.triton.serving.processes import die_with_parent, group_pids
 SHM_DIR = Path("/dev/shm")
 DEFAULT_SHM_BYTES = 4 << 20
 SHM_GROWTH_BYTES = 1 << 20
+WORKDIR_PREFIX = "patcher-triton-"
+STARTUP_STOP_S = 2.0
+# gRPC request states kept for reuse keep the capacity of the largest request they held (64 MB of images, each):
+# none are kept, so that the memory of a burst of large requests goes back
+GRPC_STATE_POOL = 0
 
 
 def repository_models(repo: Path | str | Store) -> list[str]:
@@ -60,11 +68,13 @@ class TritonServer:
         shm_default_bytes: int = DEFAULT_SHM_BYTES,
         log_verbose: int = 0,
         key: ServerKey | None = None,
+        grpc_host: str | None = None,
     ) -> None:
         self.store = open_store(repo)
         self.repo: Path | str = self.store.location if is_object_store(repo) else Path(repo).resolve()
         self.models = models
         self.host = host
+        self.grpc_host = grpc_host or host  # 127.0.0.1 behind `patcher serve`'s front
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout_s = startup_timeout_s
@@ -77,16 +87,18 @@ class TritonServer:
         self.timings: dict[str, float] = {}  # start_s, stop_s of the last start and stop
         self.stray_pids: list[int] = []  # processes of the server's group still alive after stop()
         self.shm_leftovers: list[Path] = []  # segments stop() had to remove itself (only after a hard kill)
-        self._workdir: Path | None = None
+        self._workdir: Scratch | None = None
         self._log_handle: Any = None
-        self._keep_log = False
+        self._kept_log: Path | None = None  # where the log goes when stop() keeps it (it explains a failure)
+        self._own_log = log_path is None
         self._loaded: list[str] = []
+        self.restarts = 0
 
     # Endpoints ------------------------------------------------------------------------------------------
     @property
     def grpc_url(self) -> str:
         """host:port of the gRPC endpoint (what tritonclient.grpc takes)."""
-        return f"{self.host}:{self.ports['grpc']}"
+        return f"{self.grpc_host}:{self.ports['grpc']}"
 
     @property
     def http_url(self) -> str:
@@ -132,11 +144,12 @@ class TritonServer:
             *[f"--load-model={model}" for model in models],
             f"--http-address={self.host}",
             f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.host}",
+            f"--grpc-address={self.grpc_host}",
             f"--grpc-port={self.ports['grpc']}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.ports['metrics']}",
             "--allow-gpu-metrics=false",
+            f"--grpc-infer-allocation-pool-size={GRPC_STATE_POOL}",
             f"--backend-config=python,shm-default-byte-size={self.shm_default_bytes}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
@@ -148,6 +161,9 @@ class TritonServer:
     def _check_start(self) -> list[str]:
         if self.process is not None:
             raise PatcherError("this TritonServer is already started")
+        if not is_object_store(self.repo):
+            check_repository_path(Path(self.repo))
+        ensure_open_files()
         known = self.store.models()
         models = self.models if self.models is not None else known
         missing = [m for m in models if m not in known]
@@ -156,20 +172,29 @@ class TritonServer:
         unset = [kind for kind, port in self.ports.items() if port is None]
         self.ports.update(zip(unset, distinct_free_ports(len(unset), self.host), strict=True))
         for kind, port in self.ports.items():
-            if port_in_use(self.host, int(port)):  # type: ignore[arg-type]
-                raise PatcherError(f"{kind} port {self.host}:{port} is in use (another server?): choose another port")
+            host = self.grpc_host if kind == "grpc" else self.host
+            if port_in_use(host, int(port)):  # type: ignore[arg-type]
+                raise PatcherError(f"{kind} port {host}:{port} is in use (another server?): choose another port")
         return models
 
     def start(self) -> TritonServer:
         """Start tritonserver and wait until it and every requested model are ready."""
         models = self._check_start()
         install = find_tritonserver()
-        self._workdir = Path(tempfile.mkdtemp(prefix="patcher-triton-"))
-        backends = prepare_backends(install, self._workdir)
-        if self.log_path is None:
-            self.log_path = self._workdir / "tritonserver.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._workdir = make_scratch(WORKDIR_PREFIX)
+        workdir = self._workdir.path
+        try:
+            check_repository_path(workdir, "temporary folder (TMPDIR)")
+            backends = prepare_backends(install, workdir)
+            if self._own_log:
+                self.log_path = workdir / "tritonserver.log"
+            assert self.log_path is not None
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        except BaseException:
+            self._release_workdir()
+            raise
+        environment = {**server_environment(install), BUDGET_ENV: str(workdir / "decode.budget")}
         started = time.perf_counter()
         try:
             self.process = subprocess.Popen(
@@ -177,26 +202,31 @@ class TritonServer:
                 stdout=self._log_handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=server_environment(install),
+                env=environment,
                 start_new_session=True,  # own process group: one signal stops the server and its python stubs
                 # the server dies with us only if started from the main thread (PDEATHSIG follows the thread)
                 preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None,
             )
         except OSError as error:
-            self._log_handle.close()
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+            self._release_workdir()
             raise PatcherError(f"cannot run {install.binary} ({error.strerror}): {INSTALL_HINT}") from None
         atexit.register(self.stop)
         self._loaded = list(models)
-        self._keep_log = False
+        self._kept_log = None
         try:
             self.wait_ready(models)
         except BaseException:
-            self.stop()
+            self.stop(STARTUP_STOP_S)  # nothing is served yet: no need to wait for models to finish loading
             raise
         self.timings["start_s"] = time.perf_counter() - started
         return self
+
+    def restart(self) -> TritonServer:
+        """Start a server that died again: the same ports, key and models (those loaded since included)."""
+        self.stop()
+        self.models = list(self._loaded)
+        self.restarts += 1
+        return self.start()
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -210,12 +240,12 @@ class TritonServer:
         """True while the tritonserver process is alive."""
         return self.process is not None and self.process.poll() is None
 
-    def _terminate(self, process: subprocess.Popen[bytes]) -> None:
+    def _terminate(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
         pgid = process.pid
         if process.poll() is None:
             try:
                 os.killpg(pgid, signal.SIGTERM)
-                process.wait(timeout=self.stop_timeout_s)
+                process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(pgid, signal.SIGKILL)
                 process.wait(timeout=10)
@@ -230,31 +260,36 @@ class TritonServer:
             time.sleep(0.5)
         self.stray_pids = group_pids(pgid)
 
-    def stop(self) -> None:
-        """SIGTERM the server (its stubs follow), SIGKILL the group if it does not exit in time; release shm."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM the server (its stubs follow), SIGKILL the group if it does not exit within `timeout_s` (default
+        stop_timeout_s); release shm and the work folder."""
         atexit.unregister(self.stop)
         process, self.process = self.process, None
         if process is None:
+            self._release_workdir()
             return
         started = time.perf_counter()
-        self._terminate(process)
+        self._terminate(process, self.stop_timeout_s if timeout_s is None else timeout_s)
         self.shm_leftovers = self.shm_segments()
         for segment in self.shm_leftovers:  # only after a hard kill: the server removes its own on SIGTERM
             segment.unlink(missing_ok=True)
+        self._release_workdir()
+        self.timings["stop_s"] = time.perf_counter() - started
+
+    def _release_workdir(self) -> None:
+        """Close the log (moving it to the kept logs if it explains a failure) and remove the work folder."""
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        if self._workdir is not None:
-            if self.log_path is not None and self._workdir in self.log_path.parents:
-                if self._keep_log:  # the log explains a failure: move it out of the work folder
-                    kept = Path(tempfile.gettempdir()) / f"{self._workdir.name}.log"
-                    shutil.move(self.log_path, kept)
-                    self.log_path = kept
-                else:
-                    self.log_path = None
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-        self.timings["stop_s"] = time.perf_counter() - started
+        if self._workdir is None:
+            return
+        if self._own_log and self.log_path is not None:
+            if self._kept_log is not None and self.log_path.is_file():
+                self.log_path = logs.keep(self.log_path, self._kept_log)
+            else:
+                self.log_path = None
+        self._workdir.remove()
+        self._workdir = None
 
     def shm_segments(self) -> list[Path]:
         """This server's python-backend shared-memory segments in /dev/shm (none once it has stopped)."""
@@ -265,25 +300,23 @@ class TritonServer:
     # Log ------------------------------------------------------------------------------------------------
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the server log."""
-        if self.log_path is None or not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return logs.tail(self.log_path, lines)
 
     def last_error_line(self, model: str | None = None) -> str:
         """The server log's last error line (about `model` if one mentions it)."""
-        if self.log_path is None or not self.log_path.is_file():
-            return ""
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        errors = [ln for ln in lines if ln.startswith("E") or "failed to load" in ln or "error" in ln.lower()]
-        errors = [ln for ln in errors if "cuda" not in ln.lower()]
-        about = [ln for ln in errors if model and model in ln]
-        return (about or errors or lines or [""])[-1].strip()
+        return logs.last_error_line(self.log_path, model)
 
     def failure(self, what: str, model: str | None = None) -> PatcherError:
-        """A PatcherError for `what`, naming the log (kept after stop) and its last relevant error line."""
-        self._keep_log = True
+        """A PatcherError for `what`, naming the log (where it stays after stop) and its last relevant error line."""
         line = self.last_error_line(model)
-        return PatcherError(f"{what} (log {self.log_path}): {line}" if line else f"{what} (log {self.log_path})")
+        if self._own_log and self._workdir is not None and self._kept_log is None:
+            self._kept_log = logs.kept_log_path(self.pgid or 0)
+        shown = self._kept_log or self.log_path
+        return PatcherError(f"{what} (log {shown}): {line}" if line else f"{what} (log {shown})")
+
+    def trim_log(self, max_bytes: int = logs.LOG_MAX_BYTES) -> bool:
+        """Keep the log below about `max_bytes` (logs.trim); True if it was cut."""
+        return self._log_handle is not None and self.log_path is not None and logs.trim(self.log_path, max_bytes)
 
     # Readiness and model control ------------------------------------------------------------------------
     def model_states(self) -> dict[str, dict[str, str]]:
@@ -326,6 +359,7 @@ class TritonServer:
                 return
             if time.monotonic() > deadline:
                 raise self.failure(f"tritonserver not ready after {limit:.0f} s")
+            self.trim_log()
             time.sleep(0.1)
 
     def load_model(self, name: str, config: str | None = None) -> None:
@@ -358,3 +392,4 @@ class TritonServer:
             client.close()
         if forget and name in self._loaded:
             self._loaded.remove(name)
+

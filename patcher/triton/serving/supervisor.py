@@ -42,6 +42,13 @@ class Supervisor:
         self.last_failure: str | None = None
         self.events: list[str] = []
 
+    def restarted(self) -> None:
+        """Start afresh after tritonserver was restarted: it loaded the models as they are on disk now."""
+        self.serial = self.store.journal().serial
+        self.signatures = {model: self.store.signature(model) for model in self.server.loaded}
+        self.suspects = Suspects({})
+        self.pending = []
+
     def log(self, message: str) -> None:
         """Report one event (with the time) and remember it."""
         line = f"[{time.strftime('%H:%M:%S')}] {message}"

@@ -18,14 +18,14 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from patcher_imaging import check_limits, preprocess_bytes
+from patcher_imaging import DecodeBudget, check_limits, preprocess_bytes
 
 INPUT = "image_bytes"
 OUTPUT = "image"
 
 
-def _invalid_argument(message: str) -> Any:
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # python backends before 23.05 have no codes
+def _error(message: str, code_name: str) -> Any:
+    code = getattr(pb_utils.TritonError, code_name, None)  # python backends before 23.05 have no codes
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
@@ -38,6 +38,7 @@ class TritonPythonModel:
         self.spec = json.loads(parameters["preprocess"]["string_value"])
         limits = parameters.get("limits", {}).get("string_value")
         self.limits = check_limits(json.loads(limits) if limits else {})
+        self.budget = DecodeBudget.from_environment(self.limits)  # shared by the server's stubs under patcher serve
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request: the preprocessed batch, or INVALID_ARG naming the image refused and why."""
@@ -45,9 +46,13 @@ class TritonPythonModel:
         for request in requests:
             items = pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy().reshape(-1)
             try:
-                batch = preprocess_bytes([bytes(item) for item in items], self.spec, self.limits)
+                batch = preprocess_bytes([bytes(item) for item in items], self.spec, self.limits, self.budget)
             except ValueError as error:
-                responses.append(pb_utils.InferenceResponse(error=_invalid_argument(str(error))))
+                responses.append(pb_utils.InferenceResponse(error=_error(str(error), "INVALID_ARG")))
+                continue
+            except Exception as error:  # the server's decoding budget taken (ServerBusy), memory: this request only
+                responses.append(pb_utils.InferenceResponse(error=_error(f"{type(error).__name__}: {error}",
+                                                                         "UNAVAILABLE")))
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, batch)]))
         return responses
