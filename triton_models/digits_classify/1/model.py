@@ -23,7 +23,7 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from patcher_imaging import check_limits, preprocess_bytes
+from patcher_imaging import DecodeBudget, ServerBusy, check_limits, preprocess_bytes
 from patcher_openvocab import HeadCache, LabelSet, LabelSetError, check_label_set, class_heads
 
 IMAGES, LABELS, TEMPLATES, SCORES = "image_bytes", "labels", "templates", "scores"
@@ -32,8 +32,8 @@ TEXT_INPUT, TEXT_OUTPUT = "text", "text_embedding"
 ITEM = re.compile(r"item (\d+): (.*)", re.DOTALL)
 
 
-def _invalid_argument(message: str) -> Any:
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # python backends before 23.05 have no codes
+def _error(message: str, code_name: str) -> Any:
+    code = getattr(pb_utils.TritonError, code_name, None)  # python backends before 23.05 have no codes
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
@@ -49,6 +49,7 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         self.spec = json.loads(parameters["preprocess"])
         self.limits = check_limits(json.loads(parameters.get("limits") or "{}"))
+        self.budget = DecodeBudget.from_environment(self.limits)  # shared with the preprocessing stubs
         self.logit_scale = float(parameters["logit_scale"])
         self.text_model = parameters["text_model"]
         self.text_batch = int(parameters["text_batch"])
@@ -69,7 +70,10 @@ class TritonPythonModel:
             try:
                 scores = self.classify(request)
             except RequestRefused as error:
-                responses.append(pb_utils.InferenceResponse(error=_invalid_argument(str(error))))
+                responses.append(pb_utils.InferenceResponse(error=_error(str(error), "INVALID_ARG")))
+                continue
+            except ServerBusy as error:  # the server's decoding budget stayed taken: this request only, try again
+                responses.append(pb_utils.InferenceResponse(error=_error(f"ServerBusy: {error}", "UNAVAILABLE")))
                 continue
             except Exception as error:  # a failure of this request (the text model, onnxruntime), not the server
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
@@ -84,7 +88,7 @@ class TritonPythonModel:
         if len(images) == 0 or len(images) > self.max_images:
             raise RequestRefused(f"{len(images)} images: send 1 to max_images={self.max_images} per request")
         try:
-            batch = preprocess_bytes([bytes(item) for item in images], self.spec, self.limits)
+            batch = preprocess_bytes([bytes(item) for item in images], self.spec, self.limits, self.budget)
         except ValueError as error:
             raise RequestRefused(str(error)) from None
         head = self.cache.get(label_set)
