@@ -12,6 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from patcher.base.files import sha256_file
 from patcher.base.records import to_json
 from patcher.runs.manifest import load_run
@@ -240,3 +243,23 @@ class SmallFilesystem:
 def everything(folder: Path) -> list[str]:
     """Every entry under `folder`, hidden ones included, relative."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+class ArrayImages:
+    """Images from a uint8 array [N, H, W, 3] with labels `i % 10`, optionally slow: the fingerprint sees only the
+    array, so a slow and a fast instance over the same array share one cached store."""
+
+    def __init__(self, data: np.ndarray, delay_s: float = 0.0) -> None:
+        self.data, self.delay_s = data, delay_s
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        time.sleep(self.delay_s)
+        return Image.fromarray(self.data[index]), index % 10
+
+
+def random_images(count: int, size: int = 32) -> np.ndarray:
+    """A fixed random uint8 array of `count` RGB images."""
+    return np.random.default_rng(1).integers(0, 255, (count, size, size, 3), dtype=np.uint8)

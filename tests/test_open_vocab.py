@@ -174,7 +174,10 @@ def test_bad_input_is_one_invalid_arg_naming_the_item_and_the_limit_and_the_serv
     image = [images["digits"][0][0].read_bytes()]
     good = {"image_bytes": image, "labels": [b"0", b"1"]}
     long_label = b"seven " * 30
+    large = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(large, format="PNG")  # 36 megapixels, 35 KB: five exceed the request's 144
     bad = [
+        ({**good, "image_bytes": [large.getvalue()] * 5}, "more than max_request_pixels=144000000"),
         ({**good, "labels": []}, "the label set is empty"),
         ({**good, "labels": [str(i).encode() for i in range(MAX_LABELS + 1)]},
          f"{MAX_LABELS + 1} labels exceed max_labels={MAX_LABELS}"),
