@@ -18,6 +18,7 @@ from PIL import Image
 from patcher.base.files import sha256_file
 from patcher.base.records import to_json
 from patcher.runs.manifest import load_run
+from patcher.triton.serving.processes import group_pids
 
 # A build small enough to run many times: random-weight patcher-tiny, the bundled digits, one process.
 BUILD = ["build", "--task", "digits", "--model", "patcher-tiny", "--pretrained", "none", "--steps", "40",
@@ -49,10 +50,11 @@ def start_cli(*arguments: str, **kwargs: object) -> subprocess.Popen:
 
 
 def kill9(process: subprocess.Popen) -> None:
-    """SIGKILL the process group and reap it."""
+    """SIGKILL the process group, reap it, and wait until every process of the group is gone."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
+    wait_for(lambda: not group_pids(process.pid), timeout=30)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> float:
@@ -153,10 +155,11 @@ class ForkedRun:
         return None
 
     def kill9(self) -> None:
-        """SIGKILL its process group and wait until it is gone."""
+        """SIGKILL its process group and wait until every process of it is gone (a dying worker still holds the
+        locks it inherited)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        wait_for(lambda: self.poll() is not None, timeout=30)
+        wait_for(lambda: self.poll() is not None and not group_pids(self.pid), timeout=30)
 
     def stderr(self) -> str:
         """What it wrote to stderr."""
