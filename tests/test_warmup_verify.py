@@ -4,6 +4,7 @@ line when the zero-shot weights are published under the patched name."""
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_every_backend_model_warms_up_on_the_exports_sample(tiny_export: Path, t
             if config.platform == "ensemble":
                 assert not config.model_warmup, model  # Triton warms instances; ensembles have none
                 continue
-            if model.endswith(("_text", "_classify")):  # prompts and label sets: no warmup written for them yet
+            if model.endswith("_classify"):  # a label set is a request's: no warmup (see warmup.py)
                 assert not config.model_warmup, model
                 continue
             sizes = sorted(w.batch_size for w in config.model_warmup)
@@ -48,6 +49,11 @@ def test_every_backend_model_warms_up_on_the_exports_sample(tiny_export: Path, t
             struct.pack("<I", len(sample)) + sample)
         pixels = np.frombuffer((repo / "digits_pixels" / "warmup" / "pixels").read_bytes(), np.float32)
         assert pixels.reshape(3, 28, 28).max() > 1.0  # raw 0-255 pixels, not normalised ones
+        export = json.loads((tiny_export / "export.json").read_text())
+        label = export["samples"]["digits"]["label"]
+        prompt = export["text"]["templates"]["digits"][0].replace("{}", export["tasks"]["digits"]["classnames"][label])
+        assert (repo / "digits_text" / "warmup" / "text").read_bytes() == struct.pack("<I", len(prompt)) + (
+            prompt.encode())
     accelerator = read_config(tmp_path / "onnxruntime" / "digits_patched").optimization.execution_accelerators
     parameters = dict(accelerator.gpu_execution_accelerator[0].parameters)
     assert parameters == {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30),
@@ -62,10 +68,14 @@ def test_warmup_runs_the_sample_before_the_model_is_ready(tiny_export: Path, tmp
     Triton 2.51 does not just fail that model: a python-backend warmup that raises crashes the server (SIGSEGV),
     which is why the writer warms the preprocessing model only with a sample its limits accept."""
     repo = tmp_path / "repo"
-    write_repository(tiny_export, repo)
-    models = ["digits_preprocess"]
-    with TritonServer(repo, models=models) as server:  # READY after warming up on the real sample
+    written = write_repository(tiny_export, repo)
+    assert "no warmup for digits_classify (its input labels is not one a sample image fills)" in written["message"]
+    models = ["digits_preprocess", "digits_text"]
+    with TritonServer(repo, models=models) as server:  # READY after warming up on the real sample and its prompt
         assert server.running()
+    (repo / "digits_text" / "warmup" / "text").write_bytes(struct.pack("<I", 2) + b"\xff\xfe")  # not UTF-8
+    with pytest.raises(PatcherError, match=r"digits_text failed to load|exited during startup"):
+        TritonServer(repo, models=["digits_text"]).start()
     (repo / "digits_preprocess" / "warmup" / "image_bytes").write_bytes(struct.pack("<I", 9) + b"not a png")
     with pytest.raises(PatcherError, match=r"digits_preprocess failed to load|exited during startup"):
         TritonServer(repo, models=models).start()

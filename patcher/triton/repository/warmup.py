@@ -2,10 +2,12 @@
 
 The sample is the export's held-out image of the patch task (`RUN/onnx/samples/<task>.png`), given to each model in
 the form its input takes: the encoded PNG (image bytes), CLIP-normalised pixels (classifiers), raw 0-255 pixels
-(the pixels model). The files go in the model's `warmup/` folder, where Triton looks for them. Ensembles are not
-warmed themselves (Triton warms model instances; an ensemble has none): their composing models are. Inputs of
-other names (a model kind this module does not know) get no warmup rather than a wrong one: in Triton 2.51 a
-python-backend warmup that fails crashes the server.
+(the pixels model); the text model gets the prompt of the sample's class (the task's first template). The files go
+in the model's `warmup/` folder, where Triton looks for them. Ensembles are not warmed themselves (Triton warms
+model instances; an ensemble has none): their composing models are. Inputs of other names get no warmup rather
+than a wrong one: in Triton 2.51 a python-backend warmup that fails crashes the server. So does the label-set
+model (`_classify`): a label set is a request's, and its first request computes the head through the text model,
+which may not be loaded while `_classify` warms up.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from patcher.triton.imaging import decode_image, preprocess_image
 from patcher.triton.repository.builders import ModelPlan
 from patcher.triton.repository.configs import IMAGE_BYTES, NUMPY_TYPES
 from patcher.triton.repository.export_info import ExportInfo
+from patcher.triton.repository.openvocab import TEXT_INPUT
 from patcher.triton.repository.pixels import PIXELS_INPUT
 
 WARMUP_DIR = "warmup"
@@ -31,12 +34,14 @@ WARMUP_DIR = "warmup"
 
 @dataclass(frozen=True)
 class Sample:
-    """One real image: its task, label index, PNG bytes and the preprocessing of the export."""
+    """One real image: its task, label index, PNG bytes, the preprocessing of the export and, for an export with
+    its text tower, the prompt of its class."""
 
     task: str
     label: int
     png: bytes
     preprocess: dict
+    prompt: str | None = None
 
 
 def export_sample(info: ExportInfo) -> Sample | None:
@@ -49,13 +54,23 @@ def export_sample(info: ExportInfo) -> Sample | None:
     path = info.path / record["file"]
     if not path.is_file() or sha256_file(path) != record["sha256"]:
         raise PatcherError(f"{path} is missing or does not match export.json: run `patcher export` again")
-    return Sample(task, int(record["label"]), path.read_bytes(), info.preprocess)
+    label = int(record["label"])
+    templates = ((info.data.get("text") or {}).get("templates") or {}).get(task) or []
+    classnames = info.tasks.get(task, {}).get("classnames") or []
+    prompt = templates[0].replace("{}", classnames[label]) if templates and label < len(classnames) else None
+    return Sample(task, label, path.read_bytes(), info.preprocess, prompt)
+
+
+def _serialised(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data  # one BYTES element as Triton reads it from a file: length, then bytes
 
 
 def input_bytes(sample: Sample, name: str, data_type: str) -> bytes | None:
     """One batch item of input `name` as Triton's warmup reads it from a file; None for an input it cannot fill."""
     if name == IMAGE_BYTES and data_type == "TYPE_STRING":
-        return struct.pack("<I", len(sample.png)) + sample.png  # a serialised BYTES element: length, then bytes
+        return _serialised(sample.png)
+    if name == TEXT_INPUT and data_type == "TYPE_STRING":
+        return None if sample.prompt is None else _serialised(sample.prompt.encode("utf-8"))
     if data_type not in NUMPY_TYPES or name not in (INPUT_NAME, PIXELS_INPUT):
         return None
     image = decode_image(sample.png, None, sample.preprocess)
@@ -77,20 +92,20 @@ def accepted(sample: Sample, limits: dict) -> bool:
 
 
 def add_warmup(plan: ModelPlan, sample: Sample, batch_sizes: tuple[int, ...] = (1,), limits: dict | None = None
-               ) -> bool:
-    """Give a backend model's config one warmup per batch size on `sample`, with its input files; False (nothing
-    added) for ensembles, for inputs the sample cannot fill, and for encoded images `limits` refuse."""
+               ) -> str | None:
+    """Give a backend model's config one warmup per batch size on `sample`, with its input files; None when added,
+    else why not: an ensemble, an input the sample cannot fill, encoded images `limits` refuse."""
     config = plan.config
     if plan.model.is_ensemble or config.platform == "ensemble":  # kinds that route (whatever implements them)
-        return False
-    if any(t.name == IMAGE_BYTES for t in config.input) and not accepted(sample, limits or {}):
-        return False
+        return "an ensemble"
     files = {}
     for tensor in config.input:
         data = input_bytes(sample, tensor.name, mc.DataType.Name(tensor.data_type))
         if data is None:
-            return False
+            return f"its input {tensor.name} is not one a sample image fills"
         files[tensor.name] = (tensor, data)
+    if IMAGE_BYTES in files and not accepted(sample, limits or {}):
+        return "the sample is outside its input limits"
     for batch_size in sorted(set(batch_sizes)):
         warmup = config.model_warmup.add(name=f"{sample.task}_sample_batch_{batch_size}", batch_size=batch_size)
         for name, (tensor, _) in files.items():
@@ -99,7 +114,7 @@ def add_warmup(plan: ModelPlan, sample: Sample, batch_sizes: tuple[int, ...] = (
             entry.dims.extend(tensor.dims)
             entry.input_data_file = name
     plan.model_files.update({f"{WARMUP_DIR}/{name}": data for name, (_, data) in files.items()})
-    return True
+    return None
 
 
 def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: bool, limits: dict | None = None
@@ -111,6 +126,9 @@ def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: boo
         return (f"{Path(info.path)} has no sample images (exported before patcher wrote them): no model_warmup; "
                 "run `patcher export` again to warm new versions up")
     sizes = (1, max_batch_size) if gpu else (1,)
-    refused = [plan.model.name for plan in plans if not add_warmup(plan, sample, sizes, limits)
-               and not plan.model.is_ensemble and plan.config.platform != "ensemble"]
-    return f"no warmup for {', '.join(refused)} (the sample is outside its input limits)" if refused else None
+    refused = {}
+    for plan in plans:
+        reason = add_warmup(plan, sample, sizes, limits)
+        if reason is not None and not plan.model.is_ensemble and plan.config.platform != "ensemble":
+            refused[plan.model.name] = reason
+    return "; ".join(f"no warmup for {name} ({reason})" for name, reason in refused.items()) or None
