@@ -316,16 +316,19 @@ def half_publish(repo: Path, export: Path, scratch: Path, options: dict[str, Any
     staging = repo / f"{STAGING_PREFIX}killed"
     with publish_lock(repo):
         for index, model in enumerate(models):
-            files = [p for p in (scratch / model).iterdir() if p.is_file()]
+            shutil.move(scratch / model / str(version), scratch / f"{model}.version")
+            files = [p for p in (scratch / model).rglob("*")  # config, labels and warmup/ files; no old versions
+                     if p.is_file() and not p.relative_to(scratch / model).parts[0].isdigit()]
+            target = repo / model if index == 0 else staging / model / MODEL_DIR
             if index == 0:
-                shutil.move(scratch / model / str(version), repo / model / str(version))
-                for path in files:
-                    shutil.copy2(path, repo / model / path.name)
-                continue
-            (staging / model / MODEL_DIR).mkdir(parents=True)
-            shutil.move(scratch / model / str(version), staging / model / VERSION_DIR)
+                shutil.move(scratch / f"{model}.version", repo / model / str(version))
+            else:
+                target.mkdir(parents=True)
+                shutil.move(scratch / f"{model}.version", staging / model / VERSION_DIR)
             for path in files:
-                shutil.copy2(path, staging / model / MODEL_DIR / path.name)
+                destination = target / path.relative_to(scratch / model)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, destination)
         journal = Journal(read_journal(repo).serial + 1, "publishing", written["name"], version,
                           dict.fromkeys(models, version), staging.name)
         (repo / JOURNAL).write_text(json.dumps(journal.record()))
