@@ -134,11 +134,13 @@ class LocalFolder:
             return None
 
     def signature(self, model: str) -> tuple[Any, ...]:
-        """The newest version and the model-level files' modification times."""
+        """The newest version and the model-level files' modification times (warmup/ files among them)."""
         model_dir = self.path / model
         if not model_dir.is_dir():
             return (None, ())
-        files = sorted((p.name, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file())
+        entries = [p for p in model_dir.iterdir() if not p.name.isdigit()]
+        paths = [p for p in entries if p.is_file()] + [f for d in entries if d.is_dir() for f in d.rglob("*")]
+        files = sorted((str(p.relative_to(model_dir)), p.stat().st_mtime_ns) for p in paths if p.is_file())
         versions = model_versions(model_dir)
         return (versions[-1] if versions else None, tuple(files))
 
