@@ -1,13 +1,16 @@
-"""What `patcher serve`'s gRPC front costs: the same tritonserver asked directly and through the front, side by side.
+"""What `patcher serve`'s fronts cost and spare: the same tritonserver asked directly and through the gRPC and HTTP
+fronts, side by side; and what one oversized HTTP body makes tritonserver hold, directly and through the front.
 
     .venv/bin/python bench/serving_front.py EXPORT_OR_RUN [--seconds 5] [--rounds 3] [--concurrency 4]
+        [--protocols grpc,http] [--arenas] [--oversized-mb 400]
 
-Writes a repository of the export in a temporary folder, starts the bundled tritonserver on free ports and a
-GrpcFront before its gRPC port, and runs a closed-loop client (its own process, `--concurrency` threads of blocking
-unary calls) for `--seconds` against each path in turn, `--rounds` times interleaved: the patched classifier at
-batch 1 and 8 (tensors), and the entry's ensemble with one encoded image per request (bytes). A second server with
-glibc's default arenas (MALLOC_ARENA_MAX unset by patcher) is measured the same way, to show what one arena costs.
-Writes bench/results/serving-front.{json,md}.
+Writes a repository of the export in a temporary folder, starts the bundled tritonserver on free ports, a GrpcFront
+before its gRPC port and an HttpFront before its HTTP port, and runs a closed-loop client (its own process,
+`--concurrency` threads of blocking calls) for `--seconds` against each path in turn, `--rounds` times interleaved:
+the patched classifier at batch 1 and 8 (tensors), and the entry's ensemble with one encoded image per request
+(bytes). Then one HTTP request announcing `--oversized-mb` of body is sent to each path while tritonserver's
+resident memory is sampled. With --arenas, a second server with glibc's default arenas (MALLOC_ARENA_MAX unset by
+patcher) is measured over gRPC, direct, to show what one arena costs. Writes bench/results/serving-front.{json,md}.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,33 +34,44 @@ from patcher.base.files import now_iso, write_json, write_text
 from patcher.benchmark.machine import load_average, machine_info
 
 OUT = Path(__file__).parent / "results"
+CASES = [("patched", "tensor", 1), ("patched", "tensor", 8), ("", "bytes", 1)]
 
 
-def _client(url: str, model: str, kind: str, batch: int, seconds: float, threads: int) -> dict[str, Any]:
-    """Closed loop from this process: images per second and latency percentiles (ms)."""
+def _inputs(module: Any, config_url: str, model: str, kind: str, batch: int) -> list[Any]:
     import tritonclient.grpc as grpcclient
     from PIL import Image
 
+    if kind == "bytes":
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(buffer, "PNG")
+        tensor = module.InferInput("image_bytes", [batch, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[buffer.getvalue()]] * batch, dtype=np.object_))
+        return [tensor]
+    config = grpcclient.InferenceServerClient(config_url).get_model_config(model).config
+    dims = list(config.input[0].dims)
+    tensor = module.InferInput(config.input[0].name, [batch, *dims], "FP32")
+    tensor.set_data_from_numpy(np.zeros((batch, *dims), np.float32))
+    return [tensor]
+
+
+def _client(protocol: str, url: str, config_url: str, model: str, kind: str, batch: int, seconds: float,
+            threads: int) -> dict[str, Any]:
+    """Closed loop from this process: images per second and latency percentiles (ms)."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    module: Any = grpcclient if protocol == "grpc" else httpclient
     latencies: list[float] = []
     lock = threading.Lock()
 
     def run() -> None:
-        client = grpcclient.InferenceServerClient(url)
-        config = client.get_model_config(model).config
-        if kind == "bytes":
-            buffer = io.BytesIO()
-            Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(buffer, "PNG")
-            tensor = grpcclient.InferInput("image_bytes", [batch, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[buffer.getvalue()]] * batch, dtype=np.object_))
-        else:
-            dims = list(config.input[0].dims)
-            tensor = grpcclient.InferInput(config.input[0].name, [batch, *dims], "FP32")
-            tensor.set_data_from_numpy(np.zeros((batch, *dims), np.float32))
+        client = module.InferenceServerClient(url)
+        inputs = _inputs(module, config_url, model, kind, batch)
         mine = []
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             started = time.monotonic()
-            client.infer(model, [tensor])
+            client.infer(model, inputs)
             mine.append(time.monotonic() - started)
         with lock:
             latencies.extend(mine)
@@ -72,11 +87,96 @@ def _client(url: str, model: str, kind: str, batch: int, seconds: float, threads
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-def measure(url: str, model: str, kind: str, batch: int, seconds: float, threads: int) -> dict[str, Any]:
+def measure(protocol: str, url: str, config_url: str, model: str, kind: str, batch: int, seconds: float,
+            threads: int) -> dict[str, Any]:
     """_client in a process of its own (the client's GIL is not the server's)."""
-    done = subprocess.run([sys.executable, __file__, "--client", url, model, kind, str(batch), str(seconds),
-                           str(threads)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, __file__, "--client", protocol, url, config_url, model, kind, str(batch),
+                           str(seconds), str(threads)], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def oversized_http(address: tuple[str, int], pid: int, megabytes: int) -> dict[str, Any]:
+    """Send one request announcing `megabytes` of body (sending it while the server reads); tritonserver's RSS
+    before, at its peak while the request is in flight, and 3 s after; what the client got back."""
+    size = megabytes << 20
+    head = (f"POST /v2/models/none/infer HTTP/1.1\r\nHost: bench\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode()
+    before, peak = _rss_mb(pid), 0.0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_mb(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    sent, answer, started = 0, b"", time.monotonic()
+    with socket.create_connection(address, timeout=60) as connection:
+        connection.sendall(head)
+        block = bytes(1 << 20)
+        try:
+            while sent < size:
+                connection.sendall(block)
+                sent += len(block)
+        except OSError:
+            pass  # the front answered and closed
+        connection.settimeout(60)
+        try:
+            answer = connection.recv(4096)
+        except OSError:
+            answer = b""
+    seconds = time.monotonic() - started
+    time.sleep(3)
+    stop.set()
+    sampler.join()
+    return {"announced_mb": megabytes, "sent_mb": round(sent / (1 << 20)), "seconds": round(seconds, 2),
+            "answer": answer.split(b"\r\n", 1)[0].decode(errors="replace"), "rss_before_mb": round(before),
+            "rss_peak_mb": round(peak), "rss_after_3s_mb": round(_rss_mb(pid))}
+
+
+def _start(repo: Path, env: dict[str, str] | None) -> Any:
+    from patcher.triton.serving.server import TritonServer
+
+    saved = {key: os.environ.get(key) for key in (env or {})}
+    os.environ.update(env or {})
+    try:
+        return TritonServer(repo, startup_timeout_s=120).start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _markdown(record: dict[str, Any]) -> str:
+    lines = ["# The fronts of `patcher serve`: direct against through the front", "",
+             f"{record['concurrency']} client threads in their own process, {record['seconds']:.0f} s per setting, "
+             f"{record['rounds']} rounds interleaved, medians; machine: {record['machine'].get('cpu', '?')}; "
+             f"load average at the end {record['load_average']}.", "",
+             "| server | protocol | path | model | input | batch | img/s | p50 ms | p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, value in record["results"].items():
+        server_kind, protocol, path, model, kind, batch = key.split(" | ")
+        lines.append(f"| {server_kind} | {protocol} | {path} | {model} | {kind} | {batch.split()[1]} | "
+                     f"{value['images_per_s']:.0f} | {value['p50_ms']:.1f} | {value['p99_ms']:.1f} |")
+    if record.get("oversized"):
+        lines += ["", "One HTTP request announcing a large body, tritonserver's resident memory (MB):", "",
+                  "| path | announced MB | sent MB | answer | s | RSS before | peak | 3 s after |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for path, row in record["oversized"].items():
+            lines.append(f"| {path} | {row['announced_mb']} | {row['sent_mb']} | {row['answer']} | {row['seconds']} "
+                         f"| {row['rss_before_mb']} | {row['rss_peak_mb']} | {row['rss_after_3s_mb']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -85,43 +185,49 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--protocols", default="grpc,http")
+    parser.add_argument("--arenas", action="store_true", help="also a server with glibc's default arenas")
+    parser.add_argument("--oversized-mb", type=int, default=400, help="0: skip the oversized HTTP body")
     args = parser.parse_args()
 
     from patcher.triton.repository.writer import write_repository
     from patcher.triton.serving.front import GrpcFront
+    from patcher.triton.serving.http_front import HttpFront
     from patcher.triton.serving.ports import free_port
-    from patcher.triton.serving.server import TritonServer
 
-    cases = [("patched", "tensor", 1), ("patched", "tensor", 8), ("", "bytes", 1)]
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     rows: dict[str, list[dict[str, Any]]] = {}
+    oversized: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-front-") as folder:
-        written = write_repository(args.export, Path(folder) / "repo")
-        name = written["name"]
-        for server_kind, env in (("patcher", None), ("glibc arenas", {"MALLOC_ARENA_MAX": "64"})):
-            saved = {key: os.environ.get(key) for key in (env or {})}
-            os.environ.update(env or {})
-            try:
-                server = TritonServer(Path(folder) / "repo", startup_timeout_s=120).start()
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
-            front = GrpcFront("127.0.0.1", free_port(), server.grpc_url).start()
-            paths = {"direct": server.grpc_url, "front": front.address}
+        repo = Path(folder) / "repo"
+        name = write_repository(args.export, repo)["name"]
+        servers = [("patcher", None)] + ([("glibc arenas", {"MALLOC_ARENA_MAX": "64"})] if args.arenas else [])
+        for server_kind, env in servers:
+            server = _start(repo, env)
+            grpc_front = GrpcFront("127.0.0.1", free_port(), server.grpc_url).start()
+            http_port = int(server.ports["http"] or 0)
+            http_front = HttpFront("127.0.0.1", free_port(), ("127.0.0.1", http_port)).start()
+            paths = {("grpc", "direct"): server.grpc_url, ("grpc", "front"): grpc_front.address,
+                     ("http", "direct"): f"127.0.0.1:{http_port}",
+                     ("http", "front"): f"127.0.0.1:{http_front.address[1]}"}
+            chosen = {key: url for key, url in paths.items() if key[0] in protocols}
             if server_kind != "patcher":
-                paths = {"direct": server.grpc_url}
+                chosen = {("grpc", "direct"): server.grpc_url}
             try:
                 for _ in range(args.rounds):
-                    for suffix, kind, batch in cases:
+                    for suffix, kind, batch in CASES:
                         model = f"{name}_{suffix}" if suffix else name
-                        for path, url in paths.items():
-                            key = f"{server_kind} | {path} | {model} | {kind} | batch {batch}"
-                            rows.setdefault(key, []).append(measure(url, model, kind, batch, args.seconds,
-                                                                    args.concurrency))
+                        for (protocol, path), url in chosen.items():
+                            key = f"{server_kind} | {protocol} | {path} | {model} | {kind} | batch {batch}"
+                            rows.setdefault(key, []).append(measure(protocol, url, server.grpc_url, model, kind,
+                                                                    batch, args.seconds, args.concurrency))
+                if server_kind == "patcher" and args.oversized_mb:
+                    pid = server.process.pid
+                    oversized["front"] = oversized_http(("127.0.0.1", http_front.address[1]), pid, args.oversized_mb)
+                    oversized["direct"] = oversized_http(("127.0.0.1", http_port), pid, args.oversized_mb)
             finally:
-                front.stop()
+                grpc_front.stop()
+                http_front.stop()
                 server.stop()
     summary = {key: {"images_per_s": float(np.median([r["images_per_s"] for r in runs])),
                      "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
@@ -129,25 +235,17 @@ def main() -> None:
                for key, runs in rows.items()}
     record = {"created": now_iso(), "machine": machine_info(), "load_average": load_average(),
               "export": str(args.export), "seconds": args.seconds, "rounds": args.rounds,
-              "concurrency": args.concurrency, "results": summary}
+              "concurrency": args.concurrency, "results": summary, "oversized": oversized}
     OUT.mkdir(parents=True, exist_ok=True)
     write_json(OUT / "serving-front.json", record)
-    lines = ["# The gRPC front of `patcher serve`: direct against through the front", "",
-             f"{args.concurrency} client threads in their own process, {args.seconds:.0f} s per setting, "
-             f"{args.rounds} rounds interleaved, medians; machine: {record['machine'].get('cpu', '?')}; "
-             f"load average at the end {record['load_average']}.", "",
-             "| server | path | model | input | batch | img/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|---|"]
-    for key, value in summary.items():
-        server_kind, path, model, kind, batch = key.split(" | ")
-        lines.append(f"| {server_kind} | {path} | {model} | {kind} | {batch.split()[1]} | "
-                     f"{value['images_per_s']:.0f} | {value['p50_ms']:.1f} | {value['p99_ms']:.1f} |")
-    write_text(OUT / "serving-front.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = _markdown(record)
+    write_text(OUT / "serving-front.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--client":
-        url, model, kind, batch, seconds, threads = sys.argv[2:8]
-        print(json.dumps(_client(url, model, kind, int(batch), float(seconds), int(threads))))
+        protocol, url, config_url, model, kind, batch, seconds, threads = sys.argv[2:10]
+        print(json.dumps(_client(protocol, url, config_url, model, kind, int(batch), float(seconds), int(threads))))
     else:
         main()

@@ -6,8 +6,12 @@ One server for the module; the tests run in file order (the rollout tests change
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -209,6 +213,72 @@ def test_image_bombs_are_refused_before_decoding_and_good_requests_are_unaffecte
     assert peak_rss_mb(served.stub("digits_preprocess").pid) < RSS_LIMIT_MB
     good_request(client)
     client.close()
+
+
+def _raw_http(served: Served, *parts: bytes, pause_s: float = 0.0, timeout_s: float = 30) -> bytes:
+    """Send `parts` on one connection (pausing between them), then read until the server closes or goes quiet."""
+    host, port = served.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+        received = b""
+        for part in parts:
+            connection.sendall(part)
+            time.sleep(pause_s)
+        connection.settimeout(3 if pause_s else timeout_s)
+        with contextlib.suppress(TimeoutError):
+            while block := connection.recv(1 << 16):
+                received += block
+    return received
+
+
+def _json_pixels(shape: list[int]) -> bytes:
+    body = {"inputs": [{"name": "pixels", "shape": shape, "datatype": "FP32", "data": [0.0] * math.prod(shape)}]}
+    return json.dumps(body).encode()
+
+
+def test_the_http_front_refuses_a_body_over_the_bound_unread_and_one_of_unknown_length(served: Served) -> None:
+    head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+    started = time.monotonic()
+    refused = _raw_http(served, head + b"Content-Length: 4000000000\r\n\r\n")  # 4 GB announced, none sent
+    assert refused.startswith(b"HTTP/1.1 413 ") and b"4000000000 bytes is larger than" in refused, refused[:300]
+    assert time.monotonic() - started < 10  # answered from the head, not after a body
+    chunked = _raw_http(served, head + b"Transfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n")
+    assert chunked.startswith(b"HTTP/1.1 411 ") and b"Content-Length" in chunked, chunked[:300]
+    garbage = _raw_http(served, b"\x16\x03\x01 not http at all\r\n\r\n")  # e.g. TLS spoken to a plain port
+    assert garbage.startswith(b"HTTP/1.1 400 "), garbage[:300]
+    assert _raw_http(served, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                     ).startswith(b"HTTP/1.1 200 ")
+
+
+def test_the_http_front_keeps_connections_alive_and_answers_expect_100_continue(served: Served, export: Path,
+                                                                                digits) -> None:
+    size = export_record(export)["preprocess"]["image_size"]
+    body = _json_pixels([1, 3, *size])
+    head = (f"POST /v2/models/digits_digits_pixels/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n").encode()
+    answer = _raw_http(served, head + b"Expect: 100-continue\r\n\r\n", body, pause_s=0.5)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:300]
+    assert answer.count(b"HTTP/1.1 100") == 1  # tritonserver's own 100 (if any) never reaches the client twice
+    two = _raw_http(served, head + b"\r\n" + body, head + b"Connection: close\r\n\r\n" + body, pause_s=0.2)
+    assert two.count(b"HTTP/1.1 200 ") == 2 and two.count(b'"outputs"') == 2, two[:300]
+
+
+def test_http_clients_that_leave_mid_answer_leave_nothing_behind(served: Served, digits) -> None:
+    import tritonclient.http as httpclient
+
+    blob = digits[0][0].read_bytes()
+    http = httpclient.InferenceServerClient(served.http_url)
+    inputs = [httpclient.InferInput("image_bytes", [1, 1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([[blob]], dtype=np.object_))
+    body, header_length = httpclient.InferenceServerClient.generate_request_body(inputs)
+    head = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    host, port = served.http_url.split(":")
+    for _ in range(40):  # each sends a whole request and hangs up before the answer
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(head + body)
+    for _ in range(5):
+        assert http.infer("digits", inputs).as_numpy("logits_digits").shape == (1, 10)
+    http.close()
 
 
 # --- Triton's conventions, as NVIDIA's example clients use them -------------------------------------------------

@@ -1,7 +1,8 @@
-"""`patcher serve`: a server on a repository behind its gRPC front, its key in a 0600 file, rolled out, healed and
-restarted until stopped.
+"""`patcher serve`: a server on a repository behind its gRPC and HTTP fronts, its key in a 0600 file, rolled out,
+healed and restarted until stopped.
 
-The ports are bound first (the front's gRPC port, then tritonserver's HTTP and metrics ports); the key file is written
+The ports are bound first (the fronts' gRPC and HTTP ports, then tritonserver's metrics port; tritonserver's own gRPC
+and HTTP ports are private, on 127.0.0.1); the key file is written
 only once they are this server's, so a second `patcher serve` refused for a taken port never touches the first's
 key file. SIGINT or SIGTERM stops it at any phase, start-up included. A tritonserver that dies is started again on
 the same ports with the same key and models; one that dies RESTARTS_PER_WINDOW times within RESTART_WINDOW_S is
@@ -31,14 +32,15 @@ from patcher.triton.serving.access import (
     remove_key_file,
     write_key_file,
 )
-from patcher.triton.serving.front import GrpcFront, message_limit
+from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, ByteBudget, GrpcFront, message_limit
+from patcher.triton.serving.http_front import HttpFront
 from patcher.triton.serving.ports import free_port, port_in_use
 from patcher.triton.serving.server import TritonServer
 from patcher.triton.serving.supervisor import Supervisor
 
 TICK_S = 1.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PRIVATE = "127.0.0.1"  # tritonserver's own gRPC port, reached by the front and the supervisor only
+PRIVATE = "127.0.0.1"  # tritonserver's own gRPC and HTTP ports, reached by the fronts and the supervisor only
 RESTARTS_PER_WINDOW = 5
 RESTART_WINDOW_S = 300.0
 Echo = Callable[[str], None]
@@ -72,10 +74,10 @@ def _check_ports(host: str, ports: dict[str, int]) -> None:
             raise PatcherError(f"{kind} port {host}:{port} is in use (another server?): choose another port")
 
 
-def _announce(server: TritonServer, grpc_url: str, key_path: Path | None, host: str, echo: Echo) -> None:
+def _announce(server: TritonServer, urls: dict[str, str], key_path: Path | None, host: str, echo: Echo) -> None:
     echo(f"tritonserver ready in {server.timings['start_s']:.1f} s: repository {server.repo}")
-    echo(f"  gRPC    {grpc_url} (a front that never passes a client's deadline or cancellation to tritonserver)")
-    echo(f"  HTTP    {server.http_url}")
+    echo(f"  gRPC    {urls['grpc']} (a front that never passes a client's deadline or cancellation to tritonserver)")
+    echo(f"  HTTP    {urls['http']} (a front that refuses a body over the request bound unread)")
     echo(f"  metrics {server.metrics_url}")
     echo(f"  models  {', '.join(server.loaded)}")
     echo(f"  key     {key_path} (0600; {', '.join(RESTRICTED)} need it)")
@@ -122,22 +124,25 @@ def serve_forever(
     if not is_object_store(repo):
         check_repository_path(Path(repo))
     signals = _Signals()
-    grpc_url = f"{host}:{grpc_port}"
-    front: GrpcFront | None = None
+    grpc_url, http_url = f"{host}:{grpc_port}", f"http://{host}:{http_port}"
+    fronts: list[GrpcFront | HttpFront] = []
     key = new_key()
-    server = TritonServer(repo, models, host, http_port, free_port(PRIVATE), metrics_port, log_path, startup_timeout_s,
-                          key=key, grpc_host=PRIVATE)
+    server = TritonServer(repo, models, host, free_port(PRIVATE), free_port(PRIVATE), metrics_port, log_path,
+                          startup_timeout_s, key=key, private_host=PRIVATE)
     key_path = key_file or default_key_file(grpc_url)
     try:
         _check_ports(host, {"http": http_port, "gRPC": grpc_port, "metrics": metrics_port})
         owner = live_owner(key_path)
         if owner is not None:
             raise PatcherError(f"{key_path} is the key file of the running server {owner}: choose another --key-file")
-        front = GrpcFront(host, grpc_port, server.grpc_url, message_limit(server.repo, models)).start()
+        limit, budget = message_limit(server.repo, models), ByteBudget(MAX_INFLIGHT_BYTES)  # one budget, both fronts
+        grpc_front = GrpcFront(host, grpc_port, server.grpc_url, limit, budget).start()
+        fronts.append(grpc_front)
+        fronts.append(HttpFront(host, http_port, (PRIVATE, int(server.ports["http"] or 0)), limit, budget).start())
         server.start()
-        endpoints = {"grpc": grpc_url, "http": server.http_url, "repository": str(server.repo)}
+        endpoints = {"grpc": grpc_url, "http": http_url, "repository": str(server.repo)}
         key = write_key_file(key, key_path, endpoints)  # only now: the ports are this server's
-        _announce(server, grpc_url, key.path, host, echo)
+        _announce(server, endpoints, key.path, host, echo)
         supervisor = Supervisor(server, serve_all=models is None, echo=echo)
         history: list[float] = []
         signals.serving = True
@@ -149,13 +154,13 @@ def serve_forever(
                 continue
             supervisor.tick()
             server.trim_log()
-            front.trim()
+            grpc_front.trim()
     except Stopped as stopped:
         echo(f"{stopped} during start-up: stopping")
     finally:
         signals.serving = True  # a second signal while cleaning up must not cut the cleaning short
         server.stop()
-        if front is not None:
+        for front in fronts:
             front.stop()
         remove_key_file(key)
         signals.restore()

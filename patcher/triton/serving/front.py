@@ -10,7 +10,7 @@ tritonserver finishes the request normally and the answer is dropped. A request 
 a worker takes it up is not forwarded at all, so abandoned requests do not pile up behind good ones.
 
 Bounds: a message larger than `max_message_bytes` is refused by gRPC itself before it is read (RESOURCE_EXHAUSTED),
-and the bytes of requests being forwarded at once stay below `max_inflight_bytes` (a request waits for room while
+and the bytes of requests being forwarded at once stay within a `ByteBudget` (a request waits for room while
 its client waits, and is refused with RESOURCE_EXHAUSTED if there is none within its deadline or `wait_s`).
 """
 
@@ -167,9 +167,10 @@ class GrpcFront:
     """A gRPC pass-through on `host:port` to tritonserver's gRPC at `upstream` (host:port)."""
 
     def __init__(self, host: str, port: int, upstream: str, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES, workers: int = WORKERS, wait_s: float = WAIT_S) -> None:
+                 budget: ByteBudget | None = None, workers: int = WORKERS, wait_s: float = WAIT_S) -> None:
         self.address, self.upstream = f"{host}:{port}", upstream
-        self.max_message_bytes, self.max_inflight_bytes = max_message_bytes, max_inflight_bytes
+        self.max_message_bytes = max_message_bytes
+        self.budget = budget or ByteBudget(MAX_INFLIGHT_BYTES)  # may be shared with the HTTP front
         self.workers, self.wait_s = workers, wait_s
         self._server: grpc.Server | None = None
         self._channel: grpc.Channel | None = None
@@ -179,7 +180,7 @@ class GrpcFront:
         """Listen; PatcherError if the port cannot be bound."""
         give_back_large_buffers()
         self._channel = grpc.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
-        self.forwarder = _Forwarder(self._channel, ByteBudget(self.max_inflight_bytes), self.wait_s)
+        self.forwarder = _Forwarder(self._channel, self.budget, self.wait_s)
         options = [("grpc.max_receive_message_length", self.max_message_bytes),
                    ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)]
         server = grpc.server(futures.ThreadPoolExecutor(self.workers, thread_name_prefix="grpc-front"),

@@ -68,13 +68,13 @@ class TritonServer:
         shm_default_bytes: int = DEFAULT_SHM_BYTES,
         log_verbose: int = 0,
         key: ServerKey | None = None,
-        grpc_host: str | None = None,
+        private_host: str | None = None,
     ) -> None:
         self.store = open_store(repo)
         self.repo: Path | str = self.store.location if is_object_store(repo) else Path(repo).resolve()
         self.models = models
         self.host = host
-        self.grpc_host = grpc_host or host  # 127.0.0.1 behind `patcher serve`'s front
+        self.private_host = private_host or host  # gRPC and HTTP: 127.0.0.1 behind `patcher serve`'s fronts
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout_s = startup_timeout_s
@@ -98,12 +98,12 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         """host:port of the gRPC endpoint (what tritonclient.grpc takes)."""
-        return f"{self.grpc_host}:{self.ports['grpc']}"
+        return f"{self.private_host}:{self.ports['grpc']}"
 
     @property
     def http_url(self) -> str:
         """http://host:port of the HTTP/REST endpoint."""
-        return f"http://{self.host}:{self.ports['http']}"
+        return f"http://{self.private_host}:{self.ports['http']}"
 
     @property
     def metrics_url(self) -> str:
@@ -124,8 +124,8 @@ class TritonServer:
         """A tritonclient HTTP client of this server (restricted calls need `headers=self.key.http_headers`)."""
         import tritonclient.http as httpclient
 
-        return httpclient.InferenceServerClient(f"{self.host}:{self.ports['http']}", connection_timeout=timeout_s,
-                                                network_timeout=timeout_s)
+        url = f"{self.private_host}:{self.ports['http']}"
+        return httpclient.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
 
     def grpc_client(self) -> Any:
         """A tritonclient gRPC client of this server (restricted calls need `headers=self.key.grpc_headers`)."""
@@ -142,9 +142,9 @@ class TritonServer:
             f"--cache-directory={install.caches}",
             "--model-control-mode=explicit",
             *[f"--load-model={model}" for model in models],
-            f"--http-address={self.host}",
+            f"--http-address={self.private_host}",
             f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.grpc_host}",
+            f"--grpc-address={self.private_host}",
             f"--grpc-port={self.ports['grpc']}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.ports['metrics']}",
@@ -172,7 +172,7 @@ class TritonServer:
         unset = [kind for kind, port in self.ports.items() if port is None]
         self.ports.update(zip(unset, distinct_free_ports(len(unset), self.host), strict=True))
         for kind, port in self.ports.items():
-            host = self.grpc_host if kind == "grpc" else self.host
+            host = self.host if kind == "metrics" else self.private_host
             if port_in_use(host, int(port)):  # type: ignore[arg-type]
                 raise PatcherError(f"{kind} port {host}:{port} is in use (another server?): choose another port")
         return models

@@ -1,0 +1,289 @@
+"""The public HTTP endpoint of `patcher serve`: a pass-through in front of tritonserver's HTTP port that bounds what a
+client can make the server hold, as the gRPC front does for gRPC.
+
+Triton 2.51's HTTP server reads a request's whole body, however large, before anything checks it. The front reads
+each request's head, refuses a body over `max_body_bytes` (413) or of unknown length (411) before reading a byte of
+it, waits for room in the byte budget it shares with the gRPC front (503 when there is none within `wait_s`), then
+streams the request to tritonserver's HTTP port on 127.0.0.1 and the response back, framed by its own headers.
+One upstream connection serves one client connection; requests on it are forwarded one at a time, in order.
+A client that goes away once its request is sent leaves it to finish in tritonserver; the answer is read and dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from typing import BinaryIO
+
+from patcher.base.errors import PatcherError
+from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, WAIT_S, ByteBudget
+
+MAX_HEAD_BYTES = 64 << 10
+MAX_CONNECTIONS = 128
+IDLE_S = 60.0  # a client connection with no new request (or a stalled one) for this long is closed
+CHUNK_BYTES = 1 << 20
+HOP_BY_HOP = (b"expect",)  # answered by the front itself; never forwarded
+STATUS_TEXT = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
+               502: "Bad Gateway", 503: "Service Unavailable"}
+
+
+class _Refused(Exception):
+    """A request the front answers itself, with this status and message, then closes the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _ClientGone(Exception):
+    """The client closed its connection or stalled past IDLE_S."""
+
+
+def _read_head(stream: BinaryIO) -> bytes | None:
+    """The request or response head up to its blank line; None at a clean end of stream."""
+    lines, size = [], 0
+    while True:
+        line = stream.readline(MAX_HEAD_BYTES + 1)
+        if not line:
+            if lines:
+                raise _ClientGone()
+            return None
+        size += len(line)
+        if size > MAX_HEAD_BYTES:
+            raise _Refused(400, f"request head larger than {MAX_HEAD_BYTES} bytes")
+        if not lines and line in (b"\r\n", b"\n"):  # stray blank lines between requests are allowed (RFC 9112)
+            continue
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            return b"".join(lines)
+
+
+def _headers(head: bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    """The start line and the header fields (names lower-cased; repeated fields joined by commas)."""
+    start, *fields = head.rstrip(b"\r\n").split(b"\r\n")
+    headers: dict[bytes, bytes] = {}
+    for field in fields:
+        name, sep, value = field.partition(b":")
+        if not sep or not name.strip():
+            raise _Refused(400, f"malformed header line {field[:80]!r}")
+        key = name.strip().lower()
+        headers[key] = headers[key] + b"," + value.strip() if key in headers else value.strip()
+    return start, headers
+
+
+def _content_length(headers: dict[bytes, bytes]) -> int | None:
+    raw = headers.get(b"content-length")
+    if raw is None:
+        return None
+    values = {v.strip() for v in raw.split(b",")}
+    if len(values) != 1 or not next(iter(values)).isdigit():
+        raise _Refused(400, f"invalid Content-Length {raw[:40]!r}")
+    return int(next(iter(values)))
+
+
+def _copy(source: BinaryIO, target: socket.socket | None, size: int) -> None:
+    """Copy exactly `size` bytes; a target that fails is dropped (the rest is read and discarded)."""
+    while size > 0:
+        block = source.read(min(size, CHUNK_BYTES))
+        if not block:
+            raise _ClientGone()
+        size -= len(block)
+        if target is not None:
+            target.sendall(block)
+
+
+def _refusal(status: int, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+class _Relay:
+    """Send a response to a client that may have gone: after the first failure, bytes are dropped."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client: socket.socket | None = client
+
+    def send(self, data: bytes) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.sendall(data)
+        except OSError:
+            self.client = None
+
+
+def _forward_response(upstream: BinaryIO, relay: _Relay, method: bytes) -> bool:
+    """Pass one response back, framed by its own headers; True if the connection may carry another request."""
+    while True:
+        head = _read_head(upstream)
+        if head is None:
+            raise ConnectionError("tritonserver closed the connection without an answer")
+        start, headers = _headers(head)
+        relay.send(head)
+        status = int(start.split(b" ", 2)[1])
+        if status >= 200 or status == 101:
+            break
+    if method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
+        return status != 101
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        while True:
+            size_line = upstream.readline(MAX_HEAD_BYTES)
+            relay.send(size_line)
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                trailer = _read_head(upstream) or b"\r\n"
+                relay.send(trailer)
+                break
+            _relay_exactly(upstream, relay, size + 2)
+    else:
+        length = _content_length(headers)
+        if length is None:  # framed by the end of the connection
+            while block := upstream.read1(CHUNK_BYTES):
+                relay.send(block)
+            return False
+        _relay_exactly(upstream, relay, length)
+    return b"close" not in headers.get(b"connection", b"").lower()
+
+
+def _relay_exactly(source: BinaryIO, relay: _Relay, size: int) -> None:
+    while size > 0:
+        block = source.read(min(size, CHUNK_BYTES))
+        if not block:
+            raise ConnectionError("tritonserver closed the connection mid-answer")
+        size -= len(block)
+        relay.send(block)
+
+
+class HttpFront:
+    """An HTTP/1.1 pass-through on `host:port` to tritonserver's HTTP port at `upstream` (host, port)."""
+
+    def __init__(self, host: str, port: int, upstream: tuple[str, int], max_body_bytes: int = MAX_MESSAGE_BYTES,
+                 budget: ByteBudget | None = None, wait_s: float = WAIT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        self.address, self.upstream = (host, port), upstream
+        self.max_body_bytes, self.wait_s, self.max_connections = max_body_bytes, wait_s, max_connections
+        self.budget = budget or ByteBudget(MAX_INFLIGHT_BYTES)
+        self.forwarded = self.refused = 0
+        self._listener: socket.socket | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def start(self) -> HttpFront:
+        """Listen; PatcherError if the port cannot be bound."""
+        listener = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(self.address)
+        except OSError:
+            listener.close()
+            raise PatcherError(f"HTTP port {self.address[0]}:{self.address[1]} is in use (another server?): "
+                               "choose another port") from None
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, name="http-front", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and close every connection."""
+        self._stopping.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for connection in list(self._connections):
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        listener = self._listener
+        while listener is not None and not self._stopping.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                full = len(self._connections) >= self.max_connections
+                if not full:
+                    self._connections.add(client)
+            if full:
+                self.refused += 1
+                with contextlib.suppress(OSError):
+                    client.sendall(_refusal(503, f"more than {self.max_connections} connections: try again later"))
+                client.close()
+                continue
+            threading.Thread(target=self._serve, args=(client,), name="http-front-connection", daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        try:
+            client.settimeout(IDLE_S)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # heads and bodies go as separate writes
+            reader = client.makefile("rb")
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5.0)
+            except OSError:
+                raise _Refused(503, "tritonserver is not taking connections (restarting?): try again shortly") from None
+            upstream.settimeout(None)  # an inference takes as long as it takes; the client's connection has IDLE_S
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upstream_reader = upstream.makefile("rb")
+            while not self._stopping.is_set():
+                if not self._one_request(client, reader, upstream, upstream_reader):
+                    break
+        except _Refused as refused:
+            self.refused += 1
+            _Relay(client).send(_refusal(refused.status, refused.message))
+        except (_ClientGone, TimeoutError, ConnectionError, OSError, ValueError, IndexError):
+            pass
+        finally:
+            with self._lock:
+                self._connections.discard(client)
+            for sock in (client, upstream):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+
+    def _one_request(self, client: socket.socket, reader: BinaryIO, upstream: socket.socket,
+                     upstream_reader: BinaryIO) -> bool:
+        """Forward one request and its answer; True if the client may send another on this connection."""
+        head = _read_head(reader)
+        if head is None:
+            return False
+        start, headers = _headers(head)
+        parts = start.split(b" ")
+        if len(parts) != 3:
+            raise _Refused(400, f"malformed request line {start[:80]!r}")
+        method, _, version = parts
+        if headers.get(b"transfer-encoding"):
+            raise _Refused(411, "a request body of unknown length (Transfer-Encoding) is not accepted: "
+                                "send Content-Length")
+        length = _content_length(headers) or 0
+        if length > self.max_body_bytes:
+            raise _Refused(413, f"request body of {length} bytes is larger than this server takes "
+                                f"({self.max_body_bytes} bytes): send fewer or smaller images per request")
+        if not self.budget.take(length, time.monotonic() + self.wait_s):
+            raise _Refused(503, f"the server holds {self.budget.total} bytes of other requests: try again later")
+        try:
+            if b"100-continue" in headers.get(b"expect", b"").lower():
+                client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            upstream.sendall(_without(head, HOP_BY_HOP))
+            _copy(reader, upstream, length)
+            self.forwarded += 1
+            keep = _forward_response(upstream_reader, _Relay(client), method)
+        finally:
+            self.budget.give(length)
+        client_closes = b"close" in headers.get(b"connection", b"").lower() or (
+            version == b"HTTP/1.0" and b"keep-alive" not in headers.get(b"connection", b"").lower())
+        return keep and not client_closes
+
+
+def _without(head: bytes, names: tuple[bytes, ...]) -> bytes:
+    lines = head.split(b"\r\n")
+    kept = [lines[0]] + [line for line in lines[1:] if line.partition(b":")[0].strip().lower() not in names]
+    return b"\r\n".join(kept)
