@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -297,8 +298,16 @@ def test_a_killed_tritonserver_is_restarted_on_the_same_ports_with_the_same_key(
 
     killed = served.server_pid()
     key = served.key_file.read_text()
+    host, port = served.http_url.split(":")
+    ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    kept_open = socket.create_connection((host, int(port)), timeout=30)  # an HTTP keep-alive connection
+    kept_open.sendall(ready)
+    assert kept_open.recv(4096).startswith(b"HTTP/1.1 200 ")
     os.kill(killed, signal.SIGKILL)
     line = served.wait_for_line("tritonserver serving again", 120)
+    kept_open.sendall(ready)  # its upstream died with tritonserver: answered, not hung
+    assert kept_open.recv(4096).startswith(b"HTTP/1.1 502 "), "a request on a connection opened before the restart"
+    kept_open.close()
     crash = served.wait_for_line("exited unexpectedly (signal 9)", 1)
     kept_log = Path(crash.split("(log ")[1].split(")")[0])
     assert kept_log.is_file() and "restart 1" in line

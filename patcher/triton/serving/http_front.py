@@ -106,10 +106,12 @@ class _Relay:
 
     def __init__(self, client: socket.socket) -> None:
         self.client: socket.socket | None = client
+        self.started = False  # a byte of the answer has gone out (an error can no longer be answered)
 
     def send(self, data: bytes) -> None:
         if self.client is None:
             return
+        self.started = True
         try:
             self.client.sendall(data)
         except OSError:
@@ -272,10 +274,17 @@ class HttpFront:
         try:
             if b"100-continue" in headers.get(b"expect", b"").lower():
                 client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            upstream.sendall(_without(head, HOP_BY_HOP))
-            _copy(reader, upstream, length)
-            self.forwarded += 1
-            keep = _forward_response(upstream_reader, _Relay(client), method)
+            relay = _Relay(client)
+            try:
+                upstream.sendall(_without(head, HOP_BY_HOP))
+                _copy(reader, upstream, length)
+                self.forwarded += 1
+                keep = _forward_response(upstream_reader, relay, method)
+            except (ConnectionError, BrokenPipeError) as error:
+                if relay.started:
+                    raise
+                raise _Refused(502, f"tritonserver closed the connection ({error}; restarting?): "
+                                    "try again shortly") from None
         finally:
             self.budget.give(length)
         client_closes = b"close" in headers.get(b"connection", b"").lower() or (
