@@ -22,7 +22,7 @@ from patcher.base.errors import PatcherError
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, WAIT_S, ByteBudget
 
 MAX_HEAD_BYTES = 64 << 10
-MAX_CONNECTIONS = 128
+MAX_CONNECTIONS = 1024  # two file descriptors each; `patcher serve` raises its open-file limit to 4096
 IDLE_S = 60.0  # a client connection with no new request (or a stalled one) for this long is closed
 CHUNK_BYTES = 1 << 20
 HOP_BY_HOP = (b"expect",)  # answered by the front itself; never forwarded
@@ -209,7 +209,10 @@ class HttpFront:
             try:
                 client, _ = listener.accept()
             except OSError:
-                return
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.1)  # e.g. out of file descriptors: the connections being served free some
+                continue
             with self._lock:
                 full = len(self._connections) >= self.max_connections
                 if not full:
