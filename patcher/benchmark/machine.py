@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from patcher.runs.manifest import library_versions
+from patcher.base.versions import library_versions
 
 
 def _cpuinfo() -> tuple[str, int | None]:

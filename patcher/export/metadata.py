@@ -11,8 +11,9 @@ import onnx
 
 from patcher import __version__
 from patcher.base.records import to_json
+from patcher.base.versions import versions
 from patcher.export.contract import EMBEDDING_OUTPUT, EXPORT_FORMAT, INPUT_NAME, ExportedTask, logits_output
-from patcher.runs.manifest import Run, versions
+from patcher.runs.manifest import Run
 
 METADATA_PREFIX = "patcher."
 EXPORTER = "torch.onnx.export (TorchScript, dynamo=False)"

@@ -22,13 +22,14 @@ from patcher.base.errors import PatcherError
 from patcher.base.faults import naming
 from patcher.base.files import sha256_file
 from patcher.base.records import to_json
+from patcher.base.versions import versions
 from patcher.export.contract import TEXT_INPUT, TEXT_OUTPUT, TokenizerSpec
 from patcher.export.metadata import METADATA_PREFIX
 from patcher.export.tokenizer import VOCABULARY_FILE, ClipTokenizer
 from patcher.export.trace import BATCH_DIM, TRACE_BATCH, mha_fastpath_disabled
 from patcher.models import LoadedModel, build_from_config, load_clip
 from patcher.runs.layout import VISUAL_PREFIX
-from patcher.runs.manifest import Run, versions
+from patcher.runs.manifest import Run
 
 NO_TEXT = "--no-text exports the image graphs only"
 CLEANINGS = {"_clean_lower": "lower", "_clean_whitespace": "whitespace", "_clean_canonicalize": "canonicalize"}

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from patcher import __version__
 from patcher.base.errors import PatcherError
 from patcher.base.files import FileRecord, read_json_record, sha256_file, write_json
 from patcher.base.records import OMIT_NONE, RecordError, from_json, to_json
@@ -305,24 +303,6 @@ class Manifest:
     def alpha_of(self, kind: str) -> float:
         """The interpolation weight of a stored model: 0 for zero-shot, 1 fine-tuned, the chosen alpha patched."""
         return {"zeroshot": 0.0, "finetuned": 1.0}.get(kind, float(self.alpha.chosen))
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour a result depends on."""
-    import importlib.metadata as metadata
-
-    versions = {"python": sys.version.split()[0]}
-    for package in ("patcher", "torch", "open_clip_torch", "numpy", "onnx", "onnxruntime", "tritonclient"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def versions() -> dict[str, str]:
-    """Library versions and patcher's."""
-    return {**library_versions(), "patcher": __version__}
 
 
 def options_sha256(fingerprint: Mapping[str, Any]) -> str:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def alpha_curve_plot(
@@ -37,12 +42,7 @@ def alpha_curve_plot(
     axes.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
     axes.set_ylabel("held-out accuracy (%)")
     axes.set_xlim(-0.02, 1.02)
-    axes.grid(alpha=0.3)
-    axes.legend(loc="best", fontsize=8)
-    axes.set_title(title or "accuracy against alpha")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _finish(figure, axes, path, title or "accuracy against alpha", legend_size=8)
 
 
 def wiseft_plot(
@@ -77,9 +77,14 @@ def wiseft_plot(
     patch = patch_tasks[0] if len(patch_tasks) == 1 else f"mean of {', '.join(patch_tasks)}"
     axes.set_xlabel(f"{patch}: held-out accuracy (%)")
     axes.set_ylabel("other task: held-out accuracy (%)")
+    _finish(figure, axes, path, title or "patch task against the others over alpha", legend_size=7)
+
+
+def _finish(figure: Figure, axes: Axes, path: Path, title: str, legend_size: int) -> None:
+    """Grid, legend and title, then the PNG written and the figure closed."""
     axes.grid(alpha=0.3)
-    axes.legend(loc="best", fontsize=7)
-    axes.set_title(title or "patch task against the others over alpha")
+    axes.legend(loc="best", fontsize=legend_size)
+    axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -23,6 +23,7 @@ from patcher.base.files import FileRecord, now_iso, sha256_file
 from patcher.base.locks import check_output_name, output_lock
 from patcher.base.progress import console, make_progress
 from patcher.base.staging import clean_stale, staged_output
+from patcher.base.versions import versions
 from patcher.data.tasks.checks import skipping_bad_images
 from patcher.export.contract import (
     EXPORT_FORMAT,
@@ -64,7 +65,7 @@ from patcher.export.trace import check_opset, export_onnx, save_onnx
 from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16, to_int8
 from patcher.export.verify import thresholds, verify_model
 from patcher.runs.layout import EXPORT_DIR, EXPORTED_KINDS
-from patcher.runs.manifest import Run, TrainingRecord, load_run, versions
+from patcher.runs.manifest import Run, TrainingRecord, load_run
 from patcher.runs.weights import verified_config, verified_weights
 
 IMAGES_PER_TASK = 256

@@ -18,6 +18,7 @@ from typing import Any
 
 from patcher.base.files import now_iso, write_json
 from patcher.base.tensorfile import save_tensors
+from patcher.base.versions import versions
 from patcher.data.metrics import Scores
 from patcher.models.heads import HeadResolver
 from patcher.models.state import TEXT_PREFIX, State, classifier_state, has_text, part
@@ -45,7 +46,6 @@ from patcher.runs.manifest import (
     TextTower,
     TrainingRecord,
     files_record,
-    versions,
     write_manifest,
 )
 from patcher.runs.per_class import PER_CLASS_FORMAT, AlphaPerClass, PerClassRecord, TaskPerClass, write_per_class

@@ -30,6 +30,7 @@ from patcher.base.errors import PatcherError
 from patcher.base.files import FileRecord, append_json_line, now_iso, trim_json_lines, write_json
 from patcher.base.records import to_json
 from patcher.base.staging import Resume, Staging, resumable_path, staged_output
+from patcher.base.versions import versions
 from patcher.data.evaluation import predict
 from patcher.data.image_store import StoreItems, build_store
 from patcher.data.loading import TrainSplit
@@ -40,7 +41,6 @@ from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.heads import build_head
 from patcher.models.loading import CONFIG_FILENAME
 from patcher.runs.layout import CHECKPOINTS, TRAIN_LOG
-from patcher.runs.manifest import versions
 from patcher.training.config import TrainConfig
 from patcher.training.loop import checkpoint_step, pick_device, train
 from patcher.training.losses import MAX_LOGIT_SCALE, class_contrastive_loss
