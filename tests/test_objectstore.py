@@ -23,7 +23,9 @@ from patcher.triton.repository.publish import JOURNAL
 from patcher.triton.repository.s3 import Bucket, Digest, parse_location
 from patcher.triton.repository.stores import open_store
 
-KILL_FRACTIONS = (0.0, 0.35, 0.7, 1.05)  # of an uninterrupted upload's time, from when its intent appears
+# Of an uninterrupted upload's time, from when its intent appears; None: after the run ended, however long a loaded
+# machine made it take (a timed spread alone left every kill 'uploading' in one CI run).
+KILL_FRACTIONS = (0.0, 0.35, 0.7, None)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,10 @@ def test_s3_publish_serve_and_killed_uploads(endpoint: str, tiny_export: Path, t
             child = cli.start("triton", str(export), "--repo", repo)
             wait_for(lambda c=child: text(endpoint, prefix + INTENT) is not None or c.poll() is not None, 120,
                      interval=0.005)
-            time.sleep(duration * fraction)
+            if fraction is None:
+                wait_for(lambda c=child: c.poll() is not None, 300)
+            else:
+                time.sleep(duration * fraction)
             child.kill9()
             seen.append(state(endpoint, prefix, serial))
             assert_pinned_versions_complete(endpoint, prefix, models, reference)
