@@ -237,10 +237,10 @@ def _json_pixels(shape: list[int]) -> bytes:
 
 def test_the_http_front_refuses_a_body_over_the_bound_unread_and_one_of_unknown_length(served: Served) -> None:
     head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-    started = time.monotonic()
-    refused = _raw_http(served, head + b"Content-Length: 4000000000\r\n\r\n")  # 4 GB announced, none sent
+    # 4 GB announced and none sent: an answer at all means the front judged the head alone (one that waited for the
+    # body would leave the read to time out empty), so no clock is needed to show it.
+    refused = _raw_http(served, head + b"Content-Length: 4000000000\r\n\r\n")
     assert refused.startswith(b"HTTP/1.1 413 ") and b"4000000000 bytes is larger than" in refused, refused[:300]
-    assert time.monotonic() - started < 10  # answered from the head, not after a body
     chunked = _raw_http(served, head + b"Transfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n")
     assert chunked.startswith(b"HTTP/1.1 411 ") and b"Content-Length" in chunked, chunked[:300]
     garbage = _raw_http(served, b"\x16\x03\x01 not http at all\r\n\r\n")  # e.g. TLS spoken to a plain port
