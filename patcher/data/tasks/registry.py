@@ -24,6 +24,7 @@ from patcher.data.tasks.imagenet_shifts import (
 from patcher.data.tasks.kitti import load_kitti
 from patcher.data.tasks.objectnet_classes import OBJECTNET
 from patcher.data.tasks.printed_digits import load_printed_digits
+from patcher.data.tasks.rendered.catalog import RENDERED_TASKS
 from patcher.data.tasks.task import TEST_ONLY, HeadColumns, Loader, Task
 from patcher.data.tasks.typographic_digits import load_typographic_digits
 
@@ -80,6 +81,7 @@ _TASKS: dict[str, Callable[[], Task]] = {
     "digits": lambda: Task("digits", names.DIGITS, prompts.DIGITS, load_digits, parts=DIGITS_PARTS),
     "printed-digits": lambda: Task("printed-digits", names.DIGITS, prompts.PRINTED_DIGITS, load_printed_digits),
     "typographic-digits": lambda: Task("typographic-digits", names.DIGITS, prompts.DIGITS, load_typographic_digits),
+    **RENDERED_TASKS,
 }
 
 
