@@ -37,7 +37,7 @@ def test_output_loads_through_the_ordinary_model_loader(small_pretrained: Path):
     assert loaded.weights_sha256 != state_dict_digest(load_clip("patcher-tiny").model.state_dict())  # not random
     assert loaded.pretrained is None and loaded.model_cfg["vision_cfg"]["patch_size"] == 7
     record = json.loads((small_pretrained / RECORD_FILENAME).read_text())
-    assert set(record["files"]) == {WEIGHTS_FILENAME, "open_clip_config.json"}
+    assert set(record["files"]) == {WEIGHTS_FILENAME, "open_clip_config.json", "weights.safetensors"}
     assert all(sha256_file(small_pretrained / name) == entry["sha256"] for name, entry in record["files"].items())
     assert not (small_pretrained / "checkpoints").exists()
 

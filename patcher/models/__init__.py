@@ -1,11 +1,7 @@
 """open_clip model loading: names, pretrained tags, local checkpoints and `local-dir:` folders."""
 
-from patcher.models.loading import (
-    LoadedModel,
-    build_from_config,
-    load_clip,
-    state_dict_digest,
-)
+from patcher.models.loading import LoadedModel, build_from_config, load_clip
+from patcher.models.state import state_dict_digest
 
 __all__ = [
     "LoadedModel",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -19,10 +18,13 @@ import torch
 
 from patcher.base.compat import import_open_clip
 from patcher.base.errors import PatcherError
+from patcher.models.reference import REFERENCE_NAME, load_reference_weights, provenance
+from patcher.models.state import state_dict_digest
 
 open_clip = import_open_clip()
 
-# small offline CLIPs: patcher-tiny (28 px), patcher-tiny-p32 (224 px, patch 32), patcher-mini (28 px)
+# small offline CLIPs: patcher-tiny (28 px), patcher-tiny-p32 (224 px, patch 32), patcher-mini (28 px), patcher-base
+# (28 px, the shipped reference model's architecture)
 open_clip.add_model_config(Path(__file__).parent / "configs")
 
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -50,16 +52,6 @@ class LoadedModel:
     def open_clip_config(self) -> dict[str, Any]:
         """The `open_clip_config.json` content that `local-dir:` loading reads back."""
         return {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg}
-
-
-def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over a state dict's names, dtypes, shapes and bytes, in sorted key order."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -159,7 +151,10 @@ def load_clip(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Load an open_clip model by name and tag, checkpoint file, or `local-dir:DIR`; weights random if none."""
+    """Load an open_clip model by name and tag, checkpoint file, or `local-dir:DIR`; weights random if none.
+    `patcher-reference` is the shipped reference model."""
+    if name == REFERENCE_NAME:
+        return _load_reference(pretrained, image_size, device)
     if name.startswith(LOCAL_DIR_PREFIX):
         pretrained = None  # the folder carries its own weights
     model_cfg = _model_config(name, image_size)
@@ -188,6 +183,24 @@ def load_clip(
         preprocess_cfg=preprocess_cfg,
         weights_sha256=state_dict_digest(model.state_dict()),
     )
+
+
+def _load_reference(pretrained: str | None, image_size: int | None, device: str | torch.device) -> LoadedModel:
+    """The shipped reference model: its architecture's config, its committed weights, its regenerated token table."""
+    record = provenance()
+    architecture = record["architecture"]
+    model_cfg = _model_config(architecture, None)
+    if pretrained is not None or (image_size is not None and image_size != model_cfg["vision_cfg"]["image_size"]):
+        raise PatcherError(f"{REFERENCE_NAME} has its own weights and image size "
+                           f"({model_cfg['vision_cfg']['image_size']} px): drop --pretrained and --image-size")
+    with _random_init_expected():
+        model = open_clip.create_model(architecture, device="cpu")
+    digest = load_reference_weights(model)
+    model.to(device).eval()
+    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    preprocess_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()}
+    return LoadedModel(model=model, tokenizer=open_clip.get_tokenizer(architecture), name=REFERENCE_NAME,
+                       pretrained=None, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, weights_sha256=digest)
 
 
 def _load_failure(name: str, pretrained: str | None, error: Exception) -> PatcherError | None:

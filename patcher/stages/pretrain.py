@@ -31,15 +31,21 @@ from patcher.base.files import FileRecord, append_json_line, now_iso, trim_json_
 from patcher.base.records import to_json
 from patcher.base.staging import Resume, Staging, resumable_path, staged_output
 from patcher.base.versions import versions
+from patcher.benchmark.machine import machine_info
 from patcher.data.evaluation import predict
 from patcher.data.image_store import StoreItems, build_store
 from patcher.data.loading import TrainSplit
 from patcher.data.tasks import Task, get_task
+from patcher.data.tasks.suites import suite_tasks
+from patcher.data.tasks.views import RecolouredView
 from patcher.data.transforms import Normalize
 from patcher.models import load_clip
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.heads import build_head
 from patcher.models.loading import CONFIG_FILENAME
+from patcher.models.reference import TOKEN_TABLE, round_to_stored, token_table, write_shipped
+from patcher.models.reference import WEIGHTS_FILE as SHIPPED_WEIGHTS
+from patcher.models.state import state_dict_digest
 from patcher.runs.layout import CHECKPOINTS, TRAIN_LOG
 from patcher.training.config import TrainConfig
 from patcher.training.loop import checkpoint_step, pick_device, train
@@ -61,27 +67,34 @@ class Source:
     split: str
     classes: list[int] | None = None
     weight: float = 1.0
+    recolour: float = 0.0  # share of images drawn in two random colours (RecolouredView)
+
+# The reference model's pretraining data: each suite task's class names, shown in a clean domain.
+REFERENCE_SOURCES = (
+    Source("fashion-mnist", "train", None, 1.0, recolour=0.3),
+    Source("printed-digits", "train", None, 1.0, recolour=0.5),
+    Source("printed-letters", "train", None, 1.5, recolour=0.5),
+    Source("shapes", "train", None, 1.0, recolour=0.5),
+    Source("textures", "train", None, 1.0, recolour=0.5),
+    Source("dice", "train", None, 0.8, recolour=0.5),
+)
 
 
 @dataclass
 class PretrainOptions:
     """What `patcher pretrain` takes; the defaults are the offline reference model."""
 
-    sources: list[Source] = field(
-        default_factory=lambda: [
-            Source("fashion-mnist", "train", None, 0.5),
-            Source("printed-digits", "train", None, 0.5),
-        ]
-    )
-    model: str = "patcher-mini"
+    sources: list[Source] = field(default_factory=lambda: list(REFERENCE_SOURCES))
+    model: str = "patcher-base"
     image_size: int | None = None
     objective: str = "classes"  # or "instances": CLIP's loss, one positive caption per image
     freeze_token_embedding: bool = True  # the text tower sees a few dozen words; their table is most of the weights
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50, checkpoint_every=100
+            steps=1500, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50, checkpoint_every=250
         )
     )
+    evaluate: tuple[str, ...] | None = None  # zero-shot table besides the sources (default: the suite, or digits)
     device: str = "auto"
     data_dir: Path | None = None
     download: bool = False
@@ -89,17 +102,35 @@ class PretrainOptions:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        if self.evaluate is None:  # the reference model's record shows the suite; a small variant's, digits
+            self.evaluate = suite_tasks("mini-8") if tuple(self.sources) == REFERENCE_SOURCES else ("digits",)
         if self.objective not in OBJECTIVES:
             raise PatcherError(f"unknown pretraining objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that determine the weights."""
         data = asdict(self)
-        for key in ("device", "data_dir", "download", "out", "resume"):
+        for key in ("device", "data_dir", "download", "out", "resume", "evaluate"):
             data.pop(key)
         for key in ("checkpoint_every", "log_every"):
             data["train"].pop(key)
         return json.loads(json.dumps(data, default=str))
+
+
+    def command(self) -> str:
+        """The `patcher pretrain` command line that gives these options' weights."""
+        defaults, given = PretrainOptions(), self.fingerprint()
+        words = ["patcher pretrain"]
+        if given["model"] != defaults.model:
+            words.append(f"--model {given['model']}")
+        if given["objective"] != defaults.objective:
+            words.append(f"--objective {given['objective']}")
+        for key in ("steps", "batch_size", "lr", "warmup_steps", "seed"):
+            if given["train"][key] != getattr(defaults.train, key):
+                words.append(f"--{key.replace('_', '-')} {given['train'][key]}")
+        if given["sources"] != defaults.fingerprint()["sources"]:
+            words.append("(sources: " + ", ".join(f"{s['task']}/{s['split']}" for s in given["sources"]) + ")")
+        return " ".join(words)
 
 
 def reference_dir(options: PretrainOptions) -> Path:
@@ -121,6 +152,8 @@ def _captioned(task: Task, source: Source, loaded: Any, options: PretrainOptions
         dataset = Subset(dataset, keep)
     if len(dataset) == 0:
         raise PatcherError(f"{task.name}/{source.split} has no images of classes {source.classes}")
+    if source.recolour > 0:
+        dataset = RecolouredView(dataset, source.recolour, seed=options.train.seed)
     store, _ = build_store(dataset, loaded.preprocess_cfg, f"decoding {task.name}/{source.split}", in_memory=True)
     captions = [[template.format(name) for template in task.templates] for name in task.classnames]
     tokens = torch.stack([loaded.tokenizer(per_class) for per_class in captions])
@@ -146,8 +179,11 @@ def _pretrain_into(options: PretrainOptions, output: Staging, device: str, start
     torch.manual_seed(options.train.seed)
     loaded = load_clip(options.model, None, options.image_size, device=device)
     model = loaded.model
-    if options.freeze_token_embedding:
-        model.token_embedding.weight.requires_grad_(False)
+    if options.freeze_token_embedding:  # frozen, so regenerated from its seed instead of stored
+        table = model.token_embedding.weight
+        with torch.no_grad():
+            table.copy_(token_table(table.shape[0], table.shape[1], options.train.seed).to(table.device))
+        table.requires_grad_(False)
 
     sources = [_captioned(get_task(s.task), s, loaded, options) for s in options.sources]
     staging = output.open()  # after the data is found
@@ -171,26 +207,60 @@ def _pretrain_into(options: PretrainOptions, output: Staging, device: str, start
         mixture.close()
     train_seconds = time.perf_counter() - tick
 
-    model.eval()
+    model.eval().cpu()
+    if options.freeze_token_embedding:
+        round_to_stored(model)  # what is evaluated and recorded is what the shipped file holds
+        write_shipped(model, staging)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(staging / WEIGHTS_FILENAME), metadata={"format": "pt"})
     (staging / CONFIG_FILENAME).write_text(json.dumps(loaded.open_clip_config(), indent=2) + "\n")
-    evaluated = tuple(dict.fromkeys([*(source.task for source in options.sources), "digits"]))
+    evaluated = tuple(dict.fromkeys([*(source.task for source in options.sources), *(options.evaluate or ())]))
     evaluation = zero_shot_report(f"local-dir:{staging}", options.data_dir, device, evaluated)
+    shipped = [name for name in (SHIPPED_WEIGHTS,) if (staging / name).is_file()]
     record = {
-        "format": "patcher-pretrain/1",
+        "format": "patcher-pretrain/2",
         "created": now_iso(),
+        "command": options.command(),
+        "commit": source_commit(),
+        "architecture": options.model,
         "options": options.fingerprint(),
         "device": device,
+        "machine": machine_info(),
         "per_batch": dict(zip([f"{s.task}/{s.split}" for s in options.sources], per_batch, strict=True)),
         "images": {name: len(data.split) for name, data in zip(names, sources, strict=True)},
+        "token_table": _token_table_record(model, options),
+        "state_sha256": state_dict_digest(state),
         "zero_shot": evaluation,
-        "files": {name: to_json(FileRecord.of(staging / name)) for name in (WEIGHTS_FILENAME, CONFIG_FILENAME)},
+        "files": {name: to_json(FileRecord.of(staging / name))
+                  for name in (WEIGHTS_FILENAME, CONFIG_FILENAME, *shipped)},
         "versions": versions(),
         "timings_s": {"train": round(train_seconds, 2), "total": round(time.perf_counter() - started, 2)},
     }
     write_json(staging / RECORD_FILENAME, record)
     return out
+
+
+def _token_table_record(model: Any, options: PretrainOptions) -> dict[str, Any] | None:
+    if not options.freeze_token_embedding:
+        return None
+    vocab_size, width = model.state_dict()[TOKEN_TABLE].shape
+    return {"vocab_size": int(vocab_size), "width": int(width), "seed": options.train.seed,
+            "rule": "patcher.models.reference.token_table"}
+
+
+def source_commit() -> str | None:
+    """The git commit of the code that ran, with "+dirty" when the tree had changes; None outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
 
 
 def _scaled_features(model: Any, batch: MixedBatch, captions: list[torch.Tensor],
