@@ -9,7 +9,7 @@
 3. PAINT's broad transfer: handwritten digits 0-4 patched while digits 5-9 (disjoint classes) are monitored, and
    the other way round.
 
-    .venv/bin/python bench/case_studies.py                  # the cached reference model, seeds 0 1 2
+    .venv/bin/python bench/case_studies.py                  # the shipped reference model, seeds 0 1 2
     .venv/bin/python bench/case_studies.py --seeds 0 --model local-dir:DIR
 
 Every build uses the demo's settings (300 steps of 64, lr 1e-4, no augmentation) and the grid search (all 11
@@ -51,7 +51,6 @@ from patcher.runs.plots import alpha_curve_plot, wiseft_plot
 from patcher.runs.weights import verified_config, verified_weights
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.demo import DemoOptions
-from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, reference_dir
 
 KINDS = ("zeroshot", "finetuned", "patched")
 DEMO = DemoOptions()
@@ -317,26 +316,23 @@ def markdown(results: dict[str, Any], model: str, seeds: list[int], machine: dic
 def main() -> None:
     """Run the three cases and write the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="open_clip model (default: the cached reference mini CLIP)")
+    parser.add_argument("--model", default="patcher-reference", help="open_clip model (default: the shipped one)")
+    parser.add_argument("--cases", default="typographic,shift,transfer", help="which cases to run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/case-studies"))
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
     parser.add_argument("--no-sweep", action="store_true", help="skip the other typographic fine-tunes (12 builds)")
     args = parser.parse_args()
     model = args.model
-    if model is None:
-        folder = reference_dir(PretrainOptions())
-        if not (folder / RECORD_FILENAME).is_file():
-            raise SystemExit(f"no reference mini CLIP at {folder}: run `patcher pretrain` first, or pass --model")
-        model = f"local-dir:{folder}"
     started = time.perf_counter()
     machine = {**machine_info(), "created": now_iso()}
     runs_dir = args.runs_dir.resolve()
     data_dir = runs_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    results = {"typographic": typographic(model, args.seeds, runs_dir, not args.no_sweep),
-               "shift": shift(model, args.seeds, runs_dir, data_dir),
-               "transfer": transfer(model, args.seeds, runs_dir, data_dir)}
+    cases = {"typographic": lambda: typographic(model, args.seeds, runs_dir, not args.no_sweep),
+             "shift": lambda: shift(model, args.seeds, runs_dir, data_dir),
+             "transfer": lambda: transfer(model, args.seeds, runs_dir, data_dir)}
+    results = {name: cases[name]() for name in args.cases.split(",")}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     figures(results, args.results_dir)
     write_json(args.results_dir / "case-studies.json",

@@ -38,7 +38,6 @@ from patcher.runs.manifest import Run, load_run
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.demo import DemoOptions
 from patcher.stages.merge import MergeOptions, merge_runs
-from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, reference_dir
 from patcher.training.config import TrainConfig
 from patcher.training.methods import METHODS
 
@@ -219,18 +218,13 @@ def _same(first: dict[str, dict[str, float]], second: dict[str, dict[str, float]
 def main() -> None:
     """Run the scenario and write the four result files."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="open_clip model (default: the cached reference mini CLIP)")
+    parser.add_argument("--model", default="patcher-reference", help="open_clip model (default: the shipped one)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--multi-methods", nargs="+", default=["ft", "flyp"], help="methods for the multi-task part")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-methods"))
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     model = args.model
-    if model is None:
-        folder = reference_dir(PretrainOptions())
-        if not (folder / RECORD_FILENAME).is_file():
-            raise SystemExit(f"no reference mini CLIP at {folder}: run `patcher pretrain` first, or pass --model")
-        model = f"local-dir:{folder}"
     started = time.perf_counter()
     machine = {**machine_info(), "created": now_iso()}
     runs_dir = args.runs_dir.resolve()

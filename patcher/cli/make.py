@@ -167,7 +167,7 @@ REFERENCE_DEFAULT = "default: the reference model's"
 
 @command
 def pretrain(
-    model: Annotated[str, typer.Option(help="open_clip config to train from scratch.")] = "patcher-mini",
+    model: Annotated[str, typer.Option(help="open_clip config to train from scratch.")] = "patcher-base",
     steps: Annotated[int | None, typer.Option(help=f"Training steps ({REFERENCE_DEFAULT}).")] = None,
     batch_size: Annotated[int | None, typer.Option(help=f"Images per batch ({REFERENCE_DEFAULT}).")] = None,
     lr: Annotated[float | None, typer.Option(help=f"Peak learning rate, AdamW ({REFERENCE_DEFAULT}).")] = None,
@@ -182,8 +182,10 @@ def pretrain(
     download: Download = False,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the reference-model cache).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted pretraining.")] = False,
+    ship: Annotated[bool, typer.Option(
+        help="Make the result the shipped reference model (patcher/models/reference/, committed in git).")] = False,
 ) -> None:
-    """Train the offline reference mini CLIP (contrastive, on captioned images); print its folder."""
+    """Train the offline reference CLIP (contrastive, on captioned images); print its folder."""
     import json
     from dataclasses import replace
 
@@ -211,11 +213,23 @@ def pretrain(
         typer.echo(f"zero-shot {task}: {result['accuracy']:.2f}% (chance {result['chance']:.2f}%)")
     typer.echo(f"model: {path}")
     typer.echo(f"use it with: --model local-dir:{path}")
+    if ship:
+        from patcher.models.reference import ship as ship_reference
+
+        typer.echo(f"shipped as patcher-reference: {ship_reference(path)} (commit it)")
 
 
 @command
-def show(run: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
-    """Print a run's summary table."""
+def show(run: Annotated[Path, typer.Argument(help="A run directory, or patcher-reference.")]) -> None:
+    """Print a run's summary table, or the shipped reference model's provenance."""
+    from patcher.models.reference import REFERENCE_NAME
+
+    if str(run) == REFERENCE_NAME and not run.exists():
+        from patcher.models.reference import REFERENCE_DIR, model_card, provenance
+
+        typer.echo(model_card(provenance()).rstrip())
+        typer.echo(f"\nfiles: {REFERENCE_DIR}")
+        return
     print_run(run)
 
 
@@ -223,21 +237,46 @@ def show(run: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
 def demo(
     serve: Annotated[bool, typer.Option(help="Serve with Triton and classify over gRPC.")] = True,
     bench: Annotated[bool, typer.Option(help="Benchmark patched against zero-shot.")] = True,
+    results_dir: Annotated[Path | None, typer.Option(
+        help="Where demo.md and the figures go (default: the run's results/; bench/results refreshes the "
+             "committed ones).")] = None,
 ) -> None:
-    """The offline demo: pretrain (or reuse) the mini CLIP, patch digits protecting Fashion-MNIST, export, serve."""
+    """The offline demo: patch digits on the shipped reference model protecting Fashion-MNIST, export, serve."""
     from patcher.stages.demo import DemoOptions, run_demo
 
-    summary = run_demo(DemoOptions(serve=serve, bench=bench))
-    typer.echo(f"demo finished in {summary['timings_s']['total']:.0f} s; results in bench/results/demo.md")
+    summary = run_demo(DemoOptions(serve=serve, bench=bench, results_dir=results_dir))
+    typer.echo(f"demo finished in {summary['timings_s']['total']:.0f} s; results in {summary['results']}")
 
 
 @command
-def tasks() -> None:
-    """List the registered tasks."""
-    from patcher.data.tasks import known_tasks
+def tasks(
+    suite: Annotated[str | None, typer.Option(help="Only this suite's tasks (mini-8, ...).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list instead of the table.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """List the registered tasks: classes, whether their data is here, their suites."""
+    import json
+    from dataclasses import asdict
 
-    for name in known_tasks():
-        typer.echo(name)
+    from rich.console import Console
+    from rich.table import Table
+
+    from patcher.data.tasks.listing import list_tasks
+    from patcher.data.tasks.suites import suite_tasks
+
+    if suite is not None:
+        suite_tasks(suite)  # an unknown suite is one error line
+    rows = list_tasks(suite, data_dir)
+    if as_json:
+        typer.echo(json.dumps([asdict(row) for row in rows], indent=2))
+        return
+    table = Table(title="registered tasks (also folder:PATH for your own ImageFolder)")
+    for column in ("task", "classes", "data here", "suites"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        shown = ", ".join(row.classnames[:4]) + (", ..." if row.classes > 4 else "")
+        table.add_row(row.name, f"{row.classes}: {shown}", "yes" if row.data_here else "no", ", ".join(row.suites))
+    Console().print(table)
 
 
 @command

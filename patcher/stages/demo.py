@@ -1,9 +1,11 @@
-"""The offline demo: PAINT in miniature on real images, from pretraining to gRPC answers and a benchmark.
+"""The offline demo: PAINT in miniature on real images, from the shipped model to gRPC answers and a benchmark.
 
-The reference mini CLIP (`patcher pretrain`'s defaults) knows the names of the ten digits from printed digits
-and has never seen handwriting; the demo patches scikit-learn's handwritten digits with PAINT's `ft` while
-Fashion-MNIST, which the model already classifies, is protected; then it exports the run, writes a Triton
-repository, serves it with the real tritonserver, classifies test images over gRPC and benchmarks briefly.
+The shipped reference CLIP (`patcher-reference`, committed in the repository) knows the names of the ten digits
+from printed digits and has never seen handwriting; the demo patches scikit-learn's handwritten digits with
+PAINT's `ft` while Fashion-MNIST, which the model already classifies, is protected; then it exports the run,
+writes a Triton repository, serves it with the real tritonserver, classifies test images over gRPC and
+benchmarks briefly. Everything it writes goes under its run folder (results/ there), unless results_dir says
+where else (`patcher demo --results-dir bench/results` refreshes the committed figures).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from patcher.base.records import to_json
 from patcher.benchmark.machine import machine_info
 from patcher.benchmark.sweep import SweepOptions
 from patcher.data.options import DataOptions
+from patcher.models.reference import REFERENCE_DIR, REFERENCE_NAME, provenance
 from patcher.runs.manifest import Run, load_run
 from patcher.runs.report import accuracy_table, alpha_lines, markdown_table
 from patcher.stages.build import BuildOptions, build
-from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, pretrain, reference_dir
 from patcher.training.config import TrainConfig
 
 console = Console()
@@ -37,7 +39,7 @@ class DemoOptions:
     """Where the demo writes, how it fine-tunes, and how much of the pipeline it runs."""
 
     runs_dir: Path = Path("runs")
-    results_dir: Path = Path("bench/results")
+    results_dir: Path | None = None  # default: the run folder's results/
     serve: bool = True
     bench: bool = True
     samples: int = 20  # test images classified over gRPC
@@ -50,34 +52,25 @@ class DemoOptions:
         concurrency=(1, 4), batch_sizes=(1, 16), duration_s=1.5, max_requests=2000, rounds=2))
 
 
-def reference_model() -> Path:
-    """The cached offline reference mini CLIP, pretrained now if it is not there yet."""
-    options = PretrainOptions()
-    folder = reference_dir(options)
-    if (folder / RECORD_FILENAME).is_file():
-        console.print(f"reference mini CLIP: {folder} (cached)")
-        return folder
-    console.print("pretraining the reference mini CLIP (once; cached afterwards)")
-    return pretrain(options)
-
-
 def run_demo(options: DemoOptions) -> dict[str, Any]:
-    """Pretrain (or reuse) the mini CLIP, patch digits protecting Fashion-MNIST, export, serve, classify, bench."""
+    """Patch digits on the shipped reference model protecting Fashion-MNIST, export, serve, classify, bench."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    tick = time.perf_counter()
-    model_dir = reference_model()
-    timings["reference_model"] = time.perf_counter() - tick
-    summary: dict[str, Any] = {"reference_model": json.loads((model_dir / RECORD_FILENAME).read_text())}
+    record = provenance()
+    console.print(f"reference model: {REFERENCE_NAME} ({record['architecture']}, state sha256 "
+                  f"{record['state_sha256'][:12]}, shipped in {REFERENCE_DIR})")
+    summary: dict[str, Any] = {"reference_model": {key: record[key] for key in (
+        "architecture", "command", "commit", "state_sha256", "zero_shot")}}
 
     tick = time.perf_counter()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_path = build(BuildOptions(
-        task="digits", support=["fashion-mnist"], model=f"local-dir:{model_dir}", pretrained=None, alpha="auto",
+        task="digits", support=["fashion-mnist"], model=REFERENCE_NAME, pretrained=None, alpha="auto",
         train_config=options.train_config, data=DataOptions(augment=options.augment),
         out=options.runs_dir / f"demo-digits-{stamp}",
     ))
     assert run_path is not None  # the demo runs on one process
+    results_dir = options.results_dir or run_path / "results"
     run = load_run(run_path)
     timings["build"] = time.perf_counter() - tick
     console.print(accuracy_table(run.manifest))
@@ -106,16 +99,16 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         from patcher.benchmark.runner import bench_run
 
         tick = time.perf_counter()
-        report = bench_run(run_path, options.bench_sweep, out_dir=options.results_dir, name="demo-bench",
+        report = bench_run(run_path, options.bench_sweep, out_dir=results_dir, name="demo-bench",
                            include_image_bytes=False)
-        summary["bench"] = {"targets": report["targets"], "report": str(options.results_dir / "demo-bench.md")}
+        summary["bench"] = {"targets": report["targets"], "report": str(results_dir / "demo-bench.md")}
         timings["bench"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     summary["timings_s"] = {key: round(value, 1) for key, value in timings.items()}
     summary["machine"] = machine_info()
-    _write_results(summary, run, options.results_dir)
-    console.print(f"summary: {options.results_dir / 'demo.md'}; alpha curve: "
-                  f"{options.results_dir / 'demo-alpha-curve.png'}")
+    summary["results"] = str(results_dir / "demo.md")
+    _write_results(summary, run, results_dir)
+    console.print(f"summary: {results_dir / 'demo.md'}; alpha curve: {results_dir / 'demo-alpha-curve.png'}")
     return summary
 
 
@@ -162,7 +155,7 @@ def _write_results(summary: dict[str, Any], run: Run, results_dir: Path) -> None
     write_json(results_dir / "demo.json", summary)
     reference = summary["reference_model"]
     zero_shot = ", ".join(f"{task} {r['accuracy']:.2f}% (chance {r['chance']:.0f}%)"
-                          for task, r in reference["zero_shot"].items())
+                          for task, r in reference["zero_shot"].items() if task in ("digits", "fashion-mnist"))
     machine = summary["machine"]
     lines = [
         "# Demo: PAINT in miniature (offline)",
@@ -170,8 +163,8 @@ def _write_results(summary: dict[str, Any], run: Run, results_dir: Path) -> None
         f"Run {summary['run']['path']} on {machine['cpu']} ({machine['usable_cores']} usable cores, "
         f"{machine['memory_gib']} GiB), {datetime.now():%Y-%m-%d}.",
         "",
-        f"Reference mini CLIP ({reference['options']['model']}, {reference['options']['train']['steps']} steps): "
-        f"zero-shot test accuracy {zero_shot}",
+        f"Shipped reference model `patcher-reference` ({reference['architecture']}, state sha256 "
+        f"{reference['state_sha256'][:12]}): zero-shot test accuracy {zero_shot}",
         "",
         "Test accuracy (%):",
         "",
