@@ -103,7 +103,7 @@ def folder_task(root: Path, name: str, classes: list[int], shift: Callable[[Imag
             folder = staging / split / f"{label:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             image.save(folder / f"{number:05d}.png")
-    write_text(staging / "classnames.txt", "".join(f"{c}\n" for c in classes))
+    write_text(staging / "classnames.txt", "".join(f"{c:02d}: {c}\n" for c in classes))  # folder: class name
     write_text(staging / "templates.txt", "".join(f"{t}\n" for t in digits.templates))
     staging.rename(target)
     return f"folder:{target}"

@@ -62,7 +62,8 @@ def make_inverted_digits(root: Path) -> str:
             folder.mkdir(parents=True, exist_ok=True)
             ImageOps.invert(image).save(folder / f"{number:05d}.png")
     (staging / "templates.txt").write_text("\n".join(digits.templates) + "\n")
-    (staging / "classnames.txt").write_text("\n".join(digits.classnames) + "\n")
+    (staging / "classnames.txt").write_text("".join(f"{label:02d}: {name}\n"  # class folder: class name
+                                                    for label, name in enumerate(digits.classnames)))
     staging.rename(root)
     return f"folder:{root}"
 

@@ -37,7 +37,14 @@ def print_run(path: Path) -> None:
 
 @command
 def build(
-    task: Annotated[str, typer.Option(help="Task(s) to patch, comma-separated (see `patcher tasks`), or folder:PATH.")],
+    task: Annotated[str, typer.Option(
+        help="Task(s) to patch, comma-separated (see `patcher tasks`), or your own data: folder:DIR, csv:DIR, "
+             "csv:FILE.csv or wds:DIR (docs/your-data.md).")],
+    task_name: Annotated[str | None, typer.Option(
+        help="Name of your own dataset's task in models and tensors (default: its folder's name).")] = None,
+    csv_img_key: Annotated[str, typer.Option(help="csv: the image path column (as open_clip_train).")] = "filepath",
+    csv_caption_key: Annotated[str, typer.Option(help="csv: the class label column.")] = "label",
+    csv_separator: Annotated[str, typer.Option(help="csv: the column separator.")] = ",",
     support: Annotated[str, typer.Option(
         help="Comma-separated supported tasks to protect, each optionally with its own tolerance in points "
              "(imagenet:0.5,cars:2; a bare name takes --tolerance).")] = "",
@@ -66,12 +73,15 @@ def build(
     epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Global training batch size (default 128).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate, AdamW (default 1e-5; lp 1e-3).")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 0.1; lp 0).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Warmup steps (default 500; lp 0).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", "--wd", help="AdamW weight decay (default 0.1; lp 0).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        "--warmup-steps", "--warmup", help="Warmup steps (default 500; lp 0).")] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Gradient norm clip (default 1.0).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for initialisation, batch order and augmentation.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default 500).")] = None,
     accum_steps: Annotated[int | None, typer.Option(
+        "--accum-steps", "--accum-freq",
         help="Gradient accumulation: each step's --batch-size in K micro-batches (same update, less memory; "
              "FLYP's contrastive loss recomputed among cached features).")] = None,
     grad_checkpointing: Annotated[bool, typer.Option(
@@ -97,10 +107,13 @@ def build(
 ) -> None:
     """Fine-tune on one or more tasks with a method, interpolate with the zero-shot weights and choose alpha."""
     from patcher.data.options import DataOptions
+    from patcher.data.tasks.user_data import named_spec
     from patcher.stages.build import BuildOptions
     from patcher.stages.build import build as run_build
     from patcher.training.methods import train_config
 
+    csv_keys = {"img_key": csv_img_key, "label_key": csv_caption_key, "sep": csv_separator}
+    task = named_spec(task, task_name, csv_keys)
     params = dict(_key_value(item) for item in param or [])
     hyperparameters = train_config(method, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                    warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed,

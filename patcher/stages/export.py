@@ -200,8 +200,9 @@ class Export:
         training = self.run_record.manifest.training
         skip = isinstance(training, TrainingRecord) and training.data.skip_bad_images
         with skipping_bad_images(skip):
+            sources = {name: record.source for name, record in self.run_record.manifest.tasks.items()}
             return load_heldout(self.tasks, self.config["preprocess_cfg"], self.options.images_per_task,
-                                self.options.data_dir)
+                                self.options.data_dir, sources)
 
     def export_models(self, folder: Path, heldout: HeldOut) -> tuple[dict[str, ExportedModel], dict[str, Any],
                                                                       dict[str, int]]:

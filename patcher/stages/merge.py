@@ -22,7 +22,7 @@ from patcher.base.progress import console
 from patcher.base.staging import staged_output
 from patcher.data.loading import prepare_splits
 from patcher.data.options import DataOptions
-from patcher.data.tasks import Task, get_task
+from patcher.data.tasks import Task, task_of
 from patcher.models import LoadedModel, build_from_config, load_clip, state_dict_digest
 from patcher.models.heads import zero_shot_head
 from patcher.models.state import HEAD_PREFIX, TEXT_PREFIX, VISUAL_PREFIX, State, prefixed, split_classifier_state
@@ -113,7 +113,8 @@ def _base_model(runs: list[Run], config: dict[str, Any], needs_text: bool, devic
 def _load_tasks(runs: list[Run], names: list[str]) -> dict[str, Task]:
     tasks = {}
     for name in names:
-        task = get_task(name)
+        sources = [run.manifest.tasks[name].source for run in runs if name in run.manifest.tasks]
+        task = task_of(name, next((source for source in sources if source), None))
         for run in runs:
             recorded = run.manifest.tasks.get(name)
             if recorded is not None and list(recorded.classnames) != list(task.classnames):
