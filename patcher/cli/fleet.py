@@ -19,8 +19,11 @@ def deploy(
     name: Annotated[str, typer.Option(help="Name of the Deployment, Service, ... and InferenceService.")] = (
         "patcher-triton"),
     namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "default",
-    image: Annotated[str, typer.Option(help="Triton image (without tag).")] = TRITON_IMAGE,
+    image: Annotated[str, typer.Option(help="Triton image (without tag) the Dockerfile builds on.")] = TRITON_IMAGE,
     tag: Annotated[str, typer.Option(help="Triton image tag (24.10-py3 is Triton 2.51).")] = TRITON_TAG,
+    serving_image: Annotated[str | None, typer.Option(
+        help="The image the pods run, built from the written Dockerfile (default NAME:TAG); REGISTRY/PATH:TAG "
+             "for a registry your cluster pulls from.")] = None,
     gpus: Annotated[int, typer.Option(help="nvidia.com/gpu per pod (0: CPU only).")] = 1,
     cpu: Annotated[str, typer.Option(help="CPU per pod (requested and limited).")] = "2",
     memory: Annotated[str, typer.Option(help="Memory per pod (requested and limited).")] = "8Gi",
@@ -40,13 +43,17 @@ def deploy(
     overwrite: Annotated[bool, typer.Option(help="Replace manifests already in the folder.")] = False,
 ) -> None:
     """Write Kubernetes manifests serving a repository with NVIDIA's Triton container, and a KServe alternative."""
-    from patcher.deploy.manifests import write_manifests
+    from patcher.deploy.manifests import next_steps, write_manifests
     from patcher.deploy.options import DeployOptions
 
     options = DeployOptions(name, namespace, image, tag, gpus, cpu, memory, replicas, max_replicas, autoscale,
-                            autoscale_target, key_secret, s3_secret, region, pvc, cache_pvc, canary_percent)
+                            autoscale_target, key_secret, s3_secret, region, pvc, cache_pvc, canary_percent,
+                            serving_image)
     for path in write_manifests(repo, kubernetes, options, overwrite=overwrite):
         typer.echo(str(path))
+    typer.echo("next steps:")
+    for number, step in enumerate(next_steps(repo, kubernetes, options), 1):
+        typer.echo(f"  {number}. {step}")
 
 
 @command

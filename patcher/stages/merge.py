@@ -152,7 +152,7 @@ def _task_records(runs: list[Run], tasks: dict[str, Task], patch: list[str], ses
                          if task in run.manifest.tasks and task in run.manifest.patch_tasks), {})
         train = {"train": recorded["train"]} if "train" in recorded else {}
         sizes = {**train, "val": len(session.splits.val[task]), "test": len(session.splits.test[task])}
-        return TaskRecord(role, tasks[task].classnames, tasks[task].templates, sizes)
+        return TaskRecord(role, tasks[task].classnames, tasks[task].templates, sizes, source=tasks[task].source)
 
     return {task: record(task, "patch" if task in patch else "support") for task in tasks}
 
