@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from patcher.cli.app import DataDir, command
+from patcher.cli.app import DataDir, HiddenName, Url, command, served_model
 from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
 
 
@@ -59,8 +59,9 @@ def deploy(
 @command
 def verify(
     run: Annotated[Path, typer.Argument(help="The run directory the server is meant to serve.")],
-    url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
-    name: Annotated[str | None, typer.Option(help="Served entry (default: the run's patch task).")] = None,
+    url: Url = "127.0.0.1:8001",
+    model: Annotated[str | None, typer.Option(help="Served entry (default: the run's patch task).")] = None,
+    name: HiddenName = None,
     tolerance: Annotated[float, typer.Option(help="Accuracy points a task may differ by (at least one image).")] = (
         1.0),
     limit: Annotated[int | None, typer.Option(help="Held-out images per task at most (default all).")] = None,
@@ -72,7 +73,8 @@ def verify(
     differs from the manifest's, or the served classifier is not the run's."""
     from patcher.benchmark.verify import VerifyOptions, verify_served
 
-    report = verify_served(run, url, VerifyOptions(name, tolerance, limit, batch_size, data_dir, export=export))
+    options = VerifyOptions(served_model(model, name), tolerance, limit, batch_size, data_dir, export=export)
+    report = verify_served(run, url, options)
     for task, row in report["tasks"].items():
         typer.echo(f"{task}: served {row['served']:.2f}%, manifest {row['manifest']:.2f}% "
                    f"({row['difference']:+.2f}, allowed {row['allowed']:.2f}; {row['images']} images)")

@@ -15,7 +15,7 @@ from patcher.benchmark.defaults import (
     DEFAULT_DURATION_S,
     DEFAULT_MAX_REQUESTS,
 )
-from patcher.cli.app import DataDir, comma_list, command
+from patcher.cli.app import DataDir, HiddenName, Url, comma_list, command, grpc_address, served_model
 from patcher.export.openvocab import DEFAULT_LIMITS as LABEL_LIMITS
 from patcher.triton.imaging import DEFAULT_LIMITS
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY
@@ -77,7 +77,9 @@ def triton(
     run: Annotated[Path, typer.Argument(help="A run directory (its onnx/ export) or an export directory.")],
     repo: Annotated[str, typer.Option(help="Model repository to write into: a folder or s3://BUCKET/PREFIX "
                                             "(s3://http://HOST:PORT/BUCKET/PREFIX).")] = str(REPOSITORY),
-    name: Annotated[str | None, typer.Option(help="Entry name: letters, digits, _ (default: the patch task).")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Name of the served entry: letters, digits, _ (default: the patch task).")] = None,
+    name: HiddenName = None,
     backend: Annotated[str, typer.Option(help="python (bundled server) or onnxruntime (NVIDIA container).")] = "python",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch the server accepts.")] = 64,
     instances: Annotated[int, typer.Option(help="Model instances per model.")] = 1,
@@ -123,7 +125,8 @@ def triton(
     limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels, "max_aspect": max_aspect_ratio,
               "jpeg_draft": jpeg_draft, "max_request_bytes": max_request_bytes,
               "max_request_pixels": max_request_pixels, "max_server_pixels": max_server_pixels}
-    result = write_repository(export_dir, repo, name=name, backend=backend, max_batch_size=max_batch_size,
+    result = write_repository(export_dir, repo, name=served_model(model, name), backend=backend,
+                              max_batch_size=max_batch_size,
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
                               precision=precision, limits=limits, warmup=warmup,
                               tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
@@ -163,16 +166,17 @@ def serve(
 @command
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, PPM).")],
-    model: Annotated[str | None, typer.Option(help="Served model name (the ensemble, e.g. the patch task).")] = None,
-    url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
+    model: Annotated[str | None, typer.Option(help="Served entry (the ensemble, e.g. the patch task).")] = None,
+    url: Url = "127.0.0.1:8001",
     top_k: Annotated[int, typer.Option(help="Labels per task.")] = 3,
     raw: Annotated[bool, typer.Option(help="Preprocess here and send tensors to <model>_patched.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     key_file: Annotated[Path | None, typer.Option(help="The server's key file (lists its models on a typo).")] = None,
     labels: Annotated[str, typer.Option(help="Comma-separated labels to classify against (open vocabulary).")] = "",
-    templates: Annotated[str | None, typer.Option(help="With --labels: a task's prompt templates, or a file with "
-                                                       "one template per line, each with {}.")] = None,
+    templates: Annotated[str | None, typer.Option(
+        help="With --labels: templates inline ('a photo of a {}.', several joined by |), a file with one per line, "
+             "or a task's.")] = None,
     run: Annotated[Path | None, typer.Option(help="Classify in this process with RUN's export (no server).")] = None,
 ) -> None:
     """Classify image files with a served model over gRPC (or a run's export in process); top-k labels and scores
@@ -221,6 +225,14 @@ def _templates(spec: str | None, known: Callable[[], dict[str, list[str]]]) -> l
 
     if spec is None:
         return None
+    if "{" in spec or "}" in spec:  # inline: "a photo of a {}." or several joined by |
+        inline = [template.strip() for template in spec.split("|")]
+        for template in inline:
+            rest = template.replace("{}", "", 1)
+            if "{}" not in template or "{" in rest or "}" in rest:
+                raise PatcherError(f"--templates: {template!r} needs exactly one {{}} for the label and no other "
+                                   "braces, e.g. 'a photo of a {}.' (several: join them with |)")
+        return inline
     found = resolve_templates(spec, known())
     if found is not None:
         return found
@@ -259,7 +271,7 @@ def embed(
     run: Annotated[Path | None, typer.Option(help="Embed in this process with RUN's export (no server).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write .npy (float32 [N, D]) or .json; default JSON on stdout.")] = (
         None),
-    url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
+    url: Url = "127.0.0.1:8001",
     batch_size: Annotated[int, typer.Option(help="Items per request.")] = 16,
     key_file: Annotated[Path | None, typer.Option(help="The server's key file (lists its models on a typo).")] = None,
 ) -> None:
@@ -306,7 +318,8 @@ def _csv(values: tuple[int, ...]) -> str:
 @command
 def bench(
     run: Annotated[Path | None, typer.Argument(help="A run directory (starts the bundled server itself).")] = None,
-    url: Annotated[str | None, typer.Option(help="Benchmark an already running server instead.")] = None,
+    url: Annotated[str | None, typer.Option(callback=grpc_address, help="Benchmark an already running server "
+                                                                          "instead (HOST:PORT).")] = None,
     models: Annotated[str, typer.Option(help="With --url: comma-separated model names.")] = "",
     concurrency: Annotated[str, typer.Option(help="Concurrent requests to sweep.")] = _csv(DEFAULT_CONCURRENCY),
     batch_sizes: Annotated[str, typer.Option(help="Client batch sizes to sweep.")] = _csv(DEFAULT_BATCH_SIZES),
