@@ -111,6 +111,11 @@ class Client:
     key_file: Path | None = None  # the server's key file (only to list its models on a typo)
     timeout_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        from patcher.triton.client import host_port
+
+        self.url = host_port(self.url)
+
     def classify(self, images: Sequence[str | Path], labels: Sequence[str] | None = None,
                  templates: Sequence[str] | None = None, top_k: int = 3) -> list[dict[str, list[dict]]]:
         """Per image file, the top-k {"label", "score"} of every served task (or of the label set `labels`)."""

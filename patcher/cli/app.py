@@ -30,21 +30,13 @@ DataDir = Annotated[
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-SCHEMES = ("grpc://", "http://", "https://")
 
 
 def grpc_address(text: str | None) -> str | None:
-    """HOST:PORT of a Triton gRPC address given with or without a scheme (`http://host:8001/` -> `host:8001`)."""
-    if text is None:
-        return None
-    address = text.strip()
-    for scheme in SCHEMES:
-        if address.lower().startswith(scheme):
-            address = address[len(scheme):]
-    address = address.rstrip("/")
-    if not address or "/" in address or any(c.isspace() for c in address):
-        raise typer.BadParameter(f"{text!r} is not a gRPC address: HOST:PORT, e.g. 127.0.0.1:8001")
-    return address
+    """--url as HOST:PORT (a scheme such as http:// dropped); PatcherError for anything else."""
+    from patcher.triton.client import host_port
+
+    return None if text is None else host_port(text)
 
 
 Url = Annotated[str, typer.Option(callback=grpc_address,

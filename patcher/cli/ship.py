@@ -192,6 +192,7 @@ def classify(
         raise PatcherError("--templates needs --labels: the baked tasks have their templates already")
     if (model is None) == (run is None):
         raise PatcherError("pass --model NAME (a served model) or --run RUN (in process)")
+    _inline_templates(templates)  # checked before any model loads
     if run is not None:
         results = _classify_in_process(images, run, label_list, templates, top_k)
     elif label_list:
@@ -225,13 +226,8 @@ def _templates(spec: str | None, known: Callable[[], dict[str, list[str]]]) -> l
 
     if spec is None:
         return None
-    if "{" in spec or "}" in spec:  # inline: "a photo of a {}." or several joined by |
-        inline = [template.strip() for template in spec.split("|")]
-        for template in inline:
-            rest = template.replace("{}", "", 1)
-            if "{}" not in template or "{" in rest or "}" in rest:
-                raise PatcherError(f"--templates: {template!r} needs exactly one {{}} for the label and no other "
-                                   "braces, e.g. 'a photo of a {}.' (several: join them with |)")
+    inline = _inline_templates(spec)
+    if inline is not None:
         return inline
     found = resolve_templates(spec, known())
     if found is not None:
@@ -243,6 +239,19 @@ def _templates(spec: str | None, known: Callable[[], dict[str, list[str]]]) -> l
     except PatcherError:
         raise PatcherError(f"--templates {spec!r} is neither a file nor a known task: pass a file with one "
                            "template per line (each with {}) or a task name (`patcher tasks`)") from None
+
+
+def _inline_templates(spec: str | None) -> list[str] | None:
+    """--templates given inline ("a photo of a {}.", several joined by |), checked; None for a file or task name."""
+    if spec is None or ("{" not in spec and "}" not in spec):
+        return None
+    inline = [template.strip() for template in spec.split("|")]
+    for template in inline:
+        rest = template.replace("{}", "", 1)
+        if "{}" not in template or "{" in rest or "}" in rest:
+            raise PatcherError(f"--templates: {template!r} needs exactly one {{}} for the label and no other "
+                               "braces, e.g. 'a photo of a {}.' (several: join them with |)")
+    return inline
 
 
 def _classify_in_process(images: list[Path], run: Path, labels: list[str], templates: str | None,

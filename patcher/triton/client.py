@@ -39,9 +39,25 @@ def _grpc():
     return grpcclient, InferenceServerException
 
 
+SCHEMES = ("grpc://", "http://", "https://")
+
+
+def host_port(url: str) -> str:
+    """HOST:PORT of a Triton gRPC address given with or without a scheme (`http://host:8001/` -> `host:8001`)."""
+    address = url.strip()
+    for scheme in SCHEMES:
+        if address.lower().startswith(scheme):
+            address = address[len(scheme):]
+    address = address.rstrip("/")
+    if not address or "/" in address or any(c.isspace() for c in address):
+        raise PatcherError(f"{url!r} is not a gRPC address: HOST:PORT, e.g. 127.0.0.1:8001")
+    return address
+
+
 def connect(url: str, timeout_s: float = 30) -> Any:
     """A gRPC client for a live server; PatcherError naming the URL if nothing answers there."""
     grpcclient, InferenceServerException = _grpc()
+    url = host_port(url)
     try:
         client = grpcclient.InferenceServerClient(url)
         live = client.is_server_live(client_timeout=min(timeout_s, 10))
