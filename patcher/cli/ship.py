@@ -38,9 +38,21 @@ def export(
     text: Annotated[bool | None, typer.Option("--text/--no-text", help="The text tower (label sets at request "
                                                    "time), from the run's base model; default: when that model "
                                                    "loads with the run's weights.")] = None,
+    open_clip: Annotated[Path | None, typer.Option(
+        "--open-clip", help="Instead of ONNX: write the patched model as a folder open_clip loads "
+                            "(create_model_and_transforms('local-dir:DIR')), with a model card.")] = None,
 ) -> None:
-    """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images."""
+    """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images (or, with
+    --open-clip, the patched model as an open_clip folder)."""
     import json
+
+    if open_clip is not None:
+        from patcher.export.open_clip_dir import write_open_clip_dir
+
+        folder = write_open_clip_dir(run, open_clip, overwrite=overwrite)
+        typer.echo(f"open_clip folder: {folder} (load it with open_clip.create_model_and_transforms"
+                   f"('local-dir:{folder}'); model card: {folder / 'README.md'})")
+        return
 
     from patcher.export.contract import EXPORT_JSON, read_export_record
     from patcher.stages.export import ExportOptions, export_run
