@@ -73,3 +73,13 @@ def test_bad_inline_template_is_one_error_line(tmp_path) -> None:
                              "--labels", "cat,dog", "--templates", "a {:>300000000} photo"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "needs exactly one {} for the label" in result.stderr, result.stderr
+
+
+def test_re_exporting_over_another_export_fails_before_any_work(tiny_run, tiny_export) -> None:
+    """Issue 33 row 7: the conflict is found from export.json and the manifest alone, before torch is imported."""
+    script = ("import sys\nfrom patcher.cli import main\n"
+              f"sys.argv = ['patcher', 'export', {str(tiny_run)!r}, '--out', {str(tiny_export)!r}, '--int8']\n"
+              "try:\n    main()\nexcept SystemExit as done:\n    print('exit', done.code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "holds a different export (int8 False -> True): pass --overwrite" in result.stderr, result.stderr
+    assert result.stdout.strip() == "exit 2 False"

@@ -54,7 +54,12 @@ def export(
                    f"('local-dir:{folder}'); model card: {folder / 'README.md'})")
         return
 
-    from patcher.export.contract import EXPORT_JSON, read_export_record
+    from patcher.export.contract import EXPORT_JSON, ContentOptions, read_export_record
+    from patcher.export.reuse import IMAGES_PER_TASK, check_target
+
+    # a conflict with the export already at --out fails here, before torch is imported or anything is traced
+    content = ContentOptions(comma_list(tasks), fp16, optimize, opset, IMAGES_PER_TASK, int8, bool(text))
+    check_target(run, out, content, overwrite, ("text_tower",) if text is None else ())
     from patcher.stages.export import ExportOptions, export_run
 
     path = export_run(run, ExportOptions(out=out, fp16=fp16, int8=int8, optimize=optimize, opset=opset,
