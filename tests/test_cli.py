@@ -83,3 +83,25 @@ def test_re_exporting_over_another_export_fails_before_any_work(tiny_run, tiny_e
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "holds a different export (int8 False -> True): pass --overwrite" in result.stderr, result.stderr
     assert result.stdout.strip() == "exit 2 False"
+
+
+def test_open_clip_train_precision_names(tmp_path) -> None:
+    result = runner.invoke(app, ["build", "--task", "digits", "--precision", "amp", "--device", "cpu",
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "trains in fp32 on this device (cpu)" in result.output
+    result = runner.invoke(app, ["build", "--task", "digits", "--precision", "bf16", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "use one of auto, fp32, amp" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_open_clip_train_flag_names_set_the_same_hyperparameters(tmp_path) -> None:
+    import json
+
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["build", "--task", "digits", "--model", "patcher-tiny", "--pretrained", "none",
+                                 "--steps", "2", "--batch-size", "8", "--alpha", "0.5", "--eval-batch-size", "64",
+                                 "--wd", "0.05", "--warmup", "1", "--accum-freq", "2", "--precision", "auto",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert (training["weight_decay"], training["warmup_steps"], training["accum_steps"]) == (0.05, 1, 2)

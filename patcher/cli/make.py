@@ -96,6 +96,9 @@ def build(
              "WANDB_MODE=offline).")] = "",
     augment: Annotated[bool, typer.Option(help="Train on open_clip's train transform (random resized crops).")] = True,
     eval_batch_size: Annotated[int, typer.Option(help="Images per batch when evaluating (held-out and test).")] = 256,
+    precision: Annotated[str, typer.Option(
+        help="auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU; open_clip_train's names (amp, "
+             "amp_bf16, fp32) are checked against it.")] = "auto",
     workers: Workers = None,
     data_mode: DataMode = "auto",
     device: Device = "auto",
@@ -112,6 +115,7 @@ def build(
     from patcher.stages.build import build as run_build
     from patcher.training.methods import train_config
 
+    _check_precision(precision, device)
     csv_keys = {"img_key": csv_img_key, "label_key": csv_caption_key, "sep": csv_separator}
     task = named_spec(task, task_name, csv_keys)
     params = dict(_key_value(item) for item in param or [])
@@ -139,6 +143,21 @@ def build(
         return
     print_run(path)
     typer.echo(f"run: {path}")
+
+
+PRECISIONS = {"auto": None, "fp32": "fp32", "amp": "amp", "amp_bf16": "amp-bf16", "amp_fp16": "amp-fp16"}
+
+
+def _check_precision(precision: str, device: str) -> None:
+    """--precision as open_clip_train spells it, refused where patcher would train in another one on this device."""
+    from patcher.training.loop import pick_device, precision_name
+
+    if precision not in PRECISIONS:
+        raise PatcherError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    wanted, used = PRECISIONS[precision], precision_name(pick_device(device))
+    if wanted is not None and not used.startswith(wanted):
+        raise PatcherError(f"--precision {precision}: patcher trains in {used} on this device ({pick_device(device)}); "
+                           "pass --precision auto")
 
 
 def _key_value(item: str) -> tuple[str, str]:
