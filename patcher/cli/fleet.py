@@ -71,10 +71,12 @@ def verify(
 ) -> None:
     """Classify the run's held-out images through the served entry: exit 2 with one error line if any task's accuracy
     differs from the manifest's, or the served classifier is not the run's."""
+    from patcher.base.progress import console
     from patcher.benchmark.verify import VerifyOptions, verify_served
 
     options = VerifyOptions(served_model(model, name), tolerance, limit, batch_size, data_dir, export=export)
-    report = verify_served(run, url, options)
+    with console.status(f"verifying {run} against {url}: classifying its held-out images through the entry"):
+        report = verify_served(run, url, options)
     for task, row in report["tasks"].items():
         typer.echo(f"{task}: served {row['served']:.2f}%, manifest {row['manifest']:.2f}% "
                    f"({row['difference']:+.2f}, allowed {row['allowed']:.2f}; {row['images']} images)")

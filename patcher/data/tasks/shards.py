@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from patcher.base.errors import PatcherError
+from patcher.base.progress import make_progress
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.task import Task
 from patcher.data.tasks.user_data import Spec, class_names, read_templates
@@ -108,15 +109,19 @@ def shard_parts(location: Path) -> dict[str, list[str]]:
 def index_shards(shards: list[str], label_key: str | None) -> ShardIndex:
     """Every sample of the shards, read member by member (a shard's member list is never kept)."""
     index = ShardIndex(shards)
-    for number, shard in enumerate(shards):
-        if shard.endswith((".gz", ".tgz")):
-            raise PatcherError(f"{shard} is compressed: images are read by seeking into shards, so write them as "
-                               "plain .tar (webdataset's ShardWriter does by default)")
-        try:
-            with tarfile.open(shard, mode="r:") as tar:
-                _index_shard(tar, number, label_key, index)
-        except (OSError, tarfile.TarError) as error:
-            raise PatcherError(f"cannot read shard {shard} ({error}): expected a plain tar file") from error
+    compressed = [shard for shard in shards if shard.endswith((".gz", ".tgz"))]
+    if compressed:
+        raise PatcherError(f"{compressed[0]} is compressed: images are read by seeking into shards, so write them "
+                           "as plain .tar (webdataset's ShardWriter does by default)")
+    with make_progress() as progress:
+        bar = progress.add_task(f"indexing {Path(shards[0]).parent.name}/ shards", total=len(shards), status="")
+        for number, shard in enumerate(shards):
+            try:
+                with tarfile.open(shard, mode="r:") as tar:
+                    _index_shard(tar, number, label_key, index)
+            except (OSError, tarfile.TarError) as error:
+                raise PatcherError(f"cannot read shard {shard} ({error}): expected a plain tar file") from error
+            progress.update(bar, advance=1, status=f"{len(index.labels)} samples")
     if not index.labels:
         raise PatcherError(f"shards {shards[0]} ... hold no samples with an image and a label: expected {LAYOUT}")
     return index
