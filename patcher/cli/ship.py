@@ -330,6 +330,9 @@ def embed(
     typer.echo(f"wrote {out}: {array.shape[0]} x {array.shape[1]} float32 embeddings ({what}s in the order given)")
 
 
+WIDE_TABLE = 140  # columns the bench table needs before rich squeezes its cells
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -363,7 +366,7 @@ def bench(
     """Throughput and latency of patched against zero-shot (and the alternatives), served by Triton."""
     from rich.console import Console
 
-    from patcher.benchmark.report import format_table
+    from patcher.benchmark.report import COLUMNS, format_table, row_cells
     from patcher.benchmark.runner import bench_run, bench_url
     from patcher.benchmark.sweep import SweepOptions
 
@@ -378,4 +381,10 @@ def bench(
         if not model_list:
             raise PatcherError("--url needs --models A,B (the served model names to compare)")
         report = bench_url(url, model_list, key_file=key_file, **common)
-    Console().print(format_table(report))
+    console = Console()
+    table = format_table(report)
+    if console.width >= WIDE_TABLE:
+        console.print(table)
+        return
+    for row in report["results"]:  # a narrow terminal: one line per measurement, every column named
+        typer.echo("; ".join(f"{column} {cell}" for column, cell in zip(COLUMNS, row_cells(report, row), strict=True)))
