@@ -162,14 +162,6 @@ def check_options(options: BuildOptions) -> Checked:
     support = [get_task(name) for name in support_names]
     monitor = [get_task(name) for name in options.monitor]
     tolerances = {task.name: tolerances[name] for name, task in zip(support_names, support, strict=True)}
-    named = [task.name for task in (*patch, *support, *monitor)]
-    if len(set(named)) != len(named):
-        twice = sorted({name for name in named if named.count(name) > 1})
-        raise PatcherError(f"two of the tasks are named {', '.join(twice)}: give one of them another name "
-                           "(--task-name, or NAME=folder:PATH)")
-    for task in (*patch, *support, *monitor):
-        if "val" in task.parts:
-            console.print(f"{task.name}: alpha is chosen on its own val part ({task.source})", soft_wrap=True)
     for name in support_names:
         if name in names:
             raise PatcherError(f"{name} is both the patch task and a supported task: list it once")
@@ -178,10 +170,18 @@ def check_options(options: BuildOptions) -> Checked:
     for name in options.monitor:
         if name in names or name in support_names:
             raise PatcherError(f"{name} is monitored and also patched or supported: give each task one role")
+    named = [task.name for task in (*patch, *support, *monitor)]
+    if len(set(named)) != len(named):
+        twice = sorted({name for name in named if named.count(name) > 1})
+        raise PatcherError(f"two of the tasks are named {', '.join(twice)}: give one of them another name "
+                           "(--task-name, or NAME=folder:PATH)")
     options.hyperparameters.check()
     check_reporters(options.hyperparameters.report_to)
     if options.resume and options.out is None:
         raise PatcherError("--resume needs the --out of the interrupted build")
+    for task in (*patch, *support, *monitor):
+        if "val" in task.parts:
+            console.print(f"{task.name}: alpha is chosen on its own val part ({task.source})", soft_wrap=True)
     return Checked(patch, support, fixed_alpha, params, tolerances, monitor)
 
 
