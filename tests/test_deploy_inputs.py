@@ -84,3 +84,12 @@ def test_hostile_image_names_and_tags_are_one_error_line(tmp_path: Path) -> None
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert done.returncode == 2 and len(errors) == 1 and message in errors[0], done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_object_store_prefix_cannot_climb_out(tmp_path: Path) -> None:
+    for repo in ("s3://models/prod/..", "s3://models/../other", "s3://http://127.0.0.1:9/models/./x"):
+        done = subprocess.run([sys.executable, "-m", "patcher", "deploy", repo, "--kubernetes", str(tmp_path / "o")],
+                              capture_output=True, text=True, timeout=120)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 2 and len(errors) == 1 and "would write keys outside it" in errors[0], done.stderr
+    assert not (tmp_path / "o").exists()
