@@ -105,3 +105,12 @@ def test_open_clip_train_flag_names_set_the_same_hyperparameters(tmp_path) -> No
     assert result.exit_code == 0, result.output
     training = json.loads((out / "manifest.json").read_text())["training"]
     assert (training["weight_decay"], training["warmup_steps"], training["accum_steps"]) == (0.05, 1, 2)
+
+
+@pytest.mark.parametrize(("labels", "message"), [(",,,", "names no label"),
+                                               ("cat,\x01\x02", "only control characters")])
+def test_labels_that_name_nothing_are_refused(tmp_path, labels: str, message: str) -> None:
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    result = runner.invoke(app, ["classify", str(image), "--model", "m", "--labels", labels])
+    assert result.exit_code == 2 and message in result.output

@@ -203,6 +203,11 @@ def classify(
     from patcher.triton.openvocab_client import classify_labels
 
     label_list = comma_list(labels)
+    if labels.strip() and not label_list:
+        raise PatcherError(f"--labels {labels!r} names no label: pass comma-separated labels, e.g. --labels cat,dog")
+    unreadable = [label for label in label_list if not any(c.isprintable() and not c.isspace() for c in label)]
+    if unreadable:
+        raise PatcherError(f"--labels: {unreadable[0]!r} has only control characters: nothing to match an image to")
     if raw and (label_list or run is not None):
         raise PatcherError("--raw sends preprocessed tensors to a served <model>_patched: not with --labels or --run")
     if templates is not None and not label_list:
