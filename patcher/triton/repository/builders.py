@@ -260,7 +260,8 @@ DESCRIPTIONS = {
                    "one labelled logits output.",
     "task_bytes": "Task {task} only: encoded image bytes [N,1] in, one labelled logits output.",
     "text": "The text tower: prompts (BYTES) in, L2-normalised text embeddings out.",
-    "embed": "Encoded images (BYTES [N,1]) in, the patched model's L2-normalised image embeddings out.",
+    "embed": "RAW PIXELS in (float 0-255 RGB [N,3,H,W], FORMAT_NCHW, NVIDIA's image convention), the patched "
+             "model's L2-normalised image embeddings out. For encoded files, ask {entry} for its 'embedding'.",
     "classify": "Open vocabulary: images plus your labels (and templates, each with one {{}}) in, scores per label "
                 "out (logits: logit_scale x cosine).",
 }
