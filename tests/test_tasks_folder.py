@@ -147,6 +147,7 @@ def test_task_name_default_and_given(tmp_path: Path, spec: str, name: str) -> No
     ("123", None, "not usable in model names"),
     ("ok", "x y", "not usable in model and tensor names"),
     ("ok", "gtsrb", "is a built-in task's"),
+    ("Fashion_MNIST", None, "is a built-in task's"),
 ])
 def test_unusable_task_names_are_refused(tmp_path: Path, folder: str, given: str | None, message: str) -> None:
     path = make_folder(tmp_path / folder, {"train": {"a": 1}})

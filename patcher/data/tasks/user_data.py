@@ -73,13 +73,13 @@ def task_name(spec: Spec, explicit: str | None, registered: Iterable[str]) -> st
         if not NAME_PATTERN.fullmatch(chosen):
             raise PatcherError(f"task name {chosen!r} is not usable in model and tensor names: use a letter, then "
                                "letters, digits, '_' or '-' (at most 63)")
-        if chosen in registered:
+        if _normal(chosen) in registered:
             raise PatcherError(f"task name {chosen!r} is a built-in task's: choose another with --task-name")
         return chosen
     stem = spec.location.stem if spec.location.suffix == ".csv" else spec.location.name
     default = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")
-    if not NAME_PATTERN.fullmatch(default) or default.lower() in registered:
-        reason = "is a built-in task's" if default.lower() in registered else "is not usable in model names"
+    if not NAME_PATTERN.fullmatch(default) or _normal(default) in registered:
+        reason = "is a built-in task's" if _normal(default) in registered else "is not usable in model names"
         raise PatcherError(f"the dataset's name {stem!r} {reason}: name the task with --task-name NAME "
                            f"(or NAME={spec.kind}:...)")
     return default
@@ -158,6 +158,11 @@ def named_spec(tasks: str, name: str | None, csv_options: dict[str, str]) -> str
         chosen = name or given
         specs[index] = f"{chosen}={text}" if chosen else text
     return ",".join(specs)
+
+
+def _normal(name: str) -> str:
+    """A name as the registry compares it (case-insensitive, '_' read as '-')."""
+    return name.lower().replace("_", "-")
 
 
 def _unnamed(text: str) -> tuple[str | None, str]:
