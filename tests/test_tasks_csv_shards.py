@@ -163,3 +163,11 @@ def test_unknown_option_and_nearest_task_name() -> None:
         get_task("csv:/data/x.csv?colour=red")
     with pytest.raises(PatcherError, match="did you mean gtsrb"):
         get_task("gtrsb")
+
+
+def test_support_specs_of_every_kind_keep_their_paths() -> None:
+    from patcher.patching.alpha import parse_support
+
+    names, tolerances = parse_support(["csv:/data/x.csv", "wds:/d:2", "toys=folder:/a:b", "imagenet:0.5"], 1.0)
+    assert names == ["csv:/data/x.csv", "wds:/d", "toys=folder:/a:b", "imagenet"]
+    assert tolerances == {"csv:/data/x.csv": 1.0, "wds:/d": 2.0, "toys=folder:/a:b": 1.0, "imagenet": 0.5}
