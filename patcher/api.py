@@ -12,14 +12,16 @@
     served.classify(["circle.png"]), served.embed(["circle.png"]), served.embed_text(["a ring"])
 
 Every failure a user can cause is a `PatcherError` (one line: what is wrong and what to do). Images are file paths,
-encoded bytes or PIL images (a Client sends files, as `patcher classify` does).
+encoded bytes or PIL images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,33 +118,51 @@ class Client:
 
         self.url = host_port(self.url)
 
-    def classify(self, images: Sequence[str | Path], labels: Sequence[str] | None = None,
+    def classify(self, images: Sequence[Image], labels: Sequence[str] | None = None,
                  templates: Sequence[str] | None = None, top_k: int = 3) -> list[dict[str, list[dict]]]:
-        """Per image file, the top-k {"label", "score"} of every served task (or of the label set `labels`)."""
+        """Per image, the top-k {"label", "score"} of every served task (or of the label set `labels`)."""
         from patcher.triton.client import classify_files
         from patcher.triton.openvocab_client import classify_labels
 
-        paths = [Path(image) for image in images]
-        if labels is None:
-            results = classify_files(paths, self.model, url=self.url, top_k=top_k, timeout_s=self.timeout_s,
-                                     key_file=self.key_file)
-        else:
-            results = classify_labels(paths, self.model, list(labels), templates, url=self.url, top_k=top_k,
-                                      timeout_s=self.timeout_s, key_file=self.key_file)
+        with as_files(images) as paths:
+            if labels is None:
+                results = classify_files(paths, self.model, url=self.url, top_k=top_k, timeout_s=self.timeout_s,
+                                         key_file=self.key_file)
+            else:
+                results = classify_labels(paths, self.model, list(labels), templates, url=self.url, top_k=top_k,
+                                          timeout_s=self.timeout_s, key_file=self.key_file)
         return [result["tasks"] for result in results]
 
-    def embed(self, images: Sequence[str | Path]) -> np.ndarray:
+    def embed(self, images: Sequence[Image]) -> np.ndarray:
         """[N, D] L2-normalised image embeddings from the served entry."""
         from patcher.triton.openvocab_client import embed_files
 
-        return embed_files([Path(image) for image in images], self.model, url=self.url, timeout_s=self.timeout_s,
-                           key_file=self.key_file)
+        with as_files(images) as paths:
+            return embed_files(paths, self.model, url=self.url, timeout_s=self.timeout_s, key_file=self.key_file)
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """[N, D] L2-normalised text embeddings from the entry's text model."""
         from patcher.triton.openvocab_client import embed_texts
 
         return embed_texts(list(texts), self.model, url=self.url, timeout_s=self.timeout_s, key_file=self.key_file)
+
+
+@contextlib.contextmanager
+def as_files(images: Sequence[Image]) -> Iterator[list[Path]]:
+    """The images as file paths: paths as they are, bytes and PIL images written to a temporary folder meanwhile."""
+    if all(isinstance(image, str | Path) for image in images):
+        yield [Path(image) for image in images]
+        return
+    blobs, _ = encoded(images)
+    with tempfile.TemporaryDirectory(prefix="patcher-client-") as folder:
+        paths = []
+        for number, (image, blob) in enumerate(zip(images, blobs, strict=True)):
+            if isinstance(image, str | Path):
+                paths.append(Path(image))
+                continue
+            paths.append(Path(folder) / f"image-{number}")
+            paths[-1].write_bytes(blob)
+        yield paths
 
 
 def encoded(images: Sequence[Image]) -> tuple[list[bytes], list[str]]:

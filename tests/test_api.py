@@ -81,7 +81,7 @@ def test_client_answers_as_the_model_in_process(tiny_export: Path, tmp_path: Pat
     try:
         client = api.Client(f"http://{served.grpc_url}", "digits")  # a scheme is accepted, as users write it
         local = api.load(tiny_export)
-        answered = client.classify(files, top_k=1)
+        answered = client.classify([files[0], files[1].read_bytes(), Image.open(files[2]), *files[3:]], top_k=1)
         expected = local.classify(files, top_k=1)
         assert [r["digits"][0]["label"] for r in answered] == [r["digits"][0]["label"] for r in expected]
         assert np.allclose(client.embed(files), local.embed(files), atol=1e-4)
