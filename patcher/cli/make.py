@@ -270,6 +270,7 @@ def tasks() -> None:
 
     for name in known_tasks():
         typer.echo(name)
+    typer.echo("and your own data: folder:DIR, csv:DIR, csv:FILE.csv or wds:DIR (docs/your-data.md)", err=True)
 
 
 @command
