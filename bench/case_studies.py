@@ -102,7 +102,7 @@ def folder_task(root: Path, name: str, classes: list[int], shift: Callable[[Imag
             folder = staging / split / f"{label:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             image.save(folder / f"{number:05d}.png")
-    write_text(staging / "classnames.txt", "".join(f"{c}\n" for c in classes))
+    write_text(staging / "classnames.txt", "".join(f"{c:02d}: {c}\n" for c in classes))  # folder: class name
     write_text(staging / "templates.txt", "".join(f"{t}\n" for t in digits.templates))
     staging.rename(target)
     return f"folder:{target}"
@@ -122,7 +122,7 @@ def run_build(model: str, out: Path, task: str, support: list[str], monitor: lis
 
 
 def short(task: str) -> str:
-    """A task's name for tables: a folder task by its folder."""
+    """A task's name: a folder task is named by its folder (what the manifest records it under)."""
     return Path(task.removeprefix("folder:")).name if task.startswith("folder:") else task
 
 
@@ -170,8 +170,8 @@ def mean_curve(runs: list[dict[str, Any]]) -> dict[float, dict[str, float]]:
 
 
 def column(runs: list[dict[str, Any]], key: str, kind: str, task: str) -> list[float]:
-    """One figure over seeds."""
-    return [r[key][kind][task] for r in runs]
+    """One figure over seeds (a folder task is recorded under its folder's name)."""
+    return [r[key][kind][short(task)] for r in runs]
 
 
 def check(result: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +247,7 @@ def figures(results: dict[str, Any], results_dir: Path) -> None:
 def best_alpha(runs: list[dict[str, Any]], task: str) -> float:
     """The alpha with the best mean held-out accuracy on a task."""
     curve = mean_curve(runs)
-    return max(sorted(curve), key=lambda a: curve[a][task])
+    return max(sorted(curve), key=lambda a: curve[a][short(task)])
 
 
 def markdown(results: dict[str, Any], model: str, seeds: list[int], machine: dict[str, Any]) -> str:
@@ -292,8 +292,9 @@ def markdown(results: dict[str, Any], model: str, seeds: list[int], machine: dic
     runs = results["shift"]["runs"]
     for task in ["digits", *results["shift"]["monitor"], "fashion-mnist"]:
         cells = [mean_std(column(runs, "test_accuracy", k, task)) for k in KINDS]
-        above = sum(r["test_accuracy"]["patched"][task] > max(r["test_accuracy"]["zeroshot"][task],
-                                                               r["test_accuracy"]["finetuned"][task]) for r in runs)
+        above = sum(r["test_accuracy"]["patched"][short(task)] > max(r["test_accuracy"]["zeroshot"][short(task)],
+                                                                      r["test_accuracy"]["finetuned"][short(task)])
+                    for r in runs)
         lines.append(f"| {short(task)} | {' | '.join(cells)} | {above}/{len(runs)} seeds | "
                      f"{best_alpha(runs, task):g} |")
     lines += ["", "Alpha per seed: " + ", ".join(f"{r['alpha']:g}" for r in runs) + ".", "",

@@ -33,7 +33,7 @@ from patcher.base.files import now_iso, write_json
 from patcher.base.records import to_json
 from patcher.benchmark.machine import machine_info
 from patcher.data.options import DataOptions
-from patcher.data.tasks import get_task
+from patcher.data.tasks import get_task, short_name
 from patcher.runs.manifest import Run, load_run
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.demo import DemoOptions
@@ -61,7 +61,8 @@ def make_inverted_digits(root: Path) -> str:
             folder.mkdir(parents=True, exist_ok=True)
             ImageOps.invert(image).save(folder / f"{number:05d}.png")
     (staging / "templates.txt").write_text("\n".join(digits.templates) + "\n")
-    (staging / "classnames.txt").write_text("\n".join(digits.classnames) + "\n")
+    (staging / "classnames.txt").write_text("".join(f"{label:02d}: {name}\n"  # class folder: class name
+                                                    for label, name in enumerate(digits.classnames)))
     staging.rename(root)
     return f"folder:{root}"
 
@@ -202,7 +203,8 @@ def multitask(model: str, method: str, seed: int, runs_dir: Path, inverted: str)
         manifest = to_json(load_run(path).manifest)
         rows[f"specialist {names[task]}"] = {"accuracy": manifest["test_accuracy"]["patched"],
                                              "alpha": f"{manifest['alpha']['chosen']:g}"}
-    own = {task: load_run(path).manifest.test_accuracy["patched"][task] for task, path in specialists.items()}
+    own = {short_name(task): load_run(path).manifest.test_accuracy["patched"][short_name(task)]
+           for task, path in specialists.items()}
     rows["specialists, each on its own task"] = {"accuracy": own, "alpha": "-"}
     for strategy, result in strategies.items():
         alpha = ", ".join(f"{a:g}" for a in result["alpha_steps"]) or f"{result['alpha']:g}"
@@ -240,7 +242,7 @@ def main() -> None:
     (args.results_dir / "methods.md").write_text(methods_markdown(results, model, args.seeds, machine))
 
     seed = args.seeds[0]
-    tasks = {"digits": "digits", inverted: "digits-inverted", SUPPORT: SUPPORT}
+    tasks = {"digits": "digits", short_name(inverted): "digits-inverted", SUPPORT: SUPPORT}  # as manifests name them
     sections = {method: multitask(model, method, seed, runs_dir, inverted) for method in args.multi_methods}
     write_json(args.results_dir / "multitask.json", {"model": model, "tasks": tasks, "seed": seed, "methods": sections,
                                                       "machine": machine,

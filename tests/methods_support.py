@@ -42,7 +42,7 @@ def make_inverted_digits(root: Path, every: int = 3) -> str:
     for split in ("train", "test"):
         data = digits.dataset(split)
         _write(root, split, [(ImageOps.invert(data[i][0]), data[i][1]) for i in range(0, len(data), every)], names)
-    (root / "classnames.txt").write_text("\n".join(digits.classnames) + "\n")
+    (root / "classnames.txt").write_text("".join(f"{f}: {n}\n" for f, n in zip(names, digits.classnames, strict=True)))
     (root / "templates.txt").write_text("\n".join(digits.templates) + "\n")
     return f"folder:{root}"
 
@@ -63,7 +63,7 @@ def make_small_fashion(root: Path, train_per_class: int = 20, test_per_class: in
             if min(counts) >= per_class:
                 break
         _write(root, split, items, names)
-    (root / "classnames.txt").write_text("\n".join(fashion.classnames) + "\n")
+    (root / "classnames.txt").write_text("".join(f"{f}: {n}\n" for f, n in zip(names, fashion.classnames, strict=True)))
     (root / "templates.txt").write_text("\n".join(fashion.templates) + "\n")
     return f"folder:{root}"
 

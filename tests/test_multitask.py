@@ -53,7 +53,7 @@ def _visual(run: Path, kind: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", ["joint", "sequential", "parallel", "merged"])
 def test_one_encoder_serves_every_patch_and_supported_task(runs: dict[str, Path], world: dict, name: str):
     run = load_run(runs[name])
-    tasks = ["digits", world["second"], world["support"]]
+    tasks = ["digits", "inverted", "fashion"]  # a folder task is named by its folder
     assert run.manifest.patch_tasks == tasks[:2] and run.manifest.support_tasks == tasks[2:]
     assert run.manifest.multi is not None
     assert run.manifest.multi.strategy == ("parallel" if name == "merged" else name)
@@ -182,4 +182,4 @@ def test_merged_run_exports_like_any_run(runs: dict[str, Path], world: dict, tmp
 
     export = export_run(runs["merged"], ExportOptions(out=tmp_path / "onnx", images_per_task=4))
     record = json.loads((export / "export.json").read_text())
-    assert set(record["tasks"]) == {"digits", world["second"], world["support"]}
+    assert set(record["tasks"]) == {"digits", "inverted", "fashion"}

@@ -95,7 +95,7 @@ def test_unknown_task_lists_the_known_ones() -> None:
     with pytest.raises(PatcherError) as raised:
         get_task("nope")
     message = str(raised.value)
-    assert "nope" in message and "gtsrb" in message and "folder:PATH" in message
+    assert "nope" in message and "gtsrb" in message and "folder:DIR" in message and "wds:DIR" in message
     assert "\n" not in message
 
 

@@ -257,9 +257,8 @@ def _deployed(repo: Path) -> dict[str, str]:
     files = [p.relative_to(repo) for p in sorted(repo.rglob("*")) if p.is_file() and p.name not in NOT_COMMITTED
              and "warmup" not in p.relative_to(repo).parts]
     hashes = re.compile(r'(key: "(?:run_manifest|onnx)_sha256"\s*value \{\s*string_value: ")[0-9a-f]{64}')
-    # a value the model's weights give (a CPU may round it differently): its place is checked, not its digits
-    scale = re.compile(r'(key: "logit_scale"\s*value \{\s*string_value: ")[0-9.e+-]+')
-    return {str(p): scale.sub(r"\1<float>", hashes.sub(r"\1<sha256>", (repo / p).read_text())) for p in files
+    floats = re.compile(r'(key: "(?:logit_scale|alpha)"\s*value \{\s*string_value: ")[0-9.e+-]+')  # CPU-dependent
+    return {str(p): floats.sub(r"\1<float>", hashes.sub(r"\1<sha256>", (repo / p).read_text())) for p in files
             if not any(part.startswith(".") for part in p.parts)}
 
 
@@ -275,6 +274,27 @@ def test_the_committed_example_repository_is_what_patcher_triton_writes(case: Ex
             (EXAMPLE / relative).unlink()
     assert _deployed(written) == _deployed(EXAMPLE), "out of date: PATCHER_UPDATE_EXAMPLE=1 pytest -k committed_example"
     assert len(_deployed(EXAMPLE)) > 20 and not list(EXAMPLE.rglob("model.onnx"))
+
+
+def test_configs_explain_themselves(case: ExportCase, tmp_path: Path) -> None:
+    """Issue 33 row 6: every model says what it is for; int8 and fp32 differ in their configs; the raw-pixels model
+    and the normalised one are told apart; the patched model names its alpha."""
+    record = json.loads((case.path / "export.json").read_text())
+    configs = {}
+    for precision in ("fp32", "int8"):
+        repo = tmp_path / precision
+        write_repository(case.path, repo, precision=precision)
+        configs[precision] = {model.name: read_config(model) for model in repo.iterdir()
+                              if (model / "config.pbtxt").is_file()}
+    described = {name: config.parameters["description"].string_value for name, config in configs["fp32"].items()}
+    assert all(described.values()) and len(set(described.values())) == len(described)
+    assert "CLIP-NORMALISED" in described["digits_patched"] and "RAW PIXELS" in described["digits_pixels"]
+    assert described["digits"].startswith("START HERE")
+    for precision in ("fp32", "int8"):
+        assert configs[precision]["digits_patched"].parameters["precision"].string_value == precision
+    alpha = configs["fp32"]["digits_patched"].parameters["alpha"].string_value
+    assert float(alpha) == pytest.approx(record["models"]["patched"]["alpha"])
+    assert configs["fp32"]["digits_zeroshot"].parameters["alpha"].string_value == "0"
 
 
 # --- a real server ----------------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ def test_images(
     from torch.utils.data import Subset
 
     from patcher.data.loading import load_images
-    from patcher.data.tasks import get_task
+    from patcher.data.tasks import task_of
 
     config = verified_config(run)
-    dataset = get_task(task).dataset(SPLIT, data_root=data_dir)
+    recorded = run.manifest.tasks.get(task)
+    dataset = task_of(task, recorded.source if recorded else None).dataset(SPLIT, data_root=data_dir)
     total = len(dataset)
     if total == 0:
         raise PatcherError(f"{task} has no {SPLIT} images")

@@ -45,12 +45,13 @@ def manifest_accuracy(run: Run) -> dict[str, float]:
     return dict(points[-1].val_accuracy)
 
 
-def heldout_items(task: str, limit: int | None, data_dir: Path | None) -> tuple[list[bytes], np.ndarray]:
+def heldout_items(task: str, limit: int | None, data_dir: Path | None,
+                  source: str | None = None) -> tuple[list[bytes], np.ndarray]:
     """The task's held-out images as PNG bytes (what a client sends) and their labels; evenly spaced if limited."""
-    from patcher.data.tasks import get_task
+    from patcher.data.tasks import task_of
     from patcher.export.heldout import evenly_spaced
 
-    dataset = get_task(task).dataset(SPLIT, data_root=data_dir)
+    dataset = task_of(task, source).dataset(SPLIT, data_root=data_dir)
     indices = evenly_spaced(len(dataset), limit) if limit else range(len(dataset))
     images, labels = [], []
     for index in indices:
@@ -121,7 +122,7 @@ def verify_served(run_path: Path, url: str, options: VerifyOptions | None = None
         for task, (output, _) in served.tasks.items():
             if task not in expected:
                 continue
-            images, labels = heldout_items(task, options.limit, options.data_dir)
+            images, labels = heldout_items(task, options.limit, options.data_dir, run.manifest.tasks[task].source)
             accuracy = served_accuracy(client, name, output, images, labels, options)
             allowed = max(options.tolerance, 100.0 / max(len(labels), 1))  # at least one image's worth
             difference = accuracy - expected[task]

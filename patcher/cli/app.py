@@ -19,6 +19,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: wraps descriptions and never cuts an option name, at any width
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
@@ -28,6 +30,41 @@ DataDir = Annotated[
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def grpc_address(text: str | None) -> str | None:
+    """--url as HOST:PORT (a scheme such as http:// dropped); PatcherError for anything else."""
+    from patcher.triton.client import host_port
+
+    return None if text is None else host_port(text)
+
+
+Url = Annotated[str, typer.Option(callback=grpc_address,
+                                  help="Triton's gRPC address, HOST:PORT (a scheme such as http:// is ignored).")]
+
+
+def served_model(model: str | None, name: str | None) -> str | None:
+    """The served entry from --model, or from --name (its old spelling, hidden); refused when both differ."""
+    if model is not None and name is not None and model != name:
+        raise PatcherError(f"--model {model!r} and --name {name!r} name two entries: pass --model only")
+    return model if model is not None else name
+
+
+HiddenName = Annotated[str | None, typer.Option("--name", hidden=True, help="Old spelling of --model.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from patcher import __version__
+
+        typer.echo(f"patcher {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print patcher's version and exit.")] = False) -> None:
+    """Patch one task of a CLIP model without breaking the others, export it to ONNX, serve it with Triton."""
 
 
 def expected_error(error: BaseException) -> PatcherError | None:

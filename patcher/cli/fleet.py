@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from patcher.cli.app import DataDir, command
+from patcher.cli.app import DataDir, HiddenName, Url, command, served_model
 from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
 
 
@@ -19,8 +19,11 @@ def deploy(
     name: Annotated[str, typer.Option(help="Name of the Deployment, Service, ... and InferenceService.")] = (
         "patcher-triton"),
     namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "default",
-    image: Annotated[str, typer.Option(help="Triton image (without tag).")] = TRITON_IMAGE,
+    image: Annotated[str, typer.Option(help="Triton image (without tag) the Dockerfile builds on.")] = TRITON_IMAGE,
     tag: Annotated[str, typer.Option(help="Triton image tag (24.10-py3 is Triton 2.51).")] = TRITON_TAG,
+    serving_image: Annotated[str | None, typer.Option(
+        help="The image the pods run, built from the written Dockerfile (default NAME:TAG); REGISTRY/PATH:TAG "
+             "for a registry your cluster pulls from.")] = None,
     gpus: Annotated[int, typer.Option(help="nvidia.com/gpu per pod (0: CPU only).")] = 1,
     cpu: Annotated[str, typer.Option(help="CPU per pod (requested and limited).")] = "2",
     memory: Annotated[str, typer.Option(help="Memory per pod (requested and limited).")] = "8Gi",
@@ -40,20 +43,25 @@ def deploy(
     overwrite: Annotated[bool, typer.Option(help="Replace manifests already in the folder.")] = False,
 ) -> None:
     """Write Kubernetes manifests serving a repository with NVIDIA's Triton container, and a KServe alternative."""
-    from patcher.deploy.manifests import write_manifests
+    from patcher.deploy.manifests import next_steps, write_manifests
     from patcher.deploy.options import DeployOptions
 
     options = DeployOptions(name, namespace, image, tag, gpus, cpu, memory, replicas, max_replicas, autoscale,
-                            autoscale_target, key_secret, s3_secret, region, pvc, cache_pvc, canary_percent)
+                            autoscale_target, key_secret, s3_secret, region, pvc, cache_pvc, canary_percent,
+                            serving_image)
     for path in write_manifests(repo, kubernetes, options, overwrite=overwrite):
         typer.echo(str(path))
+    typer.echo("next steps:")
+    for number, step in enumerate(next_steps(repo, kubernetes, options), 1):
+        typer.echo(f"  {number}. {step}")
 
 
 @command
 def verify(
     run: Annotated[Path, typer.Argument(help="The run directory the server is meant to serve.")],
-    url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
-    name: Annotated[str | None, typer.Option(help="Served entry (default: the run's patch task).")] = None,
+    url: Url = "127.0.0.1:8001",
+    model: Annotated[str | None, typer.Option(help="Served entry (default: the run's patch task).")] = None,
+    name: HiddenName = None,
     tolerance: Annotated[float, typer.Option(help="Accuracy points a task may differ by (at least one image).")] = (
         1.0),
     limit: Annotated[int | None, typer.Option(help="Held-out images per task at most (default all).")] = None,
@@ -63,9 +71,12 @@ def verify(
 ) -> None:
     """Classify the run's held-out images through the served entry: exit 2 with one error line if any task's accuracy
     differs from the manifest's, or the served classifier is not the run's."""
+    from patcher.base.progress import console
     from patcher.benchmark.verify import VerifyOptions, verify_served
 
-    report = verify_served(run, url, VerifyOptions(name, tolerance, limit, batch_size, data_dir, export=export))
+    options = VerifyOptions(served_model(model, name), tolerance, limit, batch_size, data_dir, export=export)
+    with console.status(f"verifying {run} against {url}: classifying its held-out images through the entry"):
+        report = verify_served(run, url, options)
     for task, row in report["tasks"].items():
         typer.echo(f"{task}: served {row['served']:.2f}%, manifest {row['manifest']:.2f}% "
                    f"({row['difference']:+.2f}, allowed {row['allowed']:.2f}; {row['images']} images)")

@@ -37,7 +37,14 @@ def print_run(path: Path) -> None:
 
 @command
 def build(
-    task: Annotated[str, typer.Option(help="Task(s) to patch, comma-separated (see `patcher tasks`), or folder:PATH.")],
+    task: Annotated[str, typer.Option(
+        help="Task(s) to patch, comma-separated (see `patcher tasks`), or your own data: folder:DIR, csv:DIR, "
+             "csv:FILE.csv or wds:DIR (docs/your-data.md).")],
+    task_name: Annotated[str | None, typer.Option(
+        help="Name of your own dataset's task in models and tensors (default: its folder's name).")] = None,
+    csv_img_key: Annotated[str, typer.Option(help="csv: the image path column (as open_clip_train).")] = "filepath",
+    csv_caption_key: Annotated[str, typer.Option(help="csv: the class label column.")] = "label",
+    csv_separator: Annotated[str, typer.Option(help="csv: the column separator.")] = ",",
     support: Annotated[str, typer.Option(
         help="Comma-separated supported tasks to protect, each optionally with its own tolerance in points "
              "(imagenet:0.5,cars:2; a bare name takes --tolerance).")] = "",
@@ -66,12 +73,15 @@ def build(
     epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Global training batch size (default 128).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate, AdamW (default 1e-5; lp 1e-3).")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 0.1; lp 0).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Warmup steps (default 500; lp 0).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", "--wd", help="AdamW weight decay (default 0.1; lp 0).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        "--warmup-steps", "--warmup", help="Warmup steps (default 500; lp 0).")] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Gradient norm clip (default 1.0).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for initialisation, batch order and augmentation.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default 500).")] = None,
     accum_steps: Annotated[int | None, typer.Option(
+        "--accum-steps", "--accum-freq",
         help="Gradient accumulation: each step's --batch-size in K micro-batches (same update, less memory; "
              "FLYP's contrastive loss recomputed among cached features).")] = None,
     grad_checkpointing: Annotated[bool, typer.Option(
@@ -86,6 +96,9 @@ def build(
              "WANDB_MODE=offline).")] = "",
     augment: Annotated[bool, typer.Option(help="Train on open_clip's train transform (random resized crops).")] = True,
     eval_batch_size: Annotated[int, typer.Option(help="Images per batch when evaluating (held-out and test).")] = 256,
+    precision: Annotated[str, typer.Option(
+        help="auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU; open_clip_train's names (amp, "
+             "amp_bf16, fp32) are checked against it.")] = "auto",
     workers: Workers = None,
     data_mode: DataMode = "auto",
     device: Device = "auto",
@@ -97,10 +110,14 @@ def build(
 ) -> None:
     """Fine-tune on one or more tasks with a method, interpolate with the zero-shot weights and choose alpha."""
     from patcher.data.options import DataOptions
+    from patcher.data.tasks.user_data import named_spec
     from patcher.stages.build import BuildOptions
     from patcher.stages.build import build as run_build
     from patcher.training.methods import train_config
 
+    _check_precision(precision, device)
+    csv_keys = {"img_key": csv_img_key, "label_key": csv_caption_key, "sep": csv_separator}
+    task = named_spec(task, task_name, csv_keys)
     params = dict(_key_value(item) for item in param or [])
     hyperparameters = train_config(method, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                    warmup_steps=warmup_steps, grad_clip=grad_clip, seed=seed,
@@ -126,6 +143,21 @@ def build(
         return
     print_run(path)
     typer.echo(f"run: {path}")
+
+
+PRECISIONS = {"auto": None, "fp32": "fp32", "amp": "amp", "amp_bf16": "amp-bf16", "amp_fp16": "amp-fp16"}
+
+
+def _check_precision(precision: str, device: str) -> None:
+    """--precision as open_clip_train spells it, refused where patcher would train in another one on this device."""
+    from patcher.training.loop import pick_device, precision_name
+
+    if precision not in PRECISIONS:
+        raise PatcherError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    wanted, used = PRECISIONS[precision], precision_name(pick_device(device))
+    if wanted is not None and not used.startswith(wanted):
+        raise PatcherError(f"--precision {precision}: patcher trains in {used} on this device ({pick_device(device)}); "
+                           "pass --precision auto")
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -270,7 +302,8 @@ def tasks(
     if as_json:
         typer.echo(json.dumps([asdict(row) for row in rows], indent=2))
         return
-    table = Table(title="registered tasks (also folder:PATH for your own ImageFolder)")
+    table = Table(title="registered tasks; your own data: folder:DIR, csv:DIR, csv:FILE.csv or wds:DIR "
+                          "(docs/your-data.md)")
     for column in ("task", "classes", "data here", "suites"):
         table.add_column(column, overflow="fold")
     for row in rows:

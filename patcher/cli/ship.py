@@ -15,7 +15,7 @@ from patcher.benchmark.defaults import (
     DEFAULT_DURATION_S,
     DEFAULT_MAX_REQUESTS,
 )
-from patcher.cli.app import DataDir, comma_list, command
+from patcher.cli.app import DataDir, HiddenName, Url, comma_list, command, grpc_address, served_model
 from patcher.export.openvocab import DEFAULT_LIMITS as LABEL_LIMITS
 from patcher.triton.imaging import DEFAULT_LIMITS
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY
@@ -38,11 +38,28 @@ def export(
     text: Annotated[bool | None, typer.Option("--text/--no-text", help="The text tower (label sets at request "
                                                    "time), from the run's base model; default: when that model "
                                                    "loads with the run's weights.")] = None,
+    open_clip: Annotated[Path | None, typer.Option(
+        "--open-clip", help="Instead of ONNX: write the patched model as a folder open_clip loads "
+                            "(create_model_and_transforms('local-dir:DIR')), with a model card.")] = None,
 ) -> None:
-    """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images."""
+    """Export the patched and zero-shot classifiers to ONNX, verified against PyTorch on held-out images (or, with
+    --open-clip, the patched model as an open_clip folder)."""
     import json
 
-    from patcher.export.contract import EXPORT_JSON, read_export_record
+    if open_clip is not None:
+        from patcher.export.open_clip_dir import write_open_clip_dir
+
+        folder = write_open_clip_dir(run, open_clip, overwrite=overwrite)
+        typer.echo(f"open_clip folder: {folder} (load it with open_clip.create_model_and_transforms"
+                   f"('local-dir:{folder}'); model card: {folder / 'README.md'})")
+        return
+
+    from patcher.export.contract import EXPORT_JSON, ContentOptions, read_export_record
+    from patcher.export.reuse import IMAGES_PER_TASK, check_target
+
+    # a conflict with the export already at --out fails here, before torch is imported or anything is traced
+    content = ContentOptions(comma_list(tasks), fp16, optimize, opset, IMAGES_PER_TASK, int8, bool(text))
+    check_target(run, out, content, overwrite, ("text_tower",) if text is None else ())
     from patcher.stages.export import ExportOptions, export_run
 
     path = export_run(run, ExportOptions(out=out, fp16=fp16, int8=int8, optimize=optimize, opset=opset,
@@ -77,7 +94,9 @@ def triton(
     run: Annotated[Path, typer.Argument(help="A run directory (its onnx/ export) or an export directory.")],
     repo: Annotated[str, typer.Option(help="Model repository to write into: a folder or s3://BUCKET/PREFIX "
                                             "(s3://http://HOST:PORT/BUCKET/PREFIX).")] = str(REPOSITORY),
-    name: Annotated[str | None, typer.Option(help="Entry name: letters, digits, _ (default: the patch task).")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Name of the served entry: letters, digits, _ (default: the patch task).")] = None,
+    name: HiddenName = None,
     backend: Annotated[str, typer.Option(help="python (bundled server) or onnxruntime (NVIDIA container).")] = "python",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch the server accepts.")] = 64,
     instances: Annotated[int, typer.Option(help="Model instances per model.")] = 1,
@@ -123,7 +142,8 @@ def triton(
     limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels, "max_aspect": max_aspect_ratio,
               "jpeg_draft": jpeg_draft, "max_request_bytes": max_request_bytes,
               "max_request_pixels": max_request_pixels, "max_server_pixels": max_server_pixels}
-    result = write_repository(export_dir, repo, name=name, backend=backend, max_batch_size=max_batch_size,
+    result = write_repository(export_dir, repo, name=served_model(model, name), backend=backend,
+                              max_batch_size=max_batch_size,
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
                               precision=precision, limits=limits, warmup=warmup,
                               tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
@@ -163,16 +183,17 @@ def serve(
 @command
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, PPM).")],
-    model: Annotated[str | None, typer.Option(help="Served model name (the ensemble, e.g. the patch task).")] = None,
-    url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
+    model: Annotated[str | None, typer.Option(help="Served entry (the ensemble, e.g. the patch task).")] = None,
+    url: Url = "127.0.0.1:8001",
     top_k: Annotated[int, typer.Option(help="Labels per task.")] = 3,
     raw: Annotated[bool, typer.Option(help="Preprocess here and send tensors to <model>_patched.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     key_file: Annotated[Path | None, typer.Option(help="The server's key file (lists its models on a typo).")] = None,
     labels: Annotated[str, typer.Option(help="Comma-separated labels to classify against (open vocabulary).")] = "",
-    templates: Annotated[str | None, typer.Option(help="With --labels: a task's prompt templates, or a file with "
-                                                       "one template per line, each with {}.")] = None,
+    templates: Annotated[str | None, typer.Option(
+        help="With --labels: templates inline ('a photo of a {}.', several joined by |), a file with one per line, "
+             "or a task's.")] = None,
     run: Annotated[Path | None, typer.Option(help="Classify in this process with RUN's export (no server).")] = None,
 ) -> None:
     """Classify image files with a served model over gRPC (or a run's export in process); top-k labels and scores
@@ -182,12 +203,18 @@ def classify(
     from patcher.triton.openvocab_client import classify_labels
 
     label_list = comma_list(labels)
+    if labels.strip() and not label_list:
+        raise PatcherError(f"--labels {labels!r} names no label: pass comma-separated labels, e.g. --labels cat,dog")
+    unreadable = [label for label in label_list if not any(c.isprintable() and not c.isspace() for c in label)]
+    if unreadable:
+        raise PatcherError(f"--labels: {unreadable[0]!r} has only control characters: nothing to match an image to")
     if raw and (label_list or run is not None):
         raise PatcherError("--raw sends preprocessed tensors to a served <model>_patched: not with --labels or --run")
     if templates is not None and not label_list:
         raise PatcherError("--templates needs --labels: the baked tasks have their templates already")
     if (model is None) == (run is None):
         raise PatcherError("pass --model NAME (a served model) or --run RUN (in process)")
+    _inline_templates(templates)  # checked before any model loads
     if run is not None:
         results = _classify_in_process(images, run, label_list, templates, top_k)
     elif label_list:
@@ -221,6 +248,9 @@ def _templates(spec: str | None, known: Callable[[], dict[str, list[str]]]) -> l
 
     if spec is None:
         return None
+    inline = _inline_templates(spec)
+    if inline is not None:
+        return inline
     found = resolve_templates(spec, known())
     if found is not None:
         return found
@@ -231,6 +261,19 @@ def _templates(spec: str | None, known: Callable[[], dict[str, list[str]]]) -> l
     except PatcherError:
         raise PatcherError(f"--templates {spec!r} is neither a file nor a known task: pass a file with one "
                            "template per line (each with {}) or a task name (`patcher tasks`)") from None
+
+
+def _inline_templates(spec: str | None) -> list[str] | None:
+    """--templates given inline ("a photo of a {}.", several joined by |), checked; None for a file or task name."""
+    if spec is None or ("{" not in spec and "}" not in spec):
+        return None
+    inline = [template.strip() for template in spec.split("|")]
+    for template in inline:
+        rest = template.replace("{}", "", 1)
+        if "{}" not in template or "{" in rest or "}" in rest:
+            raise PatcherError(f"--templates: {template!r} needs exactly one {{}} for the label and no other "
+                               "braces, e.g. 'a photo of a {}.' (several: join them with |)")
+    return inline
 
 
 def _classify_in_process(images: list[Path], run: Path, labels: list[str], templates: str | None,
@@ -259,7 +302,7 @@ def embed(
     run: Annotated[Path | None, typer.Option(help="Embed in this process with RUN's export (no server).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write .npy (float32 [N, D]) or .json; default JSON on stdout.")] = (
         None),
-    url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
+    url: Url = "127.0.0.1:8001",
     batch_size: Annotated[int, typer.Option(help="Items per request.")] = 16,
     key_file: Annotated[Path | None, typer.Option(help="The server's key file (lists its models on a typo).")] = None,
 ) -> None:
@@ -292,6 +335,9 @@ def embed(
     typer.echo(f"wrote {out}: {array.shape[0]} x {array.shape[1]} float32 embeddings ({what}s in the order given)")
 
 
+WIDE_TABLE = 140  # columns the bench table needs before rich squeezes its cells
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -306,7 +352,8 @@ def _csv(values: tuple[int, ...]) -> str:
 @command
 def bench(
     run: Annotated[Path | None, typer.Argument(help="A run directory (starts the bundled server itself).")] = None,
-    url: Annotated[str | None, typer.Option(help="Benchmark an already running server instead.")] = None,
+    url: Annotated[str | None, typer.Option(callback=grpc_address, help="Benchmark an already running server "
+                                                                          "instead (HOST:PORT).")] = None,
     models: Annotated[str, typer.Option(help="With --url: comma-separated model names.")] = "",
     concurrency: Annotated[str, typer.Option(help="Concurrent requests to sweep.")] = _csv(DEFAULT_CONCURRENCY),
     batch_sizes: Annotated[str, typer.Option(help="Client batch sizes to sweep.")] = _csv(DEFAULT_BATCH_SIZES),
@@ -324,7 +371,7 @@ def bench(
     """Throughput and latency of patched against zero-shot (and the alternatives), served by Triton."""
     from rich.console import Console
 
-    from patcher.benchmark.report import format_table
+    from patcher.benchmark.report import COLUMNS, format_table, row_cells
     from patcher.benchmark.runner import bench_run, bench_url
     from patcher.benchmark.sweep import SweepOptions
 
@@ -339,4 +386,10 @@ def bench(
         if not model_list:
             raise PatcherError("--url needs --models A,B (the served model names to compare)")
         report = bench_url(url, model_list, key_file=key_file, **common)
-    Console().print(format_table(report))
+    console = Console()
+    table = format_table(report)
+    if console.width >= WIDE_TABLE:
+        console.print(table)
+        return
+    for row in report["results"]:  # a narrow terminal: one line per measurement, every column named
+        typer.echo("; ".join(f"{column} {cell}" for column, cell in zip(COLUMNS, row_cells(report, row), strict=True)))

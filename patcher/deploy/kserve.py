@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from patcher.deploy.kubernetes import key_env, metadata, resources, server_args
+from patcher.deploy.kubernetes import key_env, metadata, resources, server_args, serving_image
 from patcher.deploy.options import DeployOptions, Source
 
 
@@ -22,8 +22,10 @@ def storage_account(options: DeployOptions) -> dict[str, Any]:
 
 def inference_service(options: DeployOptions, source: Source) -> dict[str, Any]:
     """A serving.kserve.io/v1beta1 InferenceService (modelFormat triton) on the repository."""
+    image = ({"image": serving_image(options, source)} if source.python_models  # the runtime's image, with packages
+             else {"runtimeVersion": options.tag})
     model: dict[str, Any] = {
-        "modelFormat": {"name": "triton"}, "runtimeVersion": options.tag, "storageUri": source.storage_uri,
+        "modelFormat": {"name": "triton"}, **image, "storageUri": source.storage_uri,
         "args": server_args(options, source, repository=""), "env": [key_env(options)],
         "resources": resources(options),
     }

@@ -35,10 +35,15 @@ def metadata(options: DeployOptions, name: str | None = None) -> dict[str, Any]:
 def server_args(options: DeployOptions, source: Source, repository: str | None = None) -> list[str]:
     """tritonserver's arguments: explicit models (composing first), the control plane restricted to the key."""
     restricted = f"{','.join(RESTRICTED)}:{HEADER}=$({KEY_ENV})"  # Kubernetes expands $(VAR) from the env
-    args = [f"--model-repository={repository or source.repository}"] if repository != "" else []
-    return [*args, "--model-control-mode=explicit", *[f"--load-model={m}" for m in source.models],
+    args = [f"--model-repository={inert(repository or source.repository)}"] if repository != "" else []
+    return [*args, "--model-control-mode=explicit", *[f"--load-model={inert(m)}" for m in source.models],
             "--strict-readiness=true", "--exit-on-error=true",
             f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+
+
+def inert(text: str) -> str:
+    """`text` as a container argument Kubernetes passes unchanged: its `$(VAR)` expansion escaped as `$$(VAR)`."""
+    return text.replace("$(", "$$(")
 
 
 def key_env(options: DeployOptions) -> dict[str, Any]:
@@ -86,11 +91,16 @@ def _volumes(options: DeployOptions, source: Source) -> tuple[list[dict[str, Any
     return volumes, mounts
 
 
+def serving_image(options: DeployOptions, source: Source) -> str:
+    """The image the pods run: the Dockerfile's build when python-backend models need its packages, else Triton's."""
+    return options.built_image if source.python_models else f"{options.image}:{options.tag}"
+
+
 def deployment(options: DeployOptions, source: Source) -> dict[str, Any]:
     """The Deployment: rolling updates that never go below the replica count (maxUnavailable 0)."""
     volumes, mounts = _volumes(options, source)
     container = {
-        "name": "triton", "image": f"{options.image}:{options.tag}", "command": ["tritonserver"],
+        "name": "triton", "image": serving_image(options, source), "command": ["tritonserver"],
         "args": server_args(options, source),
         "env": [key_env(options), *(s3_env(options) if source.s3 else [])],
         "ports": [{"name": name, "containerPort": port} for name, port in PORTS.items()],

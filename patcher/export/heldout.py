@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 from patcher.base.errors import PatcherError
 from patcher.data.loading import load_images
-from patcher.data.tasks import get_task
+from patcher.data.tasks import task_of
 from patcher.data.tasks.checks import skipping_bad_images
 
 SPLIT = "val"
@@ -39,13 +39,15 @@ def evenly_spaced(total: int, count: int) -> list[int]:
 
 
 def load_heldout(
-    tasks: list[str], preprocess_cfg: dict[str, Any], per_task: int, data_dir: Path | None = None
+    tasks: list[str], preprocess_cfg: dict[str, Any], per_task: int, data_dir: Path | None = None,
+    sources: dict[str, str | None] | None = None,
 ) -> HeldOut:
-    """Up to `per_task` images of each task's held-out (val) split, through open_clip's evaluation transform."""
+    """Up to `per_task` images of each task's held-out (val) split, through open_clip's evaluation transform;
+    `sources`: where a user's dataset is, by task name (the manifest's)."""
     images, labels, spans, start = [], [], {}, 0
     for name in tasks:
         with skipping_bad_images():  # parity needs good images, not every image: unusable files are left out
-            dataset = get_task(name).dataset(SPLIT, data_root=data_dir)
+            dataset = task_of(name, (sources or {}).get(name)).dataset(SPLIT, data_root=data_dir)
         if len(dataset) == 0:
             raise PatcherError(f"{name} has no images in its {SPLIT} split: the parity check needs some")
         subset = Subset(dataset, evenly_spaced(len(dataset), per_task))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,12 +167,15 @@ def parse_support(entries: Sequence[str], tolerance: float) -> tuple[list[str], 
     return names, tolerances
 
 
+USER_DATASET = re.compile(r"(?:[A-Za-z][A-Za-z0-9_-]*=)?(?:folder|csv|wds):")  # a user's dataset spec (user_data)
+
+
 def _split_tolerance(entry: str) -> tuple[str, str | None]:
     """("name", "points") for "name:points"; ("folder:PATH", None) for a folder task without a tolerance."""
     name, separator, points = entry.rpartition(":")
     if not separator or not name:
         return entry, None
-    if entry.startswith("folder:") and not _is_number(points):  # "folder:PATH" alone; its PATH may hold colons
+    if USER_DATASET.match(entry) and not _is_number(points):  # "folder:PATH" alone; its PATH may hold colons
         return entry, None
     return name, points
 

@@ -91,6 +91,7 @@ class TaskRecord:
     sizes: dict[str, int] = field(default_factory=dict)
     labels: tuple[str, ...] | None = field(default=None, metadata=OMIT_NONE)
     column_labels: tuple[int, ...] | None = field(default=None, metadata=OMIT_NONE)
+    source: str | None = field(default=None, metadata=OMIT_NONE)  # a user's dataset: "folder:/abs/path", ...
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -25,7 +25,7 @@ from patcher.data.loading import Splits, prepare_splits
 from patcher.data.metrics import Scores
 from patcher.data.options import DataOptions
 from patcher.data.shots import FewShot
-from patcher.data.tasks import Task, get_task
+from patcher.data.tasks import Task, get_task, short_name
 from patcher.models import LoadedModel, load_clip
 from patcher.models.heads import zero_shot_head
 from patcher.patching.alpha import SEARCHES, parse_alpha, parse_support
@@ -112,7 +112,7 @@ class BuildOptions:
 def default_out(options: BuildOptions) -> Path:
     """runs/<task[+task...]>-<method>[-<strategy>]-<timestamp>."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    tasks = "+".join(name.replace("/", "_").replace(":", "_") for name in options.patch_tasks)
+    tasks = "+".join(short_name(name) for name in options.patch_tasks)
     strategy = f"-{options.strategy}" if len(options.patch_tasks) > 1 else ""
     return Path("runs") / f"{tasks}-{options.method}{strategy}-{stamp}"
 
@@ -161,6 +161,7 @@ def check_options(options: BuildOptions) -> Checked:
                                "--monitor, and patch a task that has a train split")
     support = [get_task(name) for name in support_names]
     monitor = [get_task(name) for name in options.monitor]
+    tolerances = {task.name: tolerances[name] for name, task in zip(support_names, support, strict=True)}
     for name in support_names:
         if name in names:
             raise PatcherError(f"{name} is both the patch task and a supported task: list it once")
@@ -169,10 +170,18 @@ def check_options(options: BuildOptions) -> Checked:
     for name in options.monitor:
         if name in names or name in support_names:
             raise PatcherError(f"{name} is monitored and also patched or supported: give each task one role")
+    named = [task.name for task in (*patch, *support, *monitor)]
+    if len(set(named)) != len(named):
+        twice = sorted({name for name in named if named.count(name) > 1})
+        raise PatcherError(f"two of the tasks are named {', '.join(twice)}: give one of them another name "
+                           "(--task-name, or NAME=folder:PATH)")
     options.hyperparameters.check()
     check_reporters(options.hyperparameters.report_to)
     if options.resume and options.out is None:
         raise PatcherError("--resume needs the --out of the interrupted build")
+    for task in (*patch, *support, *monitor):
+        if "val" in task.parts:
+            console.print(f"{task.name}: alpha is chosen on its own val part ({task.source})", soft_wrap=True)
     return Checked(patch, support, fixed_alpha, params, tolerances, monitor)
 
 
@@ -188,7 +197,7 @@ def task_records(checked: Checked, splits: Splits) -> dict[str, TaskRecord]:
         sizes = {"val": len(splits.val[task.name]), "test": len(splits.test[task.name])}
         if task.name in splits.train:
             sizes = {"train": len(splits.train[task.name]), **sizes}
-        return TaskRecord(role, task.classnames, task.templates, sizes, task.labels, task.column_labels)
+        return TaskRecord(role, task.classnames, task.templates, sizes, task.labels, task.column_labels, task.source)
 
     return {**{t.name: record(t, "patch") for t in checked.patch},
             **{t.name: record(t, "support") for t in checked.support},

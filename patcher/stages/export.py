@@ -19,7 +19,7 @@ import torch
 
 from patcher.base.errors import PatcherError
 from patcher.base.faults import write_errors
-from patcher.base.files import FileRecord, now_iso, sha256_file
+from patcher.base.files import FileRecord, now_iso
 from patcher.base.locks import check_output_name, output_lock
 from patcher.base.progress import console, make_progress
 from patcher.base.staging import clean_stale, staged_output
@@ -39,7 +39,6 @@ from patcher.export.contract import (
     logits_output,
     model_key,
     output_names,
-    read_export_record,
     tensor_entries,
     text_entries,
     write_export_record,
@@ -48,6 +47,7 @@ from patcher.export.contract import text_file as contract_text_file
 from patcher.export.graph import ExportGraph, load_graph, reference_outputs
 from patcher.export.heldout import SPLIT, HeldOut, load_heldout
 from patcher.export.metadata import EXPORTER, attach_metadata, metadata_props
+from patcher.export.reuse import IMAGES_PER_TASK, existing_export, select_tasks
 from patcher.export.samples import write_samples
 from patcher.export.text import (
     base_model,
@@ -65,10 +65,8 @@ from patcher.export.trace import check_opset, export_onnx, save_onnx
 from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16, to_int8
 from patcher.export.verify import thresholds, verify_model
 from patcher.runs.layout import EXPORT_DIR, EXPORTED_KINDS
-from patcher.runs.manifest import Run, TrainingRecord, load_run
+from patcher.runs.manifest import TrainingRecord, load_run
 from patcher.runs.weights import verified_config, verified_weights
-
-IMAGES_PER_TASK = 256
 
 
 @dataclass(frozen=True)
@@ -88,60 +86,6 @@ class ExportOptions:
     # the text tower (label sets at request time), from the run's base model: True requires it; None (auto) exports
     # it when that model loads with the weights the run recorded, else warns and exports the image graphs only
     text: bool | None = None
-
-
-def select_tasks(run: Run, tasks: list[str] | None) -> list[str]:
-    """The tasks to export, in the run's order unless given; PatcherError for a task the run lacks."""
-    if tasks is None:
-        return run.tasks
-    chosen = list(dict.fromkeys(tasks))
-    if not chosen:
-        raise PatcherError("no tasks given: pass task names the run has, or none for all of them")
-    unknown = [task for task in chosen if task not in run.tasks]
-    if unknown:
-        raise PatcherError(f"run {run.name} has no task {', '.join(unknown)}: it has {', '.join(run.tasks)}")
-    return chosen
-
-
-def existing_export(out: Path, run: Run, content: ContentOptions, overwrite: bool, ignored: tuple[str, ...] = ()
-                    ) -> bool:
-    """True when `out` already holds this export; PatcherError when it holds something it may not replace."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise PatcherError(f"{out} is a file, not a directory: pass another --out")
-    if not (out / EXPORT_JSON).is_file():
-        if any(out.iterdir()):
-            raise PatcherError(f"{out} exists and is not a patcher export: refusing to replace it, pass another --out")
-        return False
-    try:
-        record: ExportRecord | None = read_export_record(out / EXPORT_JSON)
-    except PatcherError:
-        record = None
-    difference = _difference(record, run, content, ignored)
-    if difference is None and record is not None and _files_intact(out, record) and not overwrite:
-        return True
-    if overwrite:
-        return False
-    raise PatcherError(f"{out} holds a different export ({difference or 'files changed since'}): "
-                       "pass --overwrite to replace it or another --out")
-
-
-def _difference(record: ExportRecord | None, run: Run, content: ContentOptions, ignored: tuple[str, ...] = ()
-                ) -> str | None:
-    if record is None:
-        return f"not a readable {EXPORT_FORMAT} record"
-    if record.run.manifest_sha256 != run.manifest_sha256:
-        return f"of run {record.run.name!r} with another manifest"
-    previous, wanted = vars(record.options), vars(content)
-    changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in wanted.items()
-               if previous[key] != value and key not in ignored]
-    return ", ".join(changed) or None
-
-
-def _files_intact(out: Path, record: ExportRecord) -> bool:
-    return all((out / entry.file).is_file() and sha256_file(out / entry.file) == entry.sha256
-               for entry in record.models.values())
 
 
 class Export:
@@ -200,8 +144,9 @@ class Export:
         training = self.run_record.manifest.training
         skip = isinstance(training, TrainingRecord) and training.data.skip_bad_images
         with skipping_bad_images(skip):
+            sources = {name: record.source for name, record in self.run_record.manifest.tasks.items()}
             return load_heldout(self.tasks, self.config["preprocess_cfg"], self.options.images_per_task,
-                                self.options.data_dir)
+                                self.options.data_dir, sources)
 
     def export_models(self, folder: Path, heldout: HeldOut) -> tuple[dict[str, ExportedModel], dict[str, Any],
                                                                       dict[str, int]]:

@@ -22,7 +22,7 @@ from patcher.base.progress import console
 from patcher.base.staging import staged_output
 from patcher.data.loading import prepare_splits
 from patcher.data.options import DataOptions
-from patcher.data.tasks import Task, get_task
+from patcher.data.tasks import Task, task_of
 from patcher.models import LoadedModel, build_from_config, load_clip, state_dict_digest
 from patcher.models.heads import zero_shot_head
 from patcher.models.state import HEAD_PREFIX, TEXT_PREFIX, VISUAL_PREFIX, State, prefixed, split_classifier_state
@@ -113,7 +113,8 @@ def _base_model(runs: list[Run], config: dict[str, Any], needs_text: bool, devic
 def _load_tasks(runs: list[Run], names: list[str]) -> dict[str, Task]:
     tasks = {}
     for name in names:
-        task = get_task(name)
+        sources = [run.manifest.tasks[name].source for run in runs if name in run.manifest.tasks]
+        task = task_of(name, next((source for source in sources if source), None))
         for run in runs:
             recorded = run.manifest.tasks.get(name)
             if recorded is not None and list(recorded.classnames) != list(task.classnames):
@@ -151,7 +152,7 @@ def _task_records(runs: list[Run], tasks: dict[str, Task], patch: list[str], ses
                          if task in run.manifest.tasks and task in run.manifest.patch_tasks), {})
         train = {"train": recorded["train"]} if "train" in recorded else {}
         sizes = {**train, "val": len(session.splits.val[task]), "test": len(session.splits.test[task])}
-        return TaskRecord(role, tasks[task].classnames, tasks[task].templates, sizes)
+        return TaskRecord(role, tasks[task].classnames, tasks[task].templates, sizes, source=tasks[task].source)
 
     return {task: record(task, "patch" if task in patch else "support") for task in tasks}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import re
 from dataclasses import dataclass
@@ -38,9 +39,25 @@ def _grpc():
     return grpcclient, InferenceServerException
 
 
+SCHEMES = ("grpc://", "http://", "https://")
+
+
+def host_port(url: str) -> str:
+    """HOST:PORT of a Triton gRPC address given with or without a scheme (`http://host:8001/` -> `host:8001`)."""
+    address = url.strip()
+    for scheme in SCHEMES:
+        if address.lower().startswith(scheme):
+            address = address[len(scheme):]
+    address = address.rstrip("/")
+    if not address or "/" in address or any(c.isspace() for c in address):
+        raise PatcherError(f"{url!r} is not a gRPC address: HOST:PORT, e.g. 127.0.0.1:8001")
+    return address
+
+
 def connect(url: str, timeout_s: float = 30) -> Any:
     """A gRPC client for a live server; PatcherError naming the URL if nothing answers there."""
     grpcclient, InferenceServerException = _grpc()
+    url = host_port(url)
     try:
         client = grpcclient.InferenceServerClient(url)
         live = client.is_server_live(client_timeout=min(timeout_s, 10))
@@ -90,8 +107,11 @@ def describe_model(client: Any, model: str, url: str, timeout_s: float = 30,
         metadata = client.get_model_metadata(model, as_json=True, client_timeout=timeout_s)
         config = _config(client, model, timeout_s)
     except InferenceServerException as error:
-        raise PatcherError(f"the server at {url} has no ready model {model!r} ({error.message()}); its models: "
-                           f"{known_models(client, timeout_s, headers)}") from None
+        known = known_models(client, timeout_s, headers)
+        names = [entry.rsplit(" (", 1)[0] for entry in known.split(", ")]
+        near = difflib.get_close_matches(model, names, n=3, cutoff=0.6)
+        listed = f"did you mean {' or '.join(near)}? ({len(names)} models served)" if near else f"its models: {known}"
+        raise PatcherError(f"the server at {url} has no ready model {model!r} ({error.message()}); {listed}") from None
     parameters = _parameters(config)
     outputs = {o["name"]: o for o in config.get("output", [])}
     declared = json.loads(parameters["tasks"]) if parameters.get("tasks") else {}

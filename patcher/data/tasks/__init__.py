@@ -6,7 +6,7 @@ CLIP's published class names and "{}" templates; `task.dataset("val", data_root)
 """
 
 from patcher.data.tasks.paths import default_data_root
-from patcher.data.tasks.registry import PAINT_TASKS, get_task, known_tasks
+from patcher.data.tasks.registry import PAINT_TASKS, get_task, known_tasks, short_name, task_of
 from patcher.data.tasks.task import Task
 
-__all__ = ["PAINT_TASKS", "Task", "default_data_root", "get_task", "known_tasks"]
+__all__ = ["PAINT_TASKS", "Task", "default_data_root", "get_task", "known_tasks", "short_name", "task_of"]

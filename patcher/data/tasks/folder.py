@@ -1,4 +1,4 @@
-"""A user's dataset in ImageFolder layout, named "folder:PATH" (PATH/train/<class>/..., PATH/test/...)."""
+"""A user's dataset in ImageFolder layout, "folder:PATH" (PATH/train/<class>/..., PATH/val/..., PATH/test/...)."""
 
 from __future__ import annotations
 
@@ -12,28 +12,25 @@ from torch.utils.data import Dataset
 
 from patcher.base.errors import PatcherError
 from patcher.base.progress import console
-from patcher.data.tasks import checks, templates
+from patcher.data.tasks import checks
 from patcher.data.tasks.loaders import torchvision_class
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.task import Task
+from patcher.data.tasks.user_data import Spec, class_names, read_templates
 from patcher.data.tasks.views import ImageView
 
 PREFIX = "folder:"
-LAYOUT = "train/<class>/<image> and optionally test/<class>/<image>"
+LAYOUT = "train/<class>/<image>, optionally val/<class>/<image> and test/<class>/<image>"
 
 
-def folder_task(name: str) -> Task:
-    """The task "folder:PATH": class names from train/'s folders or classnames.txt, templates.txt optional."""
-    path = Path(name.removeprefix(PREFIX)).expanduser()
-    classes = class_folders(path)
-    names = read_lines(path / "classnames.txt") or tuple(folder.replace("_", " ") for folder in classes)
-    if len(names) != len(classes):
-        raise PatcherError(
-            f"{path / 'classnames.txt'} has {len(names)} names but {path / 'train'} has {len(classes)} class "
-            f"folders ({', '.join(classes)}): give one name per folder, in sorted folder order"
-        )
-    prompts = read_lines(path / "templates.txt") or templates.FOLDER_DEFAULT
-    return Task(name, names, prompts, partial(load_folder, path, classes))
+def folder_task(spec: Spec, name: str) -> Task:
+    """The task of a folder dataset: class names from train/'s folders (or classnames.txt's `FOLDER: NAME` map),
+    templates.txt optional, val/ and test/ used when present."""
+    path = spec.location
+    folders, names = class_names(class_folders(path), path, "class folder")
+    parts = tuple(part for part in ("train", "val", "test") if part == "train" or (path / part).is_dir())
+    return Task(name, names, read_templates(path), partial(load_folder, path, folders, parts), parts=parts,
+                source=spec.source)
 
 
 def class_folders(path: Path) -> tuple[str, ...]:
@@ -47,16 +44,10 @@ def class_folders(path: Path) -> tuple[str, ...]:
     return tuple(classes)
 
 
-def read_lines(path: Path) -> tuple[str, ...]:
-    """The non-blank lines of a text file, stripped; empty when the file does not exist."""
-    if not path.is_file():
-        return ()
-    return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-
-
-def load_folder(path: Path, classes: tuple[str, ...], part: str, root: Path, download: bool) -> Dataset:
-    """PATH/train or PATH/test; without PATH/test, a seeded stratified 4:1 split of PATH/train."""
-    if (path / "test").is_dir():
+def load_folder(path: Path, classes: tuple[str, ...], parts: tuple[str, ...], part: str, root: Path,
+                download: bool) -> Dataset:
+    """PATH/<part>; without PATH/test, a seeded stratified 4:1 split of PATH/train."""
+    if part in parts and (part != "train" or "test" in parts):
         return open_folder(path, part, classes)[0]
     train, labels = open_folder(path, "train", classes)
     return ImageView(train, train_test_indices(labels, weights=(4, 1))[part])
@@ -79,13 +70,15 @@ def open_folder(path: Path, part: str, classes: tuple[str, ...]) -> tuple[ImageV
         raise PatcherError(f"{path / part} has class folders that train/ lacks: {', '.join(unknown)}")
     if not data.samples:
         raise PatcherError(f"folder dataset {path} has no images in {part}/: expected {LAYOUT}")
-    _drop_bad_images(data, path / part)
+    dropped = drop_bad_images(data, path / part)
+    _refuse_empty_classes(data, path / part, dropped > 0)
     index = [classes.index(name) for name in data.classes]
     return ImageView(data, target=index.__getitem__), [index[target] for target in data.targets]
 
 
-def _drop_bad_images(data: Any, folder: Path) -> None:
-    """Refuse (or, when skipping, leave out and count) unusable image files; refuse empty class folders."""
+def drop_bad_images(data: Any, folder: Path) -> int:
+    """Refuse (or, when skipping, leave out and count) unusable image files of `data.samples` [(path, label)]; how
+    many were left out."""
     bad = checks.find_bad_images(sample[0] for sample in data.samples)
     report = checks.skip_report()
     if bad and report is None:
@@ -100,10 +93,14 @@ def _drop_bad_images(data: Any, folder: Path) -> None:
         data.targets = [target for _, target in data.samples]
         console.print(f"[yellow]warning:[/] left out {len(bad)} unusable image files in {folder} "
                       f"(--skip-bad-images): {checks.describe(bad)}")
+    return len(bad)
+
+
+def _refuse_empty_classes(data: Any, folder: Path, skipped: bool) -> None:
     counts = Counter(data.targets)
     empty = [name for number, name in enumerate(data.classes) if counts[number] == 0]
     if empty:
-        usable = " usable" if bad else ""
+        usable = " usable" if skipped else ""
         shown = ", ".join(str(folder / name) for name in empty[:checks.SHOWN])
         more = f" and {len(empty) - checks.SHOWN} more" if len(empty) > checks.SHOWN else ""
         raise PatcherError(f"class folder {shown}{more} has no{usable} images: add images, or remove the folder "

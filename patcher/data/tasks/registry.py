@@ -1,17 +1,17 @@
-"""The task registry: names to tasks (class names, templates, loader), plus "folder:PATH" datasets."""
+"""The task registry: names to tasks (class names, templates, loader), plus a user's datasets (folder:, csv:, wds:)."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 from patcher.base.errors import PatcherError
 from patcher.data.tasks import classnames as names
-from patcher.data.tasks import image_folders, loaders
+from patcher.data.tasks import csv_files, image_folders, loaders, shards
 from patcher.data.tasks import templates as prompts
 from patcher.data.tasks.digits import PARTS as DIGITS_PARTS
 from patcher.data.tasks.digits import load_digits
 from patcher.data.tasks.fashion_mnist import load_fashion_mnist
-from patcher.data.tasks.folder import PREFIX as FOLDER_PREFIX
 from patcher.data.tasks.folder import folder_task
 from patcher.data.tasks.imagenet_shifts import (
     load_imagenet_a,
@@ -27,6 +27,7 @@ from patcher.data.tasks.printed_digits import load_printed_digits
 from patcher.data.tasks.rendered.catalog import RENDERED_TASKS
 from patcher.data.tasks.task import TEST_ONLY, HeadColumns, Loader, Task
 from patcher.data.tasks.typographic_digits import load_typographic_digits
+from patcher.data.tasks.user_data import SPEC_HELP, Spec, parse_spec, task_name
 
 PAINT_TASKS = ("cars", "dtd", "eurosat", "gtsrb", "kitti", "mnist", "resisc45", "sun397", "svhn")
 IMAGENET_SHIFTS = ("imagenet-v2", "imagenet-r", "imagenet-sketch", "imagenet-a", "objectnet")
@@ -85,19 +86,45 @@ _TASKS: dict[str, Callable[[], Task]] = {
 }
 
 
+USER_DATASETS: dict[str, tuple[Callable[[Spec, str], Task], tuple[str, ...]]] = {
+    "folder": (folder_task, ()),
+    "csv": (csv_files.csv_task, csv_files.OPTIONS),
+    "wds": (shards.shard_task, shards.OPTIONS),
+}
+
+
 def known_tasks() -> list[str]:
-    """The registered task names (a "folder:PATH" task is accepted besides these)."""
+    """The registered task names (a user's dataset, folder:PATH, csv:PATH or wds:PATH, is accepted besides these)."""
     return sorted(_TASKS)
 
 
-def get_task(name: str) -> Task:
-    """The task called `name` (case-insensitive, "_" read as "-"), or "folder:PATH" for an ImageFolder."""
-    if name.startswith(FOLDER_PREFIX):
-        return folder_task(name)
+def get_task(name: str, task_name_: str | None = None) -> Task:
+    """The task called `name` (case-insensitive, "_" read as "-"), or a user's dataset: "[NAME=]folder:PATH",
+    "csv:PATH", "wds:PATH" (see user_data), named `task_name_` when given."""
+    spec = user_dataset(name)
+    if spec is not None:
+        make, _ = USER_DATASETS[spec.kind]
+        return make(spec, task_name(spec, task_name_, _TASKS))
     factory = _TASKS.get(name.strip().lower().replace("_", "-"))
     if factory is None:
-        raise PatcherError(
-            f"unknown task {name!r}; known tasks: {', '.join(known_tasks())}, or folder:PATH for a dataset "
-            "in ImageFolder layout"
-        )
+        near = difflib.get_close_matches(name.strip().lower().replace("_", "-"), known_tasks(), n=3, cutoff=0.6)
+        listed = f"did you mean {' or '.join(near)}? (`patcher tasks` lists all)" if near else (
+            f"known tasks: {', '.join(known_tasks())}")
+        raise PatcherError(f"unknown task {name!r}; {listed}, or a dataset of your own: {SPEC_HELP}")
     return factory()
+
+
+def user_dataset(name: str) -> Spec | None:
+    """The parsed spec when `name` is a user's dataset, else None."""
+    return parse_spec(name, {kind: options for kind, (_, options) in USER_DATASETS.items()})
+
+
+def short_name(name: str) -> str:
+    """The name a task will have, without reading its data: `shapes` for "folder:/data/shapes"."""
+    spec = user_dataset(name)
+    return task_name(spec, None, _TASKS) if spec is not None else name.strip().lower().replace("_", "-")
+
+
+def task_of(name: str, source: str | None) -> Task:
+    """A run's task from its manifest: the user's dataset at `source` named `name`, or the registered `name`."""
+    return get_task(source, name) if source else get_task(name)

@@ -38,7 +38,8 @@ class HeadColumns:
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task. Split "val" is a seeded holdout of the train part; "train" excludes it. A task
+    """A classification task. Split "val" is a seeded holdout of the train part ("train" excludes it), unless the
+    loader has a "val" part of its own (a user's val/ folder). A task
     without a train part (an evaluation set such as ImageNet-R) holds out a seeded part of its test images instead.
 
     `classnames` name the head's columns (what the prompts fill in); `labels`, when given, are the classes the
@@ -53,6 +54,7 @@ class Task:
     head_from: HeadColumns | None = field(default=None, repr=False, compare=False)
     labels: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     column_labels: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    source: str | None = field(default=None, repr=False, compare=False)  # where a user's dataset is: "folder:/abs"
 
     def __post_init__(self) -> None:
         if not self.classnames:
@@ -87,14 +89,15 @@ class Task:
     def splits(self) -> tuple[str, ...]:
         """The split names dataset() accepts: train (when the task has one), val, test, then any extra parts."""
         train = ("train",) if self.trainable else ()
-        return (*train, "val", "test", *(part for part in self.parts if part not in OFFICIAL_PARTS))
+        extra = (part for part in self.parts if part not in (*OFFICIAL_PARTS, "val"))
+        return (*train, "val", "test", *extra)
 
     def dataset(self, split: str, data_root: Path | str | None = None, download: bool = False) -> Dataset:
         """Items (RGB PIL image, int label) of one split, read from under the data root."""
         if split not in self.splits:
             raise PatcherError(f"task {self.name} has no split {split!r}; its splits are {', '.join(self.splits)}")
         root = resolve_data_root(data_root)
-        if split not in ("train", "val") and self.trainable:
+        if (split not in ("train", "val") and self.trainable) or "val" in self.parts:  # a part of its own: val/
             return self.load(split, root, download)
         held_from = "train" if self.trainable else "test"  # an evaluation set holds out part of its test images
         full = self.load(held_from, root, download)

@@ -240,6 +240,52 @@ BUILDERS: dict[str, Callable[[EntryContext, Model], ModelPlan]] = {
 }
 
 
+# What each model is for, as `patcher triton` writes it into the model's config (parameter "description"), so that a
+# user reading the config (GET /v2/models/<model>/config, tritonclient's get_model_config) can tell them apart.
+DESCRIPTIONS = {
+    "ensemble": "START HERE. Encoded images (BYTES [N,1]: JPEG, PNG, PPM files' bytes) in; the patched model's "
+                "embedding and every task's logits out (ask class_count=K for 'score:index:label'). Scores are "
+                "logits: logit_scale x cosine, softmax them for probabilities.",
+    "preprocess": "Step 1 of the {entry} ensembles: encoded image bytes -> the CLIP-normalised float tensor (resize, "
+                  "centre crop, mean/std, as parameter 'preprocess' says). Not for direct use.",
+    "patched": "The patched image encoder with every task's head. Input: CLIP-NORMALISED float {image} [N,3,H,W] "
+               "(already resized, cropped, mean/std applied). For raw 0-255 pixels use {entry}_pixels; for files "
+               "use {entry}.",
+    "zeroshot": "The zero-shot (unpatched) image encoder with every task's head, for comparison (alpha 0). Input: "
+                "CLIP-NORMALISED float {image} [N,3,H,W], like {entry}_patched.",
+    "pixels": "The patched model for RAW PIXELS: float 0-255 RGB [N,3,H,W] (FORMAT_NCHW, resized to the model's "
+              "size, NOT normalised: the graph normalises), NVIDIA's image_client convention. For normalised "
+              "tensors use {entry}_patched.",
+    "task_pixels": "Task {task} only, NVIDIA's image-classification convention: raw 0-255 RGB pixels [N,3,H,W] in, "
+                   "one labelled logits output.",
+    "task_bytes": "Task {task} only: encoded image bytes [N,1] in, one labelled logits output.",
+    "text": "The text tower: prompts (BYTES) in, L2-normalised text embeddings out.",
+    "embed": "RAW PIXELS in (float 0-255 RGB [N,3,H,W], FORMAT_NCHW, NVIDIA's image convention), the patched "
+             "model's L2-normalised image embeddings out. For encoded files, ask {entry} for its 'embedding'.",
+    "classify": "Open vocabulary: images plus your labels (and templates, each with one {{}}) in, scores per label "
+                "out (logits: logit_scale x cosine).",
+}
+CLASSIFIERS = ("patched", "zeroshot", "pixels", "ensemble", "task_pixels", "task_bytes", "embed")
+
+
+def describe(context: EntryContext, plan: ModelPlan) -> None:
+    """Add what the model is for, and for the image models the precision and alpha they serve, to its config."""
+    model = plan.model
+    text = DESCRIPTIONS.get(model.kind, "An extra classifier ({kind}), served like {entry}_patched: CLIP-normalised "
+                                        "float images in.")
+    parameters = {"description": text.format(entry=context.entry.name, image=context.image.name, task=model.task,
+                                             kind=model.kind)}
+    kind = "zeroshot" if model.kind == "zeroshot" else "patched"
+    if model.kind in CLASSIFIERS:
+        parameters["precision"] = context.options.precision
+        record = next((m for m in context.info.data.get("models", {}).values()
+                       if m.get("model") == kind and m.get("precision", "fp32") == context.options.precision), None)
+        if record is not None and "alpha" in record:
+            parameters["alpha"] = f"{record['alpha']:g}"
+    for key, value in parameters.items():
+        plan.config.parameters[key].string_value = value
+
+
 def plan_entry(info: ExportInfo, entry: Entry, files: dict[str, Path], options: Options, record: str
                ) -> list[ModelPlan]:
     """Every model of the entry with its configuration and files; `record` is the version record (patcher.json)."""
@@ -248,4 +294,7 @@ def plan_entry(info: ExportInfo, entry: Entry, files: dict[str, Path], options: 
         if kind != "patched" and classifier_io(info, path) != (image, outputs):
             raise PatcherError(f"{path} and {files['patched']} have different inputs or outputs")
     context = EntryContext(info, entry, options, files, image, outputs, record)
-    return [BUILDERS.get(model.kind, build_classifier)(context, model) for model in entry.models()]
+    plans = [BUILDERS.get(model.kind, build_classifier)(context, model) for model in entry.models()]
+    for plan in plans:
+        describe(context, plan)
+    return plans
