@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from patcher.base.errors import PatcherError
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, WAIT_S, ByteBudget
+from patcher.triton.serving.json_guard import JsonRefused, check_json, json_part_length
 
 MAX_HEAD_BYTES = 64 << 10
 MAX_CONNECTIONS = 1024  # two file descriptors each; `patcher serve` raises its open-file limit to 4096
@@ -93,6 +94,13 @@ def _copy(source: BinaryIO, target: socket.socket | None, size: int) -> None:
         size -= len(block)
         if target is not None:
             target.sendall(block)
+
+
+def _read_exactly(source: BinaryIO, size: int) -> bytes:
+    data = source.read(size) if size else b""
+    if len(data) < size:
+        raise _ClientGone()
+    return data
 
 
 def _refusal(status: int, message: str) -> bytes:
@@ -277,10 +285,16 @@ class HttpFront:
         try:
             if b"100-continue" in headers.get(b"expect", b"").lower():
                 client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                json_bytes = json_part_length(headers, length)
+                json_part = _read_exactly(reader, json_bytes)
+                check_json(json_part)
+            except JsonRefused as error:
+                raise _Refused(400, str(error)) from None
             relay = _Relay(client)
             try:
-                upstream.sendall(_without(head, HOP_BY_HOP))
-                _copy(reader, upstream, length)
+                upstream.sendall(_without(head, HOP_BY_HOP) + json_part)
+                _copy(reader, upstream, length - json_bytes)
                 self.forwarded += 1
                 keep = _forward_response(upstream_reader, relay, method)
             except (ConnectionError, BrokenPipeError) as error:
