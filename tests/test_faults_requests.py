@@ -7,15 +7,20 @@ One server for the module; each test checks that tritonserver is the same proces
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import socket
+import string
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from serving_support import Served, encoded
+from serving_support import Served, encoded, peak_rss_mb
 from triton_support import requires_bundled_triton
 
 from patcher.triton.repository.writer import write_repository
@@ -89,4 +94,103 @@ def test_a_json_bomb_gets_a_4xx_and_tritonserver_is_the_same_process_after_twent
     status, body = _post(served.http_url, "/v2/models/digits/infer", request + blob,
                          f"Inference-Header-Content-Length: {len(request)}\r\n")
     assert status == 200, body[:300]
+    assert served.server_pid() == pid
+
+
+# --- rows 3 and 4: label sets checked before any prompt is built ------------------------------------------------
+
+
+def _infer(url: str, model: str, inputs: dict[str, list[bytes]], timeout_s: float | None = 30) -> np.ndarray:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        tensors = []
+        for name, values in inputs.items():
+            array = np.array(values, dtype=np.object_)
+            array = array.reshape(-1, 1) if name in ("image_bytes", "text") else array
+            tensor = grpcclient.InferInput(name, list(array.shape), "BYTES")
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        result = client.infer(model, tensors, client_timeout=timeout_s)
+        return result.as_numpy("text_embedding" if model.endswith("_text") else "scores")
+    finally:
+        client.close()
+
+
+def _shm_bytes(served: Served) -> int:
+    """The bytes of the server's python-backend shared-memory regions in /dev/shm."""
+    cmdline = Path(f"/proc/{served.server_pid()}/cmdline").read_bytes().split(b"\0")
+    (prefix,) = [arg.split(b"=")[-1].decode() for arg in cmdline if b"shm-region-prefix-name" in arg]
+    return sum(path.stat().st_size for path in Path("/dev/shm").glob(f"{prefix}*"))
+
+
+def _refused(url: str, model: str, inputs: dict[str, list[bytes]], timeout_s: float = 30) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as raised:
+        _infer(url, model, inputs, timeout_s)
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value.message()
+    return str(raised.value.message())
+
+
+def _random_word(rng: random.Random, letters: int) -> str:
+    return "".join(rng.choices(string.ascii_lowercase, k=letters))
+
+
+def test_format_specifier_templates_are_refused_at_once_without_memory(served: Served) -> None:
+    pid, image = served.server_pid(), [_digit_png()]
+    _infer(served.grpc_url, "digits_classify", {"image_bytes": image, "labels": [b"warm", b"up"]})
+    stubs = [served.stub("digits_classify").pid, served.stub("digits_text").pid]
+    peaks, shm = [peak_rss_mb(p) for p in stubs], _shm_bytes(served)
+    started = time.monotonic()
+    message = _refused(served.grpc_url, "digits_classify",
+                       {"image_bytes": image, "labels": [b"cat"], "templates": [b"{:>300000000}"]})
+    elapsed = time.monotonic() - started
+    assert "must hold a bare {} for the label, without a format specifier" in message
+    assert elapsed < 1.0, f"refused after {elapsed:.1f} s"
+    growth = [peak_rss_mb(p) - before for p, before in zip(stubs, peaks, strict=True)]
+    assert max(growth) < 50, f"stub peaks grew by {growth} MB"
+    assert _shm_bytes(served) == shm
+    for template, expected in [(b"{:d}", "without a format specifier"), (b"{:{}}", "without a format specifier"),
+                               (b"{!r}", "or conversion"), (b"{0}", "exactly one {}")]:
+        assert expected in _refused(served.grpc_url, "digits_classify",
+                                    {"image_bytes": image, "labels": [b"cat"], "templates": [template]})
+    assert served.server_pid() == pid
+
+
+def test_long_words_are_refused_before_bpe_and_the_largest_request_is_answered(served: Served) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    pid, rng, image = served.server_pid(), random.Random(4), [_digit_png()]
+    words = [_random_word(rng, 4000).encode() for _ in range(12)]
+
+    def abandoned(word: bytes) -> None:
+        with contextlib.suppress(InferenceServerException):
+            _infer(served.grpc_url, "digits_text", {"text": [word]}, timeout_s=0.1)
+
+    threads = [threading.Thread(target=abandoned, args=(word,)) for word in words]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    started = time.monotonic()
+    scores = _infer(served.grpc_url, "digits_classify", {"image_bytes": image, "labels": [b"kestrel", b"ferret"]})
+    fresh = time.monotonic() - started
+    assert scores.shape == (1, 2) and fresh < 2.0, f"a new 2-label set after the long words took {fresh:.1f} s"
+    assert "is 4000 bytes long, more than MAX_WORD_BYTES=64" in _refused(served.grpc_url, "digits_text",
+                                                                           {"text": [words[0]]})
+    labels = sorted({_random_word(rng, 12) for _ in range(1200)})[:1000]  # max_labels, each unknown to the cache
+    started = time.monotonic()
+    scores = _infer(served.grpc_url, "digits_classify", {"image_bytes": image, "labels": [w.encode() for w in labels],
+                                                         "templates": [b"a photo of a {}."]}, timeout_s=60)
+    largest = time.monotonic() - started
+    assert scores.shape == (1, 1000) and largest < 5.0, f"1,000 new labels took {largest:.1f} s"
+    for labels, templates, expected in [
+            ([str(i).encode() for i in range(40)], [b"%d {}" % i for i in range(40)],
+             "40 labels x 40 templates make 1600 prompts, more than max_prompts=1024"),
+            ([b"\x01\x02"], None, "holds only control or format characters"),
+            ([b"x" * 5000], None, "more than max_prompt_bytes=4096")]:
+        inputs = {"image_bytes": image, "labels": labels, **({"templates": templates} if templates else {})}
+        assert expected in _refused(served.grpc_url, "digits_classify", inputs)
     assert served.server_pid() == pid
