@@ -31,6 +31,7 @@ from serving_support import (
     group_pss_mb,
     hostile_clients,
     owned_scratch,
+    published_by_hand,
 )
 from triton_support import requires_bundled_triton
 
@@ -332,6 +333,7 @@ def test_a_failed_start_names_a_log_that_exists_and_leaves_no_folder(tiny_export
     repo = tmp_path / "repo"
     write_repository(tiny_export, repo)
     (repo / "digits_zeroshot" / "1" / "model.py").write_text("raise RuntimeError('this model cannot start')\n")
+    published_by_hand(repo, "digits_zeroshot/1/model.py")  # a broken model, but the one published
     serve = _serve(repo, tmp_path / "key.json", *distinct_free_ports(3))
     _, err = serve.communicate(timeout=300)
     (line,) = err.strip().splitlines()[-1:]

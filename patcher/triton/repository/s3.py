@@ -69,6 +69,9 @@ def parse_location(uri: str) -> Location:
         endpoint, rest = match.group(1), match.group(2)
     bucket, _, prefix = rest.partition("/")
     parts = [part for part in prefix.split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise PatcherError(f"{uri}: a prefix may not hold '.' or '..' (keys would be written outside it): name the "
+                           "folder itself")
     if not BUCKET.fullmatch(bucket) or not all(PART.fullmatch(part) for part in parts):
         raise PatcherError(f"{uri}: Triton reads buckets of a-z, 0-9, '.', '-' and paths of letters, digits, '.', "
                            "'-', '_': rename it")
