@@ -13,14 +13,17 @@ import random
 import socket
 import string
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faults_support import the_error_line
 from PIL import Image
-from serving_support import Served, encoded, peak_rss_mb
+from serving_support import Served, encoded, environment, peak_rss_mb
 from triton_support import requires_bundled_triton
 
 from patcher.triton.repository.writer import write_repository
@@ -194,3 +197,13 @@ def test_long_words_are_refused_before_bpe_and_the_largest_request_is_answered(s
         inputs = {"image_bytes": image, "labels": labels, **({"templates": templates} if templates else {})}
         assert expected in _refused(served.grpc_url, "digits_classify", inputs)
     assert served.server_pid() == pid
+
+
+def test_classify_with_labels_that_hold_no_label_is_one_error_line(tmp_path: Path) -> None:
+    image = tmp_path / "digit.png"
+    image.write_bytes(_digit_png())
+    done = subprocess.run([sys.executable, "-m", "patcher", "classify", str(image), "--model", "digits",
+                           "--labels", ",,,", "--url", "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+                          env=environment())
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert "--labels ',,,' holds no label" in the_error_line(done.stderr)

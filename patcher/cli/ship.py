@@ -185,6 +185,8 @@ def classify(
     from patcher.triton.openvocab_client import classify_labels
 
     label_list = comma_list(labels)
+    if labels.strip() and not label_list:
+        raise PatcherError(f"--labels {labels!r} holds no label: give comma-separated labels, e.g. --labels cat,dog")
     if raw and (label_list or run is not None):
         raise PatcherError("--raw sends preprocessed tensors to a served <model>_patched: not with --labels or --run")
     if templates is not None and not label_list:
