@@ -309,7 +309,7 @@ def test_a_killed_tritonserver_is_restarted_on_the_same_ports_with_the_same_key(
     kept_open.sendall(ready)  # its upstream died with tritonserver: answered, not hung
     assert kept_open.recv(4096).startswith(b"HTTP/1.1 502 "), "a request on a connection opened before the restart"
     kept_open.close()
-    crash = served.wait_for_line("exited unexpectedly (signal 9)", 1)
+    crash = served.wait_for_line("exited unexpectedly (signal 9: SIGKILL)", 1)
     kept_log = Path(crash.split("(log ")[1].split(")")[0])
     assert kept_log.is_file() and "restart 1" in line
     assert served.server_pid() != killed and served.key_file.read_text() == key
