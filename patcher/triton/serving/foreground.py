@@ -89,6 +89,9 @@ def _announce(server: TritonServer, urls: dict[str, str], key_path: Path | None,
     echo(f"  models  {', '.join(server.loaded)}")
     echo(f"  key     {key_path} (0600; {', '.join(RESTRICTED)} need it)")
     echo(f"  log     {server.log_path}")
+    if not server.store.journal().hashes:
+        echo("  note    the repository's journal records no file hashes: its files are served unchecked "
+             "(written by hand, or by an older patcher; `patcher triton` records them)")
     if host not in LOOPBACK:
         echo(f"  note    inference, health and metadata are open to anyone who reaches {host}; "
              "loading models and the other control APIs need the key")
