@@ -31,6 +31,7 @@ from serving_support import (
     group_pss_mb,
     hostile_clients,
     owned_scratch,
+    published_by_hand,
 )
 from triton_support import requires_bundled_triton
 
@@ -308,7 +309,7 @@ def test_a_killed_tritonserver_is_restarted_on_the_same_ports_with_the_same_key(
     kept_open.sendall(ready)  # its upstream died with tritonserver: answered, not hung
     assert kept_open.recv(4096).startswith(b"HTTP/1.1 502 "), "a request on a connection opened before the restart"
     kept_open.close()
-    crash = served.wait_for_line("exited unexpectedly (signal 9)", 1)
+    crash = served.wait_for_line("exited unexpectedly (signal 9: SIGKILL)", 1)
     kept_log = Path(crash.split("(log ")[1].split(")")[0])
     assert kept_log.is_file() and "restart 1" in line
     assert served.server_pid() != killed and served.key_file.read_text() == key
@@ -332,6 +333,7 @@ def test_a_failed_start_names_a_log_that_exists_and_leaves_no_folder(tiny_export
     repo = tmp_path / "repo"
     write_repository(tiny_export, repo)
     (repo / "digits_zeroshot" / "1" / "model.py").write_text("raise RuntimeError('this model cannot start')\n")
+    published_by_hand(repo, "digits_zeroshot/1/model.py")  # a broken model, but the one published
     serve = _serve(repo, tmp_path / "key.json", *distinct_free_ports(3))
     _, err = serve.communicate(timeout=300)
     (line,) = err.strip().splitlines()[-1:]

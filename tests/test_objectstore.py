@@ -39,7 +39,9 @@ def test_locations_are_what_triton_reads() -> None:
     location = parse_location("s3://bucket.x/prefix_1/")
     assert (location.endpoint, location.bucket, location.prefix) == (None, "bucket.x", "prefix_1/")
     for bad, message in [("s3://Bucket/p", "Triton reads buckets"), ("s3://http://host/b/p", "HOST:PORT"),
-                         ("gs://b/p", "S3 endpoint"), ("s3:/http:/h:1/b", "not an s3:// location")]:
+                         ("gs://b/p", "S3 endpoint"), ("s3:/http:/h:1/b", "not an s3:// location"),
+                         ("s3://b/models/..", "'.' or '..' parts would write keys outside it"),
+                         ("s3://b/./m", "would write keys outside")]:
         with pytest.raises(PatcherError, match=message):
             parse_location(bad)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import random
+import string
+
 import numpy as np
 import pytest
 
 from patcher.base.compat import import_open_clip
 from patcher.data.tasks import get_task, known_tasks
 from patcher.export.openvocab import HeadCache, LabelSet, LabelSetError, check_label_set, class_heads, rank
-from patcher.export.tokenizer import ClipTokenizer, PromptError, decode_prompts, stdlib_split
+from patcher.export.tokenizer import MAX_WORD_BYTES, ClipTokenizer, PromptError, decode_prompts, stdlib_split
 
 open_clip = import_open_clip()
 from open_clip.tokenizer import SimpleTokenizer, default_bpe  # noqa: E402
@@ -68,10 +71,22 @@ def test_long_prompts_are_cut_as_open_clip_cuts_them_or_refused() -> None:
     long = "a photo of " + "very " * 30 + "long things"
     cut = tokenizer([long])
     assert (cut == SimpleTokenizer(context_length=24)([long]).numpy()).all() and cut[0, -1] == tokenizer.eot
-    with pytest.raises(PromptError, match=r"item 1: prompt .* has 37 tokens, more than the model's "
+    with pytest.raises(PromptError, match=r"item 1: prompt .* has over 24 tokens, more than the model's "
                                           r"context_length=24 \(open_clip would truncate it"):
         tokenizer(["fits", long], truncate=False)
     assert tokenizer.token_count("fits") == 3
+
+
+def test_long_words_and_prompts_without_tokens_are_refused_before_any_bpe() -> None:
+    tokenizer = ClipTokenizer(default_bpe(), 24)
+    word = "".join(random.Random(0).choices(string.ascii_lowercase, k=4000))
+    with pytest.raises(PromptError, match=r"item 0: prompt .* is 4000 bytes long, more than MAX_WORD_BYTES=64"):
+        tokenizer([word], strict=True)
+    assert max(map(len, tokenizer.cache)) < 100  # never given to BPE (its BPE alone takes seconds)
+    longest = "".join(random.Random(1).choices(string.ascii_lowercase, k=MAX_WORD_BYTES))
+    assert (tokenizer([longest], strict=True) == SimpleTokenizer(context_length=24)([longest]).numpy()).all()
+    with pytest.raises(PromptError, match=r"item 1: prompt .* has no tokens"):
+        tokenizer(["a cat", "\x01\x02"], strict=True)
 
 
 def test_prompt_bytes_are_checked_item_by_item() -> None:

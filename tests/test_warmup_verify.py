@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from faults_support import the_error_line
 from PIL import Image
-from serving_support import Served, entry_models, environment, patcher_triton, variant, wait_for_version
+from serving_support import (
+    Served,
+    entry_models,
+    environment,
+    patcher_triton,
+    published_by_hand,
+    variant,
+    wait_for_version,
+)
 
 from patcher.base.errors import PatcherError
 from patcher.triton.repository.configs import TensorRT, read_config
@@ -74,9 +82,11 @@ def test_warmup_runs_the_sample_before_the_model_is_ready(tiny_export: Path, tmp
     with TritonServer(repo, models=models) as server:  # READY after warming up on the real sample and its prompt
         assert server.running()
     (repo / "digits_text" / "warmup" / "text").write_bytes(struct.pack("<I", 2) + b"\xff\xfe")  # not UTF-8
+    published_by_hand(repo, "digits_text/warmup/text")
     with pytest.raises(PatcherError, match=r"digits_text failed to load|exited during startup"):
         TritonServer(repo, models=["digits_text"]).start()
     (repo / "digits_preprocess" / "warmup" / "image_bytes").write_bytes(struct.pack("<I", 9) + b"not a png")
+    published_by_hand(repo, "digits_preprocess/warmup/image_bytes")
     with pytest.raises(PatcherError, match=r"digits_preprocess failed to load|exited during startup"):
         TritonServer(repo, models=models).start()
     written = write_repository(tiny_export, repo, name="small", limits={"max_pixels": 100})  # 28 x 28 refused:

@@ -1,6 +1,9 @@
 """`patcher verify --url HOST:PORT RUN`: the gate before traffic moves to a rollout. The run's held-out images go
 through the served entry (encoded images in, as clients send them); every task's accuracy must match the manifest's
-held-out accuracy at the chosen alpha, and the served classifier must be the run's (hashes in its config)."""
+held-out accuracy at the chosen alpha (with `--limit`, a subset: the run's export run in process on the same images,
+since a subset's accuracy is not the whole split's), the served classifier must be the run's (hashes in its
+config), and every served file of the entry must be what `patcher triton` published from the run's export
+(`served_files.py`; the repository from `--repo`, else from the server's key file)."""
 
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class VerifyOptions:
     data_dir: Path | None = None
     timeout_s: float = 60.0
     export: Path | None = None  # the run's export (default RUN/onnx), whose patched files the server must serve
+    repo: str | None = None  # the repository the server serves (default: the one its key file names)
 
 
 def manifest_accuracy(run: Run) -> dict[str, float]:
@@ -90,6 +94,22 @@ def provenance_problems(run: Run, hashes: dict[str, str], model: str, export: Pa
     return problems
 
 
+def reference_accuracy(export: Path, task: str, images: list[bytes], labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent of the export's patched graph, in process, on the same encoded images."""
+    from patcher.triton.local import LocalModel
+
+    results = LocalModel(export).classify_tasks(images, [f"image {i}" for i in range(len(images))], top_k=1)
+    predicted = np.array([result[task][0]["index"] for result in results])
+    return round(100.0 * float((predicted == labels).mean()), 4)
+
+
+def heldout_size(task: str, data_dir: Path | None, source: str | None = None) -> int:
+    """How many held-out images the task has."""
+    from patcher.data.tasks import task_of
+
+    return len(task_of(task, source).dataset(SPLIT, data_root=data_dir))
+
+
 def served_accuracy(client: Any, model: str, output: str, images: list[bytes], labels: np.ndarray,
                     options: VerifyOptions) -> float:
     """Top-1 accuracy in percent of one task's logits from the served entry, images sent as encoded bytes."""
@@ -110,6 +130,10 @@ def verify_served(run_path: Path, url: str, options: VerifyOptions | None = None
     """Check the served entry against the run; the report, or PatcherError (one line) naming every problem."""
     options = options or VerifyOptions()
     run = load_run(run_path)
+    export = Path(options.export or run.path / EXPORT_DIR)
+    if options.limit and not (export / EXPORT_JSON).is_file():
+        raise PatcherError(f"--limit judges a subset against the run's export on the same images, and {export} has "
+                           f"no {EXPORT_JSON}: run `patcher export {run.path}`, pass --export, or drop --limit")
     name = options.name or tensor_name(run.manifest.patch_tasks[0])
     expected = manifest_accuracy(run)
     client = connect(url, options.timeout_s)
@@ -120,23 +144,52 @@ def verify_served(run_path: Path, url: str, options: VerifyOptions | None = None
         problems = provenance_problems(run, hashes, patched, options.export)
         tasks = {}
         for task, (output, _) in served.tasks.items():
-            if task not in expected:
-                continue
-            images, labels = heldout_items(task, options.limit, options.data_dir, run.manifest.tasks[task].source)
-            accuracy = served_accuracy(client, name, output, images, labels, options)
-            allowed = max(options.tolerance, 100.0 / max(len(labels), 1))  # at least one image's worth
-            difference = accuracy - expected[task]
-            tasks[task] = {"served": accuracy, "manifest": round(expected[task], 4), "difference": round(difference, 4),
-                           "allowed": round(allowed, 4), "images": len(labels)}
-            if abs(difference) > allowed + 1e-9:
-                problems.append(f"{task}: served {accuracy:.2f}% against the manifest's {expected[task]:.2f}% "
-                                f"({difference:+.2f} points, more than {allowed:.2f})")
+            if task in expected:
+                tasks[task] = _judge_task(client, name, (task, output, run.manifest.tasks[task].source), expected[task],
+                                          export, options, problems)
     finally:
         client.close()
+    files = _served_files(run_path, url, name, export, options, problems)
     if not tasks:
         problems.append(f"{name} on {url} serves none of the run's tasks ({', '.join(expected)})")
     report = {"run": run.name, "url": url, "model": name, "version": served.version, "tasks": tasks,
-              "hashes": hashes, "passed": not problems}
+              "hashes": hashes, "files": files, "passed": not problems}
     if problems:
         raise PatcherError(f"{name} version {served.version} on {url} fails verification: {'; '.join(problems)}")
     return report
+
+
+def _judge_task(client: Any, name: str, served_task: tuple[str, str, str | None], manifest: float, export: Path,
+                options: VerifyOptions, problems: list[str]) -> dict[str, Any]:
+    """One task's served accuracy against the manifest's (all images) or the export's on the same subset;
+    `served_task` is (task, output tensor, where the task's data lives)."""
+    task, output, source = served_task
+    images, labels = heldout_items(task, options.limit, options.data_dir, source)
+    accuracy = served_accuracy(client, name, output, images, labels, options)
+    if options.limit and options.limit < heldout_size(task, options.data_dir, source):
+        reference, against = reference_accuracy(export, task, images, labels), "the export on the same images"
+    else:
+        reference, against = manifest, "the manifest"
+    allowed = max(options.tolerance, 100.0 / max(len(labels), 1))  # at least one image's worth
+    difference = accuracy - reference
+    if abs(difference) > allowed + 1e-9:
+        problems.append(f"{task}: served {accuracy:.2f}% against {against}'s {reference:.2f}% "
+                        f"({difference:+.2f} points, more than {allowed:.2f})")
+    return {"served": accuracy, "reference": round(reference, 4), "against": against,
+            "manifest": round(manifest, 4), "difference": round(difference, 4), "allowed": round(allowed, 4),
+            "images": len(labels)}
+
+
+def _served_files(run_path: Path, url: str, name: str, export: Path, options: VerifyOptions,
+                  problems: list[str]) -> dict[str, Any]:
+    """The entry's served files checked against the journal and the export; what was checked, for the report."""
+    from patcher.benchmark.served_files import served_file_problems
+    from patcher.triton.serving.access import served_repository
+
+    repo = options.repo or served_repository(url)
+    if repo is None or not (export / EXPORT_JSON).is_file():
+        return {"checked": False, "why": "no --repo and no key file of the server" if repo is None
+                else f"no export at {export}"}
+    found, models = served_file_problems(repo, name, export)
+    problems += found
+    return {"checked": True, "repository": str(repo), "models": models}

@@ -67,17 +67,23 @@ def verify(
     limit: Annotated[int | None, typer.Option(help="Held-out images per task at most (default all).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 64,
     export: Annotated[Path | None, typer.Option(help="The run's export folder (default RUN/onnx).")] = None,
+    repo: Annotated[str | None, typer.Option(help="The repository the server serves, whose files are checked "
+                                                  "(default: the one its `patcher serve` key file names).")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Classify the run's held-out images through the served entry: exit 2 with one error line if any task's accuracy
-    differs from the manifest's, or the served classifier is not the run's."""
+    """Classify the run's held-out images through the served entry, and check the files it serves: exit 2 with one
+    error line if any task's accuracy differs from the manifest's (with --limit: the export's on the same images),
+    the served classifier is not the run's, or a served file differs from what `patcher triton` published."""
     from patcher.base.progress import console
     from patcher.benchmark.verify import VerifyOptions, verify_served
 
-    options = VerifyOptions(served_model(model, name), tolerance, limit, batch_size, data_dir, export=export)
+    options = VerifyOptions(served_model(model, name), tolerance, limit, batch_size, data_dir, export=export, repo=repo)
     with console.status(f"verifying {run} against {url}: classifying its held-out images through the entry"):
         report = verify_served(run, url, options)
     for task, row in report["tasks"].items():
-        typer.echo(f"{task}: served {row['served']:.2f}%, manifest {row['manifest']:.2f}% "
+        typer.echo(f"{task}: served {row['served']:.2f}%, {row['against']} {row['reference']:.2f}% "
                    f"({row['difference']:+.2f}, allowed {row['allowed']:.2f}; {row['images']} images)")
+    files = report["files"]
+    typer.echo(f"files: {files['models']} models in {files['repository']} are what `patcher triton` published from "
+               "the run's export" if files["checked"] else f"files: not checked ({files['why']}): pass --repo")
     typer.echo(f"verified: {report['model']} version {report['version']} on {url} serves {report['run']}")

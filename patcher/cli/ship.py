@@ -121,6 +121,8 @@ def triton(
         LABEL_LIMITS["max_labels"]),
     max_templates: Annotated[int, typer.Option(help="Most templates in one open-vocabulary request.")] = (
         LABEL_LIMITS["max_templates"]),
+    max_prompts: Annotated[int, typer.Option(help="Most labels x templates in one open-vocabulary request.")] = (
+        LABEL_LIMITS["max_prompts"]),
     label_cache: Annotated[int, typer.Option(help="Label sets whose heads the server keeps (0: none).")] = (
         LABEL_LIMITS["label_cache"]),
     truncate_prompts: Annotated[bool, typer.Option(help="Cut prompts longer than the context as open_clip does "
@@ -149,7 +151,8 @@ def triton(
                               tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
                               if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None,
                               open_vocab={"max_labels": max_labels, "max_templates": max_templates,
-                                          "label_cache": label_cache, "truncate_prompts": truncate_prompts,
+                                          "max_prompts": max_prompts, "label_cache": label_cache,
+                                          "truncate_prompts": truncate_prompts,
                                           "classify_instances": classify_instances})
     for line in result["recovered"]:
         typer.echo(line)

@@ -10,13 +10,19 @@ imports it: one implementation everywhere. Imports numpy and the standard librar
 from __future__ import annotations
 
 import string
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 DEFAULT_TEMPLATES = ("{}",)  # no templates given: the label itself is the prompt
-DEFAULT_LIMITS = {"max_labels": 1000, "max_templates": 100, "label_cache": 64}
+# Per request, checked before any prompt is built: a text tower embeds about 600 prompts a second on a shared
+# 2-core CPU with the tiny model, so the largest request the limits allow is answered within seconds.
+MAX_PROMPTS = 1024  # labels x templates
+DEFAULT_LIMITS = {"max_labels": 1000, "max_templates": 100, "max_prompts": MAX_PROMPTS, "label_cache": 64}
+MAX_PROMPT_BYTES = 4096  # one prompt (a label put into a template)
+MAX_REQUEST_PROMPT_BYTES = 64 << 10  # every prompt of a request together
 
 
 class LabelSetError(ValueError):
@@ -56,21 +62,51 @@ def _text(item: bytes | str, what: str, index: int) -> str:
 
 
 def check_template(template: str, index: int) -> str:
-    """A template with exactly one `{}` and nothing else `str.format` would read; LabelSetError otherwise."""
+    """A template with exactly one bare `{}` (no format specifier, no conversion) and literal text around it;
+    LabelSetError otherwise."""
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
+                  if field is not None]
     except ValueError as error:
         raise LabelSetError(f"template {index} {_shown(template)} is not a format string ({error}): write the label "
                             "as {} and any literal brace as {{ or }}") from None
-    if fields != [""]:
+    if [field for field, _, _ in fields] != [""]:
         raise LabelSetError(f"template {index} {_shown(template)} must hold exactly one {{}} for the label, "
-                            f"it has {len(fields)} replacement fields {fields}")
+                            f"it has {len(fields)} replacement fields {[field for field, _, _ in fields]}")
+    _, spec, conversion = fields[0]
+    if spec or conversion:
+        raise LabelSetError(f"template {index} {_shown(template)} must hold a bare {{}} for the label, without a "
+                            "format specifier or conversion (:... or !...)")
     return template
 
 
+def _check_sizes(labels: list[str], templates: tuple[str, ...], max_prompts: int) -> None:
+    """The prompts' count and bytes, computed from the labels and templates without building a prompt."""
+    if len(labels) * len(templates) > max_prompts:
+        raise LabelSetError(f"{len(labels)} labels x {len(templates)} templates make {len(labels) * len(templates)} "
+                            f"prompts, more than max_prompts={max_prompts} a request: send fewer labels or templates")
+    label_bytes = [len(label.encode("utf-8")) for label in labels]
+    template_bytes = [len(template.encode("utf-8")) - 2 for template in templates]  # the `{}` is replaced
+    if max(label_bytes) + max(template_bytes) > MAX_PROMPT_BYTES:
+        longest = labels[label_bytes.index(max(label_bytes))]
+        raise LabelSetError(f"label {_shown(longest)} makes a prompt of {max(label_bytes) + max(template_bytes)} "
+                            f"bytes, more than max_prompt_bytes={MAX_PROMPT_BYTES}")
+    total = sum(label_bytes) * len(templates) + sum(template_bytes) * len(labels)
+    if total > MAX_REQUEST_PROMPT_BYTES:
+        raise LabelSetError(f"the request's prompts hold {total} bytes, more than {MAX_REQUEST_PROMPT_BYTES} a "
+                            "request: send fewer or shorter labels or templates")
+
+
+def _has_text(label: str) -> bool:
+    """Whether a label holds anything a tokenizer keeps: not only spaces, control or format characters."""
+    return any(not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf", "Cs", "Co", "Cn")
+               for char in label)
+
+
 def check_label_set(labels: list[bytes] | list[str], templates: list[bytes] | list[str] | None,
-                    max_labels: int, max_templates: int) -> LabelSet:
-    """The label set of a request; LabelSetError naming the first label or template refused and the limit."""
+                    max_labels: int, max_templates: int, max_prompts: int = MAX_PROMPTS) -> LabelSet:
+    """The label set of a request; LabelSetError naming the first label or template refused and the limit, before
+    any prompt is built."""
     if len(labels) == 0:
         raise LabelSetError("the label set is empty: give at least one label")
     if len(labels) > max_labels:
@@ -80,17 +116,22 @@ def check_label_set(labels: list[bytes] | list[str], templates: list[bytes] | li
     for index, label in enumerate(decoded):
         if not label.strip():
             raise LabelSetError(f"label {index} is empty")
+        if not _has_text(label):
+            raise LabelSetError(f"label {index} {_shown(label)} holds only control or format characters, which "
+                                "the tokenizer drops: give a label with letters or digits")
         if label in seen:
             raise LabelSetError(f"label {index} {_shown(label)} repeats label {seen[label]}")
         seen[label] = index
     if templates is None:
+        _check_sizes(decoded, DEFAULT_TEMPLATES, max_prompts)
         return LabelSet(tuple(decoded))
     if len(templates) == 0:
         raise LabelSetError("the template list is empty: give at least one template with {}, or none")
     if len(templates) > max_templates:
         raise LabelSetError(f"{len(templates)} templates exceed max_templates={max_templates}")
-    checked = [check_template(_text(item, "template", index), index) for index, item in enumerate(templates)]
-    return LabelSet(tuple(decoded), tuple(checked))
+    checked = tuple(check_template(_text(item, "template", index), index) for index, item in enumerate(templates))
+    _check_sizes(decoded, checked, max_prompts)
+    return LabelSet(tuple(decoded), checked)
 
 
 def class_heads(embeddings: np.ndarray, classes: int, templates: int, scale: float) -> np.ndarray:

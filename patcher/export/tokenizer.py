@@ -36,6 +36,9 @@ _CONTROL = {*range(0x0, 0x9), 0xB, *range(0xE, 0x20), 0x7F, *range(0x206A, 0x207
 _FOLDS = {"ſ": "s", "K": "k"}  # non-ASCII characters that simple case folding maps onto ASCII letters
 
 
+MAX_WORD_BYTES = 64  # BPE costs about n^2 in a word's length: a 4,000-letter word took 6.5 s; 64 bytes take ~1 ms
+
+
 class PromptError(ValueError):
     """A prompt the text model refuses; the message names the limit."""
 
@@ -186,29 +189,46 @@ class ClipTokenizer:
             self.cache[token] = pieces
         return pieces
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one prompt, without the start and end tokens."""
-        ids = []
+    def encode(self, text: str, limit: int | None = None, max_word_bytes: int | None = None) -> list[int]:
+        """Token ids of one prompt, without the start and end tokens; once `limit` are found the rest is not
+        encoded. PromptError for a word longer than `max_word_bytes`, checked before its BPE."""
+        ids: list[int] = []
         for piece in self.split(self.clean(text)):
-            chars = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            raw = piece.encode("utf-8")
+            if max_word_bytes is not None and len(raw) > max_word_bytes:
+                raise PromptError(f"word {_shown(piece, 30)} is {len(raw)} bytes long, more than "
+                                  f"MAX_WORD_BYTES={max_word_bytes} (no real word is; the tokenizer's cost grows "
+                                  "with the square of a word's length)")
+            chars = "".join(self.byte_encoder[b] for b in raw)
             ids += [self.encoder[part] for part in self.bpe(chars).split(" ")]
+            if limit is not None and len(ids) >= limit:
+                return ids[:limit]
         return ids
 
     def token_count(self, text: str) -> int:
         """Tokens of the prompt with start and end: more than context_length means open_clip truncates it."""
         return len(self.encode(text)) + 2
 
-    def __call__(self, texts: list[str], truncate: bool = True) -> np.ndarray:
+    def __call__(self, texts: list[str], truncate: bool = True, strict: bool = False) -> np.ndarray:
         """[N, context_length] int64: start, tokens, end, zeros; a prompt too long is cut with the end token last
-        (open_clip's behaviour) when `truncate`, else PromptError naming it, its length and the context."""
+        (open_clip's behaviour) when `truncate`, else PromptError naming it, its length and the context.
+        `strict` (what a server takes from clients): PromptError for a word over MAX_WORD_BYTES (before its BPE) and
+        for a prompt without tokens."""
         result = np.zeros((len(texts), self.context_length), dtype=np.int64)
         for row, text in enumerate(texts):
-            tokens = [self.sot, *self.encode(text), self.eot]
+            try:  # one token past the context is enough to know it is too long: the rest is never encoded
+                ids = self.encode(text, self.context_length - 1, MAX_WORD_BYTES if strict else None)
+            except PromptError as error:
+                raise PromptError(f"item {row}: prompt {_shown(text)}: {error}") from None
+            tokens = [self.sot, *ids, self.eot]
+            if strict and len(tokens) == 2:
+                raise PromptError(f"item {row}: prompt {_shown(text)} has no tokens (only spaces or control "
+                                  "characters): give a label with letters or digits")
             if len(tokens) > self.context_length:
                 if not truncate:
-                    raise PromptError(f"item {row}: prompt {_shown(text)} has {len(tokens)} tokens, more than the "
-                                      f"model's context_length={self.context_length} (open_clip would truncate "
-                                      "it, dropping its end)")
+                    raise PromptError(f"item {row}: prompt {_shown(text)} has over {self.context_length} tokens, "
+                                      f"more than the model's context_length={self.context_length} (open_clip "
+                                      "would truncate it, dropping its end)")
                 tokens = [*tokens[: self.context_length - 1], self.eot]
             result[row, : len(tokens)] = tokens
         return result

@@ -107,7 +107,7 @@ class LocalModel:
         chunks = []
         for start in range(0, len(texts), BATCH):
             try:
-                tokens = self.tokenizer(list(texts[start : start + BATCH]), truncate=False)
+                tokens = self.tokenizer(list(texts[start : start + BATCH]), truncate=False, strict=True)
             except PromptError as error:
                 raise PatcherError(_shifted(str(error), start)) from None
             chunks.append(self.text.run([TEXT_OUTPUT], {TEXT_INPUT: tokens})[0])

@@ -19,6 +19,8 @@ after 4, the next writer finishes the copies. Writers exclude each other with `.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import shutil
 import tempfile
 import uuid
@@ -31,7 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.files import now_iso
 from patcher.triton.repository.configs import CONFIG_FILE
-from patcher.triton.repository.publish import JOURNAL, STAGING_PREFIX, Journal, Staged
+from patcher.triton.repository.publish import JOURNAL, STAGING_PREFIX, Journal, Staged, journal_from, staged_hashes
 from patcher.triton.repository.s3 import Bucket, Digest, Location, parse_location
 
 INTENT = ".patcher-upload.json"
@@ -112,7 +114,7 @@ class ObjectStore:
                 files[relative] = vars(self.bucket.put(folder + relative, path))
         previous = self.journal()
         journal = Journal(serial=previous.serial + 1, state="publishing", entry=entry, version=version, models=models,
-                          staging=folder.rstrip("/"))
+                          staging=folder.rstrip("/"), hashes={**previous.hashes, **staged_hashes(staged)})
         self._write_journal(journal, txn, files)
         return self._finish(journal, txn, files)
 
@@ -128,8 +130,7 @@ class ObjectStore:
         ordered = sorted(files, key=lambda relative: (relative.split("/")[0], relative.endswith(f"/{CONFIG_FILE}")))
         for relative in ordered:
             self.bucket.copy(folder + relative, relative, Digest(**files[relative]))
-        committed = Journal(serial=journal.serial, state="committed", entry=journal.entry, version=journal.version,
-                            models=journal.models, staging=journal.staging)
+        committed = dataclasses.replace(journal, state="committed")
         self._write_journal(committed, txn, {})
         self.bucket.delete_folder(folder)
         self.bucket.delete([INTENT])
@@ -202,6 +203,19 @@ class ObjectStore:
         return tuple(sorted((key, item["etag"]) for key, item in keys.items()
                             if not key.split("/")[1].isdigit()))
 
+    def served_files(self, model: str) -> dict[str, str]:
+        """Model-level objects and the pinned (else newest) version's, read and hashed."""
+        versions = self.versions(model)
+        hashes = {}
+        for key in sorted(self.bucket.listing(f"{model}/")):
+            part = key.split("/")[1]
+            if part.isdigit() and (not versions or int(part) != versions[-1]):
+                continue
+            data = self.bucket.get(key)
+            if data is not None:
+                hashes[key] = hashlib.sha256(data).hexdigest()
+        return hashes
+
     @contextlib.contextmanager
     def watching(self) -> Iterator[bool]:
         """Object stores have no lock a reader can hold: the journal's state says whether a publish is under way."""
@@ -209,11 +223,7 @@ class ObjectStore:
 
 
 def _journal(record: dict[str, Any]) -> Journal:
-    if not record:
-        return Journal()
-    return Journal(serial=int(record.get("serial", 0)), state=str(record.get("state", "committed")),
-                   entry=record.get("entry"), version=record.get("version"), models=dict(record.get("models") or {}),
-                   staging=record.get("staging"))
+    return journal_from(record)
 
 
 def _files(folder: Path) -> list[Path]:

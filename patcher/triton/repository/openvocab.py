@@ -31,7 +31,7 @@ TEXT_INPUT = "text"  # the served text model's input: prompts, not token ids
 LABELS, TEMPLATE_INPUT, SCORES = "labels", "templates", "scores"
 TOKENIZER_FILE = "patcher_tokenizer.py"  # the names the python models import them by
 OPENVOCAB_FILE = "patcher_openvocab.py"
-MAX_PROMPT_BYTES = 4096
+MAX_PROMPT_BYTES = label_sets.MAX_PROMPT_BYTES
 # What `patcher triton` takes for the open-vocabulary models (flags of the same names), checked by `checked_limits`
 DEFAULT_LIMITS: dict[str, Any] = {**label_sets.DEFAULT_LIMITS, "truncate_prompts": False, "classify_instances": 0}
 
@@ -42,7 +42,7 @@ def checked_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(merged) - set(DEFAULT_LIMITS))
     if unknown:
         raise PatcherError(f"unknown open-vocabulary limit {unknown[0]!r}: use {', '.join(DEFAULT_LIMITS)}")
-    for key in ("max_labels", "max_templates"):
+    for key in ("max_labels", "max_templates", "max_prompts"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise PatcherError(f"--{key.replace('_', '-')} must be at least 1, not {merged[key]!r}")
     if not isinstance(merged["classify_instances"], int) or merged["classify_instances"] < 0:
@@ -125,6 +125,7 @@ def build_classify(context: EntryContext, model: Model) -> ModelPlan:
                   "text_batch": str(context.options.batching.max_batch_size),
                   "max_images": str(context.options.batching.max_batch_size),
                   "max_labels": str(limits["max_labels"]), "max_templates": str(limits["max_templates"]),
+                  "max_prompts": str(limits["max_prompts"]),
                   "label_cache": str(limits["label_cache"]), "templates": text["templates"], **_threads(context)}
     instances = limits["classify_instances"] or context.options.batching.instances
     config = classify_config(model.name, instances, parameters)

@@ -2,17 +2,20 @@
 
     <repo>/.patcher-staging-<id>/<model>/version/   the new version directory, complete before publishing starts
     <repo>/.patcher-staging-<id>/<model>/model/     the model's new config.pbtxt and labels files
-    <repo>/.patcher-journal.json                    {"serial", "state": "publishing" | "committed", "models", ...}
+    <repo>/.patcher-journal.json                    {"serial", "state": "publishing" | "committed", "models",
+                                                     "hashes": the sha256 of every file published, ...}
     <repo>/.patcher-publish.lock                    held while publishing, and by `patcher serve` while it loads
 
 Publishing is renames only. A writer killed while publishing leaves the journal at "publishing"; the next writer
 finishes the same renames (roll forward), and `patcher serve` loads nothing from a repository in that state.
 Staging folders of killed writers are removed by the next writer. Writers exclude each other with `output_lock`.
+The journal's hashes are what `patcher serve` checks a model's files against before it loads them (`integrity.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -25,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from patcher.base.errors import PatcherError
-from patcher.base.files import fsync_directory, fsync_file, fsync_tree, now_iso, remove_atomic_leftovers, write_json
+from patcher.base.files import (
+    fsync_directory,
+    fsync_file,
+    fsync_tree,
+    now_iso,
+    remove_atomic_leftovers,
+    sha256_file,
+    write_json,
+)
 
 DEFAULT_REPOSITORY = Path("runs/triton_models")  # local and git-ignored; triton_models/ is the committed example
 JOURNAL = ".patcher-journal.json"
@@ -47,6 +58,7 @@ class Journal:
     version: int | None = None
     models: dict[str, int | None] = field(default_factory=dict)  # model -> new version (None: config only)
     staging: str | None = None
+    hashes: dict[str, str] = field(default_factory=dict)  # every published file (`<model>/...`) -> sha256
 
     @property
     def publishing(self) -> bool:
@@ -57,7 +69,7 @@ class Journal:
         """The journal file's content."""
         return {"format": JOURNAL_FORMAT, "serial": self.serial, "state": self.state, "entry": self.entry,
                 "version": self.version, "models": self.models, "staging": self.staging, "time": now_iso(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "hashes": self.hashes}
 
 
 def read_journal(repo: Path) -> Journal:
@@ -69,8 +81,27 @@ def read_journal(repo: Path) -> Journal:
         return Journal()
     except (OSError, ValueError) as error:
         raise PatcherError(f"cannot read {path} ({error}): remove it if no `patcher triton` is running") from None
+    return journal_from(data)
+
+
+def journal_from(data: dict[str, Any]) -> Journal:
+    """A journal from its record (an empty committed one from an empty record)."""
     return Journal(int(data.get("serial", 0)), str(data.get("state", "committed")), data.get("entry"),
-                   data.get("version"), dict(data.get("models") or {}), data.get("staging"))
+                   data.get("version"), dict(data.get("models") or {}), data.get("staging"),
+                   {str(k): str(v) for k, v in dict(data.get("hashes") or {}).items()})
+
+
+def staged_hashes(staged: list[Staged]) -> dict[str, str]:
+    """The sha256 of every staged file, by the path it is published at (`<model>/<version>/...`, `<model>/...`)."""
+    hashes = {}
+    for item in staged:
+        folders = [(item.model_dir, item.model)]
+        if item.version is not None:
+            folders.append((item.version_dir, f"{item.model}/{item.version}"))
+        for folder, prefix in folders:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                hashes[f"{prefix}/{path.relative_to(folder).as_posix()}"] = sha256_file(path)
+    return hashes
 
 
 @contextlib.contextmanager
@@ -183,7 +214,7 @@ def _finish(repo: Path, journal: Journal) -> None:
     staging = repo / (journal.staging or "")
     for model, version in journal.models.items():
         _publish_model(repo, staging, model, version)
-    committed = Journal(journal.serial, "committed", journal.entry, journal.version, journal.models, journal.staging)
+    committed = dataclasses.replace(journal, state="committed")
     write_json(repo / JOURNAL, committed.record())
 
 
@@ -200,8 +231,9 @@ def publish(repo: Path, staging: Path, staged: list[Staged], entry: str, version
             shutil.rmtree(staging, ignore_errors=True)
             return previous
         models = {s.model: s.version for s in staged}
-        journal = Journal(previous.serial + 1, "publishing", entry, version, models, staging.name)
-        committed = Journal(journal.serial, "committed", entry, version, models, staging.name)
+        hashes = {**previous.hashes, **staged_hashes(staged)}
+        journal = Journal(previous.serial + 1, "publishing", entry, version, models, staging.name, hashes)
+        committed = dataclasses.replace(journal, state="committed")
         fsync_tree(staging)  # every staged file on the device before the first rename publishes it
         write_json(repo / NEXT_JOURNAL, committed.record())  # written now: committing needs no free space
         write_json(repo / JOURNAL, journal.record())

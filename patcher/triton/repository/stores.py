@@ -18,11 +18,13 @@ from typing import Any, Protocol
 
 from patcher.base.errors import PatcherError
 from patcher.base.faults import write_errors
+from patcher.base.files import sha256_file
 from patcher.base.locks import check_output_name, output_lock
 from patcher.triton.repository.configs import CONFIG_FILE
 from patcher.triton.repository.publish import Journal, Staged, new_staging, publish, publish_lock, read_journal, recover
 
 OBJECT_SCHEMES = ("s3://", "gs://", "as://")
+BYTECODE = "__pycache__"  # written by the python backend's stubs beside model.py; never published
 
 
 class Store(Protocol):
@@ -60,6 +62,9 @@ class Store(Protocol):
 
     def watching(self) -> contextlib.AbstractContextManager[bool]:
         """Hold off writers while the block loads models if the store can (yields False: a writer is publishing)."""
+
+    def served_files(self, model: str) -> dict[str, str]:
+        """The sha256 of every file a load of `model` reads (`<model>/...`: model-level files, its newest version)."""
 
 
 def model_versions(model_dir: Path) -> list[int]:
@@ -147,6 +152,19 @@ class LocalFolder:
     def watching(self) -> contextlib.AbstractContextManager[bool]:
         """The publish lock, not waited for: a writer holding it means "publishing now"."""
         return publish_lock(self.path, blocking=False)
+
+    def served_files(self, model: str) -> dict[str, str]:
+        """Model-level files and the newest version's, hashed (the python backend's `__pycache__` left out)."""
+        model_dir = self.path / model
+        versions = model_versions(model_dir)
+        hashes = {}
+        for path in sorted(model_dir.rglob("*")) if model_dir.is_dir() else []:
+            parts = path.relative_to(model_dir).parts
+            other_version = parts[0].isdigit() and (not versions or int(parts[0]) != versions[-1])
+            if not path.is_file() or BYTECODE in parts or other_version:
+                continue
+            hashes[f"{model}/{'/'.join(parts)}"] = sha256_file(path)
+        return hashes
 
 
 def is_object_store(repo: Path | str) -> bool:

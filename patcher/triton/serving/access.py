@@ -107,6 +107,14 @@ def find_key(grpc_url: str, key_file: Path | None = None) -> ServerKey | None:
         return None
 
 
+def served_repository(grpc_url: str, key_file: Path | None = None) -> str | None:
+    """The repository the `patcher serve` at `grpc_url` serves, from its key file; None when there is none."""
+    try:
+        return str(json.loads(Path(key_file or default_key_file(grpc_url)).read_text())["repository"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def live_owner(path: Path) -> str | None:
     """Who a key file belongs to if that server still runs ("pid N at host:port"), else None."""
     try:

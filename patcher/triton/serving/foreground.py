@@ -4,15 +4,19 @@ healed and restarted until stopped.
 The ports are bound first (the fronts' gRPC and HTTP ports, then tritonserver's metrics port; tritonserver's own gRPC
 and HTTP ports are private, on 127.0.0.1); the key file is written
 only once they are this server's, so a second `patcher serve` refused for a taken port never touches the first's
-key file. SIGINT or SIGTERM stops it at any phase, start-up included. A tritonserver that dies is started again on
-the same ports with the same key and models; one that dies RESTARTS_PER_WINDOW times within RESTART_WINDOW_S is
-given up, with its log named.
+key file. SIGINT or SIGTERM stops it at any phase, start-up included. A tritonserver that dies, or that the watchdog
+finds stopped or hung (`watchdog.py`), is started again on the same ports with the same key and models, after a
+back-off that doubles with each restart (none for the first, at most BACKOFF_MAX_S), the reason named (its signal,
+and the log's last error line only if there is one); one replaced RESTARTS_PER_WINDOW times within RESTART_WINDOW_S
+is given up, with its log named. A tritonserver killed by a signal while starting is started again
+(STARTUP_TRIES).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import threading
 import time
@@ -35,14 +39,17 @@ from patcher.triton.serving.access import (
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, ByteBudget, GrpcFront, message_limit
 from patcher.triton.serving.http_front import HttpFront
 from patcher.triton.serving.ports import free_port, port_in_use
-from patcher.triton.serving.server import TritonServer
+from patcher.triton.serving.server import ServerDied, TritonServer, exit_reason
 from patcher.triton.serving.supervisor import Supervisor
+from patcher.triton.serving.watchdog import Watchdog
 
 TICK_S = 1.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PRIVATE = "127.0.0.1"  # tritonserver's own gRPC and HTTP ports, reached by the fronts and the supervisor only
-RESTARTS_PER_WINDOW = 5
+RESTARTS_PER_WINDOW = 8
 RESTART_WINDOW_S = 300.0
+BACKOFF_MAX_S = 30.0
+STARTUP_TRIES = 3
 Echo = Callable[[str], None]
 
 
@@ -82,22 +89,35 @@ def _announce(server: TritonServer, urls: dict[str, str], key_path: Path | None,
     echo(f"  models  {', '.join(server.loaded)}")
     echo(f"  key     {key_path} (0600; {', '.join(RESTRICTED)} need it)")
     echo(f"  log     {server.log_path}")
+    if not server.store.journal().hashes:
+        echo("  note    the repository's journal records no file hashes: its files are served unchecked "
+             "(written by hand, or by an older patcher; `patcher triton` records them)")
     if host not in LOOPBACK:
         echo(f"  note    inference, health and metadata are open to anyone who reaches {host}; "
              "loading models and the other control APIs need the key")
     echo("Ctrl-C stops it.")
 
 
-def _restart(server: TritonServer, supervisor: Supervisor, history: list[float]) -> None:
-    """Start a dead tritonserver again; PatcherError once it has died too often."""
+def _restart(server: TritonServer, supervisor: Supervisor, history: list[float], reason: str | None,
+             stop: threading.Event) -> None:
+    """Replace a dead (or, with `reason`, a stopped or hung) tritonserver, after a back-off that doubles with each
+    restart in RESTART_WINDOW_S; PatcherError once it has been replaced too often."""
+    if reason is not None and server.pgid is not None:  # stopped or hung: SIGKILL reaches a stopped process too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pgid, signal.SIGKILL)
+        if server.process is not None:
+            server.process.wait(timeout=30)
     code = server.process.returncode if server.process is not None else None
-    how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
-    failure = server.failure(f"tritonserver exited unexpectedly ({how})")
+    failure = server.failure(reason or f"tritonserver exited unexpectedly ({exit_reason(code)})", errors_only=True)
     now = time.monotonic()
     history[:] = [t for t in history if now - t < RESTART_WINDOW_S] + [now]
     if len(history) > RESTARTS_PER_WINDOW:
-        raise PatcherError(f"{failure}; it died {len(history)} times in {RESTART_WINDOW_S:.0f} s: not restarting")
-    supervisor.log(f"{failure}; restarting it on the same ports with the same key")
+        raise PatcherError(f"{failure}; replaced {len(history) - 1} times in {RESTART_WINDOW_S:.0f} s: not again")
+    delay = backoff_s(len(history))
+    supervisor.log(f"{failure}; restarting it on the same ports with the same key"
+                   + (f" in {delay:.0f} s (restart {len(history)} in {RESTART_WINDOW_S:.0f} s)" if delay else ""))
+    if stop.wait(delay):
+        return
     started = time.perf_counter()
     # loads only what a writer has finished publishing (an object store has no lock: its journal's state tells)
     with publish_lock(server.repo) if isinstance(server.repo, Path) else contextlib.nullcontext():
@@ -105,6 +125,26 @@ def _restart(server: TritonServer, supervisor: Supervisor, history: list[float])
         supervisor.restarted()
     supervisor.log(f"tritonserver serving again ({time.perf_counter() - started:.1f} s, restart {server.restarts}; "
                    f"log {server.log_path})")
+
+
+def backoff_s(restarts: int) -> float:
+    """Seconds to wait before the n-th restart within the window: none for the first, then 1, 2, 4, ... up to
+    BACKOFF_MAX_S."""
+    return 0.0 if restarts <= 1 else min(BACKOFF_MAX_S, 2.0 ** (restarts - 2))
+
+
+def _start(server: TritonServer, echo: Echo) -> None:
+    """Start tritonserver; one killed by a signal while starting (e.g. SIGABRT from a race in its epoll loop on a
+    loaded machine) is started again, up to STARTUP_TRIES times. A model that fails to load is not retried."""
+    for attempt in range(1, STARTUP_TRIES + 1):
+        try:
+            server.start()
+            return
+        except ServerDied as died:
+            if "(signal " not in str(died) or attempt == STARTUP_TRIES:
+                raise
+            echo(f"{died}; starting it again (try {attempt + 1} of {STARTUP_TRIES})")
+            time.sleep(backoff_s(attempt + 1))
 
 
 def serve_forever(
@@ -130,6 +170,7 @@ def serve_forever(
     server = TritonServer(repo, models, host, free_port(PRIVATE), free_port(PRIVATE), metrics_port, log_path,
                           startup_timeout_s, key=key, private_host=PRIVATE)
     key_path = key_file or default_key_file(grpc_url)
+    watchdog: Watchdog | None = None
     try:
         _check_ports(host, {"http": http_port, "gRPC": grpc_port, "metrics": metrics_port})
         owner = live_owner(key_path)
@@ -139,17 +180,20 @@ def serve_forever(
         grpc_front = GrpcFront(host, grpc_port, server.grpc_url, limit, budget).start()
         fronts.append(grpc_front)
         fronts.append(HttpFront(host, http_port, (PRIVATE, int(server.ports["http"] or 0)), limit, budget).start())
-        server.start()
+        _start(server, echo)
         endpoints = {"grpc": grpc_url, "http": http_url, "repository": str(server.repo)}
         key = write_key_file(key, key_path, endpoints)  # only now: the ports are this server's
         _announce(server, endpoints, key.path, host, echo)
         supervisor = Supervisor(server, serve_all=models is None, echo=echo)
+        watchdog = Watchdog(PRIVATE, int(server.ports["http"] or 0)).watch(
+            lambda: server.pgid if server.running() else None)
         history: list[float] = []
         signals.serving = True
         while not signals.stop.wait(tick_s):
             if not server.running():
-                signals.serving = False
-                _restart(server, supervisor, history)
+                signals.serving = False  # a signal during the restart cuts it short
+                _restart(server, supervisor, history, watchdog.take_reason(), signals.stop)
+                watchdog.resume()
                 signals.serving = True
                 continue
             supervisor.tick()
@@ -159,6 +203,8 @@ def serve_forever(
         echo(f"{stopped} during start-up: stopping")
     finally:
         signals.serving = True  # a second signal while cleaning up must not cut the cleaning short
+        if watchdog is not None:
+            watchdog.stop()
         server.stop()
         for front in fronts:
             front.stop()

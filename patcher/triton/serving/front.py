@@ -45,6 +45,7 @@ TYPE_BYTES = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_BF16": 2, "TYPE_FP64": 8, "T
               "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_BOOL": 1}
 MAX_INFLIGHT_BYTES = 256 << 20
 WAIT_S = 30.0
+IDLE_CONNECTION_S = 30.0
 LARGE_BYTES = 1 << 20
 UNFORWARDED_METADATA = ("user-agent", "grpc-", ":")  # set by each channel itself
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -182,7 +183,10 @@ class GrpcFront:
         self._channel = grpc.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
         self.forwarder = _Forwarder(self._channel, self.budget, self.wait_s)
         options = [("grpc.max_receive_message_length", self.max_message_bytes),
-                   ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)]
+                   ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
+                   # idle HTTP/2 connections (no call under way) are closed: thousands held open took every
+                   # descriptor; clients reconnect on their next call
+                   ("grpc.max_connection_idle_ms", int(IDLE_CONNECTION_S * 1000))]
         server = grpc.server(futures.ThreadPoolExecutor(self.workers, thread_name_prefix="grpc-front"),
                              handlers=[self.forwarder], options=options)
         try:

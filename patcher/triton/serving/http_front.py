@@ -1,10 +1,13 @@
 """The public HTTP endpoint of `patcher serve`: a pass-through in front of tritonserver's HTTP port that bounds what a
 client can make the server hold, as the gRPC front does for gRPC.
 
-Triton 2.51's HTTP server reads a request's whole body, however large, before anything checks it. The front reads
-each request's head, refuses a body over `max_body_bytes` (413) or of unknown length (411) before reading a byte of
-it, waits for room in the byte budget it shares with the gRPC front (503 when there is none within `wait_s`), then
-streams the request to tritonserver's HTTP port on 127.0.0.1 and the response back, framed by its own headers.
+Triton 2.51's HTTP server reads a request's whole body, however large, before anything checks it, and parses its
+JSON with a recursive parser. The front reads each request's head, refuses a body over `max_body_bytes` (413) or of
+unknown length (411) before reading a byte of it, reads the JSON part and refuses one nested too deeply (400,
+`json_guard.py`), then streams the request to tritonserver's HTTP port on 127.0.0.1 and the response back, framed
+by its own headers. Body bytes count against the byte budget it shares with the gRPC front as they arrive (503
+when there is no room within `wait_s`), so a slow client holds only what it has sent. Connections are capped per
+client address and in all, and each has a deadline for its request head and body (`connections.py`).
 One upstream connection serves one client connection; requests on it are forwarded one at a time, in order.
 A client that goes away once its request is sent leaves it to finish in tritonserver; the answer is read and dropped.
 """
@@ -16,15 +19,18 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 from patcher.base.errors import PatcherError
+from patcher.triton.serving.connections import IDLE_S, MAX_PER_CLIENT, ConnectionTable
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, WAIT_S, ByteBudget
+from patcher.triton.serving.json_guard import JsonRefused, check_json, json_part_length
 
 MAX_HEAD_BYTES = 64 << 10
 MAX_CONNECTIONS = 1024  # two file descriptors each; `patcher serve` raises its open-file limit to 4096
-IDLE_S = 60.0  # a client connection with no new request (or a stalled one) for this long is closed
 CHUNK_BYTES = 1 << 20
+RECEIVE_BYTES = 256 << 10  # a body is read (and counted against the byte budget) in blocks of at most this
 HOP_BY_HOP = (b"expect",)  # answered by the front itself; never forwarded
 STATUS_TEXT = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
                502: "Bad Gateway", 503: "Service Unavailable"}
@@ -42,8 +48,9 @@ class _ClientGone(Exception):
     """The client closed its connection or stalled past IDLE_S."""
 
 
-def _read_head(stream: BinaryIO) -> bytes | None:
-    """The request or response head up to its blank line; None at a clean end of stream."""
+def _read_head(stream: BinaryIO, started: Callable[[], None] | None = None) -> bytes | None:
+    """The request or response head up to its blank line; None at a clean end of stream. `started` is called once
+    its first line has arrived."""
     lines, size = [], 0
     while True:
         line = stream.readline(MAX_HEAD_BYTES + 1)
@@ -57,6 +64,8 @@ def _read_head(stream: BinaryIO) -> bytes | None:
         if not lines and line in (b"\r\n", b"\n"):  # stray blank lines between requests are allowed (RFC 9112)
             continue
         lines.append(line)
+        if len(lines) == 1 and started is not None:
+            started()
         if line in (b"\r\n", b"\n"):
             return b"".join(lines)
 
@@ -84,15 +93,39 @@ def _content_length(headers: dict[bytes, bytes]) -> int | None:
     return int(next(iter(values)))
 
 
-def _copy(source: BinaryIO, target: socket.socket | None, size: int) -> None:
-    """Copy exactly `size` bytes; a target that fails is dropped (the rest is read and discarded)."""
-    while size > 0:
-        block = source.read(min(size, CHUNK_BYTES))
-        if not block:
-            raise _ClientGone()
-        size -= len(block)
-        if target is not None:
+class _Received:
+    """A request body read as it arrives, each block counted against the byte budget once it is here (not the
+    size the head announced): a client that sends slowly holds only what it has sent."""
+
+    def __init__(self, source: BinaryIO, budget: ByteBudget, wait_s: float) -> None:
+        self.source, self.budget, self.wait_s = source, budget, wait_s
+        self.held = 0
+
+    def read(self, size: int) -> bytes:
+        """Exactly `size` bytes (fewer only if the client leaves: _ClientGone)."""
+        blocks = []
+        while size > 0:
+            block = self.source.read1(min(size, RECEIVE_BYTES))  # type: ignore[attr-defined]
+            if not block:
+                raise _ClientGone()
+            if not self.budget.take(len(block), time.monotonic() + self.wait_s):
+                raise _Refused(503, f"the server holds {self.budget.total} bytes of other requests: try again later")
+            self.held += len(block)
+            size -= len(block)
+            blocks.append(block)
+        return b"".join(blocks)
+
+    def copy(self, target: socket.socket, size: int) -> None:
+        """Forward exactly `size` bytes as they arrive."""
+        while size > 0:
+            block = self.read(min(size, RECEIVE_BYTES))
+            size -= len(block)
             target.sendall(block)
+
+    def release(self) -> None:
+        """Give the bytes held back to the budget."""
+        self.budget.give(self.held)
+        self.held = 0
 
 
 def _refusal(status: int, message: str) -> bytes:
@@ -165,14 +198,13 @@ class HttpFront:
 
     def __init__(self, host: str, port: int, upstream: tuple[str, int], max_body_bytes: int = MAX_MESSAGE_BYTES,
                  budget: ByteBudget | None = None, wait_s: float = WAIT_S,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT) -> None:
         self.address, self.upstream = (host, port), upstream
         self.max_body_bytes, self.wait_s, self.max_connections = max_body_bytes, wait_s, max_connections
         self.budget = budget or ByteBudget(MAX_INFLIGHT_BYTES)
         self.forwarded = self.refused = 0
         self._listener: socket.socket | None = None
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        self.connections = ConnectionTable(max_connections, max_per_client)
         self._stopping = threading.Event()
 
     def start(self) -> HttpFront:
@@ -198,29 +230,24 @@ class HttpFront:
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
-        with self._lock:
-            for connection in list(self._connections):
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
+        self.connections.close_all()
 
     def _accept(self) -> None:
         listener = self._listener
         while listener is not None and not self._stopping.is_set():
             try:
-                client, _ = listener.accept()
+                client, address = listener.accept()
             except OSError:
                 if self._stopping.is_set():
                     return
                 time.sleep(0.1)  # e.g. out of file descriptors: the connections being served free some
                 continue
-            with self._lock:
-                full = len(self._connections) >= self.max_connections
-                if not full:
-                    self._connections.add(client)
-            if full:
+            refusal = self.connections.admit(client, str(address[0]))
+            if refusal is not None:
                 self.refused += 1
                 with contextlib.suppress(OSError):
-                    client.sendall(_refusal(503, f"more than {self.max_connections} connections: try again later"))
+                    client.setblocking(False)  # a client that reads nothing must not hold the accepting thread
+                    client.send(_refusal(503, refusal))
                 client.close()
                 continue
             threading.Thread(target=self._serve, args=(client,), name="http-front-connection", daemon=True).start()
@@ -247,8 +274,7 @@ class HttpFront:
         except (_ClientGone, TimeoutError, ConnectionError, OSError, ValueError, IndexError):
             pass
         finally:
-            with self._lock:
-                self._connections.discard(client)
+            self.connections.remove(client)
             for sock in (client, upstream):
                 if sock is not None:
                     with contextlib.suppress(OSError):
@@ -257,7 +283,8 @@ class HttpFront:
     def _one_request(self, client: socket.socket, reader: BinaryIO, upstream: socket.socket,
                      upstream_reader: BinaryIO) -> bool:
         """Forward one request and its answer; True if the client may send another on this connection."""
-        head = _read_head(reader)
+        self.connections.waiting(client)
+        head = _read_head(reader, lambda: self.connections.reading_head(client))
         if head is None:
             return False
         start, headers = _headers(head)
@@ -272,15 +299,22 @@ class HttpFront:
         if length > self.max_body_bytes:
             raise _Refused(413, f"request body of {length} bytes is larger than this server takes "
                                 f"({self.max_body_bytes} bytes): send fewer or smaller images per request")
-        if not self.budget.take(length, time.monotonic() + self.wait_s):
-            raise _Refused(503, f"the server holds {self.budget.total} bytes of other requests: try again later")
+        body = _Received(reader, self.budget, self.wait_s)
+        self.connections.reading_body(client, length)
         try:
             if b"100-continue" in headers.get(b"expect", b"").lower():
                 client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                json_bytes = json_part_length(headers, length)
+                json_part = body.read(json_bytes)
+                check_json(json_part)
+            except JsonRefused as error:
+                raise _Refused(400, str(error)) from None
             relay = _Relay(client)
             try:
-                upstream.sendall(_without(head, HOP_BY_HOP))
-                _copy(reader, upstream, length)
+                upstream.sendall(_without(head, HOP_BY_HOP) + json_part)
+                body.copy(upstream, length - json_bytes)
+                self.connections.answering(client)
                 self.forwarded += 1
                 keep = _forward_response(upstream_reader, relay, method)
             except (ConnectionError, BrokenPipeError) as error:
@@ -289,7 +323,7 @@ class HttpFront:
                 raise _Refused(502, f"tritonserver closed the connection ({error}; restarting?): "
                                     "try again shortly") from None
         finally:
-            self.budget.give(length)
+            body.release()
         client_closes = b"close" in headers.get(b"connection", b"").lower() or (
             version == b"HTTP/1.0" and b"keep-alive" not in headers.get(b"connection", b"").lower())
         return keep and not client_closes

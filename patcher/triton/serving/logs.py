@@ -63,10 +63,11 @@ def tail(path: Path | None, lines: int = 20) -> str:
     return "\n".join(_lines(path)[-lines:])
 
 
-def last_error_line(path: Path | None, model: str | None = None) -> str:
-    """A log's last error line (about `model` if one mentions it); CUDA warnings of a CPU-only host aside."""
+def last_error_line(path: Path | None, model: str | None = None, errors_only: bool = False) -> str:
+    """A log's last error line (about `model` if one mentions it; else its last line unless `errors_only`); CUDA
+    warnings of a CPU-only host aside."""
     lines = _lines(path)
     errors = [ln for ln in lines if ln.startswith("E") or "failed to load" in ln or "error" in ln.lower()]
     errors = [ln for ln in errors if "cuda" not in ln.lower()]
     about = [ln for ln in errors if model and model in ln]
-    return (about or errors or lines or [""])[-1].strip()
+    return (about or errors or ([] if errors_only else lines) or [""])[-1].strip()

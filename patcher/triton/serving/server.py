@@ -22,6 +22,7 @@ from patcher.base.errors import PatcherError
 from patcher.base.scratch import Scratch, make_scratch
 from patcher.triton.imaging import BUDGET_ENV
 from patcher.triton.repository.entry import check_repository_path
+from patcher.triton.repository.integrity import check_integrity
 from patcher.triton.repository.stores import Store, is_object_store, open_store
 from patcher.triton.serving import logs
 from patcher.triton.serving.access import ServerKey, new_key
@@ -44,6 +45,19 @@ STARTUP_STOP_S = 2.0
 # gRPC request states kept for reuse keep the capacity of the largest request they held (64 MB of images, each):
 # none are kept, so that the memory of a burst of large requests goes back
 GRPC_STATE_POOL = 0
+
+
+def exit_reason(code: int | None) -> str:
+    """How a process ended, in words: "signal 6: SIGABRT", "code 1"."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {-code}: {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"code {code}"
+
+
+class ServerDied(PatcherError):
+    """tritonserver exited while starting (a crash, not a model that failed to load): worth another try."""
 
 
 def repository_models(repo: Path | str | Store) -> list[str]:
@@ -169,6 +183,7 @@ class TritonServer:
         missing = [m for m in models if m not in known]
         if missing:
             raise PatcherError(f"{self.repo} has no model {', '.join(missing)} (it has: {known})")
+        check_integrity(self.store, models)
         unset = [kind for kind, port in self.ports.items() if port is None]
         self.ports.update(zip(unset, distinct_free_ports(len(unset), self.host), strict=True))
         for kind, port in self.ports.items():
@@ -306,9 +321,10 @@ class TritonServer:
         """The server log's last error line (about `model` if one mentions it)."""
         return logs.last_error_line(self.log_path, model)
 
-    def failure(self, what: str, model: str | None = None) -> PatcherError:
-        """A PatcherError for `what`, naming the log (where it stays after stop) and its last relevant error line."""
-        line = self.last_error_line(model)
+    def failure(self, what: str, model: str | None = None, errors_only: bool = False) -> PatcherError:
+        """A PatcherError for `what`, naming the log (where it stays after stop) and its last relevant error line
+        (with `errors_only`, none when the log holds no error)."""
+        line = logs.last_error_line(self.log_path, model, errors_only)
         if self._own_log and self._workdir is not None and self._kept_log is None:
             self._kept_log = logs.kept_log_path(self.pgid or 0)
         shown = self._kept_log or self.log_path
@@ -349,7 +365,7 @@ class TritonServer:
         while True:
             if not self.running():
                 code = None if self.process is None else self.process.returncode
-                raise self.failure(f"tritonserver exited during startup (code {code})")
+                raise ServerDied(str(self.failure(f"tritonserver exited during startup ({exit_reason(code)})")))
             states = self._live_states()
             failed = [m for m in models if states.get(m, {}).get("state") == "UNAVAILABLE"]
             if failed:
@@ -368,6 +384,8 @@ class TritonServer:
 
         if not self.running():
             raise PatcherError("tritonserver is not running: start it first")
+        if config is None:
+            check_integrity(self.store, [name])
         client = self.grpc_client()
         try:
             client.load_model(name, config=config, headers=self.key.grpc_headers)

@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from patcher_imaging import DecodeBudget, ServerBusy, check_limits, preprocess_bytes
-from patcher_openvocab import HeadCache, LabelSet, LabelSetError, check_label_set, class_heads
+from patcher_openvocab import MAX_PROMPTS, HeadCache, LabelSet, LabelSetError, check_label_set, class_heads
 
 IMAGES, LABELS, TEMPLATES, SCORES = "image_bytes", "labels", "templates", "scores"
 MODEL_FILE = "model.onnx"
@@ -55,6 +55,7 @@ class TritonPythonModel:
         self.text_batch = int(parameters["text_batch"])
         self.max_labels = int(parameters["max_labels"])
         self.max_templates = int(parameters["max_templates"])
+        self.max_prompts = int(parameters.get("max_prompts", MAX_PROMPTS))
         self.max_images = int(parameters["max_images"])
         self.cache = HeadCache(int(parameters["label_cache"]))
         options = ort.SessionOptions()
@@ -104,7 +105,8 @@ class TritonPythonModel:
         given = pb_utils.get_input_tensor_by_name(request, TEMPLATES)
         templates = None if given is None else [bytes(t) for t in given.as_numpy().reshape(-1)]
         try:
-            return check_label_set([bytes(label) for label in labels], templates, self.max_labels, self.max_templates)
+            return check_label_set([bytes(label) for label in labels], templates, self.max_labels, self.max_templates,
+                                   self.max_prompts)
         except LabelSetError as error:
             raise RequestRefused(str(error)) from None
 

@@ -58,7 +58,7 @@ class TritonPythonModel:
             items = pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy().reshape(-1)
             try:
                 texts = decode_prompts([bytes(item) for item in items], self.max_prompt_bytes)
-                tokens.append(self.tokenizer(texts, truncate=self.truncate))
+                tokens.append(self.tokenizer(texts, truncate=self.truncate, strict=True))
                 errors.append(None)
             except PromptError as error:
                 tokens.append(None)
