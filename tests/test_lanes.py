@@ -1,0 +1,86 @@
+"""The fast lane's rules (tests/conftest.py): a test that uses a model-building fixture is slow, and a test outside
+the slow lane that runs a pipeline stage or starts a server fails with one line saying to mark it slow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import heavy_command
+
+CONFTEST = Path(__file__).with_name("conftest.py")
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A folder with this suite's conftest, for small suites run in process."""
+    pytester.makeconftest(CONFTEST.read_text())
+    return pytester
+
+
+def test_a_test_using_a_model_fixture_is_slow_and_left_out_of_the_fast_lane(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_sample="""
+        def test_uses_the_run(tiny_run):
+            pass
+
+        def test_through_another_fixture(exported):
+            pass
+
+        def test_plain():
+            pass
+
+        import pytest
+
+        @pytest.fixture
+        def exported(tiny_export):
+            return tiny_export
+    """)
+    result = suite.runpytest_inprocess("--collect-only", "-q", "-m", "not slow", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["test_sample.py::test_plain", "*1/3 tests collected (2 deselected)*"])
+
+
+def test_an_unmarked_test_that_starts_a_server_or_a_stage_fails(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_sample="""
+        import subprocess
+        import sys
+
+        import pytest
+        from patcher.stages.export import export_run
+
+        def test_server():
+            subprocess.run(["true", "tritonserver"], check=True)
+
+        def test_cli_stage():
+            subprocess.run([sys.executable, "-m", "patcher", "build", "--help"], check=True)
+
+        def test_stage_in_process():
+            export_run(None)
+
+        @pytest.mark.slow
+        def test_marked_server():
+            subprocess.run(["true", "tritonserver"], check=True)
+
+        def test_ordinary_command():
+            subprocess.run(["true", "--version"], check=True)
+    """)
+    result = suite.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=3)
+    result.stdout.fnmatch_lines_random([
+        "*test_server is not marked slow but it starts tritonserver: mark it @pytest.mark.slow*",
+        "*test_cli_stage is not marked slow but it runs `patcher build`*",
+        "*test_stage_in_process is not marked slow but it runs export_run()*",
+    ])
+
+
+@pytest.mark.parametrize(("command", "reason"), [
+    (["/opt/x/bin/tritonserver", "--model-repository=r"], "it starts tritonserver"),
+    (["torchrun", "--nproc-per-node", "2", "-m", "patcher", "build"], "it starts torchrun"),
+    ([".venv/bin/patcher", "demo"], "it runs `patcher demo`"),
+    (["python", "-m", "patcher", "serve", "--repo", "r"], "it runs `patcher serve`"),
+    (["python", "bench/gpu_check.py", "--cpu-smoke"], "it runs a benchmark script"),
+    (["python", "-m", "patcher", "show", "run"], None),
+    (["python", "-c", "import patcher"], None),
+    ("strace -f true", None),
+])
+def test_heavy_commands(command: list[str] | str, reason: str | None) -> None:
+    assert heavy_command(command) == reason
