@@ -1,5 +1,5 @@
 """The fast lane's rules (tests/conftest.py): a test that uses a model-building fixture is slow, and a test outside
-the slow lane that runs a pipeline stage or starts a server fails with one line saying to mark it slow."""
+the slow lane that builds a model or starts a server fails with one line saying to mark it slow."""
 
 from __future__ import annotations
 
@@ -39,22 +39,23 @@ def test_a_test_using_a_model_fixture_is_slow_and_left_out_of_the_fast_lane(suit
     result.stdout.fnmatch_lines(["test_sample.py::test_plain", "*1/3 tests collected (2 deselected)*"])
 
 
-def test_an_unmarked_test_that_starts_a_server_or_a_stage_fails(suite: pytest.Pytester) -> None:
+def test_an_unmarked_test_that_starts_a_server_or_builds_a_model_fails(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_sample="""
         import subprocess
         import sys
 
+        import patcher.models  # open_clip, imported as patcher imports it
         import pytest
-        from patcher.stages.export import export_run
 
         def test_server():
             subprocess.run(["true", "tritonserver"], check=True)
 
-        def test_cli_stage():
-            subprocess.run([sys.executable, "-m", "patcher", "build", "--help"], check=True)
+        def test_torchrun():
+            subprocess.run([sys.executable, "-c", "pass", "torchrun"], check=True)
 
-        def test_stage_in_process():
-            export_run(None)
+        def test_model_in_process():
+            from patcher.models import load_clip
+            load_clip("patcher-tiny")
 
         @pytest.mark.slow
         def test_marked_server():
@@ -67,16 +68,14 @@ def test_an_unmarked_test_that_starts_a_server_or_a_stage_fails(suite: pytest.Py
     result.assert_outcomes(passed=2, failed=3)
     result.stdout.fnmatch_lines_random([
         "*test_server is not marked slow but it starts tritonserver: mark it @pytest.mark.slow*",
-        "*test_cli_stage is not marked slow but it runs `patcher build`*",
-        "*test_stage_in_process is not marked slow but it runs export_run()*",
+        "*test_torchrun is not marked slow but it starts torchrun*",
+        "*test_model_in_process is not marked slow but it builds a model*",
     ])
 
 
 @pytest.mark.parametrize(("command", "reason"), [
     (["/opt/x/bin/tritonserver", "--model-repository=r"], "it starts tritonserver"),
     (["torchrun", "--nproc-per-node", "2", "-m", "patcher", "build"], "it starts torchrun"),
-    ([".venv/bin/patcher", "demo"], "it runs `patcher demo`"),
-    (["python", "-m", "patcher", "serve", "--repo", "r"], "it runs `patcher serve`"),
     (["python", "bench/gpu_check.py", "--cpu-smoke"], "it runs a benchmark script"),
     (["python", "-m", "patcher", "show", "run"], None),
     (["python", "-c", "import patcher"], None),
