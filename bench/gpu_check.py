@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]  # bench's modules; patcher from the working tree
 VENV = ROOT / ".venv-gpu"
 # what the check imports; a Python that has them all (and a GPU, or --cpu-smoke) needs no setup
 NEEDED = ("patcher", "open_clip", "onnxruntime", "tritonclient.grpc", "pytriton", "torch")
@@ -35,12 +35,16 @@ SYSTEM_BUILDS = ("torch", "torchvision", "numpy")
 def _has_modules(python: str, modules: tuple[str, ...]) -> bool:
     probe = "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))"
     top = [module.split(".")[0] for module in modules]
-    return subprocess.run([python, "-c", probe, *top], capture_output=True, check=False).returncode == 0
+    return subprocess.run([python, "-c", probe, *top], capture_output=True, cwd=ROOT, check=False).returncode == 0
 
 
-def _has_cuda_torch(python: str) -> bool:
-    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
-    return subprocess.run([python, "-c", probe], capture_output=True, check=False).returncode == 0
+def _has_cuda_torch(python: str, numpy_below_2: bool = False) -> bool:
+    """True when `python` has a torch that sees a GPU (and, if asked, a numpy below 2, which nvidia-pytriton needs:
+    the system's packages built for numpy 2 would not import beside the numpy 1 it installs)."""
+    probe = ("import sys, torch, numpy; sys.exit(0 if torch.cuda.is_available() and (not int(sys.argv[1]) or "
+             "int(numpy.__version__.split('.')[0]) < 2) else 1)")
+    return subprocess.run([python, "-c", probe, str(int(numpy_below_2))], capture_output=True,
+                          check=False).returncode == 0
 
 
 def _constraints(drop: tuple[str, ...], folder: Path) -> Path:
@@ -60,10 +64,11 @@ def _pin(name: str) -> str:
 
 
 def set_up(arguments: argparse.Namespace) -> float:
-    """Create .venv-gpu (reusing a CUDA torch the system Python has) and install what the check needs: the project
-    with the constraints' pins, onnxruntime-gpu in place of onnxruntime, TensorRT's wheel if asked. Seconds taken."""
+    """Create .venv-gpu (reusing a CUDA torch the system Python has, where its numpy is below 2) and install what the
+    check needs: the project with the constraints' pins, onnxruntime-gpu in place of onnxruntime, TensorRT's wheel
+    if asked. Seconds taken."""
     started = time.perf_counter()
-    system_cuda = _has_cuda_torch(sys.executable)
+    system_cuda = _has_cuda_torch(sys.executable, numpy_below_2=True)
     python = VENV / "bin" / "python"
     if not python.exists():
         venv = [sys.executable, "-m", "venv", str(VENV)]
@@ -82,7 +87,9 @@ def set_up(arguments: argparse.Namespace) -> float:
         steps.append([arguments.tensorrt_package])
     for step in steps:
         print("setup: pip install " + " ".join(step), flush=True)
-        subprocess.run(pip + step, check=True, cwd=ROOT)
+        if subprocess.run(pip + step, cwd=ROOT, check=False).returncode != 0:
+            raise SystemExit(f"error: `pip install {' '.join(step)}` failed (above): without a registry, pass --wheels "
+                             "DIR, or --no-setup to measure with this Python as it is")
         if "-e" in step:
             # onnxruntime (the CPU wheel the project depends on) and onnxruntime-gpu share one module folder
             subprocess.run([str(python), "-m", "pip", "uninstall", "--yes", "--quiet", "onnxruntime"], check=False)

@@ -170,7 +170,7 @@ def training(plan: Plan) -> dict[str, Any]:
         for config in CONFIGS:
             try:
                 runs.append(_fine_tune(loaded, shape, config, plan))
-            except torch.OutOfMemoryError as error:
+            except torch.cuda.OutOfMemoryError as error:
                 runs.append({"config": config, "error": f"out of memory: {str(error).splitlines()[0][:300]}"})
             _free(plan.device)
         base = next((run for run in runs if run["config"] == "plain" and "error" not in run), None)
@@ -290,7 +290,7 @@ def inference(plan: Plan, workdir: Path, phases: Phases) -> dict[str, Any]:
             continue
         graph, path = _graph_onnx(shape, plan.device, workdir)
         size = image_size_of(path)
-        kinds = _runners(graph, path, plan, size)
+        kinds = _runners(graph, path, plan, size, tensorrt=phases.left() > 240)  # an engine build takes minutes
         if cuda:
             notes.append(f"{shape.model}: onnxruntime runs on {active_provider(open_session(path, plan.device))}")
         for batch_size in plan.infer_batches:
@@ -307,10 +307,11 @@ def inference(plan: Plan, workdir: Path, phases: Phases) -> dict[str, Any]:
     return {"rows": rows, "notes": notes}
 
 
-def _runners(graph: Any, path: Path, plan: Plan, size: tuple[int, int]
+def _runners(graph: Any, path: Path, plan: Plan, size: tuple[int, int], tensorrt: bool
              ) -> dict[str, Callable[[np.ndarray], Callable[[], object]]]:
     """kind -> a factory of the call that runs a batch: PyTorch fp32 (and bf16 autocast on CUDA), onnxruntime on the
-    device, and onnxruntime's TensorRT provider (one engine for the batch range) where this build has it."""
+    device, and, with `tensorrt`, onnxruntime's TensorRT provider where this build has it (one engine for the batch
+    range, cached on disk so that each batch size's session reuses it)."""
     from patcher.benchmark.inprocess import onnxruntime_runner, torch_runner
     from patcher.export.providers import TENSORRT, available_providers
 
@@ -319,9 +320,10 @@ def _runners(graph: Any, path: Path, plan: Plan, size: tuple[int, int]
         "onnxruntime": lambda batch: onnxruntime_runner(path, batch, 0, plan.device)}
     if plan.device.startswith("cuda"):
         kinds["torch bf16"] = lambda batch: torch_runner(graph, batch, plan.device, bf16=True)
-        if TENSORRT in available_providers():
-            profile = {f"trt_profile_{k}_shapes": f"image:{b}x3x{size[0]}x{size[1]}"
-                       for k, b in (("min", 1), ("opt", 64), ("max", max(plan.infer_batches)))}
+        if tensorrt and TENSORRT in available_providers():
+            profile: dict[str, Any] = {f"trt_profile_{k}_shapes": f"image:{b}x3x{size[0]}x{size[1]}"
+                                       for k, b in (("min", 1), ("opt", 64), ("max", max(plan.infer_batches)))}
+            profile.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(path.parent / "trt-cache"))
             kinds["onnxruntime tensorrt"] = lambda batch: onnxruntime_runner(path, batch, 0, plan.device, profile)
     return kinds
 

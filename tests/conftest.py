@@ -1,4 +1,4 @@
-"""Shared fixtures (a tiny real run, built once per test session with the real `patcher build`) and the lanes.
+"""Shared fixtures (a tiny real run, built once per test run with the real `patcher build`) and the lanes.
 
 The fast lane (`pytest -m "not slow"`, scripts/test-fast.sh) builds no model and starts no server:
 - a test that uses a model-building fixture (MODEL_FIXTURES, directly or through another fixture), or that
@@ -14,7 +14,7 @@ import fcntl
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -142,52 +142,67 @@ def _shared_by_workers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+def _once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Path]) -> Path:
+    """`make(folder)`'s result, made once per run: the first xdist worker that needs it makes it under a lock, the
+    others wait and get the same path (the fixtures below are read-only to the tests: they copy what they change)."""
+    folder = _shared_by_workers(tmp_path_factory) / name
+    done = folder.with_name(f"{name}.done")
+    with _exclusive(folder.with_name(f"{name}.lock")):
+        if done.is_file():
+            return Path(done.read_text())
+        folder.mkdir(exist_ok=True)
+        result = Path(make(folder))
+        done.write_text(str(result))
+        return result
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CLIP pretrained by `patcher pretrain` on Fashion-MNIST's val images and the digits 0-4 (~15 s), once per
-    run: the first xdist worker that needs it pretrains it, the others wait and read the same folder."""
+    run, shared by the xdist workers."""
     from patcher.stages.pretrain import PretrainOptions, Source, pretrain
     from patcher.training.config import TrainConfig
 
-    out = _shared_by_workers(tmp_path_factory) / "tiny-clip"
-    with _exclusive(out.with_name("tiny-clip.lock")):
-        if out.is_dir():  # pretrain publishes the folder whole (a staged output): present means complete
-            return out
-        options = PretrainOptions(
+    def make(folder: Path) -> Path:
+        return pretrain(PretrainOptions(
             sources=[Source("fashion-mnist", "val", None, 0.6), Source("digits", "pretrain", [0, 1, 2, 3, 4], 0.4)],
             model="patcher-tiny",
             train=TrainConfig(steps=120, batch_size=64, lr=2e-3, weight_decay=0.1, warmup_steps=10,
                               checkpoint_every=60),
             device="cpu",
-            out=out,
-        )
-        return pretrain(options)
+            out=folder / "tiny-clip",
+        ))
+
+    return _once_per_run(tmp_path_factory, "pretrain", make)
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> Path:
-    """A run directory from `patcher build` on digits (patch) and fashion-mnist (support) with the tiny CLIP."""
+    """A run directory from `patcher build` on digits (patch) and fashion-mnist (support) with the tiny CLIP, once per
+    run."""
     from patcher.stages.build import BuildOptions, build
     from patcher.training.config import TrainConfig
 
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    options = BuildOptions(
-        task="digits",
-        support=["fashion-mnist"],
-        model=f"local-dir:{tiny_clip}",
-        pretrained=None,
-        alpha="auto",
-        # lr 3e-4: a fine-tune whose chosen alpha is above 0 here, so that patched and zero-shot differ
-        train_config=TrainConfig(steps=30, batch_size=32, lr=3e-4, warmup_steps=3, checkpoint_every=10),
-        device="cpu",
-        out=out,
-    )
-    return build(options)
+    def make(folder: Path) -> Path:
+        return build(BuildOptions(
+            task="digits",
+            support=["fashion-mnist"],
+            model=f"local-dir:{tiny_clip}",
+            pretrained=None,
+            alpha="auto",
+            # lr 3e-4: a fine-tune whose chosen alpha is above 0 here, so that patched and zero-shot differ
+            train_config=TrainConfig(steps=30, batch_size=32, lr=3e-4, warmup_steps=3, checkpoint_every=10),
+            device="cpu",
+            out=folder / "tiny",
+        ))
+
+    return _once_per_run(tmp_path_factory, "runs", make)
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`patcher export` of the tiny run (fp32), shared by the tests that only read it."""
+    """`patcher export` of the tiny run (fp32), once per run, shared by the tests that only read it."""
     from patcher.stages.export import ExportOptions, export_run
 
-    return Path(export_run(tiny_run, ExportOptions(out=tmp_path_factory.mktemp("tiny-export") / "onnx")))
+    return _once_per_run(tmp_path_factory, "tiny-export",
+                         lambda folder: Path(export_run(tiny_run, ExportOptions(out=folder / "onnx"))))

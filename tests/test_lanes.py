@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import heavy_command
 
+# torch and open_clip imported here, before any small suite runs in process: pytester takes out of sys.modules what
+# a run imported, and torch's extension modules cannot be imported a second time in one process
+import patcher.models  # noqa: F401
+
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 
