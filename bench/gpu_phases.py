@@ -292,7 +292,10 @@ def inference(plan: Plan, workdir: Path, phases: Phases) -> dict[str, Any]:
         size = image_size_of(path)
         kinds = _runners(graph, path, plan, size, tensorrt=phases.left() > 240)  # an engine build takes minutes
         if cuda:
-            notes.append(f"{shape.model}: onnxruntime runs on {active_provider(open_session(path, plan.device))}")
+            try:
+                notes.append(f"{shape.model}: onnxruntime runs on {active_provider(open_session(path, plan.device))}")
+            except Exception as error:  # no CUDA provider: the rows below say so too
+                notes.append(f"{shape.model}: onnxruntime on the GPU: {type(error).__name__}: {str(error)[:300]}")
         for batch_size in plan.infer_batches:
             batch = np.random.default_rng(0).standard_normal((batch_size, 3, *size)).astype(np.float32)
             for kind, make in kinds.items():
