@@ -11,6 +11,7 @@ The fast lane (`pytest -m "not slow"`, scripts/test-fast.sh) builds no model and
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import subprocess
 import sys
@@ -46,6 +47,7 @@ SLOW_TESTS = (
     "tests/test_faults_inputs.py::test_a_file_that_is_no_checkpoint_is_refused",
     "tests/test_finetune_scale.py",
     "tests/test_models_offline.py",
+    "tests/test_objectstore.py::test_uploads_are_verified_and_writers_exclude_each_other",
     "tests/test_pretrain.py",
     "tests/test_printed_digits.py::test_parts_are_balanced_and_the_same_on_every_load",
     "tests/test_task_vectors.py::test_mismatched_architectures_are_refused",
@@ -79,17 +81,13 @@ def heavy_command(args: Any) -> str | None:
     words = [str(word) for word in (args if isinstance(args, list | tuple) else str(args).split())]
     names = [Path(word).name for word in words]
     started = [name for name in names if name in HEAVY_PROGRAMS]
+    modules = [after for before, after in itertools.pairwise(names) if before == "-m"]
+    started += ["moto_server" for module in modules if module == "moto.server"]  # python -m moto.server
     if started:
         return f"it starts {started[0]}"
     if any(Path(word).parent.name == "bench" and word.endswith(".py") for word in words):
         return "it runs a benchmark script"
     return None
-
-
-def _ours(module_name: str) -> bool:
-    """patcher's modules and the tests' (only these are searched: other packages' modules may import on getattr)."""
-    last = module_name.rsplit(".", 1)[-1]
-    return module_name.startswith("patcher") or last.startswith(("test_", "conftest")) or last.endswith("_support")
 
 
 @pytest.fixture(autouse=True)

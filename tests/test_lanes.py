@@ -81,6 +81,7 @@ def test_an_unmarked_test_that_starts_a_server_or_builds_a_model_fails(suite: py
     (["/opt/x/bin/tritonserver", "--model-repository=r"], "it starts tritonserver"),
     (["torchrun", "--nproc-per-node", "2", "-m", "patcher", "build"], "it starts torchrun"),
     (["python", "bench/gpu_check.py", "--cpu-smoke"], "it runs a benchmark script"),
+    (["/x/python", "-m", "moto.server", "-H", "127.0.0.1"], "it starts moto_server"),
     (["python", "-m", "patcher", "show", "run"], None),
     (["python", "-c", "import patcher"], None),
     ("strace -f true", None),
