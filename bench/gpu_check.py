@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,14 @@ def set_up(arguments: argparse.Namespace) -> float:
     return time.perf_counter() - started
 
 
+def _gpu_present() -> bool:
+    """True when nvidia-smi finds a GPU (what decides between the GPU check and the CPU smoke run, before torch)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
 def _needs_setup(arguments: argparse.Namespace) -> bool:
     if arguments.no_setup or arguments.cpu_smoke or Path(sys.prefix).resolve() == VENV.resolve():
         return False
@@ -118,6 +127,9 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     """Set up if needed (then run again inside .venv-gpu), measure every phase, write the results."""
     arguments = parse()
+    if not arguments.cpu_smoke and not _gpu_present():
+        print("gpu check: no GPU here (nvidia-smi finds none): the CPU smoke run, with this Python", flush=True)
+        arguments.cpu_smoke = True
     if _needs_setup(arguments):
         seconds = set_up(arguments)
         command = [str(VENV / "bin" / "python"), __file__, *sys.argv[1:], "--no-setup", f"--setup-seconds={seconds}"]
