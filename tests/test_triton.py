@@ -248,7 +248,7 @@ def test_int8_models_are_served_and_answer_as_onnxruntime_does(case: ExportCase,
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "triton_models"
 # weights (and the tokenizer's vocabulary, open_clip's), per-write records, the folder's own README
-NOT_COMMITTED = ("model.onnx", "bpe_simple_vocab_16e6.txt.gz", "patcher.json", "README.md")
+NOT_COMMITTED = ("model.onnx", "bpe_simple_vocab_16e6.txt.gz", "patcher.json", "README.md", "warm_head.npz")
 
 
 def _deployed(repo: Path) -> dict[str, str]:

@@ -44,8 +44,9 @@ def test_every_backend_model_warms_up_on_the_exports_sample(tiny_export: Path, t
             if config.platform == "ensemble":
                 assert not config.model_warmup, model  # Triton warms instances; ensembles have none
                 continue
-            if model.endswith("_classify"):  # a label set is a request's: no warmup (see warmup.py)
-                assert not config.model_warmup, model
+            if model.endswith("_classify"):  # its task's own label set, the head cached (tests/test_classify_warmup.py)
+                assert [(w.name, w.batch_size) for w in config.model_warmup] == [("digits_label_set", 1)], model
+                assert (repo / model / "1" / "warm_head.npz").is_file()
                 continue
             sizes = sorted(w.batch_size for w in config.model_warmup)
             assert sizes == ([1, 16] if backend == "onnxruntime" else [1]), (model, sizes)
@@ -77,7 +78,7 @@ def test_warmup_runs_the_sample_before_the_model_is_ready(tiny_export: Path, tmp
     which is why the writer warms the preprocessing model only with a sample its limits accept."""
     repo = tmp_path / "repo"
     written = write_repository(tiny_export, repo)
-    assert "no warmup for digits_classify (its input labels is not one a sample image fills)" in written["message"]
+    assert "no warmup" not in written["message"]  # every backend model, digits_classify's label set included
     models = ["digits_preprocess", "digits_text"]
     with TritonServer(repo, models=models) as server:  # READY after warming up on the real sample and its prompt
         assert server.running()

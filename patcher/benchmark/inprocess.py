@@ -4,37 +4,43 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from patcher.benchmark.loadgen import LoadResult
+from patcher.export.providers import open_session
 
 Runner = Callable[[], object]
 
 
-def onnxruntime_runner(path: Path, batch: np.ndarray, threads: int = 0) -> Runner:
-    """A call running the ONNX file on `batch` with onnxruntime's CPU provider (threads 0: its default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def onnxruntime_runner(path: Path, batch: np.ndarray, threads: int = 0, device: str = "cpu",
+                       tensorrt: dict[str, Any] | None = None) -> Runner:
+    """A call running the ONNX file on `batch` (host memory in, host memory out) with onnxruntime on `device`
+    (threads 0: its default; `tensorrt`: TensorRT's provider options, on a GPU)."""
+    session = open_session(path, device, threads, tensorrt)
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(batch)}
     return lambda: session.run(None, feed)
 
 
-def torch_runner(graph: nn.Module, batch: np.ndarray) -> Runner:
-    """A call running the PyTorch graph on `batch` in eager mode under inference_mode."""
+def torch_runner(graph: nn.Module, batch: np.ndarray, device: str = "cpu", bf16: bool = False) -> Runner:
+    """A call running the PyTorch graph on `batch` in eager mode under inference_mode; on a GPU the batch goes from
+    host memory and the outputs come back to it, as onnxruntime's do (`bf16`: under bf16 autocast)."""
     tensor = torch.from_numpy(np.ascontiguousarray(batch))
-    graph.eval()
+    cuda = device.startswith("cuda")
+    if cuda:
+        tensor = tensor.pin_memory()
+    graph.eval().to(device)
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and bf16 else nullcontext()
 
     def run() -> object:
-        with torch.inference_mode():
-            return graph(tensor)
+        with torch.inference_mode(), precision:
+            outputs = graph(tensor.to(device, non_blocking=True))
+            return [output.cpu() for output in outputs] if cuda else outputs
 
     return run
 

@@ -101,6 +101,8 @@ def triton(
     max_batch_size: Annotated[int, typer.Option(help="Largest batch the server accepts.")] = 64,
     instances: Annotated[int, typer.Option(help="Model instances per model.")] = 1,
     max_queue_delay_us: Annotated[int, typer.Option(help="Batching delay, us (0: batch what is queued).")] = 0,
+    gpu: Annotated[bool, typer.Option(help="Run the classifiers' instances on the GPU (KIND_GPU; python backend: "
+                                           "needs onnxruntime-gpu where tritonserver runs).")] = False,
     tensorrt: Annotated[bool, typer.Option(help="onnxruntime's TensorRT provider (onnxruntime backend, GPU).")] = False,
     tensorrt_fp16: Annotated[bool, typer.Option(help="TensorRT in FP16 (implies --tensorrt).")] = False,
     tensorrt_workspace: Annotated[int | None, typer.Option(help="TensorRT builder workspace, bytes.")] = None,
@@ -147,7 +149,7 @@ def triton(
     result = write_repository(export_dir, repo, name=served_model(model, name), backend=backend,
                               max_batch_size=max_batch_size,
                               instances=instances, max_queue_delay_us=max_queue_delay_us,
-                              precision=precision, limits=limits, warmup=warmup,
+                              precision=precision, limits=limits, warmup=warmup, gpu=gpu,
                               tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
                               if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None,
                               open_vocab={"max_labels": max_labels, "max_templates": max_templates,

@@ -16,6 +16,7 @@ from patcher.export.contract import INPUT_NAME, logits_output
 from patcher.export.graph import ExportGraph
 from patcher.export.heldout import HeldOut
 from patcher.export.parity import RULES, failures, rule_for, task_parity
+from patcher.export.providers import open_session
 
 BATCH_SIZES = (1, 7, 64)
 LOAD_TIMEOUT_S = 300
@@ -88,11 +89,10 @@ def batch_plan(total: int) -> list[slice]:
     return slices
 
 
-def run_session(path: Path, images: np.ndarray) -> list[np.ndarray]:
-    """Every output of one onnxruntime session over all images, fed in the batch sizes of `batch_plan`."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def run_session(path: Path, images: np.ndarray, device: str = "cpu") -> list[np.ndarray]:
+    """Every output of one onnxruntime session on `device` (CUDA: exact float32, no TF32) over all images, fed in
+    the batch sizes of `batch_plan`."""
+    session = open_session(path, device, tf32=False)
     parts = []
     for rows in batch_plan(len(images)):
         try:
@@ -112,17 +112,18 @@ def parity_report(
     output_names: list[str],
     scales: dict[str, float],
     accuracy_tolerance: float | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """onnxruntime against PyTorch on the held-out images: max |diff| per output, and per task the figures the
     parity rule judges (`patcher.export.parity`); `scales` are the heads' logit scales, `accuracy_tolerance` the
-    user's (points) in place of the rule's."""
+    user's (points) in place of the rule's; `device` where onnxruntime runs (its reference from the same device)."""
     count = len(heldout.images)
     needed = sum(BATCH_SIZES)
     # Too few images for one batch of each size: repeat them; the statistics use the first `count` rows.
     rows = np.resize(np.arange(count), max(count, needed))
     images = heldout.images.numpy()
-    outputs = run_session(path, images if count >= needed else images[rows])
-    expected = [tensor.numpy() for tensor in reference]
+    outputs = run_session(path, images if count >= needed else images[rows], device)
+    expected = [tensor.float().cpu().numpy() for tensor in reference]
     max_abs_diff = {
         name: float(np.abs(got - want[rows]).max()) for name, got, want in zip(output_names, outputs, expected,
                                                                                strict=True)

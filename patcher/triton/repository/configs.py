@@ -25,12 +25,15 @@ ENTRY_PARAMETER = "patcher_entry"  # which `patcher triton --name` entry a model
 
 @dataclass(frozen=True)
 class Batching:
-    """How Triton batches and places one model: sizes, queue delay, instance count."""
+    """How Triton batches and places one model: sizes, queue delay, instance count, and whether the classifiers'
+    instances run on the GPU (KIND_GPU: one group of `instances` on each GPU; the python backend's model.py then
+    runs onnxruntime's CUDA provider)."""
 
     max_batch_size: int = 64
     instances: int = 1
     preferred_batch_sizes: Sequence[int] = field(default_factory=tuple)
     max_queue_delay_us: int = 0
+    gpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,10 @@ def classifier_config(
     if backend == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = "model.onnx"
-        kind = mc.ModelInstanceGroup.KIND_GPU if tensorrt else mc.ModelInstanceGroup.KIND_AUTO
+        kind = mc.ModelInstanceGroup.KIND_GPU if tensorrt or batching.gpu else mc.ModelInstanceGroup.KIND_AUTO
     else:
         config.backend = "python"
-        kind = mc.ModelInstanceGroup.KIND_CPU
+        kind = mc.ModelInstanceGroup.KIND_GPU if batching.gpu else mc.ModelInstanceGroup.KIND_CPU
     _batched(config, batching, kind)
     _add_input(config, image, image_format)
     _add_outputs(config, outputs, labels)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,9 +81,10 @@ def build_text(context: EntryContext, model: Model) -> ModelPlan:
     parameters = {**context.common(), "tokenizer": text["tokenizer"], "max_prompt_bytes": str(MAX_PROMPT_BYTES),
                   "truncate": limits["truncate_prompts"], "logit_scale": repr(text["models"]["patched"]["logit_scale"]),
                   **_threads(context)}
+    # its model.py runs onnxruntime on the CPU: the instance group says so even where the classifiers use a GPU
+    batching = dataclasses.replace(context.options.batching, gpu=False)
     config = classifier_config(model.name, TensorSpec(TEXT_INPUT, "TYPE_STRING", (-1, 1)),
-                               [TensorSpec(TEXT_OUTPUT, "TYPE_FP32", (-1, width))], "python",
-                               context.options.batching, {}, parameters)
+                               [TensorSpec(TEXT_OUTPUT, "TYPE_FP32", (-1, width))], "python", batching, {}, parameters)
     vocabulary = context.info.vocabulary_file()
     return context.plan(model, config, {"model.onnx": context.info.text_file("patched"),
                                         "model.py": (TEMPLATES / "text_model.py").read_text(),

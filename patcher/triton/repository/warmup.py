@@ -12,6 +12,7 @@ which may not be loaded while `_classify` warms up.
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 from patcher.base.errors import PatcherError
 from patcher.base.files import sha256_file
 from patcher.export.contract import INPUT_NAME
+from patcher.export.openvocab import LabelSetError, check_label_set
 from patcher.triton.imaging import decode_image, preprocess_image
 from patcher.triton.repository.builders import ModelPlan
-from patcher.triton.repository.configs import IMAGE_BYTES, NUMPY_TYPES
+from patcher.triton.repository.configs import IMAGE_BYTES, NUMPY_TYPES, parameter
 from patcher.triton.repository.export_info import ExportInfo
-from patcher.triton.repository.openvocab import TEXT_INPUT
+from patcher.triton.repository.openvocab import LABELS, TEMPLATE_INPUT, TEXT_INPUT
 from patcher.triton.repository.pixels import PIXELS_INPUT
 
 WARMUP_DIR = "warmup"
+WARM_HEAD_FILE = "warm_head.npz"  # the task's label set and its head, in the classify model's version folder
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,45 @@ def add_warmup(plan: ModelPlan, sample: Sample, batch_sizes: tuple[int, ...] = (
     return None
 
 
+def _elements(items: list[str]) -> bytes:
+    return b"".join(_serialised(item.encode("utf-8")) for item in items)
+
+
+def add_label_set_warmup(plan: ModelPlan, info: ExportInfo, sample: Sample, limits: dict | None = None) -> str | None:
+    """Warm the label-set model on the sample image with its task's class names and templates, their head computed
+    here and cached by the model as it starts; None when added, else why not."""
+    from patcher.triton.local import LocalModel  # onnxruntime: only where a classify model is written
+
+    config = plan.config
+    if int(parameter(config, "label_cache") or 0) < 1:
+        return "its label cache is off (--label-cache 0)"
+    classnames = list(info.tasks.get(sample.task, {}).get("classnames") or [])
+    templates = list(((info.text or {}).get("templates") or {}).get(sample.task) or [])
+    if not accepted(sample, limits or {}):
+        return "the sample is outside its input limits"
+    try:
+        label_set = check_label_set(classnames, templates or None, int(parameter(config, "max_labels") or 0),
+                                    int(parameter(config, "max_templates") or 0))
+        head = LocalModel(info.path).head(label_set)
+    except (LabelSetError, PatcherError) as error:
+        return f"the task's own label set does not fit it ({str(error).splitlines()[0]})"
+    saved = io.BytesIO()
+    np.savez(saved, head=head.astype(np.float32), labels=np.array(classnames, dtype=str),
+             templates=np.array(templates, dtype=str))
+    plan.files[WARM_HEAD_FILE] = lambda target, data=saved.getvalue(): target.write_bytes(data)
+    inputs = {IMAGE_BYTES: ([1, 1], _serialised(sample.png)), LABELS: ([len(classnames)], _elements(classnames))}
+    if templates:
+        inputs[TEMPLATE_INPUT] = ([len(templates)], _elements(templates))
+    warmup = config.model_warmup.add(name=f"{sample.task}_label_set", batch_size=1)
+    for name, (dims, data) in inputs.items():
+        entry = warmup.inputs[name]
+        entry.data_type = mc.TYPE_STRING
+        entry.dims.extend(dims)
+        entry.input_data_file = name
+        plan.model_files[f"{WARMUP_DIR}/{name}"] = data
+    return None
+
+
 def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: bool, limits: dict | None = None
          ) -> str | None:
     """Warm every backend model of an entry on the export's sample; on a GPU (TensorRT engines are built per
@@ -128,7 +170,10 @@ def warm(plans: list[ModelPlan], info: ExportInfo, max_batch_size: int, gpu: boo
     sizes = (1, max_batch_size) if gpu else (1,)
     refused = {}
     for plan in plans:
-        reason = add_warmup(plan, sample, sizes, limits)
+        if plan.model.kind == "classify":
+            reason = add_label_set_warmup(plan, info, sample, limits)
+        else:
+            reason = add_warmup(plan, sample, sizes, limits)
         if reason is not None and not plan.model.is_ensemble and plan.config.platform != "ensemble":
             refused[plan.model.name] = reason
     return "; ".join(f"no warmup for {name} ({reason})" for name, reason in refused.items()) or None

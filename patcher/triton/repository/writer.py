@@ -190,6 +190,7 @@ def write_repository(
     tensorrt: TensorRT | None = None,
     warmup: bool = True,
     open_vocab: dict[str, Any] | None = None,
+    gpu: bool = False,
 ) -> dict[str, Any]:
     """Add an export to a model repository as a new version of every model of entry `name` (default: the patch task).
 
@@ -199,10 +200,11 @@ def write_repository(
     tensors) are served beside the entry as `<name>_<kind>`; `tensorrt` (or `tensorrt_fp16`) configures onnxruntime's
     TensorRT provider; `warmup` warms each new version on the export's sample image; `open_vocab` bounds the label
     sets of the open-vocabulary models an export with a text tower gets (max_labels, max_templates, label_cache,
-    truncate_prompts). `repo` is a folder or an s3:// location (stores.py). Returns what was written.
+    truncate_prompts); `gpu` puts the classifiers' instances on the GPU (KIND_GPU). `repo` is a folder or an s3://
+    location (stores.py). Returns what was written.
     """
     check_repository_path(Path(repo))
-    batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us)
+    batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us, gpu)
     if tensorrt_fp16 and tensorrt is None:
         tensorrt = TensorRT(fp16=True)
     options = _options(backend, batching, tensorrt, precision, limits, intra_op_threads, extra_classifiers,
@@ -214,7 +216,7 @@ def write_repository(
     key = _version_identity(info, options)
     plans = plan_entry(info, entry, files, options, _record(info, key))
     stamp(plans, info, files)
-    note = warm(plans, info, max_batch_size, gpu=tensorrt is not None, limits=options.limits) if warmup else None
+    note = warm(plans, info, max_batch_size, gpu=tensorrt is not None or gpu, limits=options.limits) if warmup else None
     store = open_store(repo)
     with store.writing():
         recovered = store.recover()

@@ -28,6 +28,7 @@ from patcher_openvocab import MAX_PROMPTS, HeadCache, LabelSet, LabelSetError, c
 
 IMAGES, LABELS, TEMPLATES, SCORES = "image_bytes", "labels", "templates", "scores"
 MODEL_FILE = "model.onnx"
+WARM_HEAD_FILE = "warm_head.npz"
 TEXT_INPUT, TEXT_OUTPUT = "text", "text_embedding"
 ITEM = re.compile(r"item (\d+): (.*)", re.DOTALL)
 
@@ -58,6 +59,13 @@ class TritonPythonModel:
         self.max_prompts = int(parameters.get("max_prompts", MAX_PROMPTS))
         self.max_images = int(parameters["max_images"])
         self.cache = HeadCache(int(parameters["label_cache"]))
+        warm = os.path.join(args["model_repository"], args["model_version"], WARM_HEAD_FILE)
+        if os.path.isfile(warm):  # the task's own label set and its head, from `patcher triton`: what warmup asks
+            with np.load(warm, allow_pickle=False) as saved:
+                templates = [str(t) for t in saved["templates"]] or None
+                label_set = check_label_set([str(label) for label in saved["labels"]], templates, self.max_labels,
+                                            self.max_templates)
+                self.cache.put(label_set, np.ascontiguousarray(saved["head"], dtype=np.float32))
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
