@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from patcher.base.errors import PatcherError
 from patcher.base.progress import make_progress
 from patcher.data.evaluation import Labelling, scores
 from patcher.data.image_store import ImageStore
@@ -103,6 +104,16 @@ class Session:
         if any(has_text(state) for state in states):
             base.update(self.zeroshot_text())
         return fill_missing(states, base)
+
+    def base_values(self, keys: list[str]) -> State:
+        """The zero-shot value of each key (encoder, zero-shot heads, text tower): what a merge starts from."""
+        base = {**self.zeroshot, **prefixed(HEAD_PREFIX, self.resolver.zeroshot_heads)}
+        if any(key.startswith(TEXT_PREFIX) for key in keys):
+            base.update(self.zeroshot_text())
+        missing = [key for key in keys if key not in base]
+        if missing:
+            raise PatcherError(f"no zero-shot value for {missing[0]}: the runs come from another architecture")
+        return {key: base[key] for key in keys}
 
     def fine_tune(self, start: Mapping[str, torch.Tensor], fine_tuning: FineTuning) -> Trained:
         """Train the method on its tasks (balanced) from `start`, in place in the session's model; the state is
