@@ -241,7 +241,10 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def memory_scaling(folder: Path, counts: tuple[int, ...] = (2, 8)) -> list[dict[str, Any]]:
-    """Peak memory of merging 2 and 8 ViT-B/32-sized task vectors, streamed and loaded."""
+    """Peak memory of merging 2 and 8 ViT-B/32-sized task vectors, streamed and loaded (kept in results.json
+    there, and reused: delete it to measure again)."""
+    if (folder / "results.json").is_file():
+        return json.loads((folder / "results.json").read_text())
     memory_files(folder, max(counts))
     results = []
     for method in MEMORY_KEYS:
@@ -251,6 +254,7 @@ def memory_scaling(folder: Path, counts: tuple[int, ...] = (2, 8)) -> list[dict[
                 measured = in_subprocess("memory", {"folder": str(folder), "count": count, "method": method,
                                                     "streamed": streamed})
                 results.append({"method": method, "runs": count, "streamed": streamed, **measured})
+    write_json(folder / "results.json", results)
     return results
 
 
