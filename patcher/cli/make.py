@@ -183,7 +183,22 @@ def merge(
                                    data=DataOptions(workers=workers, mode=data_mode,
                                                     skip_bad_images=skip_bad_images), merge=spec))
     print_run(path)
+    print_merge(path)
     typer.echo(f"run: {path}")
+
+
+def print_merge(path: Path) -> None:
+    """The merge method, its chosen parameters, and the share of each task's own fine-tune kept on test."""
+    from patcher.runs.manifest import load_run
+
+    multi = load_run(path).manifest.multi
+    if multi is None or multi.merge is None:
+        return
+    merge = multi.merge
+    params = ", ".join(f"{key} {value:g}" for key, value in merge.params.items()) or "no parameters"
+    shares = ", ".join(f"{task} {share:.0%}" for task, share in merge.test_retained.items())
+    typer.echo(f"merge: {merge.method} ({params}); retained of each own fine-tune on test: {shares}; "
+               f"worst {merge.worst_task}")
 
 
 def merge_spec(method: str, param: list[str] | None, min_retained: float | None, seed: int) -> MergeSpec:
