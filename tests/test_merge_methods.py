@@ -212,3 +212,30 @@ def test_registry_declares_parameters_references_and_data():
         parse_params(get_method("ties"), ["drop=0.3"])
     with pytest.raises(PatcherError, match="unknown merge method"):
         get_method("slerp")
+
+
+def test_layerwise_gradient_streamed_per_run_equals_autograd_through_the_coefficients():
+    """d loss / d lambda[t, block] = <d loss / d theta, tau_t> over the block: what `layerwise.learn` streams."""
+    from patcher.patching.layerwise import _coefficient_gradient, _merged, block_of
+
+    base, finetuned = random_states(3)
+    base = {f"visual.transformer.resblocks.{i % 2}.{k}": v for i, (k, v) in enumerate(base.items())}
+    finetuned = [{f"visual.transformer.resblocks.{i % 2}.{k}": v for i, (k, v) in enumerate(s.items())}
+                 for s in finetuned]
+    vectors = StateVectors(base, finetuned)
+    blocks = list(dict.fromkeys(block_of(key) for key in base))
+    groups = {key: blocks.index(block_of(key)) for key in base}
+    assert blocks == ["visual.transformer.resblocks.0", "visual.transformer.resblocks.1"]
+    weights = {key: torch.randn(value.shape, generator=torch.Generator().manual_seed(5)) for key, value in base.items()}
+
+    def loss(state: dict) -> torch.Tensor:
+        return sum(((state[key] * weights[key]).sum() ** 2) for key in state)
+
+    coefficients = torch.rand(3, 2, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    direct = {key: base[key] + sum(coefficients[run, groups[key]] * vectors.vector(run, key) for run in range(3))
+              for key in base}
+    loss(direct).backward()
+    merged = _merged(vectors, list(base), groups, coefficients.detach())
+    loss(merged).backward()
+    streamed = _coefficient_gradient(vectors, merged, groups, (3, 2))
+    assert torch.allclose(streamed, coefficients.grad, rtol=1e-5, atol=1e-4)
