@@ -85,7 +85,8 @@ def worker(argv: list[str]) -> None:
         from patcher.stages.merge import MergeOptions, merge_runs
 
         options = MergeOptions(runs=[Path(r) for r in spec["runs"]], out=Path(spec["out"]), support=spec["support"],
-                               device="cpu", merge=MergeSpec(spec["method"], seed=spec["seed"]))
+                               device="cpu", merge=MergeSpec(spec["method"], seed=spec["seed"],
+                                                                         search=spec["search"]))
         started = time.perf_counter()
         with PeakMemory() as memory:
             merge_runs(options)
@@ -140,7 +141,8 @@ def merged_row(run: Path, measured: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def one_seed(runs: list[Path], support: list[str], seed: int, methods: list[str], out_dir: Path) -> dict[str, Any]:
+def one_seed(runs: list[Path], support: list[str], seed: int, methods: list[str], out_dir: Path,
+             search: str) -> dict[str, Any]:
     """Every method's merge of these runs."""
     rows = {}
     for method in methods:
@@ -148,7 +150,7 @@ def one_seed(runs: list[Path], support: list[str], seed: int, methods: list[str]
         shutil.rmtree(out, ignore_errors=True)
         print(f"merging {len(runs)} runs with {method} (seed {seed})", flush=True)
         measured = in_subprocess("merge", {"runs": [str(r) for r in runs], "out": str(out), "support": support,
-                                           "method": method, "seed": seed})
+                                           "method": method, "seed": seed, "search": search})
         rows[method] = merged_row(out, measured)
     own = next(iter(rows.values()))["own"]
     best = max((m for m in methods if rows[m]["rule_held"]), key=lambda m: rows[m]["val_patch_mean"],
@@ -312,7 +314,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{', '.join(f'`{short(t)}`' for t in result['support'])} (tolerance 1 point); seeds {result['seeds']} "
              "(mean ± std over seeds). Test accuracy (%); retained = merged / the task's own fine-tune; each "
              "method's parameters and coefficient chosen on held-out data under PAINT's rule "
-             "(`patcher merge --method`). Time and peak RSS: the whole `patcher merge` process (data, evaluation "
+             f"(`patcher merge --method M --search {result['search']}`). Time and peak RSS: the whole "
+             "`patcher merge` process (data, evaluation "
              "of every setting, test).", ""]
     lines += table(result["per_seed"], tasks)
     lines += ["", "Chosen per seed: " + "; ".join(
@@ -341,6 +344,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", type=Path, help="fine-tuned runs to merge instead of building them")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--search", default="golden", choices=["golden", "grid"],
+                        help="the coefficient's search for each setting (golden: about half the evaluations)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure peak memory of merging 8 runs against 2 (ViT-B/32-sized)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-merging"))
@@ -355,9 +360,10 @@ def main() -> None:
     per_seed = []
     for seed in args.seeds:
         runs = args.runs or build_runs(model, tasks, support, seed, runs_dir)
-        per_seed.append(one_seed(runs, support, seed, args.methods.split(","), runs_dir / "merged"))
+        per_seed.append(one_seed(runs, support, seed, args.methods.split(","), runs_dir / "merged", args.search))
     merged_tasks = list(per_seed[0]["own"])
-    result = {"model": model, "tasks": merged_tasks, "support": support, "seeds": args.seeds, "machine": machine,
+    result = {"model": model, "tasks": merged_tasks, "support": support, "seeds": args.seeds, "search": args.search,
+              "machine": machine,
               "per_seed": per_seed, "memory": memory_scaling(runs_dir / "memory") if args.memory else None}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.results_dir / "merging.json", result)

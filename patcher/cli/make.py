@@ -166,6 +166,8 @@ def merge(
     param: MergeParam = None,
     min_retained: MinRetained = None,
     seed: MergeSeed = 0,
+    search: Annotated[str, typer.Option(help="Coefficient search for each parameter setting: grid (all 11) or "
+                                             "golden (fewer evaluations).")] = "grid",
     workers: Workers = None,
     data_mode: DataMode = "auto",
     device: Device = "auto",
@@ -177,7 +179,7 @@ def merge(
     from patcher.data.options import DataOptions
     from patcher.stages.merge import MergeOptions, merge_runs
 
-    spec = merge_spec(method, param, min_retained, seed)
+    spec = merge_spec(method, param, min_retained, seed, search)
     path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,
                                    alpha=alpha, data_dir=data_dir, download=download, device=device,
                                    data=DataOptions(workers=workers, mode=data_mode,
@@ -201,12 +203,13 @@ def print_merge(path: Path) -> None:
                f"worst {merge.worst_task}")
 
 
-def merge_spec(method: str, param: list[str] | None, min_retained: float | None, seed: int) -> MergeSpec:
+def merge_spec(method: str, param: list[str] | None, min_retained: float | None, seed: int,
+               search: str = "grid") -> MergeSpec:
     """The merge method and its fixed parameters, checked (one error line for a bad name or value)."""
     from patcher.patching.merge_methods import get_method, parse_params
     from patcher.patching.merge_search import MergeSpec
 
-    spec = MergeSpec(method, parse_params(get_method(method), param or []), min_retained, seed)
+    spec = MergeSpec(method, parse_params(get_method(method), param or []), min_retained, seed, search)
     spec.check()
     return spec
 

@@ -17,7 +17,7 @@ import torch
 
 from patcher.base.errors import PatcherError
 from patcher.models.state import State
-from patcher.patching.alpha import AlphaRule, Selection
+from patcher.patching.alpha import SEARCHES, AlphaRule, Selection
 from patcher.patching.layerwise import LearntCoefficients, layerwise_delta, learn
 from patcher.patching.merge_methods import MergeMethod, get_method
 from patcher.patching.session import Session
@@ -36,11 +36,14 @@ class MergeSpec:
     params: Mapping[str, float] = field(default_factory=dict)
     min_retained: float | None = None
     seed: int = 0
+    search: str = "grid"  # the coefficient's search: the grid 0, 0.1, ..., 1, or golden-section over it
 
     def check(self) -> MergeMethod:
         """The method; PatcherError for an unknown one, unknown parameters or a bound outside (0, 1]."""
         method = get_method(self.method)
         method.settings(self.params)
+        if self.search not in SEARCHES:
+            raise PatcherError(f"unknown coefficient search {self.search!r}: use one of {', '.join(SEARCHES)}")
         if self.min_retained is not None and not 0 < self.min_retained <= 1:
             raise PatcherError(f"--min-retained {self.min_retained:g} is not a share in (0, 1]: e.g. 0.9 keeps 90% "
                                "of each merged task's own fine-tuned accuracy")
@@ -113,14 +116,14 @@ def _score(rule: MergeRule, selection: Selection) -> float:
     return rule.objective(selection.curve[selection.alpha], reference)
 
 
-def search(session: Session, method: MergeMethod, vectors: TaskVectors, rule: MergeRule,
-           fixed: Mapping[str, float], options: tuple[float | None, int]) -> MergeChoice:
-    """The method's best setting and coefficient on held-out data (`options`: a fixed coefficient or None, seed)."""
-    fixed_alpha, seed = options
+def search(session: Session, method: MergeMethod, vectors: TaskVectors, rule: MergeRule, spec: MergeSpec,
+           fixed_alpha: float | None) -> MergeChoice:
+    """The method's best setting and coefficient on held-out data (`spec`: fixed parameters, seed, search)."""
+    seed = spec.seed
     best: MergeChoice | None = None
     best_score = float("-inf")
     settings: list[MergeSetting] = []
-    for params in method.settings(fixed):
+    for params in method.settings(spec.params):
         learnt = None
         if method.combine is not None:
             delta = method.combine(vectors, params, seed)
@@ -128,7 +131,7 @@ def search(session: Session, method: MergeMethod, vectors: TaskVectors, rule: Me
             learnt = learn(session, vectors, list(rule.patch), str(method.learnt), params, seed)
             delta = layerwise_delta(vectors, learnt, float(params["init"]))
         shown = ", ".join(f"{k} {v:g}" for k, v in params.items())
-        selection = session.select(lambda c, d=delta: materialise(vectors.base, d, c), rule, "grid", fixed_alpha,
+        selection = session.select(lambda c, d=delta: materialise(vectors.base, d, c), rule, spec.search, fixed_alpha,
                                    description=f"{method.name}{' ' + shown if shown else ''}: choosing the "
                                                "coefficient")
         accuracy = selection.curve[selection.alpha]
@@ -183,7 +186,7 @@ def merge_states(session: Session, spec: MergeSpec, vectors: TaskVectors, rule: 
     own_val, own_test = own_accuracy(session, own)
     merge_rule = MergeRule(rule.patch, rule.support, rule.tolerance, rule.reference, rule.tolerances, own=own_val,
                            min_retained=spec.min_retained)
-    choice = search(session, method, vectors, merge_rule, spec.params, (fixed_alpha, spec.seed))
+    choice = search(session, method, vectors, merge_rule, spec, fixed_alpha)
     states = choice.states(vectors.base, session.zeroshot)
     choice.delta = {}  # the stored states hold what is needed
     return states, choice.selection, MergeOutcomeParts(method, spec, choice, merge_rule, own_test)

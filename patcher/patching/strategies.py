@@ -119,7 +119,7 @@ class Outcome:
         selection = self.selection
         return AlphaRecord(
             mode="fixed" if fixed else "auto", chosen=selection.alpha, rule=selection.rule, tolerance=tolerance,
-            tolerances=dict(tolerances or {}), search="fixed" if fixed else ("grid" if self.always_grid else search),
+            tolerances=dict(tolerances or {}), search="fixed" if fixed else self.search_used(search),
             evaluations=selection.evaluations, grid=list(DEFAULT_GRID), warning=selection.warning,
             curve=curve_points(selection.curve, selection_metrics(selection)),
             zeroshot_val_accuracy=dict(self.reference), parameter=self.parameter, steps=self.alpha_steps(),
@@ -128,6 +128,10 @@ class Outcome:
     def alpha_steps(self) -> list[SelectionStep] | None:
         """The per-step selections the `alpha` section repeats (sequential only)."""
         return None
+
+    def search_used(self, search: str) -> str:
+        """The search that chose the coefficient (`search` unless the strategy always uses the grid)."""
+        return "grid" if self.always_grid else search
 
     def step_plots(self) -> list[tuple[str, Selection]]:
         """(task, selection) of each step that gets its own alpha plot."""
@@ -182,6 +186,10 @@ class ParallelOutcome(Outcome):
         if self.merged_runs is not None:
             return MultiRecord(self.strategy, merged_runs=self.merged_runs, merge=record)
         return MultiRecord(self.strategy, steps=self.steps(), merge=record)
+
+    def search_used(self, search: str) -> str:
+        """The merge's coefficient search (the grid unless the merge asked for golden-section)."""
+        return self.merge.spec.search if self.merge is not None else "grid"
 
     def record_test(self, accuracy: Mapping[str, Mapping[str, float]]) -> None:
         """The patched model's test accuracy, for the share of each task's own fine-tune it retains."""

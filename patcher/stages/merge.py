@@ -63,7 +63,8 @@ class MergeOptions:
         """What determines the merged run: the runs (by manifest hash), the rule and the merge method."""
         spec = self.merge
         method = {} if spec == MergeSpec() else {"merge": {"method": spec.method, "params": dict(spec.params),
-                                                           "min_retained": spec.min_retained, "seed": spec.seed}}
+                                                           "min_retained": spec.min_retained, "seed": spec.seed,
+                                                           "search": spec.search}}
         return {"runs": [run.manifest_sha256 for run in runs], "support": self.support,
                 "tolerance": self.tolerance, "alpha": self.alpha, **method}
 
@@ -225,7 +226,7 @@ def merge_runs(options: MergeOptions) -> Path:
     method = _merged_method(runs, parts.method.reference())
     contents = RunContents(out.name, options_sha256(options.fingerprint(runs)), runs[0].manifest.model, config,
                            _task_records(runs, tasks, patch, session), method, training, outcome,
-                           outcome.alpha_record(fixed_alpha is not None, "grid", options.tolerance,
+                           outcome.alpha_record(fixed_alpha is not None, options.merge.search, options.tolerance,
                                                 {task: options.tolerance for task in support}),
                            accuracies_of(tested), session.resolver, {}, tested)
     with staged_output(out) as staging:  # locked, stale partials cleaned, write faults as one error
