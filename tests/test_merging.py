@@ -142,6 +142,9 @@ def test_bad_merge_options_are_one_error_line(world: dict, tmp_path: Path):
         result = runner.invoke(app, ["merge", *runs, "--out", str(tmp_path / "m"), *extra])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "m").exists()
+    result = runner.invoke(app, ["build", "--task", "digits", "--model", world["model"], "--pretrained", "none",
+                                 "--merge-method", "ties", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "--multi parallel" in result.output and not (tmp_path / "b").exists()
     listing = runner.invoke(app, ["merge-methods"])
     assert listing.exit_code == 0 and "breadcrumbs" in listing.output and "grid 0.1, 0.2, 0.5" in listing.output
 

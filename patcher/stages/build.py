@@ -150,6 +150,9 @@ def check_options(options: BuildOptions) -> Checked:
     if options.tolerance < 0:
         raise PatcherError(f"--tolerance {options.tolerance:g} is negative: pass points of accuracy, e.g. 1")
     options.merge.check()
+    if options.merge != MergeSpec(seed=options.merge.seed) and options.strategy != "parallel":
+        raise PatcherError("--merge-method, --merge-param and --min-retained merge the task vectors of --multi "
+                           "parallel: add --multi parallel (or drop them)")
     names = options.patch_tasks
     if not names:
         raise PatcherError("--task is empty: name the task to patch")
