@@ -348,6 +348,7 @@ def main() -> None:
                         help="the coefficient's search for each setting (golden: about half the evaluations)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure peak memory of merging 8 runs against 2 (ViT-B/32-sized)")
+    parser.add_argument("--notes", type=Path, help="a markdown file appended to merging.md (the reading of the table)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-merging"))
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
@@ -368,7 +369,8 @@ def main() -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.results_dir / "merging.json", result)
     plot(per_seed, merged_tasks, args.results_dir / "merging.png")
-    (args.results_dir / "merging.md").write_text(markdown(result))
+    notes = "\n" + args.notes.read_text() if args.notes else ""
+    (args.results_dir / "merging.md").write_text(markdown(result) + notes)
     print((args.results_dir / "merging.md").read_text())
 
 
