@@ -82,7 +82,11 @@ def ties_thresholds(vectors: TaskVectors, density: float) -> list[float]:
         if rank < 1:
             thresholds.append(0.0)
             continue
-        magnitudes = torch.cat(list(vectors.flat(run))).abs()
+        magnitudes = torch.empty(total)  # filled tensor by tensor: one flat copy of one run, no list to concatenate
+        start = 0
+        for piece in vectors.flat(run):
+            magnitudes[start:start + piece.numel()] = piece.abs()
+            start += piece.numel()
         thresholds.append(float(magnitudes.kthvalue(rank).values))
         del magnitudes
     return thresholds
