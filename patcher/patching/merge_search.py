@@ -1,7 +1,7 @@
 """Choosing a merge method's parameters and coefficient on held-out data, under PAINT's rule extended to merges.
 
 For each setting of the method's parameter grids the merged task vector `delta` is computed once (streamed from the
-runs), and the coefficient c of base + c * delta is searched over the grid 0, 0.1, ..., 1 with `MergeRule`: the
+runs), and the coefficient c of base + c * delta is searched over MERGE_GRID with `MergeRule`: the
 mean held-out accuracy of the merged tasks, subject to every supported task staying within its tolerance of
 zero-shot and, with `min_retained`, every merged task keeping that share of its own fine-tune's held-out accuracy.
 The best setting is the one whose chosen coefficient scores best under the same rule. At most two merged task
@@ -24,6 +24,10 @@ from patcher.patching.session import Session
 from patcher.patching.sources import TaskVectors, materialise
 from patcher.runs.merge_record import MergeRecord, MergeSetting
 
+# the coefficient's values: PAINT's 0, 0.1, ..., 1 with finer steps below 0.2, where the sum of several task vectors
+# already moves far (three summed vectors at 0.1 move the model as far as one at 0.3)
+MERGE_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
 OwnStates = list[tuple[Callable[[], State], list[str]]]  # each fine-tune (loaded when asked) and its tasks
 
 
@@ -36,7 +40,7 @@ class MergeSpec:
     params: Mapping[str, float] = field(default_factory=dict)
     min_retained: float | None = None
     seed: int = 0
-    search: str = "grid"  # the coefficient's search: the grid 0, 0.1, ..., 1, or golden-section over it
+    search: str = "grid"  # the coefficient's search: every value of MERGE_GRID, or golden-section over it
 
     def check(self) -> MergeMethod:
         """The method; PatcherError for an unknown one, unknown parameters or a bound outside (0, 1]."""
@@ -133,7 +137,7 @@ def search(session: Session, method: MergeMethod, vectors: TaskVectors, rule: Me
         shown = ", ".join(f"{k} {v:g}" for k, v in params.items())
         selection = session.select(lambda c, d=delta: materialise(vectors.base, d, c), rule, spec.search, fixed_alpha,
                                    description=f"{method.name}{' ' + shown if shown else ''}: choosing the "
-                                               "coefficient")
+                                               "coefficient", grid=MERGE_GRID)
         accuracy = selection.curve[selection.alpha]
         reference = rule.reference if rule.reference is not None else selection.curve[0.0]
         settings.append(MergeSetting(dict(params), selection.alpha, rule.patch_mean(accuracy),

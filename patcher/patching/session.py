@@ -173,12 +173,13 @@ class Session:
         search: str,
         fixed_alpha: float | None = None,
         description: str = "choosing alpha",
+        grid: tuple[float, ...] = DEFAULT_GRID,
     ) -> Selection:
         """Choose alpha on held-out data along `path` with PAINT's rule (search, or a fixed value reported); every
         task evaluated (monitored ones too) keeps its scores at each alpha in `Selection.scores`."""
         evaluated: dict[float, dict[str, Scores]] = {}
         with make_progress() as progress:
-            total = len(DEFAULT_GRID) if fixed_alpha is None else 3
+            total = len(grid) if fixed_alpha is None else 3
             bar = progress.add_task(description, total=total, status="")
 
             def evaluate(alpha: float) -> dict[str, float]:
@@ -189,7 +190,7 @@ class Session:
                 return result
 
             if fixed_alpha is None:
-                selection = SEARCHES[search](evaluate, rule)
+                selection = SEARCHES[search](evaluate, rule, grid)
                 progress.update(bar, total=selection.evaluations)
             else:
                 curve = {a: evaluate(a) for a in sorted({0.0, fixed_alpha, 1.0})}

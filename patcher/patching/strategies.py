@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from patcher.models.state import State
 from patcher.patching.alpha import DEFAULT_GRID, AlphaRule, Selection
-from patcher.patching.merge_search import MergeOutcomeParts, MergeSpec, merge_states
+from patcher.patching.merge_search import MERGE_GRID, MergeOutcomeParts, MergeSpec, merge_states
 from patcher.patching.session import FineTuning, Session, Trained
 from patcher.patching.sources import StateVectors
 from patcher.patching.task_vectors import interpolate
@@ -120,7 +120,7 @@ class Outcome:
         return AlphaRecord(
             mode="fixed" if fixed else "auto", chosen=selection.alpha, rule=selection.rule, tolerance=tolerance,
             tolerances=dict(tolerances or {}), search="fixed" if fixed else self.search_used(search),
-            evaluations=selection.evaluations, grid=list(DEFAULT_GRID), warning=selection.warning,
+            evaluations=selection.evaluations, grid=list(self.grid_used()), warning=selection.warning,
             curve=curve_points(selection.curve, selection_metrics(selection)),
             zeroshot_val_accuracy=dict(self.reference), parameter=self.parameter, steps=self.alpha_steps(),
         )
@@ -132,6 +132,10 @@ class Outcome:
     def search_used(self, search: str) -> str:
         """The search that chose the coefficient (`search` unless the strategy always uses the grid)."""
         return "grid" if self.always_grid else search
+
+    def grid_used(self) -> tuple[float, ...]:
+        """The values alpha was chosen among."""
+        return DEFAULT_GRID
 
     def step_plots(self) -> list[tuple[str, Selection]]:
         """(task, selection) of each step that gets its own alpha plot."""
@@ -191,6 +195,10 @@ class ParallelOutcome(Outcome):
         """The merge's coefficient search (the grid unless the merge asked for golden-section)."""
         return self.merge.spec.search if self.merge is not None else "grid"
 
+    def grid_used(self) -> tuple[float, ...]:
+        """The merge's coefficient grid (finer near 0, where a sum of several task vectors already moves far)."""
+        return MERGE_GRID if self.merge is not None else DEFAULT_GRID
+
     def record_test(self, accuracy: Mapping[str, Mapping[str, float]]) -> None:
         """The patched model's test accuracy, for the share of each task's own fine-tune it retains."""
         if self.merge is not None:
@@ -246,8 +254,9 @@ def parallel(session: Session, plan: Plan) -> ParallelOutcome:
     """Fine-tune each task from the zero-shot model; merge the task vectors with `plan.merge`'s method.
 
     Task arithmetic (the default): zero-shot + coefficient * the sum of task vectors, the coefficient searched over
-    the grid 0, 0.1, ..., 1 (Ilharco et al., 2023) with PAINT's rule, the patch accuracy being the mean over the
-    patch tasks; other methods (TIES, DARE, ...) also search their parameters (`patching/merge_search.py`).
+    PAINT's grid 0, 0.1, ..., 1 refined below 0.2 (MERGE_GRID; Ilharco et al., 2023) with PAINT's rule, the patch
+    accuracy being the mean over the patch tasks; other methods (TIES, DARE, ...) also search their parameters
+    (`patching/merge_search.py`).
     """
     zeroshot = session.zeroshot
     trained_all: list[Trained] = []
