@@ -106,7 +106,7 @@ def test_sequential_steps_start_from_the_previous_patched_model(runs: dict[str, 
 
 def test_parallel_searches_the_coefficient_grid(runs: dict[str, Path]):
     alpha = to_json(load_run(runs["parallel"]).manifest.alpha)
-    assert alpha["evaluations"] == 11 and alpha["search"] == "grid"
+    assert alpha["evaluations"] == len(alpha["grid"]) >= 11 and alpha["search"] == "grid"
     assert alpha["parameter"] == "task-vector scaling coefficient"
 
 

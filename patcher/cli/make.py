@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from patcher.base.errors import PatcherError
 from patcher.cli.app import DataDir, Device, Download, comma_list, command
+
+if TYPE_CHECKING:
+    from patcher.patching.merge_search import MergeSpec
 
 Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes per rank (default: cores - 1, <= 8).")]
 DataMode = Annotated[str, typer.Option(
@@ -16,6 +19,16 @@ DataMode = Annotated[str, typer.Option(
          "splits through a disk cache, training through DataLoader workers); memory or stream force either.")]
 SkipBadImages = Annotated[bool, typer.Option(
     help="Leave unusable image files of folder: datasets out (counted in a warning) instead of refusing them.")]
+MergeMethodOption = Annotated[str, typer.Option(
+    "--method", help="How task vectors combine: task-arithmetic, ties, dare, breadcrumbs, consensus, layerwise "
+                     "(AdaMerging, entropy on unlabelled held-out images) or layerwise-labelled; see `patcher "
+                     "merge-methods`.")]
+MergeParam = Annotated[list[str] | None, typer.Option(
+    "--param", help="Hold a merge parameter at a value instead of searching its grid, KEY=VALUE, repeatable "
+                    "(ties density, dare drop, breadcrumbs density/gamma, consensus tall_lambda/agreement).")]
+MinRetained = Annotated[float | None, typer.Option(
+    help="Also require each merged task to keep this share of its own fine-tune's held-out accuracy, e.g. 0.9.")]
+MergeSeed = Annotated[int, typer.Option(help="Seed of DARE's drop masks and of the layer-wise learning.")]
 
 
 def print_run(path: Path) -> None:
@@ -65,6 +78,11 @@ def build(
     multi: Annotated[str | None, typer.Option(
         help="Several --task: joint (one fine-tune on the mixture), sequential (task after task) or parallel "
              "(task vectors added, one coefficient). Default joint.")] = None,
+    merge_method: Annotated[str, typer.Option(
+        help="--multi parallel: how the task vectors combine (see `patcher merge-methods`).")] = "task-arithmetic",
+    merge_param: Annotated[list[str] | None, typer.Option(
+        help="--multi parallel: a merge parameter held at KEY=VALUE instead of searched, repeatable.")] = None,
+    min_retained: MinRetained = None,
     alpha: Annotated[str, typer.Option(help="'auto' (chosen on held-out data) or a value in [0, 1].")] = "auto",
     tolerance: Annotated[float, typer.Option(
         help="Points of accuracy a supported task may lose (unless --support gives it its own).")] = 1.0,
@@ -132,6 +150,7 @@ def build(
         epochs=epochs, data_dir=data_dir, download=download, device=device, out=out, resume=resume,
         data=DataOptions(workers=workers, augment=augment, mode=data_mode, skip_bad_images=skip_bad_images),
         eval_batch_size=eval_batch_size, monitor=comma_list(monitor),
+        merge=merge_spec(merge_method, merge_param, min_retained, seed or 0),
     )
     try:
         path = run_build(options)
@@ -173,8 +192,14 @@ def merge(
     out: Annotated[Path, typer.Option(help="Directory for the merged run.")],
     support: Annotated[str, typer.Option(help="More comma-separated supported tasks to protect.")] = "",
     tolerance: Annotated[float, typer.Option(help="Points of accuracy a supported task may lose.")] = 1.0,
-    alpha: Annotated[str, typer.Option(help="Task-vector coefficient: 'auto' (grid 0..1 on held-out data) "
-                                            "or a value in [0, 1].")] = "auto",
+    alpha: Annotated[str, typer.Option(help="Coefficient of the merged task vector: 'auto' (grid 0..1 on held-out "
+                                            "data) or a value in [0, 1].")] = "auto",
+    method: MergeMethodOption = "task-arithmetic",
+    param: MergeParam = None,
+    min_retained: MinRetained = None,
+    seed: MergeSeed = 0,
+    search: Annotated[str, typer.Option(help="Coefficient search for each parameter setting: grid (all 11) or "
+                                             "golden (fewer evaluations).")] = "grid",
     workers: Workers = None,
     data_mode: DataMode = "auto",
     device: Device = "auto",
@@ -182,16 +207,56 @@ def merge(
     download: Download = False,
     skip_bad_images: SkipBadImages = False,
 ) -> None:
-    """Combine finished runs by task arithmetic: zero-shot + coefficient * the sum of their task vectors."""
+    """Combine finished runs into one model: zero-shot + coefficient * their merged task vectors."""
     from patcher.data.options import DataOptions
     from patcher.stages.merge import MergeOptions, merge_runs
 
+    spec = merge_spec(method, param, min_retained, seed, search)
     path = merge_runs(MergeOptions(runs=list(runs), out=out, support=comma_list(support), tolerance=tolerance,
                                    alpha=alpha, data_dir=data_dir, download=download, device=device,
                                    data=DataOptions(workers=workers, mode=data_mode,
-                                                    skip_bad_images=skip_bad_images)))
+                                                    skip_bad_images=skip_bad_images), merge=spec))
     print_run(path)
+    print_merge(path)
     typer.echo(f"run: {path}")
+
+
+def print_merge(path: Path) -> None:
+    """The merge method, its chosen parameters, and the share of each task's own fine-tune kept on test."""
+    from patcher.runs.manifest import load_run
+
+    multi = load_run(path).manifest.multi
+    if multi is None or multi.merge is None:
+        return
+    merge = multi.merge
+    params = ", ".join(f"{key} {value:g}" for key, value in merge.params.items()) or "no parameters"
+    shares = ", ".join(f"{task} {share:.0%}" for task, share in merge.test_retained.items())
+    typer.echo(f"merge: {merge.method} ({params}); retained of each own fine-tune on test: {shares}; "
+               f"worst {merge.worst_task}")
+
+
+def merge_spec(method: str, param: list[str] | None, min_retained: float | None, seed: int,
+               search: str = "grid") -> MergeSpec:
+    """The merge method and its fixed parameters, checked (one error line for a bad name or value)."""
+    from patcher.patching.merge_methods import get_method, parse_params
+    from patcher.patching.merge_search import MergeSpec
+
+    spec = MergeSpec(method, parse_params(get_method(method), param or []), min_retained, seed, search)
+    spec.check()
+    return spec
+
+
+@command
+def merge_methods() -> None:
+    """The registered merge methods: parameters and grids, reference, and the data each needs."""
+    from patcher.patching.merge_methods import METHODS
+
+    for entry in METHODS.values():
+        typer.echo(f"{entry.name}: {entry.title}")
+        for parameter in entry.parameters:
+            grid = ", ".join(f"{v:g}" for v in parameter.grid)
+            typer.echo(f"    {parameter.name} (grid {grid}): {parameter.help}")
+        typer.echo(f"    paper: {entry.paper}\n    code: {entry.code}\n    needs: {entry.needs}")
 
 
 REFERENCE_DEFAULT = "default: the reference model's"

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from patcher.base.errors import PatcherError
 from patcher.base.progress import make_progress
 from patcher.data.evaluation import Labelling, scores
 from patcher.data.image_store import ImageStore
@@ -104,6 +105,16 @@ class Session:
             base.update(self.zeroshot_text())
         return fill_missing(states, base)
 
+    def base_values(self, keys: list[str]) -> State:
+        """The zero-shot value of each key (encoder, zero-shot heads, text tower): what a merge starts from."""
+        base = {**self.zeroshot, **prefixed(HEAD_PREFIX, self.resolver.zeroshot_heads)}
+        if any(key.startswith(TEXT_PREFIX) for key in keys):
+            base.update(self.zeroshot_text())
+        missing = [key for key in keys if key not in base]
+        if missing:
+            raise PatcherError(f"no zero-shot value for {missing[0]}: the runs come from another architecture")
+        return {key: base[key] for key in keys}
+
     def fine_tune(self, start: Mapping[str, torch.Tensor], fine_tuning: FineTuning) -> Trained:
         """Train the method on its tasks (balanced) from `start`, in place in the session's model; the state is
         `start` with what the method trained. With `eval_every`, the held-out accuracy of every task is measured on
@@ -162,12 +173,13 @@ class Session:
         search: str,
         fixed_alpha: float | None = None,
         description: str = "choosing alpha",
+        grid: tuple[float, ...] = DEFAULT_GRID,
     ) -> Selection:
         """Choose alpha on held-out data along `path` with PAINT's rule (search, or a fixed value reported); every
         task evaluated (monitored ones too) keeps its scores at each alpha in `Selection.scores`."""
         evaluated: dict[float, dict[str, Scores]] = {}
         with make_progress() as progress:
-            total = len(DEFAULT_GRID) if fixed_alpha is None else 3
+            total = len(grid) if fixed_alpha is None else 3
             bar = progress.add_task(description, total=total, status="")
 
             def evaluate(alpha: float) -> dict[str, float]:
@@ -178,7 +190,7 @@ class Session:
                 return result
 
             if fixed_alpha is None:
-                selection = SEARCHES[search](evaluate, rule)
+                selection = SEARCHES[search](evaluate, rule, grid)
                 progress.update(bar, total=selection.evaluations)
             else:
                 curve = {a: evaluate(a) for a in sorted({0.0, fixed_alpha, 1.0})}

@@ -17,8 +17,10 @@ from typing import Any, ClassVar
 
 from patcher.models.state import State
 from patcher.patching.alpha import DEFAULT_GRID, AlphaRule, Selection
+from patcher.patching.merge_search import MERGE_GRID, MergeOutcomeParts, MergeSpec, merge_states
 from patcher.patching.session import FineTuning, Session, Trained
-from patcher.patching.task_vectors import interpolate, task_arithmetic
+from patcher.patching.sources import StateVectors
+from patcher.patching.task_vectors import interpolate
 from patcher.runs.manifest import (
     AlphaRecord,
     FineTuneStep,
@@ -49,6 +51,7 @@ class Plan:
     log: Path | None = None
     tolerances: Mapping[str, float] = field(default_factory=dict)  # per supported task, in points
     on_log: Callable[[dict[str, Any]], None] | None = None  # every training log line (curves a person watches)
+    merge: MergeSpec = field(default_factory=MergeSpec)  # the parallel strategy's merge method
 
     def train_config_for(self, tasks: list[str]) -> TrainConfig:
         """The main stage's hyperparameters for tasks trained together (steps from `epochs` when given)."""
@@ -116,8 +119,8 @@ class Outcome:
         selection = self.selection
         return AlphaRecord(
             mode="fixed" if fixed else "auto", chosen=selection.alpha, rule=selection.rule, tolerance=tolerance,
-            tolerances=dict(tolerances or {}), search="fixed" if fixed else ("grid" if self.always_grid else search),
-            evaluations=selection.evaluations, grid=list(DEFAULT_GRID), warning=selection.warning,
+            tolerances=dict(tolerances or {}), search="fixed" if fixed else self.search_used(search),
+            evaluations=selection.evaluations, grid=list(self.grid_used()), warning=selection.warning,
             curve=curve_points(selection.curve, selection_metrics(selection)),
             zeroshot_val_accuracy=dict(self.reference), parameter=self.parameter, steps=self.alpha_steps(),
         )
@@ -126,9 +129,20 @@ class Outcome:
         """The per-step selections the `alpha` section repeats (sequential only)."""
         return None
 
+    def search_used(self, search: str) -> str:
+        """The search that chose the coefficient (`search` unless the strategy always uses the grid)."""
+        return "grid" if self.always_grid else search
+
+    def grid_used(self) -> tuple[float, ...]:
+        """The values alpha was chosen among."""
+        return DEFAULT_GRID
+
     def step_plots(self) -> list[tuple[str, Selection]]:
         """(task, selection) of each step that gets its own alpha plot."""
         return []
+
+    def record_test(self, accuracy: Mapping[str, Mapping[str, float]]) -> None:
+        """Told the test accuracy of every stored model, by kind and task (a merge reports what it retained)."""
 
 
 @dataclass
@@ -160,6 +174,7 @@ class ParallelOutcome(Outcome):
 
     fine_tunes: list[tuple[str, int]] = field(default_factory=list)
     merged_runs: list[MergedRun] | None = None
+    merge: MergeOutcomeParts | None = None  # the merge method, its choice and each task's own fine-tune accuracy
 
     strategy: ClassVar[str] = "parallel"
     parameter: ClassVar[str | None] = "task-vector scaling coefficient"
@@ -171,9 +186,23 @@ class ParallelOutcome(Outcome):
 
     def multi_record(self) -> MultiRecord:
         """The strategy and its fine-tunes, or the runs `patcher merge` combined."""
+        record = self.merge.record() if self.merge is not None else None
         if self.merged_runs is not None:
-            return MultiRecord(self.strategy, merged_runs=self.merged_runs)
-        return MultiRecord(self.strategy, steps=self.steps())
+            return MultiRecord(self.strategy, merged_runs=self.merged_runs, merge=record)
+        return MultiRecord(self.strategy, steps=self.steps(), merge=record)
+
+    def search_used(self, search: str) -> str:
+        """The merge's coefficient search (the grid unless the merge asked for golden-section)."""
+        return self.merge.spec.search if self.merge is not None else "grid"
+
+    def grid_used(self) -> tuple[float, ...]:
+        """The merge's coefficient grid (finer near 0, where a sum of several task vectors already moves far)."""
+        return MERGE_GRID if self.merge is not None else DEFAULT_GRID
+
+    def record_test(self, accuracy: Mapping[str, Mapping[str, float]]) -> None:
+        """The patched model's test accuracy, for the share of each task's own fine-tune it retains."""
+        if self.merge is not None:
+            self.merge.tested = dict(accuracy["patched"])
 
 
 def selection_metrics(selection: Selection) -> dict[float, dict[str, dict[str, float]]]:
@@ -222,10 +251,12 @@ def sequential(session: Session, plan: Plan) -> SequentialOutcome:
 
 
 def parallel(session: Session, plan: Plan) -> ParallelOutcome:
-    """Fine-tune each task from the zero-shot model; patch with zero-shot + coefficient * sum of task vectors.
+    """Fine-tune each task from the zero-shot model; merge the task vectors with `plan.merge`'s method.
 
-    The coefficient is searched over the grid 0, 0.1, ..., 1 (task arithmetic, Ilharco et al., 2023) with
-    PAINT's rule, the patch accuracy being the mean over the patch tasks.
+    Task arithmetic (the default): zero-shot + coefficient * the sum of task vectors, the coefficient searched over
+    PAINT's grid 0, 0.1, ..., 1 refined below 0.2 (MERGE_GRID; Ilharco et al., 2023) with PAINT's rule, the patch
+    accuracy being the mean over the patch tasks; other methods (TIES, DARE, ...) also search their parameters
+    (`patching/merge_search.py`).
     """
     zeroshot = session.zeroshot
     trained_all: list[Trained] = []
@@ -235,13 +266,12 @@ def parallel(session: Session, plan: Plan) -> ParallelOutcome:
         offset += trained.steps
         trained_all.append(trained)
     base, *finetuned = session.complete(zeroshot, *(t.state for t in trained_all))
-    path = task_arithmetic(base, finetuned)
-    selection = session.select(path, plan.rule(plan.patch), "grid", plan.fixed_alpha,
-                               description="choosing the task-vector coefficient")
-    states = {"zeroshot": zeroshot, "finetuned": path(1.0), "patched": path(selection.alpha)}
+    own = [((lambda s=state: s), [task]) for state, task in zip(finetuned, plan.patch, strict=True)]
+    states, selection, parts = merge_states(session, plan.merge, StateVectors(base, finetuned),
+                                            plan.rule(plan.patch), own, plan.fixed_alpha)
     fine_tunes = [(task, trained.steps) for task, trained in zip(plan.patch, trained_all, strict=True)]
     return ParallelOutcome(states, selection, selection.curve[0.0], trained_all, _title(plan, "the coefficient"),
-                           True, fine_tunes)
+                           True, fine_tunes, merge=parts)
 
 
 def _title(plan: Plan, parameter: str) -> str:

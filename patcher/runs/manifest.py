@@ -23,6 +23,7 @@ from patcher.base.records import OMIT_NONE, RecordError, from_json, to_json
 from patcher.base.staging import FINGERPRINT
 from patcher.data.options import DataOptions
 from patcher.runs.layout import CHECKPOINTS, MANIFEST, REPORTS, TIMINGS
+from patcher.runs.merge_record import MergeRecord
 from patcher.training.config import TrainConfig
 
 RUN_FORMAT = "patcher-run/1"
@@ -184,6 +185,7 @@ class MultiRecord:
     strategy: str
     steps: list[SelectionStep | FineTuneStep] | None = field(default=None, metadata=OMIT_NONE)
     merged_runs: list[MergedRun] | None = field(default=None, metadata=OMIT_NONE)
+    merge: MergeRecord | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass(frozen=True)

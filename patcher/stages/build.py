@@ -29,6 +29,7 @@ from patcher.data.tasks import Task, get_task, short_name
 from patcher.models import LoadedModel, load_clip
 from patcher.models.heads import zero_shot_head
 from patcher.patching.alpha import SEARCHES, parse_alpha, parse_support
+from patcher.patching.merge_search import MergeSpec
 from patcher.patching.session import Session
 from patcher.patching.strategies import STRATEGIES, Outcome, Plan
 from patcher.runs.layout import CHECKPOINTS, TRAIN_LOG
@@ -76,6 +77,7 @@ class BuildOptions:
     eval_batch_size: int = 256
     data: DataOptions = field(default_factory=DataOptions)
     monitor: list[str] = field(default_factory=list)  # tasks measured at every alpha and on test, never judged
+    merge: MergeSpec = field(default_factory=MergeSpec)  # --multi parallel: the merge method and its bound
 
     def __post_init__(self) -> None:
         if self.train_config is None:  # the one place the method's defaults fill in what was not given
@@ -106,6 +108,8 @@ class BuildOptions:
         data["finetune"] = self.hyperparameters.hyperparameters()
         if not self.monitor:
             data.pop("monitor")  # a build without monitored tasks keeps the fingerprint builds had before them
+        if self.merge == MergeSpec():
+            data.pop("merge")  # likewise a parallel build with task arithmetic and no retained bound
         return json.loads(json.dumps(data, default=str))
 
 
@@ -145,6 +149,10 @@ def check_options(options: BuildOptions) -> Checked:
         raise PatcherError(f"unknown --multi {options.multi!r}: use one of {', '.join(STRATEGIES)}")
     if options.tolerance < 0:
         raise PatcherError(f"--tolerance {options.tolerance:g} is negative: pass points of accuracy, e.g. 1")
+    options.merge.check()
+    if options.merge != MergeSpec(seed=options.merge.seed) and options.strategy != "parallel":
+        raise PatcherError("--merge-method, --merge-param and --min-retained merge the task vectors of --multi "
+                           "parallel: add --multi parallel (or drop them)")
     names = options.patch_tasks
     if not names:
         raise PatcherError("--task is empty: name the task to patch")
@@ -297,7 +305,7 @@ class Build:
                     [t.name for t in checked.support], options.hyperparameters, options.tolerance, options.search,
                     checked.fixed_alpha, options.epochs, {name: len(split) for name, split in splits.train.items()},
                     folder / CHECKPOINTS, folder / TRAIN_LOG, checked.tolerances,
-                    reporter.log_line if reporter is not None else None)
+                    reporter.log_line if reporter is not None else None, options.merge)
 
     def contents(self, name: str, loaded: LoadedModel, splits: Splits, session: Session, outcome: Outcome,
                  tested: dict[str, dict[str, Scores]]) -> RunContents:
@@ -333,6 +341,7 @@ def test_scores(session: Session, outcome: Outcome) -> dict[str, dict[str, Score
         for kind, state in outcome.states.items():
             results[kind] = session.scores(state, session.splits.test)
             progress.advance(bar)
+    outcome.record_test(accuracies_of(results))
     return results
 
 

@@ -1,9 +1,12 @@
-"""`patcher merge`: combine finished runs the parallel way (task arithmetic) into one run.
+"""`patcher merge`: combine finished runs the parallel way into one run, by task arithmetic or another method.
 
 Each run contributes its task vector, fine-tuned minus zero-shot over what its method trained (encoder,
-probed heads, text tower); the merged model is zero-shot + coefficient * their sum, the coefficient
-chosen on held-out data over the grid 0, 0.1, ..., 1 with PAINT's rule (patch accuracy = mean over every
-run's patch tasks). Runs must share the base model (weights digest) and architecture. It is the parallel
+probed heads, text tower); `--method` (patching/merge_methods.py: task-arithmetic, ties, dare, breadcrumbs,
+consensus, layerwise, layerwise-labelled) turns them into one merged vector, and the merged model is zero-shot +
+coefficient * that vector, the coefficient and the method's parameters chosen on held-out data with PAINT's rule
+(patch accuracy = mean over every run's patch tasks; `--min-retained` bounds each task's share of its own
+fine-tune). Task vectors are read one tensor of each run at a time (`patching/sources.py`), so memory does not grow
+with the number of runs. Runs must share the base model (weights digest) and architecture. It is the parallel
 strategy over stored task vectors, so it writes its run with build's write step (`stages/outputs.py`).
 """
 
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from patcher.base.errors import PatcherError
@@ -27,9 +31,10 @@ from patcher.models import LoadedModel, build_from_config, load_clip, state_dict
 from patcher.models.heads import zero_shot_head
 from patcher.models.state import HEAD_PREFIX, TEXT_PREFIX, VISUAL_PREFIX, State, prefixed, split_classifier_state
 from patcher.patching.alpha import AlphaRule, parse_alpha
+from patcher.patching.merge_search import MergeSpec, merge_states
 from patcher.patching.session import Session
+from patcher.patching.sources import FileVectors, TensorFile
 from patcher.patching.strategies import ParallelOutcome
-from patcher.patching.task_vectors import task_arithmetic
 from patcher.runs.layout import text_file
 from patcher.runs.manifest import MergedRun, MergedTraining, MethodRecord, Run, TaskRecord, load_run, options_sha256
 from patcher.runs.weights import verified_config, verified_weights
@@ -52,11 +57,16 @@ class MergeOptions:
     device: str = "auto"
     eval_batch_size: int = 256
     data: DataOptions = field(default_factory=DataOptions)
+    merge: MergeSpec = field(default_factory=MergeSpec)
 
     def fingerprint(self, runs: list[Run]) -> dict[str, Any]:
-        """What determines the merged run: the runs (by manifest hash) and the rule."""
+        """What determines the merged run: the runs (by manifest hash), the rule and the merge method."""
+        spec = self.merge
+        method = {} if spec == MergeSpec() else {"merge": {"method": spec.method, "params": dict(spec.params),
+                                                           "min_retained": spec.min_retained, "seed": spec.seed,
+                                                           "search": spec.search}}
         return {"runs": [run.manifest_sha256 for run in runs], "support": self.support,
-                "tolerance": self.tolerance, "alpha": self.alpha}
+                "tolerance": self.tolerance, "alpha": self.alpha, **method}
 
 
 def check_compatible(runs: list[Run]) -> dict[str, Any]:
@@ -89,6 +99,19 @@ def finetuned_state(run: Run) -> State:
     if run.manifest.text_tower.trained:
         state.update(prefixed(TEXT_PREFIX, load_file(str(run.verified_file(text_file("finetuned"))))))
     return state
+
+
+def run_files(run: Run) -> list[TensorFile]:
+    """The files holding what a run's method trained, for reading its task vector one tensor at a time."""
+    heads = {f"{HEAD_PREFIX}{task}" for task in run.manifest.method.head_tasks}
+    classifier = verified_weights(run, "finetuned")
+    with safe_open(str(classifier), framework="pt") as handle:
+        stored = handle.keys()  # safe_open is not iterable
+    keys = frozenset(key for key in stored if key.startswith(VISUAL_PREFIX) or key in heads)
+    files = [TensorFile(classifier, "", keys)]
+    if run.manifest.text_tower.trained:
+        files.append(TensorFile(run.verified_file(text_file("finetuned")), TEXT_PREFIX))
+    return files
 
 
 def _tasks(runs: list[Run], extra_support: list[str]) -> tuple[list[str], list[str]]:
@@ -134,7 +157,7 @@ def _zeroshot_heads(runs: list[Run], tasks: dict[str, Task], loaded: LoadedModel
     return {name: heads[name] for name in tasks}
 
 
-def _merged_method(runs: list[Run]) -> MethodRecord:
+def _merged_method(runs: list[Run], reference: str) -> MethodRecord:
     methods = [run.manifest.method for run in runs]
     names = list(dict.fromkeys(method.name for method in methods))
     return MethodRecord(
@@ -142,7 +165,7 @@ def _merged_method(runs: list[Run]) -> MethodRecord:
         params={run.name: run.manifest.method.params for run in runs},
         trains=list(dict.fromkeys(part for method in methods for part in method.trains)),
         head_tasks=list(dict.fromkeys(task for method in methods for task in method.head_tasks)),
-        reference="task arithmetic (Ilharco et al., 2023)",
+        reference=reference,
     )
 
 
@@ -166,6 +189,7 @@ def merge_runs(options: MergeOptions) -> Path:
     if options.tolerance < 0:
         raise PatcherError(f"--tolerance {options.tolerance:g} is negative: pass points of accuracy, e.g. 1")
     fixed_alpha = parse_alpha(options.alpha)
+    options.merge.check()
     runs = [load_run(path) for path in options.runs]
     config = check_compatible(runs)
     device = pick_device(options.device)
@@ -185,23 +209,25 @@ def merge_runs(options: MergeOptions) -> Path:
     splits = prepare_splits([], list(tasks.values()), loaded.preprocess_cfg, options.data, options.data_dir,
                             options.download, device)
     session = Session(loaded, tasks, heads, splits, device, options.eval_batch_size)
-    base, *finetuned = session.complete(session.zeroshot, *(finetuned_state(run) for run in runs))
-    path = task_arithmetic(base, finetuned)
-    selection = session.select(path, AlphaRule(patch, support, options.tolerance), "grid", fixed_alpha,
-                               description="choosing the task-vector coefficient")
+    files = [run_files(run) for run in runs]
+    keys = list(dict.fromkeys([*session.zeroshot, *(key for run in files for f in run for key in f.names())]))
+    vectors = FileVectors(session.base_values(keys), files)
+    own = [((lambda r=run: finetuned_state(r)), list(run.manifest.patch_tasks)) for run in runs]
+    states, selection, parts = merge_states(session, options.merge, vectors, AlphaRule(patch, support,
+                                            options.tolerance), own, fixed_alpha)
     if selection.warning:
         console.print(f"[yellow]warning:[/] {selection.warning}")
     sources = [MergedRun(run.name, str(run.path), run.manifest_sha256, run.manifest.method,
                          run.manifest.patch_tasks, run.manifest.alpha.chosen) for run in runs]
-    states = {"zeroshot": session.zeroshot, "finetuned": path(1.0), "patched": path(selection.alpha)}
     outcome = ParallelOutcome(states, selection, selection.curve[0.0], [],
-                              f"merged {', '.join(patch)}: held-out accuracy against the coefficient",
-                              merged_runs=sources)
+                              f"merged {', '.join(patch)} ({parts.method.name}): held-out accuracy against the "
+                              "coefficient", merged_runs=sources, merge=parts)
     tested = test_scores(session, outcome)
     training = MergedTraining(True, device, sum(run.manifest.training.total_steps for run in runs))
+    method = _merged_method(runs, parts.method.reference())
     contents = RunContents(out.name, options_sha256(options.fingerprint(runs)), runs[0].manifest.model, config,
-                           _task_records(runs, tasks, patch, session), _merged_method(runs), training, outcome,
-                           outcome.alpha_record(fixed_alpha is not None, "grid", options.tolerance,
+                           _task_records(runs, tasks, patch, session), method, training, outcome,
+                           outcome.alpha_record(fixed_alpha is not None, options.merge.search, options.tolerance,
                                                 {task: options.tolerance for task in support}),
                            accuracies_of(tested), session.resolver, {}, tested)
     with staged_output(out) as staging:  # locked, stale partials cleaned, write faults as one error

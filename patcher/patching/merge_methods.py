@@ -1,0 +1,261 @@
+"""Merge methods: how N task vectors become one, each declaring its parameters (with search grids), its reference
+(paper and authors' code) and the data it needs, as mergekit's registry does (mergekit/merge_methods/registry.py).
+
+Every method here returns a merged task vector `delta` (one tensor per key); the merged model is
+base + coefficient * delta, the coefficient and the method's parameters chosen on held-out data under PAINT's rule
+(`patching/merge_search.py`). The tensor functions follow the authors' computations, and tests/test_merge_methods.py
+checks each against a transcription of the reference code on random tensors. The learnt layer-wise methods
+(AdaMerging) are in `patching/layerwise.py`; their entries here carry no `combine`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from patcher.base.errors import PatcherError
+from patcher.patching.sources import TaskVectors
+
+Delta = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One hyperparameter of a method: its default and the grid searched on held-out data."""
+
+    name: str
+    default: float
+    grid: tuple[float, ...]
+    help: str
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: what it computes, its parameters, where it comes from, what data it needs."""
+
+    name: str
+    title: str
+    paper: str
+    code: str
+    needs: str
+    parameters: tuple[Parameter, ...] = ()
+    combine: Callable[[TaskVectors, Mapping[str, float], int], Delta] | None = None
+    learnt: str | None = None  # the loss of a learnt method: "entropy" (unlabelled) or "cross-entropy"
+    notes: str = field(default="", compare=False)
+
+    def settings(self, fixed: Mapping[str, float] | None = None) -> list[dict[str, float]]:
+        """Every combination of the parameter grids, a parameter in `fixed` held at its value."""
+        fixed = dict(fixed or {})
+        unknown = sorted(set(fixed) - {p.name for p in self.parameters})
+        if unknown:
+            names = ", ".join(p.name for p in self.parameters) or "none"
+            raise PatcherError(f"--param {unknown[0]}: {self.name} has no such parameter (its parameters: {names})")
+        grids = [(fixed[p.name],) if p.name in fixed else p.grid for p in self.parameters]
+        return [{p.name: (int(v) if p.integer else float(v)) for p, v in zip(self.parameters, values, strict=True)}
+                for values in itertools.product(*grids)]
+
+    def reference(self) -> str:
+        """Paper and code, as the manifest records them."""
+        return f"{self.paper}; code: {self.code}"
+
+
+# ---- task arithmetic ----------------------------------------------------------------------------------------------
+
+def task_arithmetic_delta(vectors: TaskVectors, params: Mapping[str, float], seed: int) -> Delta:
+    """The sum of the task vectors (Ilharco et al., 2023)."""
+    return {key: vectors.stacked(key).sum(0) for key in vectors.keys}
+
+
+# ---- TIES-Merging -------------------------------------------------------------------------------------------------
+
+def ties_thresholds(vectors: TaskVectors, density: float) -> list[float]:
+    """Each run's magnitude threshold keeping its top `density` share of the whole flattened task vector."""
+    thresholds = []
+    total = vectors.numel
+    rank = total - int(total * density)  # the reference's k = d - int(d * K), a 1-based rank from the smallest
+    for run in range(vectors.count):
+        if rank < 1:
+            thresholds.append(0.0)
+            continue
+        magnitudes = torch.empty(total)  # filled tensor by tensor: one flat copy of one run, no list to concatenate
+        start = 0
+        for piece in vectors.flat(run):
+            magnitudes[start:start + piece.numel()] = piece.abs()
+            start += piece.numel()
+        thresholds.append(float(magnitudes.kthvalue(rank).values))
+        del magnitudes
+    return thresholds
+
+
+def ties_trim(stacked: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Each run's entries below its threshold set to zero."""
+    limits = torch.tensor(thresholds, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+    return stacked * (stacked.abs() >= limits)
+
+
+def ties_elected_sign(trimmed: torch.Tensor, majority: float) -> torch.Tensor:
+    """The sign of the summed trimmed vectors; where that is 0, the majority sign over the whole model."""
+    sign = torch.sign(trimmed.sum(0))
+    return torch.where(sign == 0, torch.full_like(sign, majority), sign)
+
+
+def ties_disjoint_mean(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """The mean of the entries whose sign agrees with the elected sign (0 where none does)."""
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    return selected.sum(0) / (selected != 0).sum(0).float().clamp(min=1)
+
+
+def ties_delta(vectors: TaskVectors, params: Mapping[str, float], seed: int) -> Delta:
+    """Trim each task vector to its top-k magnitudes, elect a sign per entry, average the agreeing entries."""
+    thresholds = ties_thresholds(vectors, float(params["density"]))
+    sign_total = sum(float(torch.sign(ties_trim(vectors.stacked(key), thresholds).sum(0)).sum())
+                     for key in vectors.keys)
+    majority = float(torch.sign(torch.tensor(sign_total)))
+    delta = {}
+    for key in vectors.keys:
+        trimmed = ties_trim(vectors.stacked(key), thresholds)
+        delta[key] = ties_disjoint_mean(trimmed, ties_elected_sign(trimmed, majority))
+    return delta
+
+
+# ---- DARE ---------------------------------------------------------------------------------------------------------
+
+def dare_generator(seed: int, run: int, key: str) -> torch.Generator:
+    """The seeded generator behind one run's drop mask of one key (the same merge gives the same masks)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + run * 7_919 + zlib.crc32(key.encode())) % 2**62)
+
+
+def dare_drop(vector: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """Drop each entry with probability `drop` and rescale the rest by 1 / (1 - drop)."""
+    mask = torch.bernoulli(torch.full_like(vector, drop), generator=generator)
+    kept = vector * (1 - mask)
+    return kept if drop == 1.0 else kept / (1 - drop)
+
+
+def dare_delta(vectors: TaskVectors, params: Mapping[str, float], seed: int) -> Delta:
+    """DARE on each task vector, then their sum (DARE with task arithmetic)."""
+    drop = float(params["drop"])
+    return {key: sum(dare_drop(vectors.vector(run, key), drop, dare_generator(seed, run, key))
+                     for run in range(vectors.count)) for key in vectors.keys}
+
+
+# ---- Model Breadcrumbs --------------------------------------------------------------------------------------------
+
+def breadcrumbs_mask(vector: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Per tensor: drop the `gamma` share of largest magnitudes, then the smallest, keeping `density` of it."""
+    if density >= 1:
+        return torch.ones_like(vector, dtype=torch.bool)
+    count = vector.numel()
+    keep = int(density * count)
+    top = int(gamma * count)
+    bottom = count - keep - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    order = torch.sort(vector.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(count, dtype=torch.bool)
+    mask[order[bottom:count - top]] = True
+    return mask.reshape(vector.shape)
+
+
+def breadcrumbs_delta(vectors: TaskVectors, params: Mapping[str, float], seed: int) -> Delta:
+    """Breadcrumbs masks on each task vector, then their sum."""
+    density, gamma = float(params["density"]), float(params["gamma"])
+    delta = {}
+    for key in vectors.keys:
+        total = torch.zeros_like(vectors.base[key], dtype=torch.float32)
+        for run in range(vectors.count):
+            vector = vectors.vector(run, key)
+            total += vector * breadcrumbs_mask(vector, density, gamma)
+        delta[key] = total
+    return delta
+
+
+# ---- TALL masks and Consensus Merging -----------------------------------------------------------------------------
+
+def tall_masks(stacked: torch.Tensor, tall_lambda: float) -> torch.Tensor:
+    """[N, ...] TALL masks: |tau_t| > |tau_MTL - tau_t| * lambda, tau_MTL the sum of the task vectors."""
+    multi = stacked.sum(0, keepdim=True)
+    return stacked.abs() > (multi - stacked).abs() * tall_lambda
+
+
+def consensus_tensor(stacked: torch.Tensor, tall_lambda: float, agreement: int) -> torch.Tensor:
+    """The summed task vectors where at least `agreement` tasks' TALL masks hold, zero elsewhere."""
+    votes = tall_masks(stacked, tall_lambda).float().sum(0)
+    return stacked.sum(0) * (votes >= agreement)
+
+
+def consensus_delta(vectors: TaskVectors, params: Mapping[str, float], seed: int) -> Delta:
+    """Consensus merging: task arithmetic with the weights fewer than k tasks rely on removed."""
+    tall_lambda, agreement = float(params["tall_lambda"]), int(params["agreement"])
+    return {key: consensus_tensor(vectors.stacked(key), tall_lambda, agreement) for key in vectors.keys}
+
+
+# ---- the registry -------------------------------------------------------------------------------------------------
+
+HELDOUT = "labelled held-out images of every merged and supported task (the coefficient and parameters are chosen)"
+LAYERWISE = (Parameter("steps", 60, (60,), "optimiser steps", integer=True),
+             Parameter("lr", 0.05, (0.05,), "Adam learning rate of the coefficients"),
+             Parameter("init", 0.3, (0.3,), "initial coefficient of every task and block"))
+
+METHODS: dict[str, MergeMethod] = {method.name: method for method in (
+    MergeMethod("task-arithmetic", "Task arithmetic", "Ilharco et al., Editing models with task arithmetic, "
+                "ICLR 2023 (arXiv:2212.04089)", "https://github.com/mlfoundations/task_vectors", HELDOUT,
+                combine=task_arithmetic_delta),
+    MergeMethod("ties", "TIES-Merging", "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
+                "https://github.com/prateeky2806/ties-merging", HELDOUT,
+                (Parameter("density", 0.2, (0.1, 0.2, 0.5), "share of each flattened task vector kept (top-k)"),),
+                combine=ties_delta),
+    MergeMethod("dare", "DARE (drop and rescale) + task arithmetic", "Yu et al., Language models are Super Mario, "
+                "ICML 2024 (arXiv:2311.03099)", "https://github.com/yule-BUAA/MergeLM", HELDOUT,
+                (Parameter("drop", 0.9, (0.5, 0.9), "probability of dropping each entry"),),
+                combine=dare_delta),
+    MergeMethod("breadcrumbs", "Model Breadcrumbs", "Davari and Belilovsky, Model Breadcrumbs, ECCV 2024 "
+                "(arXiv:2312.06795)", "https://github.com/arcee-ai/mergekit (sparsify.magnitude_outliers)", HELDOUT,
+                (Parameter("density", 0.2, (0.1, 0.2, 0.5), "share of each tensor kept"),
+                 Parameter("gamma", 0.01, (0.01,), "share of each tensor's largest magnitudes dropped")),
+                combine=breadcrumbs_delta),
+    MergeMethod("consensus", "Consensus merging (TALL masks)", "Wang et al., Localizing task information for "
+                "improved model merging and compression, ICML 2024 (arXiv:2405.07813)",
+                "https://github.com/nik-dim/tall_masks; https://github.com/tanganke/fusion_bench", HELDOUT,
+                (Parameter("tall_lambda", 0.6, (0.4, 0.6), "TALL mask threshold lambda"),
+                 Parameter("agreement", 2, (2,), "tasks whose masks must hold to keep a weight", integer=True)),
+                combine=consensus_delta),
+    MergeMethod("layerwise", "Layer-wise AdaMerging (entropy, unlabelled)", "Yang et al., AdaMerging, ICLR 2024 "
+                "(arXiv:2310.02575)", "https://github.com/EnnengYang/AdaMerging; https://github.com/tanganke/"
+                "fusion_bench", "unlabelled held-out images (entropy minimisation; labels never read) to learn one "
+                "coefficient per task and block; labelled held-out to bound it by PAINT's rule", LAYERWISE,
+                learnt="entropy"),
+    MergeMethod("layerwise-labelled", "Layer-wise coefficients, cross-entropy (labelled)", "AdaMerging's "
+                "parametrisation trained on labels (Yang et al., 2024)", "https://github.com/EnnengYang/AdaMerging",
+                "labelled held-out images, to learn the coefficients and to bound them by PAINT's rule", LAYERWISE,
+                learnt="cross-entropy"),
+)}
+
+
+def get_method(name: str) -> MergeMethod:
+    """A registered method by name; PatcherError naming the registered ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise PatcherError(f"unknown merge method {name!r}: use one of {', '.join(METHODS)}") from None
+
+
+def parse_params(method: MergeMethod, entries: list[str]) -> dict[str, float]:
+    """--param KEY=VALUE entries as numbers for this method's parameters; PatcherError otherwise."""
+    values: dict[str, float] = {}
+    for entry in entries:
+        key, separator, text = entry.partition("=")
+        if not separator or not key.strip():
+            raise PatcherError(f"--param {entry!r} is not KEY=VALUE: e.g. --param density=0.2")
+        try:
+            values[key.strip()] = float(text)
+        except ValueError:
+            raise PatcherError(f"--param {entry!r}: {text!r} is not a number") from None
+    method.settings(values)  # refuses unknown names
+    return values
