@@ -156,8 +156,9 @@ def _once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Cal
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny CLIP pretrained by `patcher pretrain` on Fashion-MNIST's val images and the digits 0-4 (~15 s), once per
-    run, shared by the xdist workers."""
+    """A tiny CLIP pretrained by `patcher pretrain` on Fashion-MNIST's val images and the digits 0-4 (~20 s), once per
+    run, shared by the xdist workers. 200 steps: with the frozen uniform token table, 120 steps learnt the seen
+    digits on 2 seeds of 4 (18.6, 1.3, 50.3, 27.2% zero-shot), 200 steps on all 3 tried (71.6, 29.3, 66.6%)."""
     from patcher.stages.pretrain import PretrainOptions, Source, pretrain
     from patcher.training.config import TrainConfig
 
@@ -165,8 +166,8 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return pretrain(PretrainOptions(
             sources=[Source("fashion-mnist", "val", None, 0.6), Source("digits", "pretrain", [0, 1, 2, 3, 4], 0.4)],
             model="patcher-tiny",
-            train=TrainConfig(steps=120, batch_size=64, lr=2e-3, weight_decay=0.1, warmup_steps=10,
-                              checkpoint_every=60),
+            train=TrainConfig(steps=200, batch_size=64, lr=2e-3, weight_decay=0.1, warmup_steps=10,
+                              checkpoint_every=100),
             device="cpu",
             out=folder / "tiny-clip",
         ))
