@@ -7,8 +7,8 @@ are its own. "patcher's best" is the method whose chosen model scores best on he
 (chosen without looking at test). Then the memory of merging N runs: a ViT-B/32-sized image encoder, 8 task vectors
 against 2, streamed as `patcher merge` reads them against all loaded at once.
 
-    .venv/bin/python bench/merging.py                  # the reference mini CLIP, digits + digits-inverted +
-                                                       # typographic-digits, supported fashion-mnist, seed 0
+    .venv/bin/python bench/merging.py --suite-runs runs/suite --seeds 0 1 2   # bench/suite.py's fine-tunes
+    .venv/bin/python bench/merging.py                  # the shipped model, the mini-8 tasks, fashion-mnist, seed 0
     .venv/bin/python bench/merging.py --model local-dir:DIR --tasks a,b,c --support s --seeds 0 1 2
     .venv/bin/python bench/merging.py --runs RUN RUN ... --seeds 0 1 2   # fine-tunes already built
 
@@ -36,6 +36,7 @@ from typing import Any
 
 from patcher.base.files import now_iso, write_json
 from patcher.benchmark.machine import machine_info
+from patcher.data.tasks.suites import MINI_EIGHT
 
 METHODS = ["task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "layerwise", "layerwise-labelled"]
 MEMORY_KEYS = ("ties", "task-arithmetic")
@@ -337,11 +338,14 @@ def main() -> None:
         worker(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="open_clip model (default: the cached reference mini CLIP)")
-    parser.add_argument("--tasks", default="digits,digits-inverted,typographic-digits",
-                        help="comma-separated patch tasks (digits-inverted: generated here from digits)")
+    parser.add_argument("--model", default="patcher-reference", help="open_clip model (default: the shipped one)")
+    parser.add_argument("--tasks", default=",".join(MINI_EIGHT),
+                        help="comma-separated patch tasks (default: the mini-8 suite; digits-inverted: generated "
+                             "here from digits)")
     parser.add_argument("--support", default="fashion-mnist", help="comma-separated supported tasks")
     parser.add_argument("--runs", nargs="*", type=Path, help="fine-tuned runs to merge instead of building them")
+    parser.add_argument("--suite-runs", type=Path,
+                        help="bench/suite.py's --runs-dir: each seed merges its own runs, DIR/seed-S/TASK")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--search", default="golden", choices=["golden", "grid"],
@@ -355,12 +359,15 @@ def main() -> None:
     runs_dir = args.runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     support = [t for t in args.support.split(",") if t]
-    model = args.model or (runs_model(args.runs) if args.runs else reference_model())
+    model = runs_model(args.runs) if args.runs else args.model
     tasks = [resolve_task(t, runs_dir) for t in args.tasks.split(",") if t]
     machine = {**machine_info(), "created": now_iso()}
     per_seed = []
     for seed in args.seeds:
-        runs = args.runs or build_runs(model, tasks, support, seed, runs_dir)
+        if args.suite_runs:
+            runs = [args.suite_runs / f"seed-{seed}" / task for task in tasks]
+        else:
+            runs = args.runs or build_runs(model, tasks, support, seed, runs_dir)
         per_seed.append(one_seed(runs, support, seed, args.methods.split(","), runs_dir / "merged", args.search))
     merged_tasks = list(per_seed[0]["own"])
     result = {"model": model, "tasks": merged_tasks, "support": support, "seeds": args.seeds, "search": args.search,
@@ -379,16 +386,6 @@ def runs_model(runs: list[Path]) -> str:
     from patcher.runs.manifest import load_run
 
     return load_run(runs[0]).manifest.model.name
-
-
-def reference_model() -> str:
-    """The cached reference mini CLIP (`patcher pretrain`)."""
-    from patcher.stages.pretrain import RECORD_FILENAME, PretrainOptions, reference_dir
-
-    folder = reference_dir(PretrainOptions())
-    if not (folder / RECORD_FILENAME).is_file():
-        raise SystemExit(f"error: no reference mini CLIP at {folder}: run `patcher pretrain` first, or pass --model")
-    return f"local-dir:{folder}"
 
 
 def resolve_task(name: str, runs_dir: Path) -> str:
