@@ -7,7 +7,7 @@ runs under --runs-dir are reused, and they are the fine-tuned checkpoints bench/
     .venv/bin/python bench/suite.py                          # seeds 0 1 2, runs under runs/suite
     .venv/bin/python bench/suite.py --seeds 0 --tasks digits,house-numbers
 
-Writes bench/results/suite.{md,json,png}.
+Writes bench/results/suite.{md,json,png}; the reading under the table comes from bench/suite_notes.md.
 """
 
 from __future__ import annotations
@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--model", default="patcher-reference")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/suite"))
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--notes", type=Path, default=Path(__file__).parent / "suite_notes.md",
+                        help="the reading of the table, appended to suite.md")
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
@@ -135,7 +137,8 @@ def main() -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.results_dir / "suite.json", {"created": now_iso(), "model": args.model, "seeds": args.seeds,
                                                  "machine": machine, "runs": rows})
-    write_text(args.results_dir / "suite.md", markdown(rows, args.seeds, args.model, machine))
+    notes = "\n" + args.notes.read_text() if args.notes and args.notes.is_file() else ""
+    write_text(args.results_dir / "suite.md", markdown(rows, args.seeds, args.model, machine) + notes)
     plot(rows, args.results_dir / "suite.png")
 
 
