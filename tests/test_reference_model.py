@@ -30,6 +30,7 @@ from patcher.models.reference import (
 MAX_SHIPPED_BYTES = 20 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_the_shipped_model_loads_to_the_state_its_provenance_records():
     """Every load rebuilds the float32 state from the float16 file and the seeded token table and checks its sha256:
     the same on every CPU, since no step of it rounds differently on one."""
@@ -54,6 +55,7 @@ def test_the_token_table_is_integers_scaled_once():
     assert torch.equal(table, token_table(1000, 64, seed=3)) and not torch.equal(table, token_table(1000, 64, 4))
 
 
+@pytest.mark.slow
 def test_changed_weights_are_refused_with_one_line(tmp_path: Path):
     folder = tmp_path / "reference"
     shutil.copytree(REFERENCE_DIR, folder)
@@ -65,6 +67,7 @@ def test_changed_weights_are_refused_with_one_line(tmp_path: Path):
         load_reference_weights(model, folder)
 
 
+@pytest.mark.slow
 def test_patcher_show_prints_the_provenance():
     result = subprocess.run([sys.executable, "-m", "patcher", "show", REFERENCE_NAME], capture_output=True,
                             text=True, timeout=120)

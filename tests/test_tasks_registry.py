@@ -17,6 +17,8 @@ EXPECTED_TASKS = {
     *("cars", "dtd", "eurosat", "gtsrb", "kitti", "mnist", "resisc45", "sun397", "svhn"),
     *("imagenet", "cifar10", "cifar100", "stl10", "fashion-mnist", "digits", "printed-digits"),
     *("imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "objectnet", "food101", "typographic-digits"),
+    *("printed-letters", "dot-matrix-letters", "seven-segment-digits", "house-numbers", "filled-shapes"),
+    *("outlined-shapes", "textures", "colored-textures", "dice", "count-objects", "fashion-sketch"),
 }
 EVALUATION_SETS = {"imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "objectnet"}
 CLASS_COUNTS = {
@@ -24,6 +26,9 @@ CLASS_COUNTS = {
     "sun397": 397, "svhn": 10, "imagenet": 1000, "cifar10": 10, "cifar100": 100, "stl10": 10,
     "fashion-mnist": 10, "digits": 10, "printed-digits": 10, "imagenet-v2": 1000, "imagenet-r": 200,
     "imagenet-a": 200, "imagenet-sketch": 1000, "objectnet": 113, "food101": 101, "typographic-digits": 10,
+    "printed-letters": 26, "dot-matrix-letters": 26, "seven-segment-digits": 10, "house-numbers": 10,
+    "filled-shapes": 8, "outlined-shapes": 8, "textures": 8, "colored-textures": 8, "dice": 6, "count-objects": 6,
+    "fashion-sketch": 10,
 }  # fmt: skip
 
 

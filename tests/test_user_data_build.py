@@ -29,6 +29,7 @@ def shapes(root: Path, parts: dict[str, int]) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_folder_build_uses_val_and_a_short_name_that_survives_a_move(tmp_path: Path) -> None:
     data = shapes(tmp_path / "data" / "shapes", {"train": 6, "val": 3, "test": 2})
     (data / "classnames.txt").write_text("square: a square\ncircle: a circle\ncross: a cross\n")
@@ -64,6 +65,7 @@ def test_export_names_tensors_by_the_short_name(tmp_path: Path) -> None:
     assert "logits_shapes" in json.dumps(record) and "data_shapes" not in json.dumps(outputs)
 
 
+@pytest.mark.slow
 def test_csv_and_shards_build(tmp_path: Path) -> None:
     write_csv(tmp_path / "table", "train", {"circle": 6, "cross": 6}, header="path,title")
     result = runner.invoke(app, [*BASE, "--task", f"csv:{tmp_path / 'table'}", "--csv-img-key", "path",

@@ -74,7 +74,7 @@ REFERENCE_SOURCES = (
     Source("fashion-mnist", "train", None, 1.0, recolour=0.3),
     Source("printed-digits", "train", None, 1.0, recolour=0.5),
     Source("printed-letters", "train", None, 1.5, recolour=0.5),
-    Source("shapes", "train", None, 1.0, recolour=0.5),
+    Source("filled-shapes", "train", None, 1.0, recolour=0.5),
     Source("textures", "train", None, 1.0, recolour=0.5),
     Source("dice", "train", None, 0.8, recolour=0.5),
 )

@@ -15,7 +15,8 @@ MINI_EIGHT_SUPPORT = "fashion-mnist"  # the supported task: one the reference mo
 SUITES: dict[str, tuple[str, ...]] = {
     "mini-8": MINI_EIGHT,
     "mini-8-support": (MINI_EIGHT_SUPPORT,),
-    "reference-pretraining": ("fashion-mnist", "printed-digits", "printed-letters", "shapes", "textures", "dice"),
+    "reference-pretraining": ("fashion-mnist", "printed-digits", "printed-letters", "filled-shapes", "textures",
+                              "dice"),
     "case-studies": ("typographic-digits",),
     "paint": PAINT_TASKS,
     "imagenet-shifts": IMAGENET_SHIFTS,

@@ -32,7 +32,7 @@ _SETS = (  # name, class names, renderer, per class (train, test), seed, prompts
     ("dot-matrix-letters", LETTERS, dot_matrix_letter, (150, 50), 31, LETTERS_PROMPTS),
     ("seven-segment-digits", DIGIT_NAMES, seven_segment_digit, (300, 100), 32, prompts.DIGITS),
     ("house-numbers", DIGIT_NAMES, house_number, (300, 100), 33, prompts.DIGITS),
-    ("shapes", SHAPES, filled_shape, (300, 100), 34, SHAPES_PROMPTS),
+    ("filled-shapes", SHAPES, filled_shape, (300, 100), 34, SHAPES_PROMPTS),
     ("outlined-shapes", SHAPES, outlined_shape, (300, 100), 35, SHAPES_PROMPTS),
     ("textures", TEXTURES, plain_texture, (300, 100), 36, prompts.DTD),
     ("colored-textures", TEXTURES, coloured_texture, (300, 100), 37, prompts.DTD),
