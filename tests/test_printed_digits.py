@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from patcher.data.tasks import get_task
-from patcher.data.tasks.printed_digits import PER_CLASS, font_paths, render_digit
+from patcher.data.tasks.printed_digits import PER_CLASS, render_digit
+from patcher.data.tasks.rendered.canvas import font_paths
 
 
 def test_parts_are_balanced_and_the_same_on_every_load():
@@ -26,10 +27,10 @@ def test_parts_are_balanced_and_the_same_on_every_load():
 def test_an_image_is_a_function_of_its_seed_alone():
     fonts = font_paths()
     assert len(fonts) >= 16  # matplotlib's DejaVu, STIX and Computer Modern text fonts
-    one = render_digit(7, np.random.default_rng([0, 123]), fonts)
-    render_digit(3, np.random.default_rng([0, 5]), fonts)
-    assert np.array_equal(one, render_digit(7, np.random.default_rng([0, 123]), fonts))
-    assert not np.array_equal(one, render_digit(7, np.random.default_rng([0, 124]), fonts))
+    one = render_digit(7, np.random.default_rng([0, 123]))
+    render_digit(3, np.random.default_rng([0, 5]))
+    assert np.array_equal(one, render_digit(7, np.random.default_rng([0, 123])))
+    assert not np.array_equal(one, render_digit(7, np.random.default_rng([0, 124])))
 
 
 def test_white_digits_on_black_in_three_channels():

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from patcher.data.tasks.digits import load_digits
-from patcher.data.tasks.printed_digits import SIZE, _font, font_paths
+from patcher.data.tasks.rendered.canvas import SIZE, font, font_paths
 from patcher.data.tasks.views import ArrayImages, ImageView
 
 HALF = SIZE // 2
@@ -26,9 +26,9 @@ _PART_SEEDS = {"train": 10, "test": 11}
 
 def printed_half(digit: int, rng: np.random.Generator, fonts: list[Path]) -> np.ndarray:
     """[28, 14] uint8: `digit` printed in a random font at 18-23 px, rotated up to 10°, on the frame's right half."""
-    font = _font(fonts[int(rng.integers(len(fonts)))], int(rng.integers(18, 24)))
+    chosen = font(fonts[int(rng.integers(len(fonts)))], int(rng.integers(18, 24)))
     canvas = Image.new("L", (2 * SIZE, 2 * SIZE), 0)
-    ImageDraw.Draw(canvas).text((SIZE, SIZE), str(digit), fill=255, font=font, anchor="mm")
+    ImageDraw.Draw(canvas).text((SIZE, SIZE), str(digit), fill=255, font=chosen, anchor="mm")
     canvas = canvas.rotate(float(rng.uniform(-10, 10)), resample=Image.Resampling.BILINEAR)
     left, top = SIZE - HALF // 2, SIZE // 2
     return np.asarray(canvas.crop((left, top, left + HALF, top + SIZE)), dtype=np.uint8)
