@@ -40,6 +40,10 @@ def test_the_shipped_model_loads_to_the_state_its_provenance_records():
     assert loaded.weights_sha256 == record["state_sha256"] == state_dict_digest(loaded.model.state_dict())
     assert sha256_file(REFERENCE_DIR / WEIGHTS_FILE) == record["files"][WEIGHTS_FILE]["sha256"]
     assert (REFERENCE_DIR / WEIGHTS_FILE).stat().st_size <= MAX_SHIPPED_BYTES
+    # `patcher build --model patcher-reference` passes build's default tag: like a local-dir: folder, it is ignored
+    assert load_clip(REFERENCE_NAME, "openai").weights_sha256 == record["state_sha256"]
+    with pytest.raises(PatcherError, match="trained at 28 px"):
+        load_clip(REFERENCE_NAME, image_size=224)
     assert loaded.model_cfg == json.loads((Path(__file__).parents[1] / "patcher/models/configs" /
                                            f"{record['architecture']}.json").read_text())
 

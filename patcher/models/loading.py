@@ -153,8 +153,8 @@ def load_clip(
 ) -> LoadedModel:
     """Load an open_clip model by name and tag, checkpoint file, or `local-dir:DIR`; weights random if none.
     `patcher-reference` is the shipped reference model."""
-    if name == REFERENCE_NAME:
-        return _load_reference(pretrained, image_size, device)
+    if name == REFERENCE_NAME:  # like a local-dir: folder, it carries its own weights: a pretrained tag is ignored
+        return _load_reference(image_size, device)
     if name.startswith(LOCAL_DIR_PREFIX):
         pretrained = None  # the folder carries its own weights
     model_cfg = _model_config(name, image_size)
@@ -185,14 +185,14 @@ def load_clip(
     )
 
 
-def _load_reference(pretrained: str | None, image_size: int | None, device: str | torch.device) -> LoadedModel:
+def _load_reference(image_size: int | None, device: str | torch.device) -> LoadedModel:
     """The shipped reference model: its architecture's config, its committed weights, its regenerated token table."""
     record = provenance()
     architecture = record["architecture"]
     model_cfg = _model_config(architecture, None)
-    if pretrained is not None or (image_size is not None and image_size != model_cfg["vision_cfg"]["image_size"]):
-        raise PatcherError(f"{REFERENCE_NAME} has its own weights and image size "
-                           f"({model_cfg['vision_cfg']['image_size']} px): drop --pretrained and --image-size")
+    if image_size is not None and image_size != model_cfg["vision_cfg"]["image_size"]:
+        raise PatcherError(f"{REFERENCE_NAME} was trained at {model_cfg['vision_cfg']['image_size']} px: drop "
+                           "--image-size")
     with _random_init_expected():
         model = open_clip.create_model(architecture, device="cpu")
     digest = load_reference_weights(model)
