@@ -131,3 +131,13 @@ def test_the_key_file_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(PatcherError, match=r"readable by other users.*chmod 600"):
         read_key_file(written.path)
     assert find_key("127.0.0.1:1") is None  # a key others can read is not used
+
+
+def test_an_image_sent_as_base64_text_is_told_how_to_send_bytes() -> None:
+    """A KServe v2 JSON body's habit: the file base64-encoded. The refusal says to send the file's own bytes."""
+    import base64
+
+    with pytest.raises(ImageRejected, match=r"base64 text of an image file: send the file's own bytes"):
+        open_image(base64.b64encode(png(8, 8)))
+    with pytest.raises(ImageRejected, match=r"not a format this server reads"):
+        open_image(b"plain text, not an image")

@@ -105,6 +105,18 @@ class DecodeBudget:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, units, start)
 
 
+# the first bytes of PNG, JPEG, GIF and WebP/BMP files written as base64 text
+_BASE64_STARTS = (b"iVBORw0KGgo", b"/9j/", b"R0lGOD", b"UklGR", b"Qk")
+
+
+def _base64_hint(data: bytes) -> str:
+    """What to do when the bytes are an image file written as base64 text (a JSON body's habit), else ""."""
+    if not data.lstrip().startswith(_BASE64_STARTS):
+        return ""
+    return ("these bytes are base64 text of an image file: send the file's own bytes (tritonclient's BYTES input, "
+            "or a JSON body's binary_data extension; docs/serving.md)")
+
+
 def open_image(data: bytes, limits: dict[str, Any] | None = None) -> Image.Image:
     """A lazily decoded PIL image after its header passed the limits; ImageRejected naming the limit otherwise."""
     limits = check_limits(limits or {})
@@ -117,8 +129,8 @@ def open_image(data: bytes, limits: dict[str, Any] | None = None) -> Image.Image
     except Image.DecompressionBombError as error:
         raise ImageRejected(f"image exceeds max_pixels={limits['max_pixels']} ({error})") from None
     except UnidentifiedImageError:
-        raise ImageRejected(f"cannot decode image ({len(data)} bytes): not a format this server reads "
-                            f"({', '.join(FORMATS)})") from None
+        reason = _base64_hint(data) or f"not a format this server reads ({', '.join(FORMATS)})"
+        raise ImageRejected(f"cannot decode image ({len(data)} bytes): {reason}") from None
     except Exception as error:  # PIL raises many types for corrupt headers
         raise ImageRejected(f"cannot decode image ({len(data)} bytes): {type(error).__name__}: {error}") from None
     width, height = image.size
