@@ -36,8 +36,8 @@ from patcher.data.evaluation import predict
 from patcher.data.image_store import StoreItems, build_store
 from patcher.data.loading import TrainSplit
 from patcher.data.tasks import Task, get_task
+from patcher.data.tasks.rendered.canvas import RecolouredView
 from patcher.data.tasks.suites import suite_tasks
-from patcher.data.tasks.views import RecolouredView
 from patcher.data.transforms import Normalize
 from patcher.models import load_clip
 from patcher.models.classifier import MultiHeadClassifier

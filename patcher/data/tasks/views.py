@@ -51,29 +51,3 @@ class ArrayImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[index]), int(self.labels[index])
-
-
-class RecolouredView(Dataset):
-    """Items of `base` with a seeded share drawn in two random colours (the grey level mapped from one colour to the
-    other, so dark-on-light happens too): the variety of colour and polarity a web-scale corpus has."""
-
-    def __init__(self, base: Dataset, share: float, seed: int) -> None:
-        self.base = base
-        self.share = share
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        image, label = self.base[index]
-        rng = np.random.default_rng([self.seed, index])
-        if rng.random() >= self.share:
-            return image, label
-        grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None] / 255.0
-        while True:
-            ink, paper = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
-            if abs(float(ink.sum()) - float(paper.sum())) >= 3 * 90:
-                break
-        pixels = paper * (1.0 - grey) + ink * grey
-        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)), label

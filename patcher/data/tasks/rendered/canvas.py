@@ -107,3 +107,24 @@ def rendered(spec: RenderedSet, part: str) -> tuple[np.ndarray, np.ndarray]:
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
+
+
+class RecolouredView(Dataset):
+    """Items of `base` with a seeded share drawn in two random colours (the grey level mapped from one colour to the
+    other, so dark-on-light happens too): the variety of colour and polarity a web-scale corpus has."""
+
+    def __init__(self, base: Dataset, share: float, seed: int) -> None:
+        self.base = base
+        self.share = share
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image, label = self.base[index]
+        rng = np.random.default_rng([self.seed, index])
+        if rng.random() >= self.share:
+            return image, label
+        ink, paper = colour_pair(rng, min_contrast=90)
+        return Image.fromarray(paint(np.asarray(image.convert("L")), ink, paper)), label
