@@ -199,6 +199,33 @@ def test_bad_input_is_one_invalid_arg_naming_the_item_and_the_limit_and_the_serv
     client.close()
 
 
+def test_the_classify_model_answers_probabilities_and_labelled_rankings_beside_its_logits(served: Served,
+                                                                                       images) -> None:
+    """`class_count` cannot know a request's labels (Triton's labels are files), so the model ranks them itself."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    paths = images["digits"][0][:3]
+    labels = [b"zero", b"one", b"seven: a digit"]
+    tensors = [grpcclient.InferInput("image_bytes", [len(paths), 1], "BYTES"),
+               grpcclient.InferInput("labels", [3], "BYTES")]
+    tensors[0].set_data_from_numpy(np.array([p.read_bytes() for p in paths], dtype=np.object_).reshape(-1, 1))
+    tensors[1].set_data_from_numpy(np.array(labels, dtype=np.object_))
+    result = client.infer("digits_classify", tensors)
+    scores, probs = result.as_numpy("scores"), result.as_numpy("probabilities")
+    expected = torch.softmax(torch.from_numpy(scores).double(), dim=1).numpy()
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
+    for row, ranking in enumerate(result.as_numpy("classification")):
+        parsed = [item.decode().split(":", 2) for item in ranking]
+        assert [int(index) for _, index, _ in parsed] == list(np.argsort(-scores[row], kind="stable"))
+        assert [label.encode() for _, index, label in parsed] == [labels[int(index)] for _, index, _ in parsed]
+        np.testing.assert_allclose([float(p) for p, _, _ in parsed], np.sort(probs[row])[::-1], atol=1e-6)
+    ranked = classify_labels(paths, "digits", [label.decode() for label in labels], url=served.grpc_url, top_k=3)
+    np.testing.assert_allclose([[e["probability"] for e in r["tasks"]["labels"]] for r in ranked],
+                               np.sort(probs, axis=1)[:, ::-1], atol=1e-6)
+    client.close()
+
+
 def _text_executions(client: Any) -> int:
     stats = client.get_inference_statistics("digits_text", as_json=True)["model_stats"]
     return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)  # absent when 0

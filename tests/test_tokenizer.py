@@ -7,10 +7,20 @@ import string
 
 import numpy as np
 import pytest
+import torch
 
 from patcher.base.compat import import_open_clip
 from patcher.data.tasks import get_task, known_tasks
-from patcher.export.openvocab import HeadCache, LabelSet, LabelSetError, check_label_set, class_heads, rank
+from patcher.export.openvocab import (
+    HeadCache,
+    LabelSet,
+    LabelSetError,
+    check_label_set,
+    class_heads,
+    probabilities,
+    rank,
+    ranked_labels,
+)
 from patcher.export.tokenizer import MAX_WORD_BYTES, ClipTokenizer, PromptError, decode_prompts, stdlib_split
 
 open_clip = import_open_clip()
@@ -134,7 +144,22 @@ def test_heads_are_open_clips_zero_shot_classifier() -> None:
     expected = (expected / expected.norm(dim=1, keepdim=True)).T * 50.0
     np.testing.assert_allclose(class_heads(embeddings, 3, 4, 50.0), expected.numpy(), rtol=1e-5, atol=1e-6)
     ranked = rank(np.array([[1.0, 3.0, 2.0]]), ("a", "b", "c"), 2)
-    assert ranked == [[{"label": "b", "index": 1, "score": 3.0}, {"label": "c", "index": 2, "score": 2.0}]]
+    torch_probs = torch.softmax(torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64), 0).numpy()
+    assert [(e["label"], e["index"], e["score"]) for e in ranked[0]] == [("b", 1, 3.0), ("c", 2, 2.0)]
+    np.testing.assert_allclose([e["probability"] for e in ranked[0]], torch_probs[[1, 2]], rtol=1e-6)
+
+
+def test_probabilities_and_ranked_labels_are_the_softmax_over_the_request_labels() -> None:
+    scores = np.array([[10.0, 12.0, 11.0], [800.0, -800.0, 0.0]], dtype=np.float32)  # the second would overflow exp
+    probs = probabilities(scores)
+    expected = torch.softmax(torch.tensor(scores, dtype=torch.float64), 1).numpy()
+    np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-30)
+    assert probs.dtype == np.float32 and np.isfinite(probs).all()
+    ranked = ranked_labels(probs, ("cat", "dog", "a:b"))
+    assert ranked.shape == (2, 3) and ranked[0, 0].startswith(b"0.") and ranked[0, 0].endswith(b":1:dog")
+    parsed = [item.decode().split(":", 2) for item in ranked[0]]
+    assert [int(index) for _, index, _ in parsed] == [1, 2, 0] and parsed[1][2] == "a:b"  # a colon kept in a label
+    assert [float(p) for p, _, _ in parsed] == sorted((float(p) for p, _, _ in parsed), reverse=True)
 
 
 def test_the_head_cache_is_bounded_and_drops_the_least_recently_used() -> None:

@@ -237,8 +237,12 @@ def classify(
     for result in results:
         typer.echo(f"{result['file']}:")
         for task, ranked in result["tasks"].items():
-            shown = ", ".join(f"{entry['label']} ({entry['score']:.2f})" for entry in ranked)
+            shown = ", ".join(f"{entry['label']} ({entry['score']:.2f}{_probability(entry)})" for entry in ranked)
             typer.echo(f"  {task}: {shown}")
+
+
+def _probability(entry: dict) -> str:
+    return f", p={entry['probability']:.3f}" if "probability" in entry else ""
 
 
 def _served_templates(model: str | None, url: str, key_file: Path | None) -> dict[str, list[str]]:

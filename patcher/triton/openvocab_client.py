@@ -102,10 +102,11 @@ def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templa
                 inputs.append(grpcclient.InferInput("templates", [len(templates)], "BYTES"))
                 inputs[2].set_data_from_numpy(_strings(templates))
             try:
-                scores = client.infer(target, inputs, client_timeout=timeout_s).as_numpy("scores")
+                response = client.infer(target, inputs, client_timeout=timeout_s)
             except InferenceServerException as error:
                 raise _infer_error(error, chunk, target, url) from None
-            for path, ranked in zip(chunk, rank(scores, names, top_k), strict=True):
+            scores, probs = response.as_numpy("scores"), response.as_numpy("probabilities")
+            for path, ranked in zip(chunk, rank(scores, names, top_k, probs), strict=True):
                 results.append({"file": str(path), "model": target, "version": version, "tasks": {"labels": ranked}})
         return results
     finally:

@@ -262,8 +262,9 @@ DESCRIPTIONS = {
     "text": "The text tower: prompts (BYTES) in, L2-normalised text embeddings out.",
     "embed": "RAW PIXELS in (float 0-255 RGB [N,3,H,W], FORMAT_NCHW, NVIDIA's image convention), the patched "
              "model's L2-normalised image embeddings out. For encoded files, ask {entry} for its 'embedding'.",
-    "classify": "Open vocabulary: images plus your labels (and templates, each with one {{}}) in, scores per label "
-                "out (logits: logit_scale x cosine).",
+    "classify": "Open vocabulary: images plus your labels (and templates, each with one {{}}) in; out: 'scores' per "
+                "label (logits: logit_scale x cosine), 'probabilities' (their softmax over your labels) and "
+                "'classification' ('probability:index:label', most probable first).",
 }
 CLASSIFIERS = ("patched", "zeroshot", "pixels", "ensemble", "task_pixels", "task_bytes", "embed")
 

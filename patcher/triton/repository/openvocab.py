@@ -3,7 +3,8 @@
     <name>_text       python: prompts (UTF-8 BYTES [N, 1]) -> text_embedding [N, D] (the patched model's text tower)
     <name>_embed      ensemble in NVIDIA's image conventions: raw 0-255 pixels [N, 3, H, W], FORMAT_NCHW ->
                       embedding [N, D] (through <name>_pixels)
-    <name>_classify   python: image_bytes [N, 1], labels [L], optional templates [T] -> scores [N, L]; a label
+    <name>_classify   python: image_bytes [N, 1], labels [L], optional templates [T] -> scores, probabilities and
+                      classification ("probability:index:label", ranked) [N, L]; a label
                       set's head comes from <name>_text (BLS) and is cached
 """
 
@@ -111,6 +112,8 @@ def classify_config(name: str, instances: int, parameters: dict[str, Any]) -> mc
     config.input.add(name=LABELS, data_type=mc.TYPE_STRING, dims=[-1])
     config.input.add(name=TEMPLATE_INPUT, data_type=mc.TYPE_STRING, dims=[-1], optional=True)
     config.output.add(name=SCORES, data_type=mc.TYPE_FP32, dims=[-1, -1])
+    config.output.add(name="probabilities", data_type=mc.TYPE_FP32, dims=[-1, -1])
+    config.output.add(name="classification", data_type=mc.TYPE_STRING, dims=[-1, -1])
     for key, value in parameters.items():
         config.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
     return config

@@ -144,6 +144,22 @@ def class_heads(embeddings: np.ndarray, classes: int, templates: int, scale: flo
     return np.ascontiguousarray(heads, dtype=np.float32)
 
 
+def probabilities(scores: np.ndarray) -> np.ndarray:
+    """[N, L] softmax of each row of logits over the request's labels (float32, rows sum to 1)."""
+    shifted = np.asarray(scores, dtype=np.float64)
+    shifted = np.exp(shifted - shifted.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def ranked_labels(probs: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
+    """[N, L] UTF-8 strings `"probability:index:label"`, most probable first: Triton's classification format with
+    the request's own labels, which the server's `class_count` cannot know."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    rows = [[f"{probs[row, index]:.6f}:{index}:{labels[index]}".encode() for index in ranking]
+            for row, ranking in enumerate(order)]
+    return np.array(rows, dtype=np.object_).reshape(probs.shape)
+
+
 class HeadCache:
     """The heads of the last `capacity` label sets, least recently used dropped first."""
 
@@ -174,8 +190,11 @@ class HeadCache:
             self.heads.popitem(last=False)
 
 
-def rank(scores: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[list[dict]]:
-    """Per image, the top-k labels with their index and score, best first (the baked tasks' answer shape)."""
+def rank(scores: np.ndarray, labels: tuple[str, ...], top_k: int,
+         probs: np.ndarray | None = None) -> list[list[dict]]:
+    """Per image, the top-k labels with their index, score (logit) and probability (softmax over all the labels,
+    computed here unless the server's are given), best first (the baked tasks' answer shape)."""
+    probs = probabilities(scores) if probs is None else probs
     order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
-    return [[{"label": labels[i], "index": int(i), "score": float(row[i])} for i in best]
-            for row, best in zip(scores, order, strict=True)]
+    return [[{"label": labels[i], "index": int(i), "score": float(row[i]), "probability": float(p[i])} for i in best]
+            for row, p, best in zip(scores, probs, order, strict=True)]

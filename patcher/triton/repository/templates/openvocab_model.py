@@ -4,10 +4,11 @@ Copied into `<name>_classify/<version>/model.py` by `patcher triton`, beside `mo
 `patcher_imaging.py` (the preprocessing model's image path) and `patcher_openvocab.py` (label sets, heads, the
 cache). A request holds `image_bytes` [N, 1] (encoded images), `labels` [L] and optionally `templates` [T] (each
 with one `{}`; the label itself is the prompt without them), all UTF-8 BYTES, and gets `scores` [N, L]: the logits
-`normalize(image embedding) @ head`, as the baked tasks' are. A label set's head is computed once, by the entry's
-text model (`<name>_text`, called through BLS), and cached (bounded, keyed by labels and templates), so that a
-repeated label set costs one matrix product. Bad input fails its request with INVALID_ARG naming the item and the
-limit.
+`normalize(image embedding) @ head`, as the baked tasks' are, `probabilities` [N, L] (their softmax over the
+request's labels) and `classification` [N, L] (BYTES "probability:index:label", most probable first). A label
+set's head is computed once, by the entry's text model (`<name>_text`, called through BLS), and cached (bounded,
+keyed by labels and templates), so that a repeated label set costs one matrix product. Bad input fails its
+request with INVALID_ARG naming the item and the limit.
 """
 
 from __future__ import annotations
@@ -24,9 +25,19 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from patcher_imaging import DecodeBudget, ServerBusy, check_limits, preprocess_bytes
-from patcher_openvocab import MAX_PROMPTS, HeadCache, LabelSet, LabelSetError, check_label_set, class_heads
+from patcher_openvocab import (
+    MAX_PROMPTS,
+    HeadCache,
+    LabelSet,
+    LabelSetError,
+    check_label_set,
+    class_heads,
+    probabilities,
+    ranked_labels,
+)
 
 IMAGES, LABELS, TEMPLATES, SCORES = "image_bytes", "labels", "templates", "scores"
+PROBABILITIES, CLASSIFICATION = "probabilities", "classification"
 MODEL_FILE = "model.onnx"
 WARM_HEAD_FILE = "warm_head.npz"
 TEXT_INPUT, TEXT_OUTPUT = "text", "text_embedding"
@@ -73,11 +84,11 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """One response per request: scores [N, L], or the error of that request alone."""
+        """One response per request: scores, probabilities and ranked labels [N, L], or that request's error alone."""
         responses = []
         for request in requests:
             try:
-                scores = self.classify(request)
+                scores, label_set = self.classify(request)
             except RequestRefused as error:
                 responses.append(pb_utils.InferenceResponse(error=_error(str(error), "INVALID_ARG")))
                 continue
@@ -87,11 +98,14 @@ class TritonPythonModel:
             except Exception as error:  # a failure of this request (the text model, onnxruntime), not the server
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
                 continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(SCORES, scores)]))
+            probs = probabilities(scores)
+            outputs = [pb_utils.Tensor(SCORES, scores), pb_utils.Tensor(PROBABILITIES, probs),
+                       pb_utils.Tensor(CLASSIFICATION, ranked_labels(probs, label_set.labels))]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
 
-    def classify(self, request: Any) -> np.ndarray:
-        """The scores of one request's images against its label set."""
+    def classify(self, request: Any) -> tuple[np.ndarray, LabelSet]:
+        """The scores of one request's images against its label set, and that label set."""
         label_set = self.label_set(request)
         images = pb_utils.get_input_tensor_by_name(request, IMAGES).as_numpy().reshape(-1)
         if len(images) == 0 or len(images) > self.max_images:
@@ -105,7 +119,7 @@ class TritonPythonModel:
             head = self.head(label_set)
             self.cache.put(label_set, head)
         embedding = self.session.run(["embedding"], {"image": batch})[0]
-        return np.ascontiguousarray(embedding.astype(np.float32) @ head)
+        return np.ascontiguousarray(embedding.astype(np.float32) @ head), label_set
 
     def label_set(self, request: Any) -> LabelSet:
         """The request's labels and templates, checked."""
