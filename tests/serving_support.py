@@ -56,12 +56,14 @@ def peak_rss_mb(pid: int) -> float:
 class Served:
     """`python -m patcher serve` on a repository, on free ports, its output collected line by line."""
 
-    def __init__(self, repo: Path, key_file: Path, timeout_s: float = 180, log: Path | None = None) -> None:
+    def __init__(self, repo: Path, key_file: Path, timeout_s: float = 180, log: Path | None = None,
+                 models: list[str] | None = None) -> None:
         self.repo, self.key_file, self.log = repo, key_file, log
         self.http_port, self.grpc_port, self.metrics_port = distinct_free_ports(3)
         command = [sys.executable, "-m", "patcher", "serve", "--repo", str(repo), "--key-file", str(key_file),
                    "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                   "--metrics-port", str(self.metrics_port), *(["--log", str(log)] if log else [])]
+                   "--metrics-port", str(self.metrics_port), *(["--log", str(log)] if log else []),
+                   *(["--models", ",".join(models)] if models else [])]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
