@@ -33,7 +33,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("00000004000000000
 def served(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = tmp_path_factory.mktemp("fronts") / "repo"
     write_repository(tiny_export, repo)
-    server = Served(repo, tmp_path_factory.mktemp("keys") / "serve.key.json")
+    server = Served(repo, tmp_path_factory.mktemp("keys") / "serve.key.json", models=["digits"])  # what it asks
     yield server
     assert server.stop() == 0, "\n".join(server.lines[-30:])
 

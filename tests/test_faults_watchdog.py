@@ -50,7 +50,7 @@ def test_restarts_back_off() -> None:
 
 
 def test_a_stopped_tritonserver_is_noticed_and_replaced_within_30_s(repo: Path, tmp_path: Path) -> None:
-    served = Served(repo, tmp_path / "key.json")
+    served = Served(repo, tmp_path / "key.json", models=["digits"])  # the process is the point, not the models
     try:
         stopped = served.server_pid()
         os.kill(stopped, signal.SIGSTOP)
@@ -70,7 +70,7 @@ def test_a_stopped_tritonserver_is_noticed_and_replaced_within_30_s(repo: Path, 
 def test_a_tritonserver_that_crashes_while_starting_is_started_again(repo: Path, tmp_path: Path) -> None:
     http, grpc, metrics = distinct_free_ports(3)
     command = [sys.executable, "-m", "patcher", "serve", "--repo", str(repo), "--key-file", str(tmp_path / "k.json"),
-               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--models", "digits"]
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=environment())
     try:
