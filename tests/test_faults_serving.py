@@ -56,7 +56,8 @@ def repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    server = Served(repo, tmp_path_factory.mktemp("keys") / "serve.key.json")
+    # the models the hostile clients ask, and what they compose (the front and the process are the point)
+    server = Served(repo, tmp_path_factory.mktemp("keys") / "serve.key.json", models=BYTES_MODELS)
     yield server
     assert server.stop() == 0, "\n".join(server.lines[-30:])
 
@@ -122,7 +123,7 @@ def test_a_bare_tritonserver_dies_under_a_burst_of_1ms_deadlines(repo: Path) -> 
     """Why the front exists: the same burst straight at Triton 2.51's gRPC port kills it (server#7368). The race
     needs an answer to arrive just as a deadline passes, so a machine may take more than one burst; one that survives
     three is skipped with what was sent (the bundled server may have the fix, and the front could go)."""
-    with TritonServer(repo, startup_timeout_s=120) as server:
+    with TritonServer(repo, models=BYTES_MODELS, startup_timeout_s=120) as server:
         assert server.process is not None
         for _ in range(3):
             processes, results = hostile_clients(server.grpc_url, BYTES_MODELS, BURST_S, _hostile_png())
@@ -228,10 +229,11 @@ def test_three_requests_of_the_largest_legal_size_stay_bounded_and_memory_goes_b
 # --- a second server, SIGTERM at start-up -----------------------------------------------------------------------------
 
 
-def _serve(repo: Path, key_file: Path, *ports: int) -> subprocess.Popen[str]:
+def _serve(repo: Path, key_file: Path, *ports: int, models: str = "") -> subprocess.Popen[str]:
     http, grpc, metrics = ports
     return subprocess.Popen([sys.executable, "-m", "patcher", "serve", "--repo", str(repo), "--key-file", str(key_file),
-                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                             *(["--models", models] if models else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
 
 
@@ -373,7 +375,7 @@ def test_sigterm_during_bench_removes_its_server_and_temporary_folders(tiny_run:
 def test_a_killed_serve_leaves_a_folder_the_next_server_sweeps(repo: Path, tmp_path: Path) -> None:
     from patcher.triton.serving.ports import distinct_free_ports
 
-    serve = _serve(repo, tmp_path / "key.json", *distinct_free_ports(3))
+    serve = _serve(repo, tmp_path / "key.json", *distinct_free_ports(3), models="digits_pixels")
     assert serve.stdout is not None
     while "Ctrl-C stops it" not in serve.stdout.readline():
         assert serve.poll() is None, serve.communicate()[1][-2000:]
