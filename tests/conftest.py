@@ -57,18 +57,43 @@ SLOW_TESTS = (
     "tests/test_training.py::test_resume_reaches_the_same_weights",
     "tests/test_training.py::test_finetuning_lowers_the_loss_through_a_frozen_head",
 )
+# The modules of the longest tests (pytest --durations, 2 shared cores, 2026-12-07), started first and each kept
+# together (its module fixtures set up once a worker): xdist hands out the first quarter of the collection
+# round-robin, so their tests alternate between the workers at the start instead of one starting late and leaving
+# the other worker idle at the end. test_distributed builds its own models: it pairs with a worker waiting for the
+# shared tiny model.
+LONGEST_FIRST = (
+    "tests/test_objectstore.py",
+    "tests/test_distributed.py",
+    "tests/test_warmup_verify.py",
+    "tests/test_triton_faults.py",
+    "tests/test_faults_kill.py",
+    "tests/test_faults_fronts.py",
+    "tests/test_faults_durability.py",
+    "tests/test_faults_served_files.py",
+    "tests/test_serving.py",
+    "tests/test_faults_serving.py",
+    "tests/test_bench.py",
+)
 SLOW_HINT = "mark it @pytest.mark.slow (the fast lane builds no model and starts no server)"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test whose fixtures build a model (MODEL_FIXTURES, directly or through other fixtures) is slow, and so is
-    one SLOW_TESTS names."""
+    one SLOW_TESTS names; LONGEST_FIRST's tests run first."""
     for item in items:
         if item.get_closest_marker("slow") is not None:
             continue
         uses_model = MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ()))
         if uses_model or _relative(item.nodeid).startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=_start_rank)  # stable: the rest keep their order
+
+
+def _start_rank(item: pytest.Item) -> int:
+    """Where LONGEST_FIRST puts a test's module (its position), after them the others."""
+    nodeid = _relative(item.nodeid)
+    return next((rank for rank, prefix in enumerate(LONGEST_FIRST) if nodeid.startswith(prefix)), len(LONGEST_FIRST))
 
 
 def _relative(nodeid: str) -> str:
