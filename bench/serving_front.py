@@ -2,13 +2,16 @@
 fronts, side by side; and what one oversized HTTP body makes tritonserver hold, directly and through the front.
 
     .venv/bin/python bench/serving_front.py EXPORT_OR_RUN [--seconds 5] [--rounds 3] [--concurrency 4]
-        [--protocols grpc,http] [--arenas] [--oversized-mb 400]
+        [--protocols grpc,http] [--bare] [--arenas] [--oversized-mb 400]
 
 Writes a repository of the export in a temporary folder, starts the bundled tritonserver on free ports, a GrpcFront
 before its gRPC port and an HttpFront before its HTTP port, and runs a closed-loop client (its own process,
 `--concurrency` threads of blocking calls) for `--seconds` against each path in turn, `--rounds` times interleaved:
 the patched classifier at batch 1 and 8 (tensors), and the entry's ensemble with one encoded image per request
-(bytes). Then one HTTP request announcing `--oversized-mb` of body is sent to each path while tritonserver's
+(bytes). With --bare, a bare gRPC pass-through (a handler that only calls tritonserver: no bounds, no metadata,
+no deadline handling) is measured too, as the floor of what any Python gRPC hop costs. The ratios table gives,
+per round, the front's throughput over the direct path's measured just before it, median and range over rounds.
+Then one HTTP request announcing `--oversized-mb` of body is sent to each path while tritonserver's
 resident memory is sampled. With --arenas, a second server with glibc's default arenas (MALLOC_ARENA_MAX unset by
 patcher) is measured over gRPC, direct, to show what one arena costs. Writes bench/results/serving-front.{json,md}.
 """
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +99,54 @@ def measure(protocol: str, url: str, config_url: str, model: str, kind: str, bat
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+class BareProxy:
+    """A gRPC pass-through with nothing but the forwarding call: the floor any Python front pays."""
+
+    def __init__(self, address: str, upstream: str) -> None:
+        import grpc
+
+        from patcher.triton.serving.front import CHANNEL_OPTIONS, SERVICE
+
+        self.address = address
+        self.channel = grpc.insecure_channel(upstream, options=CHANNEL_OPTIONS)
+        calls: dict[str, Any] = {}
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details: Any) -> Any:
+                if not details.method.startswith(f"/{SERVICE}/"):
+                    return None
+                call = calls.get(details.method) or calls.setdefault(details.method,
+                                                                     channel.unary_unary(details.method))
+                return grpc.unary_unary_rpc_method_handler(lambda request, context: call(request))
+
+        channel = self.channel
+        self.server = grpc.server(ThreadPoolExecutor(16), handlers=[Handler()],
+                                  options=[("grpc.max_receive_message_length", -1)])
+        self.server.add_insecure_port(address)
+        self.server.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the upstream channel."""
+        self.server.stop(1).wait()
+        self.channel.close()
+
+
+def ratios(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per setting and path other than direct: this path's img/s over direct's in the same round, median and range."""
+    found = {}
+    for key, runs in rows.items():
+        parts = key.split(" | ")
+        if parts[2] == "direct":
+            continue
+        direct = rows.get(" | ".join([*parts[:2], "direct", *parts[3:]]))
+        if not direct:
+            continue
+        values = [r["images_per_s"] / d["images_per_s"] for r, d in zip(runs, direct, strict=False)]
+        found[key] = {"median": float(np.median(values)), "min": min(values), "max": max(values),
+                      "rounds": len(values)}
+    return found
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -160,7 +212,8 @@ def _start(repo: Path, env: dict[str, str] | None) -> Any:
 
 def _markdown(record: dict[str, Any]) -> str:
     lines = ["# The fronts of `patcher serve`: direct against through the front", "",
-             f"{record['concurrency']} client threads in their own process, {record['seconds']:.0f} s per setting, "
+             f"Export {record['export']}; {record['concurrency']} client threads in their own process, "
+             f"{record['seconds']:.0f} s per setting, "
              f"{record['rounds']} rounds interleaved, medians; machine: {record['machine'].get('cpu', '?')}; "
              f"load average at the end {record['load_average']}.", "",
              "| server | protocol | path | model | input | batch | img/s | p50 ms | p99 ms |",
@@ -169,6 +222,13 @@ def _markdown(record: dict[str, Any]) -> str:
         server_kind, protocol, path, model, kind, batch = key.split(" | ")
         lines.append(f"| {server_kind} | {protocol} | {path} | {model} | {kind} | {batch.split()[1]} | "
                      f"{value['images_per_s']:.0f} | {value['p50_ms']:.1f} | {value['p99_ms']:.1f} |")
+    if record.get("ratios"):
+        lines += ["", "Through a front over direct, the same round (interleaved), median [min-max] over rounds:", "",
+                  "| protocol | path | model | input | batch | ratio |", "|---|---|---|---|---|---|"]
+        for key, value in record["ratios"].items():
+            _, protocol, path, model, kind, batch = key.split(" | ")
+            lines.append(f"| {protocol} | {path} | {model} | {kind} | {batch.split()[1]} | {value['median']:.2f} "
+                         f"[{value['min']:.2f}-{value['max']:.2f}] |")
     if record.get("oversized"):
         lines += ["", "One HTTP request announcing a large body, tritonserver's resident memory (MB):", "",
                   "| path | announced MB | sent MB | answer | s | RSS before | peak | 3 s after |",
@@ -186,6 +246,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--protocols", default="grpc,http")
+    parser.add_argument("--bare", action="store_true", help="also a bare gRPC pass-through (the floor)")
     parser.add_argument("--arenas", action="store_true", help="also a server with glibc's default arenas")
     parser.add_argument("--oversized-mb", type=int, default=400, help="0: skip the oversized HTTP body")
     args = parser.parse_args()
@@ -210,6 +271,9 @@ def main() -> None:
             paths = {("grpc", "direct"): server.grpc_url, ("grpc", "front"): grpc_front.address,
                      ("http", "direct"): f"127.0.0.1:{http_port}",
                      ("http", "front"): f"127.0.0.1:{http_front.address[1]}"}
+            bare = BareProxy(f"127.0.0.1:{free_port()}", server.grpc_url) if args.bare else None
+            if bare is not None:
+                paths[("grpc", "bare")] = bare.address
             chosen = {key: url for key, url in paths.items() if key[0] in protocols}
             if server_kind != "patcher":
                 chosen = {("grpc", "direct"): server.grpc_url}
@@ -228,6 +292,8 @@ def main() -> None:
             finally:
                 grpc_front.stop()
                 http_front.stop()
+                if bare is not None:
+                    bare.stop()
                 server.stop()
     summary = {key: {"images_per_s": float(np.median([r["images_per_s"] for r in runs])),
                      "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
@@ -235,7 +301,7 @@ def main() -> None:
                for key, runs in rows.items()}
     record = {"created": now_iso(), "machine": machine_info(), "load_average": load_average(),
               "export": str(args.export), "seconds": args.seconds, "rounds": args.rounds,
-              "concurrency": args.concurrency, "results": summary, "oversized": oversized}
+              "concurrency": args.concurrency, "results": summary, "ratios": ratios(rows), "oversized": oversized}
     OUT.mkdir(parents=True, exist_ok=True)
     write_json(OUT / "serving-front.json", record)
     text = _markdown(record)

@@ -286,3 +286,20 @@ def test_request_budgets_and_windows() -> None:
     assert make_sweep([1], [1], 5.0, 10, False, rounds=3).rounds_for(1.0) == 3  # rounds given: kept
     with pytest.raises(PatcherError, match="at least 1"):
         make_sweep([0, 2], [8], 5.0, 10, False)
+
+
+def test_front_ratios_pair_each_round_with_the_direct_run_before_it() -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "serving_front.py"
+    spec = importlib.util.spec_from_file_location("serving_front", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = {"patcher | grpc | direct | m | tensor | batch 1": [{"images_per_s": 100.0}, {"images_per_s": 200.0}],
+            "patcher | grpc | front | m | tensor | batch 1": [{"images_per_s": 50.0}, {"images_per_s": 180.0}],
+            "patcher | http | front | m | tensor | batch 1": [{"images_per_s": 1.0}]}  # no direct: no ratio
+    found = module.ratios(rows)
+    assert list(found) == ["patcher | grpc | front | m | tensor | batch 1"]
+    assert found["patcher | grpc | front | m | tensor | batch 1"] == {"median": 0.7, "min": 0.5, "max": 0.9,
+                                                                     "rounds": 2}
