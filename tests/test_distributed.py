@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-BUILD = ["build", "--task", "digits", "--support", "fashion-mnist", "--model", "patcher-tiny", "--pretrained",
+BUILD = ["build", "--task", "digits", "--support", "count-objects", "--model", "patcher-tiny", "--pretrained",
          "none", "--batch-size", "32", "--lr", "1e-4", "--warmup-steps", "2", "--alpha", "0.5"]
 
 
