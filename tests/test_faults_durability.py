@@ -80,7 +80,7 @@ def traced(arguments: list[str], trace: Path, cache: Path) -> subprocess.Complet
 
 def test_build_and_export_flush_before_they_rename(tiny_clip: Path, tmp_path: Path) -> None:
     run, cache = tmp_path / "run", tmp_path / "cache"
-    build = traced(["build", "--task", "digits", "--support", "fashion-mnist", "--model", f"local-dir:{tiny_clip}",
+    build = traced(["build", "--task", "digits", "--support", "count-objects", "--model", f"local-dir:{tiny_clip}",
                     "--pretrained", "none", "--steps", "4", "--batch-size", "16", "--warmup-steps", "1",
                     "--checkpoint-every", "2", "--data-mode", "stream", "--workers", "0", "--device", "cpu",
                     "--out", str(run)], tmp_path / "build.trace", cache)
