@@ -114,7 +114,7 @@ def monitored_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> 
 
     out = tmp_path_factory.mktemp("monitor") / "run"
     return build(BuildOptions(
-        task="digits", support=["fashion-mnist:2"], monitor=["printed-digits"], model=f"local-dir:{tiny_clip}",
+        task="digits", support=["count-objects:2"], monitor=["printed-digits"], model=f"local-dir:{tiny_clip}",
         pretrained=None, train_config=TrainConfig(steps=20, batch_size=32, lr=3e-4, warmup_steps=2,
                                                   checkpoint_every=10),
         device="cpu", out=out))
@@ -125,16 +125,16 @@ def test_monitored_tasks_are_measured_at_every_alpha_and_on_test(monitored_run: 
     run = load_run(monitored_run)
     manifest = run.manifest
     assert manifest.monitor_tasks == ["printed-digits"] and manifest.tasks["printed-digits"].role == "monitor"
-    assert manifest.support_tasks == ["fashion-mnist"] and manifest.alpha.tolerances == {"fashion-mnist": 2.0}
-    assert "fashion-mnist 2" in manifest.alpha.rule and "printed-digits" not in manifest.alpha.rule
-    tasks = {"digits", "fashion-mnist", "printed-digits"}
+    assert manifest.support_tasks == ["count-objects"] and manifest.alpha.tolerances == {"count-objects": 2.0}
+    assert "count-objects 2" in manifest.alpha.rule and "printed-digits" not in manifest.alpha.rule
+    tasks = {"digits", "count-objects", "printed-digits"}
     for point in manifest.alpha.curve:
         assert set(point.val_accuracy) == set(point.val_macro_f1) == set(point.val_worst_class_accuracy) == tasks
     for table in (manifest.test_accuracy, manifest.test_macro_f1, manifest.test_worst_class_accuracy):
         assert set(table) == {"zeroshot", "finetuned", "patched"} and all(set(row) == tasks for row in table.values())
     reference = manifest.alpha.zeroshot_val_accuracy
     chosen = next(p for p in manifest.alpha.curve if p.alpha == manifest.alpha.chosen)
-    assert chosen.val_accuracy["fashion-mnist"] >= reference["fashion-mnist"] - 2.0
+    assert chosen.val_accuracy["count-objects"] >= reference["count-objects"] - 2.0
 
 
 @pytest.mark.slow
@@ -158,7 +158,7 @@ def test_per_class_accuracy_is_written_and_agrees_with_the_manifest(monitored_ru
 def test_show_prints_every_task_with_its_metrics(monitored_run: Path) -> None:
     result = runner.invoke(app, ["show", str(monitored_run)])
     assert result.exit_code == 0, result.output
-    for task, role in (("digits", "patch"), ("fashion-mnist", "support"), ("printed-digits", "monitor")):
+    for task, role in (("digits", "patch"), ("count-objects", "support"), ("printed-digits", "monitor")):
         rows = [line for line in result.output.splitlines() if line.startswith(f"│ {task} ")]
         assert len(rows) == 2 and all(role in row for row in rows)  # top-1 table and macro-F1 / worst-class table
     assert "macro-F1 / worst-class" in result.output
