@@ -14,7 +14,7 @@ from patcher.benchmark.defaults import INT8_KIND
 from patcher.benchmark.flops import flops_per_image
 from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
 from patcher.benchmark.outensemble import export_outensemble, run_graphs
-from patcher.runs.manifest import Run, load_run
+from patcher.runs.manifest import Run
 from patcher.triton.repository.export_info import load_export
 
 
@@ -50,14 +50,11 @@ class RunContext:
         }
 
 
-def ensure_export(run: Run, int8: bool = False) -> Path:
-    """RUN/onnx, exported now if it is missing (with int8 variants if `int8`); PatcherError if it belongs to another
-    manifest."""
+def checked_export(run: Run) -> Path:
+    """RUN/onnx, checked to be this manifest's export; PatcherError if it is missing or belongs to another."""
     export_dir = run.path / "onnx"
     if not (export_dir / "export.json").is_file():
-        from patcher.stages.export import ExportOptions, export_run
-
-        export_dir = Path(export_run(run.path, ExportOptions(int8=int8)))
+        raise PatcherError(f"{run.path} has no export: run `patcher export {run.path}` first")
     info = load_export(export_dir)
     recorded = info.data.get("run", {}).get("manifest_sha256")
     if recorded != run.manifest_sha256:
@@ -68,11 +65,10 @@ def ensure_export(run: Run, int8: bool = False) -> Path:
     return export_dir
 
 
-def prepare_run(run_path: Path, workdir: Path, outensemble: bool = True, int8: bool = False) -> RunContext:
-    """Load and (if needed) export a run, build its graphs and the output-space ensemble ONNX in `workdir`; with
-    `int8`, the export's int8 patched graph too (`patcher export --int8`)."""
-    run = load_run(run_path)
-    export_dir = ensure_export(run, int8)
+def prepare_run(run: Run, workdir: Path, outensemble: bool = True, int8: bool = False) -> RunContext:
+    """An exported run's graphs and the output-space ensemble ONNX (in `workdir`); with `int8`, the export's int8
+    patched graph too (`patcher export --int8`)."""
+    export_dir = checked_export(run)
     info = load_export(export_dir)
     tasks = list(info.tasks)
     graphs = run_graphs(run, tasks)

@@ -380,21 +380,22 @@ def bench(
     """Throughput and latency of patched against zero-shot (and the alternatives), served by Triton."""
     from rich.console import Console
 
+    from patcher.benchmark.measure import BenchOptions
     from patcher.benchmark.report import COLUMNS, format_table, row_cells
-    from patcher.benchmark.runner import bench_run, bench_url
     from patcher.benchmark.sweep import SweepOptions
+    from patcher.stages.bench import ServingOptions, bench_run, bench_url
 
     sweep = SweepOptions(_int_list(concurrency), _int_list(batch_sizes), duration, max_requests, shared_memory)
-    common = {"sweep": sweep, "out_dir": out, "tolerate_failures": tolerate_failures, "name": name}
+    options = BenchOptions(sweep=sweep, out_dir=out, tolerate_failures=tolerate_failures, name=name)
     if (run is None) == (url is None):
         raise PatcherError("pass either a run directory or --url HOST:PORT with --models")
     if run is not None:
-        report = bench_run(run, include_int8=int8, **common)
+        report = bench_run(run, options, ServingOptions(include_int8=int8))
     else:
         model_list = comma_list(models)
         if not model_list:
             raise PatcherError("--url needs --models A,B (the served model names to compare)")
-        report = bench_url(url, model_list, key_file=key_file, **common)
+        report = bench_url(url, model_list, options, key_file=key_file)
     console = Console()
     table = format_table(report)
     if console.width >= WIDE_TABLE:

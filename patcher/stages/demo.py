@@ -96,11 +96,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         summary["serving"] = _serve_and_classify(export_dir, options)
         timings["serve_and_classify"] = time.perf_counter() - tick
     if options.bench:
-        from patcher.benchmark.runner import bench_run
+        from patcher.benchmark.measure import BenchOptions
+        from patcher.stages.bench import ServingOptions, bench_run
 
         tick = time.perf_counter()
-        report = bench_run(run_path, options.bench_sweep, out_dir=results_dir, name="demo-bench",
-                           include_image_bytes=False)
+        report = bench_run(run_path, BenchOptions(sweep=options.bench_sweep, out_dir=results_dir, name="demo-bench"),
+                           ServingOptions(include_image_bytes=False))
         summary["bench"] = {"targets": report["targets"], "report": str(results_dir / "demo-bench.md")}
         timings["bench"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
