@@ -7,11 +7,10 @@ from typing import Annotated
 
 import typer
 
-from patcher.cli.app import DataDir, HiddenName, Url, command, served_model
+from patcher.cli.app import DataDir, HiddenName, Url, served_model
 from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
 
 
-@command
 def deploy(
     repo: Annotated[str, typer.Argument(help="The repository: s3://BUCKET/PREFIX (s3://http://HOST:PORT/BUCKET/"
                                              "PREFIX), or a folder whose copy a claim holds (--pvc).")],
@@ -56,7 +55,6 @@ def deploy(
         typer.echo(f"  {number}. {step}")
 
 
-@command
 def verify(
     run: Annotated[Path, typer.Argument(help="The run directory the server is meant to serve.")],
     url: Url = "127.0.0.1:8001",

@@ -15,13 +15,12 @@ from patcher.benchmark.defaults import (
     DEFAULT_DURATION_S,
     DEFAULT_MAX_REQUESTS,
 )
-from patcher.cli.app import DataDir, HiddenName, Url, comma_list, command, grpc_address, served_model
+from patcher.cli.app import DataDir, HiddenName, Url, comma_list, grpc_address, served_model
 from patcher.export.openvocab import DEFAULT_LIMITS as LABEL_LIMITS
 from patcher.triton.imaging import DEFAULT_LIMITS
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY
 
 
-@command
 def export(
     run: Annotated[Path, typer.Argument(help="A run directory from `patcher build`.")],
     out: Annotated[Path | None, typer.Option(help="Export directory (default RUN/onnx).")] = None,
@@ -89,7 +88,6 @@ Repository = Annotated[str, typer.Option(help="Model repository: a folder, or s3
                                                    "(s3://http://HOST:PORT/BUCKET/PREFIX for other endpoints).")]
 
 
-@command
 def triton(
     run: Annotated[Path, typer.Argument(help="A run directory (its onnx/ export) or an export directory.")],
     repo: Annotated[str, typer.Option(help="Model repository to write into: a folder or s3://BUCKET/PREFIX "
@@ -163,7 +161,6 @@ def triton(
         typer.echo(f"  {model} ({entry['kind']}): versions {entry['versions']}")
 
 
-@command
 def serve(
     repo: Repository = str(REPOSITORY),
     models: Annotated[str, typer.Option(help="Comma-separated models to load (default all, and new ones).")] = "",
@@ -185,7 +182,6 @@ def serve(
                   key_file=key_file)
 
 
-@command
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, PPM).")],
     model: Annotated[str | None, typer.Option(help="Served entry (the ensemble, e.g. the patch task).")] = None,
@@ -303,7 +299,6 @@ def _classify_in_process(images: list[Path], run: Path, labels: list[str], templ
             for name, entry in zip(names, tasks, strict=True)]
 
 
-@command
 def embed(
     images: Annotated[list[Path] | None, typer.Argument(help="Image files (JPEG, PNG, PPM).")] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A prompt to embed (repeat for more).")] = None,
@@ -358,7 +353,6 @@ def _csv(values: tuple[int, ...]) -> str:
     return ",".join(str(v) for v in values)
 
 
-@command
 def bench(
     run: Annotated[Path | None, typer.Argument(help="A run directory (starts the bundled server itself).")] = None,
     url: Annotated[str | None, typer.Option(callback=grpc_address, help="Benchmark an already running server "
