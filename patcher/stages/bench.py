@@ -80,7 +80,8 @@ def ensure_export(run: Run, int8: bool = False) -> Path:
         from patcher.stages.export import ExportOptions, export_run
 
         export_run(run.path, ExportOptions(int8=int8))
-    return checked_export(run)
+    export_dir, _ = checked_export(run)
+    return export_dir
 
 
 def _repository(context: RunContext, repo: Path, sweep: Sweep, serving: ServingOptions, threads: int

@@ -10,7 +10,6 @@ where else (`patcher demo --results-dir bench/results` refreshes the committed f
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -79,16 +78,16 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     summary["run"] = {"path": str(run_path), "test_accuracy": run.manifest.test_accuracy,
                       "alpha": to_json(run.manifest.alpha), "timings_s": run.timings.get("timings_s")}
 
-    from patcher.export.contract import EXPORT_JSON
+    from patcher.export.contract import EXPORT_JSON, read_export_record
     from patcher.stages.export import ExportOptions, export_run
 
     tick = time.perf_counter()
     export_dir = export_run(run_path, ExportOptions(fp16=True))
     timings["export"] = time.perf_counter() - tick
-    export_record = json.loads((export_dir / EXPORT_JSON).read_text())
-    summary["export"] = {"models": export_record["models"],
+    export_record = read_export_record(export_dir / EXPORT_JSON)
+    summary["export"] = {"models": to_json(export_record.models),
                          "parity": {key: {k: report[k] for k in ("max_abs_diff", "top1_agreement", "passed")}
-                                    for key, report in export_record["parity"]["models"].items()}}
+                                    for key, report in export_record.parity["models"].items()}}
     console.print(f"exported: {export_dir}")
 
     if options.serve:
