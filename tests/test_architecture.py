@@ -34,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 TOP_LEVEL = {"__init__", "__main__", "__version__"}
 TORCH_FREE = ["patcher.base.records", "patcher.base.files", "patcher.base.staging", "patcher.base.tensorfile",
-              "patcher.runs.layout", "patcher.runs.manifest", "patcher.runs.weights", "patcher.runs.report",
+              "patcher.runs.layout", "patcher.runs.manifest", "patcher.runs.weights", "patcher.runs.summary",
               "patcher.runs.per_class",
               "patcher.training.config", "patcher.data.options", "patcher.export.contract",
               "patcher.export.parity", "patcher.export.tokenizer", "patcher.export.openvocab"]

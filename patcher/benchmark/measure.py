@@ -22,8 +22,8 @@ from patcher.benchmark.accuracy import accuracy_of, accuracy_record
 from patcher.benchmark.context import RunContext
 from patcher.benchmark.flops import matmul_peak
 from patcher.benchmark.inprocess import calibrate_threads
+from patcher.benchmark.latency_plot import latency_throughput_plot
 from patcher.benchmark.machine import load_average, machine_info
-from patcher.benchmark.plots import latency_throughput_plot
 from patcher.benchmark.report import write_report
 from patcher.benchmark.results import FORMAT, comparisons, targets
 from patcher.benchmark.sweep import Sweep, SweepOptions, inprocess_runners, run_sweep

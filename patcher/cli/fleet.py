@@ -73,7 +73,7 @@ def verify(
     error line if any task's accuracy differs from the manifest's (with --limit: the export's on the same images),
     the served classifier is not the run's, or a served file differs from what `patcher triton` published."""
     from patcher.base.progress import console
-    from patcher.benchmark.verify import VerifyOptions, verify_served
+    from patcher.benchmark.verify_served import VerifyOptions, verify_served
 
     options = VerifyOptions(served_model(model, name), tolerance, limit, batch_size, data_dir, export=export, repo=repo)
     with console.status(f"verifying {run} against {url}: classifying its held-out images through the entry"):

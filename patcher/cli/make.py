@@ -36,7 +36,7 @@ def print_run(path: Path) -> None:
     from rich.console import Console
 
     from patcher.runs.manifest import load_run
-    from patcher.runs.report import accuracy_table, alpha_lines, metrics_table
+    from patcher.runs.summary import accuracy_table, alpha_lines, metrics_table
 
     manifest = load_run(path).manifest
     console = Console()

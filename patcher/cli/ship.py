@@ -17,7 +17,7 @@ from patcher.benchmark.defaults import (
 )
 from patcher.cli.app import DataDir, HiddenName, Url, comma_list, grpc_address, served_model
 from patcher.export.openvocab import DEFAULT_LIMITS as LABEL_LIMITS
-from patcher.triton.imaging import DEFAULT_LIMITS
+from patcher.triton.imaging import DEFAULT_LIMITS as IMAGE_LIMITS
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY
 
 
@@ -110,13 +110,13 @@ def triton(
                                               "reports READY (model_warmup).")] = True,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 / int8 (exported with --fp16 / --int8).")] = "fp32",
     max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image the server takes, bytes.")] = (
-        DEFAULT_LIMITS["max_bytes"]),
+        IMAGE_LIMITS["max_bytes"]),
     max_image_pixels: Annotated[int, typer.Option(help="Most pixels (width x height), read from the header.")] = (
-        DEFAULT_LIMITS["max_pixels"]),
+        IMAGE_LIMITS["max_pixels"]),
     max_aspect_ratio: Annotated[float, typer.Option(help="Longest side / shortest side at most.")] = (
-        DEFAULT_LIMITS["max_aspect"]),
+        IMAGE_LIMITS["max_aspect"]),
     jpeg_draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced scale (2x the model's size).")] = (
-        DEFAULT_LIMITS["jpeg_draft"]),
+        IMAGE_LIMITS["jpeg_draft"]),
     max_labels: Annotated[int, typer.Option(help="Most labels in one open-vocabulary request.")] = (
         LABEL_LIMITS["max_labels"]),
     max_templates: Annotated[int, typer.Option(help="Most templates in one open-vocabulary request.")] = (
@@ -130,11 +130,11 @@ def triton(
     classify_instances: Annotated[int, typer.Option(help="Processes of the open-vocabulary model (0: --instances); "
                                                          "it takes no batches, each process has its own cache.")] = 0,
     max_request_bytes: Annotated[int, typer.Option(help="Most encoded bytes of all images of one request.")] = (
-        DEFAULT_LIMITS["max_request_bytes"]),
+        IMAGE_LIMITS["max_request_bytes"]),
     max_request_pixels: Annotated[int, typer.Option(help="Most pixels one request's images decode to.")] = (
-        DEFAULT_LIMITS["max_request_pixels"]),
+        IMAGE_LIMITS["max_request_pixels"]),
     max_server_pixels: Annotated[int, typer.Option(help="Most pixels the server decodes at once, all requests.")] = (
-        DEFAULT_LIMITS["max_server_pixels"]),
+        IMAGE_LIMITS["max_server_pixels"]),
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton.repository.configs import TensorRT
@@ -283,7 +283,7 @@ def _inline_templates(spec: str | None) -> list[str] | None:
 
 def _classify_in_process(images: list[Path], run: Path, labels: list[str], templates: str | None,
                          top_k: int) -> list[dict]:
-    from patcher.triton.local import LocalModel, label_set
+    from patcher.triton.onnxruntime_local import LocalModel, label_set
     from patcher.triton.openvocab_client import read_images
 
     local = LocalModel(run)
@@ -323,7 +323,7 @@ def embed(
     keys = [str(path) for path in images] if images else list(text or [])
     what = "file" if images else "text"
     if run is not None:
-        from patcher.triton.local import LocalModel
+        from patcher.triton.onnxruntime_local import LocalModel
         from patcher.triton.openvocab_client import read_images
 
         local = LocalModel(run)

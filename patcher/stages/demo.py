@@ -26,7 +26,7 @@ from patcher.benchmark.sweep import SweepOptions
 from patcher.data.options import DataOptions
 from patcher.models.reference import REFERENCE_DIR, REFERENCE_NAME, provenance
 from patcher.runs.manifest import Run, load_run
-from patcher.runs.report import accuracy_table, alpha_lines, markdown_table
+from patcher.runs.summary import accuracy_table, alpha_lines, markdown_table
 from patcher.stages.build import BuildOptions, build
 from patcher.training.config import TrainConfig
 

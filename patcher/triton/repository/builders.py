@@ -24,7 +24,7 @@ from patcher.triton.repository.configs import (
 )
 from patcher.triton.repository.entry import Entry, Model
 from patcher.triton.repository.export_info import ExportInfo, TensorSpec, onnx_io
-from patcher.triton.repository.openvocab import build_classify, build_embed, build_text
+from patcher.triton.repository.openvocab_models import build_classify, build_embed, build_text
 from patcher.triton.repository.pixels import PIXELS_INPUT, pixels_graph
 
 TEMPLATES = Path(__file__).parent / "templates"

@@ -29,7 +29,7 @@ from patcher.triton.imaging import decode_image, preprocess_image
 from patcher.triton.repository.builders import ModelPlan
 from patcher.triton.repository.configs import IMAGE_BYTES, NUMPY_TYPES, parameter
 from patcher.triton.repository.export_info import ExportInfo
-from patcher.triton.repository.openvocab import LABELS, TEMPLATE_INPUT, TEXT_INPUT
+from patcher.triton.repository.openvocab_models import LABELS, TEMPLATE_INPUT, TEXT_INPUT
 from patcher.triton.repository.pixels import PIXELS_INPUT
 
 WARMUP_DIR = "warmup"
@@ -140,7 +140,7 @@ def _elements(items: list[str]) -> bytes:
 def add_label_set_warmup(plan: ModelPlan, info: ExportInfo, sample: Sample, limits: dict | None = None) -> str | None:
     """Warm the label-set model on the sample image with its task's class names and templates, their head computed
     here and cached by the model as it starts; None when added, else why not."""
-    from patcher.triton.local import LocalModel  # onnxruntime: only where a classify model is written
+    from patcher.triton.onnxruntime_local import LocalModel  # onnxruntime: only where a classify model is written
 
     config = plan.config
     if int(parameter(config, "label_cache") or 0) < 1:

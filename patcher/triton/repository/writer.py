@@ -37,7 +37,7 @@ from patcher.triton.repository.configs import (
 )
 from patcher.triton.repository.entry import Entry, check_entry_name, check_repository_path
 from patcher.triton.repository.export_info import ExportInfo, load_export
-from patcher.triton.repository.openvocab import checked_limits
+from patcher.triton.repository.openvocab_models import checked_limits
 from patcher.triton.repository.provenance import stamp
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, stage_model
 from patcher.triton.repository.stores import Store, model_versions, open_store

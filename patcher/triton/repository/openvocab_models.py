@@ -36,15 +36,15 @@ TOKENIZER_FILE = "patcher_tokenizer.py"  # the names the python models import th
 OPENVOCAB_FILE = "patcher_openvocab.py"
 MAX_PROMPT_BYTES = label_sets.MAX_PROMPT_BYTES
 # What `patcher triton` takes for the open-vocabulary models (flags of the same names), checked by `checked_limits`
-DEFAULT_LIMITS: dict[str, Any] = {**label_sets.DEFAULT_LIMITS, "truncate_prompts": False, "classify_instances": 0}
+OPEN_VOCAB_LIMITS: dict[str, Any] = {**label_sets.DEFAULT_LIMITS, "truncate_prompts": False, "classify_instances": 0}
 
 
 def checked_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
     """The open-vocabulary limits with defaults filled in; PatcherError naming a bad one."""
-    merged = {**DEFAULT_LIMITS, **(limits or {})}
-    unknown = sorted(set(merged) - set(DEFAULT_LIMITS))
+    merged = {**OPEN_VOCAB_LIMITS, **(limits or {})}
+    unknown = sorted(set(merged) - set(OPEN_VOCAB_LIMITS))
     if unknown:
-        raise PatcherError(f"unknown open-vocabulary limit {unknown[0]!r}: use {', '.join(DEFAULT_LIMITS)}")
+        raise PatcherError(f"unknown open-vocabulary limit {unknown[0]!r}: use {', '.join(OPEN_VOCAB_LIMITS)}")
     for key in ("max_labels", "max_templates", "max_prompts"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise PatcherError(f"--{key.replace('_', '-')} must be at least 1, not {merged[key]!r}")
