@@ -192,10 +192,10 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patcher.benchmark.context import ensure_export
-    from patcher.benchmark.runner import distinct_free_ports
     from patcher.runs.manifest import load_run
+    from patcher.stages.bench import ensure_export
     from patcher.triton.repository.writer import write_repository
+    from patcher.triton.serving.ports import distinct_free_ports
     from patcher.triton.serving.server import TritonServer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -29,10 +29,10 @@ from typing import Any
 from patcher.base.errors import PatcherError
 from patcher.base.files import now_iso, write_json
 from patcher.benchmark import server_stats
+from patcher.benchmark.defaults import DEFAULT_MAX_QUEUE_DELAY_US
 from patcher.benchmark.loadgen import run_load, warm_up
 from patcher.benchmark.machine import load_average, machine_info
 from patcher.benchmark.results import result_row
-from patcher.benchmark.runner import DEFAULT_MAX_QUEUE_DELAY_US
 from patcher.benchmark.targets import inspect_target, payload
 
 VERSION = "2.51.0"
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    from patcher.benchmark.context import ensure_export
     from patcher.runs.manifest import load_run
+    from patcher.stages.bench import ensure_export
     from patcher.triton.repository.writer import write_repository
     from patcher.triton.serving.server import TritonServer
 

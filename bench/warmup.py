@@ -58,7 +58,7 @@ def request(model: str, export: Path) -> list[Any]:
         data = np.array([[sample.png]], dtype=np.object_)
         tensor = grpcclient.InferInput(IMAGE_BYTES, [1, 1], "BYTES")
     else:
-        shape = [1, *info.data["input"]["shape"][1:]]
+        shape = [1, *info.record.input.shape[1:]]
         data = np.frombuffer(input_bytes(sample, "image", "TYPE_FP32") or b"", np.float32).reshape(shape)
         tensor = grpcclient.InferInput("image", shape, "FP32")
     tensor.set_data_from_numpy(data)

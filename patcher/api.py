@@ -68,7 +68,7 @@ class Model:
     """A run's exported patched model in this process (onnxruntime, no server, no torch)."""
 
     def __init__(self, path: str | Path, kind: str = "patched") -> None:
-        from patcher.triton.local import LocalModel
+        from patcher.triton.onnxruntime_local import LocalModel
 
         self.local = LocalModel(Path(path), kind)
 
@@ -81,7 +81,7 @@ class Model:
                  templates: Sequence[str] | None = None, top_k: int = 3) -> list[dict[str, list[dict]]]:
         """Per image, the top-k {"label", "score"} of every task (or, with `labels`, of that label set: key
         "labels"); scores are logits, as the served models give them."""
-        from patcher.triton.local import label_set
+        from patcher.triton.onnxruntime_local import label_set
 
         blobs, names = encoded(images)
         if labels is None:

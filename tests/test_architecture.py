@@ -15,27 +15,26 @@ import patcher
 
 ROOT = Path(patcher.__file__).parent
 
-# part -> the parts it may import (besides itself). Records (runs/layout, runs/manifest, training/config,
-# data/options, export/contract) sit low enough that data, models and training may read them.
+# part -> the parts it may import (besides itself). runs/layout (file names) sits low enough that data, models and
+# training may read it; the records that cross process boundaries copy what they record rather than import it.
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
-    "runs": {"base", "data.options", "training.config"},
+    "runs": {"base"},
     "data": {"base", "runs.layout"},
     "models": {"base", "data", "runs.layout"},
     "training": {"base", "data", "models", "runs.layout"},
     "patching": {"base", "data", "models", "training", "runs"},
     "export": {"base", "data", "models", "runs"},
     "stages": {"base", "data", "models", "training", "patching", "runs", "export", "triton", "benchmark"},
-    "triton": {"base", "runs.layout", "runs.manifest", "export.contract", "export.tokenizer", "export.openvocab",
-               "data.options", "training.config"},
-    "benchmark": {"base", "data", "models", "runs", "export", "triton", "stages"},
+    "triton": {"base", "runs.layout", "runs.manifest", "export.contract", "export.tokenizer", "export.openvocab"},
+    "benchmark": {"base", "data", "models", "runs", "export", "triton"},
     "deploy": {"base", "triton"},
     "cli": {"base", "data", "models", "training", "patching", "runs", "export", "stages", "triton", "benchmark",
             "deploy"},
 }
 TOP_LEVEL = {"__init__", "__main__", "__version__"}
 TORCH_FREE = ["patcher.base.records", "patcher.base.files", "patcher.base.staging", "patcher.base.tensorfile",
-              "patcher.runs.layout", "patcher.runs.manifest", "patcher.runs.weights", "patcher.runs.report",
+              "patcher.runs.layout", "patcher.runs.manifest", "patcher.runs.weights", "patcher.runs.summary",
               "patcher.runs.per_class",
               "patcher.training.config", "patcher.data.options", "patcher.export.contract",
               "patcher.export.parity", "patcher.export.tokenizer", "patcher.export.openvocab"]
@@ -161,3 +160,18 @@ def test_the_static_check_sees_torch_behind_an_import() -> None:
 def test_the_repository_writer_does_not_reach_serving_or_the_client() -> None:
     modules, _ = reachable(["patcher.triton.repository.writer"])
     assert not [m for m in modules if m.startswith(("patcher.triton.serving", "patcher.triton.client"))]
+
+
+def test_the_manifest_copies_the_runtime_configs_it_records() -> None:
+    """TrainingRecord and DataRecord repeat TrainConfig's and DataOptions' fields (same names, order, defaults)
+    instead of inheriting them, so a new hyperparameter changes patcher-run/1 only where someone decides it should."""
+    from dataclasses import fields
+
+    from patcher.data.options import DataOptions
+    from patcher.runs.manifest import DataRecord, TrainingRecord
+    from patcher.training.config import TrainConfig
+
+    for runtime, record in ((TrainConfig, TrainingRecord), (DataOptions, DataRecord)):
+        assert not issubclass(record, runtime)
+        copied = [(f.name, f.default) for f in fields(record)][:len(fields(runtime))]
+        assert copied == [(f.name, f.default) for f in fields(runtime)], record.__name__

@@ -14,10 +14,11 @@ from triton_support import requires_bundled_triton
 from patcher.base.errors import PatcherError
 from patcher.benchmark import server_stats
 from patcher.benchmark.loadgen import LoadResult, latency_summary
+from patcher.benchmark.measure import BenchOptions
 from patcher.benchmark.report import format_table
 from patcher.benchmark.results import comparisons, targets
-from patcher.benchmark.runner import bench_run, bench_url
 from patcher.benchmark.sweep import Budget, SweepOptions, make_sweep, round_order
+from patcher.stages.bench import bench_run, bench_url
 from patcher.triton.serving.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def run_copy(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def report(run_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-results")
-    return bench_run(run_copy, SweepOptions(**SWEEP), out_dir=out, name="tiny-bench")
+    return bench_run(run_copy, BenchOptions(sweep=SweepOptions(**SWEEP), out_dir=out, name="tiny-bench"))
 
 
 def _check_counts(row: dict[str, Any], max_requests: int) -> None:
@@ -149,12 +150,12 @@ def server(run_copy: Path, report: dict[str, Any], tmp_path_factory: pytest.Temp
 def test_bench_url_with_shared_memory(server, tmp_path: Path) -> None:
     from patcher.triton.serving.access import write_key_file
 
-    arguments = {"out_dir": tmp_path, "sweep": SweepOptions(concurrency=[2], batch_sizes=[8], duration_s=0.4,
-                                                            max_requests=30, shared_memory=True)}
+    options = BenchOptions(out_dir=tmp_path, sweep=SweepOptions(concurrency=[2], batch_sizes=[8], duration_s=0.4,
+                                                                max_requests=30, shared_memory=True))
     with pytest.raises(PatcherError, match=r"refused system shared memory.*restricted.*--key-file"):
-        bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], **arguments)  # registering needs the key
+        bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], options)  # registering needs the key
     key_file = write_key_file(server.key, tmp_path / "keys" / "server.key.json", {"grpc": server.grpc_url}).path
-    result = bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], key_file=key_file, **arguments)
+    result = bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], options, key_file=key_file)
     assert result["run"] is None and result["server"]["started_here"] is False
     assert result["name"] == "digits_patched" and (tmp_path / "digits_patched.json").is_file()
     assert server.key.value not in (tmp_path / "digits_patched.json").read_text()  # the key stays out of reports
@@ -171,16 +172,19 @@ def test_bench_url_with_shared_memory(server, tmp_path: Path) -> None:
 @needs_server
 def test_bad_input_is_one_clear_line(server, tmp_path: Path) -> None:
     unreachable = f"127.0.0.1:{free_port()}"
+    def options(**sweep: Any) -> BenchOptions:
+        return BenchOptions(sweep=SweepOptions(**sweep), out_dir=tmp_path)
+
     cases = [
-        (lambda: bench_url(unreachable, ["digits_patched"], SweepOptions(duration_s=0.1), out_dir=tmp_path),
+        (lambda: bench_url(unreachable, ["digits_patched"], options(duration_s=0.1)),
          rf"no Triton server answers at {unreachable}"),
-        (lambda: bench_url(server.grpc_url, ["nope"], SweepOptions(duration_s=0.1), out_dir=tmp_path),
+        (lambda: bench_url(server.grpc_url, ["nope"], options(duration_s=0.1)),
          r"no ready model 'nope'.*digits_patched"),
-        (lambda: bench_url(server.grpc_url, ["digits_patched"], SweepOptions(batch_sizes=[1, 32]), out_dir=tmp_path),
+        (lambda: bench_url(server.grpc_url, ["digits_patched"], options(batch_sizes=[1, 32])),
          r"batch size 32 exceeds max_batch_size 8 of digits_patched.*--max-batch-size"),
-        (lambda: bench_url(server.grpc_url, ["digits_patched"], SweepOptions(concurrency=[]), out_dir=tmp_path),
+        (lambda: bench_url(server.grpc_url, ["digits_patched"], options(concurrency=[])),
          "at least one concurrency"),
-        (lambda: bench_run(tmp_path / "missing-run", out_dir=tmp_path), "not a directory"),
+        (lambda: bench_run(tmp_path / "missing-run", options()), "not a directory"),
     ]
     for call, message in cases:
         with pytest.raises(PatcherError, match=message) as error:
@@ -209,9 +213,9 @@ def test_bench_fails_with_one_error_line_when_requests_fail(server, tmp_path: Pa
     assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "requests failed" in errors[0] and "digits_zeroshot" in errors[0] and "not healthy" in errors[0]
     assert "--tolerate-failures" in errors[0] and not (tmp_path / "out").exists()  # no report of the failures
+    sweep = SweepOptions(concurrency=[1], batch_sizes=[1], duration_s=0.3, max_requests=20)
     tolerated = bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"],
-                          SweepOptions(concurrency=[1], batch_sizes=[1], duration_s=0.3, max_requests=20),
-                          out_dir=tmp_path / "kept", tolerate_failures=True)
+                          BenchOptions(sweep=sweep, out_dir=tmp_path / "kept", tolerate_failures=True))
     requests = {row["model"]: row["requests"] for row in tolerated["results"]}
     assert requests["digits_zeroshot"]["failed"] == requests["digits_zeroshot"]["sent"] > 0
     assert requests["digits_patched"]["failed"] == 0 < requests["digits_patched"]["succeeded"]

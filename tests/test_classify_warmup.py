@@ -11,7 +11,7 @@ import pytest
 
 from patcher.base.errors import PatcherError
 from patcher.export.openvocab import check_label_set
-from patcher.triton.local import LocalModel
+from patcher.triton.onnxruntime_local import LocalModel
 from patcher.triton.openvocab_client import classify_labels
 from patcher.triton.repository.configs import read_config
 from patcher.triton.repository.warmup import WARM_HEAD_FILE, WARMUP_DIR

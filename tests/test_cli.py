@@ -42,10 +42,9 @@ def test_the_served_entry_is_model_everywhere(command: str) -> None:
 
 
 def test_name_and_model_must_agree(tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "patcher", "verify", str(tmp_path), "--model", "a", "--name", "b"],
-                            capture_output=True, text=True, timeout=120)
+    result = runner.invoke(app, ["verify", str(tmp_path), "--model", "a", "--name", "b"])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "pass --model only" in errors[0], result.stderr
+    assert result.exit_code == 2 and len(errors) == 1 and "pass --model only" in errors[0], result.stderr
 
 
 @pytest.mark.parametrize(("given", "expected"), [("http://10.0.0.5:8001", "10.0.0.5:8001"),

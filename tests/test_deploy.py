@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from s3_support import BUCKET, s3_server
+from typer.testing import CliRunner
 
 from patcher.base.errors import PatcherError
+from patcher.cli import app
 from patcher.deploy.manifests import manifests, write_manifests
 from patcher.deploy.options import DeployOptions
 from patcher.triton.repository.objectstore import ObjectStore
@@ -110,10 +110,9 @@ def test_bad_input_is_one_error_line(tmp_path: Path) -> None:
     for arguments, message in [([str(EXAMPLE)], "is a local folder: pods cannot read it"),
                                ([str(EXAMPLE), "--pvc", "Models"], "is not a Kubernetes name"),
                                ([str(tmp_path / "none"), "--pvc", "m"], "does not exist")]:
-        done = subprocess.run([sys.executable, "-m", "patcher", "deploy", *arguments, "--kubernetes",
-                               str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        done = CliRunner().invoke(app, ["deploy", *arguments, "--kubernetes", str(tmp_path / "out")])
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        assert done.returncode == 2 and len(errors) == 1 and message in errors[0], done.stderr
+        assert done.exit_code == 2 and len(errors) == 1 and message in errors[0], done.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -4,8 +4,6 @@ printed, and hostile inputs (issue 30 row 7) are refused or written inert: the m
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -78,18 +76,16 @@ def test_hostile_image_names_and_tags_are_one_error_line(tmp_path: Path) -> None
     for arguments, message in [(["--tag", "24.10-py3\nRUN curl http://evil"], "is not an image tag"),
                                (["--image", "nvcr.io/nvidia/tritonserver\nRUN x"], "is not an image name"),
                                (["--serving-image", "Bad Image:1"], "is not an image reference")]:
-        done = subprocess.run([sys.executable, "-m", "patcher", "deploy", str(EXAMPLE), "--pvc", "models",
-                               "--kubernetes", str(tmp_path / "out"), *arguments],
-                              capture_output=True, text=True, timeout=120)
+        done = runner.invoke(app, ["deploy", str(EXAMPLE), "--pvc", "models", "--kubernetes", str(tmp_path / "out"),
+                                   *arguments])
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        assert done.returncode == 2 and len(errors) == 1 and message in errors[0], done.stderr
+        assert done.exit_code == 2 and len(errors) == 1 and message in errors[0], done.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_an_object_store_prefix_cannot_climb_out(tmp_path: Path) -> None:
     for repo in ("s3://models/prod/..", "s3://models/../other", "s3://http://127.0.0.1:9/models/./x"):
-        done = subprocess.run([sys.executable, "-m", "patcher", "deploy", repo, "--kubernetes", str(tmp_path / "o")],
-                              capture_output=True, text=True, timeout=120)
+        done = runner.invoke(app, ["deploy", repo, "--kubernetes", str(tmp_path / "o")])
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        assert done.returncode == 2 and len(errors) == 1 and "would write keys outside it" in errors[0], done.stderr
+        assert done.exit_code == 2 and len(errors) == 1 and "would write keys outside it" in errors[0], done.stderr
     assert not (tmp_path / "o").exists()

@@ -114,3 +114,22 @@ def test_the_readme_fits_and_keeps_its_quickstart() -> None:
     quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     assert "    bash scripts/demo.sh " in quickstart
     assert "    .venv/bin/ruff check patcher tests bench && .venv/bin/python -m pytest -q -n 2 " in quickstart
+
+
+SOURCE_PATH = re.compile(r"(?<![\w./-])((?:[a-z_]+/)+[\w*]+\.py|(?:[a-z_]+/)+)(?![\w/])")
+
+
+def architecture_paths() -> list[str]:
+    """Every module or package path docs/architecture.md names (`stages/bench.py`, `triton/repository/`)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    return sorted({match for match in SOURCE_PATH.findall(text) if not match.startswith(("http", "www"))})
+
+
+def test_every_path_the_architecture_names_exists() -> None:
+    """The walks and package lists of docs/architecture.md match the tree: a path is under the root, patcher/, or
+    (named inside its package's entry, as `repository/writer.py` under triton/) a package of patcher/."""
+    paths = architecture_paths()
+    assert "stages/bench.py" in paths and "triton/repository/writer.py" in paths
+    missing = [path for path in paths
+               if not any(any(ROOT.glob(pattern + path.rstrip("/"))) for pattern in ("", "patcher/", "patcher/**/"))]
+    assert missing == []

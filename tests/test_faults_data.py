@@ -155,3 +155,20 @@ def test_the_cli_says_one_line_exits_2_and_writes_nothing(tmp_path: Path) -> Non
     data = json.loads((runs / "r" / "manifest.json").read_text())["training"]["data"]
     assert data["skip_bad_images"] is True
     assert [path for path, _ in data["skipped_bad_images"][str(root / "train")]] == [str(bad)]
+
+
+def test_the_check_cache_keeps_only_the_most_recent_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived process checking dataset after dataset holds at most CACHED_FILES results."""
+    from patcher.data.tasks import checks
+
+    monkeypatch.setattr(checks, "CACHED_FILES", 3)
+    monkeypatch.setattr(checks, "_cache", type(checks._cache)())
+    paths = []
+    for number in range(5):
+        path = tmp_path / f"{number}.png"
+        Image.new("RGB", (4, 4)).save(path)
+        paths.append(str(path))
+    path.write_bytes(b"not an image")
+    assert [p for p, _ in find_bad_images(paths)] == [paths[-1]]
+    assert list(checks._cache) == paths[2:]
+    assert [p for p, _ in find_bad_images(paths[-1:])] == [paths[-1]]  # still refused, from the cache

@@ -29,7 +29,7 @@ from triton_support import requires_bundled_triton
 from patcher.base.errors import PatcherError
 from patcher.data.tasks import get_task
 from patcher.triton.client import classify_files
-from patcher.triton.local import LocalModel
+from patcher.triton.onnxruntime_local import LocalModel
 from patcher.triton.openvocab_client import classify_labels, embed_files, embed_texts, served_templates
 from patcher.triton.repository.configs import read_config
 from patcher.triton.repository.writer import write_repository

@@ -22,7 +22,7 @@ from patcher.models import build_from_config, load_clip
 from patcher.models.state import split_classifier_state
 from patcher.runs.manifest import load_run
 from patcher.stages.export import ExportOptions, export_run
-from patcher.triton.local import LocalModel
+from patcher.triton.onnxruntime_local import LocalModel
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ from patcher.benchmark.defaults import INT8_KIND
 from patcher.benchmark.flops import flops_per_image
 from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
 from patcher.benchmark.outensemble import export_outensemble, run_graphs
-from patcher.runs.manifest import Run, load_run
-from patcher.triton.repository.export_info import load_export
+from patcher.export.contract import EXPORT_JSON, ExportRecord, read_export_record, verified_model_file
+from patcher.runs.manifest import Run
 
 
 @dataclass
@@ -24,7 +23,7 @@ class RunContext:
 
     run: Run
     export_dir: Path
-    export: dict[str, Any]
+    export: ExportRecord
     onnx: dict[str, Path]
     graphs: dict[str, nn.Module]
     flops: dict[str, int]
@@ -33,7 +32,7 @@ class RunContext:
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) the graphs take."""
-        height, width = self.export["preprocess"]["image_size"]
+        height, width = self.export.preprocess.image_size
         return int(height), int(width)
 
     def record(self) -> dict[str, Any]:
@@ -45,47 +44,40 @@ class RunContext:
             "alpha": self.run.manifest.alpha.chosen,
             "model": self.run.manifest.model.name,
             "patch_task": self.run.manifest.patch_tasks[0],
-            "export": {"dir": str(self.export_dir), "opset": self.export.get("opset"),
-                       "optimize": self.export.get("options", {}).get("optimize")},
+            "export": {"dir": str(self.export_dir), "opset": self.export.opset,
+                       "optimize": self.export.options.optimize},
         }
 
 
-def ensure_export(run: Run, int8: bool = False) -> Path:
-    """RUN/onnx, exported now if it is missing (with int8 variants if `int8`); PatcherError if it belongs to another
-    manifest."""
+def checked_export(run: Run) -> tuple[Path, ExportRecord]:
+    """RUN/onnx and its record, checked to be this manifest's export; PatcherError if it is missing or belongs to
+    another."""
     export_dir = run.path / "onnx"
-    if not (export_dir / "export.json").is_file():
-        from patcher.stages.export import ExportOptions, export_run
-
-        export_dir = Path(export_run(run.path, ExportOptions(int8=int8)))
-    info = load_export(export_dir)
-    recorded = info.data.get("run", {}).get("manifest_sha256")
-    if recorded != run.manifest_sha256:
+    if not (export_dir / EXPORT_JSON).is_file():
+        raise PatcherError(f"{run.path} has no export: run `patcher export {run.path}` first")
+    record = read_export_record(export_dir / EXPORT_JSON)
+    if record.run.manifest_sha256 != run.manifest_sha256:
         raise PatcherError(
             f"{export_dir} was exported from another manifest of {run.name}: re-run `patcher export {run.path} "
             "--overwrite` first"
         )
-    return export_dir
+    return export_dir, record
 
 
-def prepare_run(run_path: Path, workdir: Path, outensemble: bool = True, int8: bool = False) -> RunContext:
-    """Load and (if needed) export a run, build its graphs and the output-space ensemble ONNX in `workdir`; with
-    `int8`, the export's int8 patched graph too (`patcher export --int8`)."""
-    run = load_run(run_path)
-    export_dir = ensure_export(run, int8)
-    info = load_export(export_dir)
-    tasks = list(info.tasks)
-    graphs = run_graphs(run, tasks)
-    onnx = {kind: info.model_file(kind) for kind in ("patched", "zeroshot")}
+def prepare_run(run: Run, workdir: Path, outensemble: bool = True, int8: bool = False) -> RunContext:
+    """An exported run's graphs and the output-space ensemble ONNX (in `workdir`); with `int8`, the export's int8
+    patched graph too (`patcher export --int8`)."""
+    export_dir, record = checked_export(run)
+    graphs = run_graphs(run, list(record.tasks))
+    onnx = {kind: verified_model_file(export_dir, record, kind) for kind in ("patched", "zeroshot")}
     if outensemble:
-        onnx[OUTENSEMBLE] = export_outensemble(graphs[OUTENSEMBLE], info.data, Path(workdir) / "outensemble.onnx")  # type: ignore[arg-type]
+        onnx[OUTENSEMBLE] = export_outensemble(graphs[OUTENSEMBLE], record, Path(workdir) / "outensemble.onnx")  # type: ignore[arg-type]
     else:
         graphs.pop(OUTENSEMBLE)
-    patch = run.manifest.patch_tasks[0]
-    output = info.tasks[patch]["output"]
-    height, width = info.preprocess["image_size"]
+    output = record.tasks[run.manifest.patch_tasks[0]].output
+    height, width = record.preprocess.image_size
     flops = {kind: flops_per_image(graph, (int(height), int(width))) for kind, graph in graphs.items()}
     if int8:
-        onnx[INT8_KIND] = info.model_file("patched", "int8")  # PatcherError naming `patcher export --int8`
+        onnx[INT8_KIND] = verified_model_file(export_dir, record, "patched", "int8")  # names `patcher export --int8`
         flops[INT8_KIND] = flops["patched"]  # the same operations, on int8 weights
-    return RunContext(run, export_dir, json.loads(json.dumps(info.data)), onnx, graphs, flops, output)
+    return RunContext(run, export_dir, record, onnx, graphs, flops, output)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patcher.base.errors import PatcherError
+from patcher.export.contract import ExportRecord
 from patcher.export.graph import ExportGraph, load_graph
 from patcher.export.trace import export_onnx, save_onnx
 from patcher.export.variants import optimize_onnx
@@ -64,13 +65,12 @@ def run_graphs(run: Run, tasks: list[str]) -> dict[str, nn.Module]:
     return graphs
 
 
-def export_outensemble(graph: OutputEnsembleGraph, export: dict[str, Any], path: Path) -> Path:
+def export_outensemble(graph: OutputEnsembleGraph, export: ExportRecord, path: Path) -> Path:
     """Write the ensemble graph to ONNX the way `patcher export` wrote the run's classifiers (opset, optimisation)."""
-    height, width = export["preprocess"]["image_size"]
-    opset = int(export.get("opset", 17))
+    height, width = export.preprocess.image_size
     traced = path.with_name(f".{path.name}.traced")
-    model = export_onnx(graph, traced, (int(height), int(width)), opset)  # type: ignore[arg-type]
-    if export.get("options", {}).get("optimize"):
+    model = export_onnx(graph, traced, (int(height), int(width)), export.opset)  # type: ignore[arg-type]
+    if export.options.optimize:
         save_onnx(model, traced)
         optimize_onnx(traced, path)
     else:

@@ -1,4 +1,4 @@
-"""The typer application every command registers on, the options several commands share, and the entry point."""
+"""The options several commands share, the one error path, a bare typer application, and the entry point."""
 
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from patcher.base.errors import PatcherError, as_os_error, from_os_error
-
-app = typer.Typer(
-    help="Patch one task of a CLIP model without breaking the others, export it to ONNX, serve it with Triton.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,  # click's plain help: wraps descriptions and never cuts an option name, at any width
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-)
 
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Download = Annotated[bool, typer.Option(help="Download missing datasets (needs network).")]
@@ -61,10 +52,23 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print patcher's version and exit.")] = False) -> None:
     """Patch one task of a CLIP model without breaking the others, export it to ONNX, serve it with Triton."""
+
+
+def new_app() -> typer.Typer:
+    """The typer application with no commands yet: `patcher --version`, help settings (cli/commands.py adds them)."""
+    app = typer.Typer(
+        help=_root.__doc__,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        rich_markup_mode=None,  # click's plain help: wraps descriptions and never cuts an option name, at any width
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+    )
+    app.callback()(_root)
+    return app
 
 
 def expected_error(error: BaseException) -> PatcherError | None:
@@ -81,8 +85,8 @@ def report(error: PatcherError) -> None:
     typer.echo(f"error: {' '.join(str(error).split())}", err=True)
 
 
-def command(function: F) -> F:
-    """Register a command whose expected failures (`expected_error`) become one `error:` line and exit code 2."""
+def one_error_line(function: F) -> F:
+    """A command whose expected failures (`expected_error`) become one `error:` line and exit code 2."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -95,8 +99,7 @@ def command(function: F) -> F:
             report(expected)
             raise typer.Exit(expected.exit_code) from None
 
-    app.command()(wrapper)
-    return function
+    return wrapper  # type: ignore[return-value]
 
 
 def comma_list(text: str) -> list[str]:
@@ -109,9 +112,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write fails with EFBIG (reported) instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    import patcher.cli.fleet
-    import patcher.cli.make
-    import patcher.cli.ship  # noqa: F401
+    from patcher.cli import app
 
     try:
         app()

@@ -7,11 +7,10 @@ from typing import Annotated
 
 import typer
 
-from patcher.cli.app import DataDir, HiddenName, Url, command, served_model
+from patcher.cli.app import DataDir, HiddenName, Url, served_model
 from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
 
 
-@command
 def deploy(
     repo: Annotated[str, typer.Argument(help="The repository: s3://BUCKET/PREFIX (s3://http://HOST:PORT/BUCKET/"
                                              "PREFIX), or a folder whose copy a claim holds (--pvc).")],
@@ -56,7 +55,6 @@ def deploy(
         typer.echo(f"  {number}. {step}")
 
 
-@command
 def verify(
     run: Annotated[Path, typer.Argument(help="The run directory the server is meant to serve.")],
     url: Url = "127.0.0.1:8001",
@@ -75,7 +73,7 @@ def verify(
     error line if any task's accuracy differs from the manifest's (with --limit: the export's on the same images),
     the served classifier is not the run's, or a served file differs from what `patcher triton` published."""
     from patcher.base.progress import console
-    from patcher.benchmark.verify import VerifyOptions, verify_served
+    from patcher.benchmark.verify_served import VerifyOptions, verify_served
 
     options = VerifyOptions(served_model(model, name), tolerance, limit, batch_size, data_dir, export=export, repo=repo)
     with console.status(f"verifying {run} against {url}: classifying its held-out images through the entry"):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from patcher.base.errors import PatcherError
-from patcher.cli.app import DataDir, Device, Download, comma_list, command
+from patcher.cli.app import DataDir, Device, Download, comma_list
 
 if TYPE_CHECKING:
     from patcher.patching.merge_search import MergeSpec
@@ -36,7 +36,7 @@ def print_run(path: Path) -> None:
     from rich.console import Console
 
     from patcher.runs.manifest import load_run
-    from patcher.runs.report import accuracy_table, alpha_lines, metrics_table
+    from patcher.runs.summary import accuracy_table, alpha_lines, metrics_table
 
     manifest = load_run(path).manifest
     console = Console()
@@ -48,7 +48,6 @@ def print_run(path: Path) -> None:
         console.print(line)
 
 
-@command
 def build(
     task: Annotated[str, typer.Option(
         help="Task(s) to patch, comma-separated (see `patcher tasks`), or your own data: folder:DIR, csv:DIR, "
@@ -186,7 +185,6 @@ def _key_value(item: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-@command
 def merge(
     runs: Annotated[list[Path], typer.Argument(help="Run directories to combine (one base model and architecture).")],
     out: Annotated[Path, typer.Option(help="Directory for the merged run.")],
@@ -246,7 +244,6 @@ def merge_spec(method: str, param: list[str] | None, min_retained: float | None,
     return spec
 
 
-@command
 def merge_methods() -> None:
     """The registered merge methods: parameters and grids, reference, and the data each needs."""
     from patcher.patching.merge_methods import METHODS
@@ -262,7 +259,6 @@ def merge_methods() -> None:
 REFERENCE_DEFAULT = "default: the reference model's"
 
 
-@command
 def pretrain(
     model: Annotated[str, typer.Option(help="open_clip config to train from scratch.")] = "patcher-base",
     steps: Annotated[int | None, typer.Option(help=f"Training steps ({REFERENCE_DEFAULT}).")] = None,
@@ -316,7 +312,6 @@ def pretrain(
         typer.echo(f"shipped as patcher-reference: {ship_reference(path)} (commit it)")
 
 
-@command
 def show(run: Annotated[Path, typer.Argument(help="A run directory, or patcher-reference.")]) -> None:
     """Print a run's summary table, or the shipped reference model's provenance."""
     from patcher.models.reference import REFERENCE_NAME
@@ -330,7 +325,6 @@ def show(run: Annotated[Path, typer.Argument(help="A run directory, or patcher-r
     print_run(run)
 
 
-@command
 def demo(
     serve: Annotated[bool, typer.Option(help="Serve with Triton and classify over gRPC.")] = True,
     bench: Annotated[bool, typer.Option(help="Benchmark patched against zero-shot.")] = True,
@@ -345,7 +339,6 @@ def demo(
     typer.echo(f"demo finished in {summary['timings_s']['total']:.0f} s; results in {summary['results']}")
 
 
-@command
 def tasks(
     suite: Annotated[str | None, typer.Option(help="Only this suite's tasks (mini-8, ...).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list instead of the table.")] = False,
@@ -377,7 +370,6 @@ def tasks(
     Console().print(table)
 
 
-@command
 def models(pretrained: Annotated[bool, typer.Option(help="Also list pretrained tags.")] = False) -> None:
     """List open_clip model names (and their pretrained tags)."""
     from patcher.models.loading import open_clip

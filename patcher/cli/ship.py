@@ -15,13 +15,12 @@ from patcher.benchmark.defaults import (
     DEFAULT_DURATION_S,
     DEFAULT_MAX_REQUESTS,
 )
-from patcher.cli.app import DataDir, HiddenName, Url, comma_list, command, grpc_address, served_model
+from patcher.cli.app import DataDir, HiddenName, Url, comma_list, grpc_address, served_model
 from patcher.export.openvocab import DEFAULT_LIMITS as LABEL_LIMITS
-from patcher.triton.imaging import DEFAULT_LIMITS
+from patcher.triton.imaging import DEFAULT_LIMITS as IMAGE_LIMITS
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY
 
 
-@command
 def export(
     run: Annotated[Path, typer.Argument(help="A run directory from `patcher build`.")],
     out: Annotated[Path | None, typer.Option(help="Export directory (default RUN/onnx).")] = None,
@@ -89,7 +88,6 @@ Repository = Annotated[str, typer.Option(help="Model repository: a folder, or s3
                                                    "(s3://http://HOST:PORT/BUCKET/PREFIX for other endpoints).")]
 
 
-@command
 def triton(
     run: Annotated[Path, typer.Argument(help="A run directory (its onnx/ export) or an export directory.")],
     repo: Annotated[str, typer.Option(help="Model repository to write into: a folder or s3://BUCKET/PREFIX "
@@ -112,13 +110,13 @@ def triton(
                                               "reports READY (model_warmup).")] = True,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 / int8 (exported with --fp16 / --int8).")] = "fp32",
     max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image the server takes, bytes.")] = (
-        DEFAULT_LIMITS["max_bytes"]),
+        IMAGE_LIMITS["max_bytes"]),
     max_image_pixels: Annotated[int, typer.Option(help="Most pixels (width x height), read from the header.")] = (
-        DEFAULT_LIMITS["max_pixels"]),
+        IMAGE_LIMITS["max_pixels"]),
     max_aspect_ratio: Annotated[float, typer.Option(help="Longest side / shortest side at most.")] = (
-        DEFAULT_LIMITS["max_aspect"]),
+        IMAGE_LIMITS["max_aspect"]),
     jpeg_draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced scale (2x the model's size).")] = (
-        DEFAULT_LIMITS["jpeg_draft"]),
+        IMAGE_LIMITS["jpeg_draft"]),
     max_labels: Annotated[int, typer.Option(help="Most labels in one open-vocabulary request.")] = (
         LABEL_LIMITS["max_labels"]),
     max_templates: Annotated[int, typer.Option(help="Most templates in one open-vocabulary request.")] = (
@@ -132,11 +130,11 @@ def triton(
     classify_instances: Annotated[int, typer.Option(help="Processes of the open-vocabulary model (0: --instances); "
                                                          "it takes no batches, each process has its own cache.")] = 0,
     max_request_bytes: Annotated[int, typer.Option(help="Most encoded bytes of all images of one request.")] = (
-        DEFAULT_LIMITS["max_request_bytes"]),
+        IMAGE_LIMITS["max_request_bytes"]),
     max_request_pixels: Annotated[int, typer.Option(help="Most pixels one request's images decode to.")] = (
-        DEFAULT_LIMITS["max_request_pixels"]),
+        IMAGE_LIMITS["max_request_pixels"]),
     max_server_pixels: Annotated[int, typer.Option(help="Most pixels the server decodes at once, all requests.")] = (
-        DEFAULT_LIMITS["max_server_pixels"]),
+        IMAGE_LIMITS["max_server_pixels"]),
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton.repository.configs import TensorRT
@@ -163,7 +161,6 @@ def triton(
         typer.echo(f"  {model} ({entry['kind']}): versions {entry['versions']}")
 
 
-@command
 def serve(
     repo: Repository = str(REPOSITORY),
     models: Annotated[str, typer.Option(help="Comma-separated models to load (default all, and new ones).")] = "",
@@ -185,7 +182,6 @@ def serve(
                   key_file=key_file)
 
 
-@command
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, PPM).")],
     model: Annotated[str | None, typer.Option(help="Served entry (the ensemble, e.g. the patch task).")] = None,
@@ -287,7 +283,7 @@ def _inline_templates(spec: str | None) -> list[str] | None:
 
 def _classify_in_process(images: list[Path], run: Path, labels: list[str], templates: str | None,
                          top_k: int) -> list[dict]:
-    from patcher.triton.local import LocalModel, label_set
+    from patcher.triton.onnxruntime_local import LocalModel, label_set
     from patcher.triton.openvocab_client import read_images
 
     local = LocalModel(run)
@@ -303,7 +299,6 @@ def _classify_in_process(images: list[Path], run: Path, labels: list[str], templ
             for name, entry in zip(names, tasks, strict=True)]
 
 
-@command
 def embed(
     images: Annotated[list[Path] | None, typer.Argument(help="Image files (JPEG, PNG, PPM).")] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A prompt to embed (repeat for more).")] = None,
@@ -328,7 +323,7 @@ def embed(
     keys = [str(path) for path in images] if images else list(text or [])
     what = "file" if images else "text"
     if run is not None:
-        from patcher.triton.local import LocalModel
+        from patcher.triton.onnxruntime_local import LocalModel
         from patcher.triton.openvocab_client import read_images
 
         local = LocalModel(run)
@@ -358,7 +353,6 @@ def _csv(values: tuple[int, ...]) -> str:
     return ",".join(str(v) for v in values)
 
 
-@command
 def bench(
     run: Annotated[Path | None, typer.Argument(help="A run directory (starts the bundled server itself).")] = None,
     url: Annotated[str | None, typer.Option(callback=grpc_address, help="Benchmark an already running server "
@@ -380,21 +374,22 @@ def bench(
     """Throughput and latency of patched against zero-shot (and the alternatives), served by Triton."""
     from rich.console import Console
 
+    from patcher.benchmark.measure import BenchOptions
     from patcher.benchmark.report import COLUMNS, format_table, row_cells
-    from patcher.benchmark.runner import bench_run, bench_url
     from patcher.benchmark.sweep import SweepOptions
+    from patcher.stages.bench import ServingOptions, bench_run, bench_url
 
     sweep = SweepOptions(_int_list(concurrency), _int_list(batch_sizes), duration, max_requests, shared_memory)
-    common = {"sweep": sweep, "out_dir": out, "tolerate_failures": tolerate_failures, "name": name}
+    options = BenchOptions(sweep=sweep, out_dir=out, tolerate_failures=tolerate_failures, name=name)
     if (run is None) == (url is None):
         raise PatcherError("pass either a run directory or --url HOST:PORT with --models")
     if run is not None:
-        report = bench_run(run, include_int8=int8, **common)
+        report = bench_run(run, options, ServingOptions(include_int8=int8))
     else:
         model_list = comma_list(models)
         if not model_list:
             raise PatcherError("--url needs --models A,B (the served model names to compare)")
-        report = bench_url(url, model_list, key_file=key_file, **common)
+        report = bench_url(url, model_list, options, key_file=key_file)
     console = Console()
     table = format_table(report)
     if console.width >= WIDE_TABLE:

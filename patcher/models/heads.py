@@ -33,8 +33,6 @@ from patcher.models.state import (
     project_head,
 )
 
-open_clip = import_open_clip()
-
 
 def head_key(weights_sha256: str, classnames: list[str], templates: list[str]) -> str:
     """Cache key: the model's weights digest and the exact prompts."""
@@ -53,6 +51,7 @@ class _HeadBuilder(nn.Module):
         self.device = device
 
     def forward(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
+        open_clip = import_open_clip()  # imported (with torchvision's ops) when a head is built, not at import
         weights = open_clip.build_zero_shot_classifier(self.model, self.tokenizer, classnames, templates,
                                                        num_classes_per_batch=32, device=self.device)
         return weights * self.model.logit_scale.exp()

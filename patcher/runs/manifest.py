@@ -21,10 +21,8 @@ from patcher.base.errors import PatcherError
 from patcher.base.files import FileRecord, read_json_record, sha256_file, write_json
 from patcher.base.records import OMIT_NONE, RecordError, from_json, to_json
 from patcher.base.staging import FINGERPRINT
-from patcher.data.options import DataOptions
 from patcher.runs.layout import CHECKPOINTS, MANIFEST, REPORTS, TIMINGS
 from patcher.runs.merge_record import MergeRecord
-from patcher.training.config import TrainConfig
 
 RUN_FORMAT = "patcher-run/1"
 TIMINGS_FORMAT = "patcher-timings/1"
@@ -197,9 +195,16 @@ class TextTower:
 
 
 @dataclass(frozen=True)
-class DataRecord(DataOptions):
-    """How the data was read, and the files left out."""
+class DataRecord:
+    """How the data was read (`DataOptions`' fields, copied: the format changes only here), and the files left
+    out."""
 
+    workers: int | None = None
+    augment: bool = True
+    mode: str = "auto"
+    memory_limit_mb: int = 64
+    cache_dir: Path | None = None
+    skip_bad_images: bool = False
     skipped_bad_images: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
@@ -221,9 +226,24 @@ def heldout_evaluations(train_log: Path) -> list[HeldoutEvaluation]:
 
 
 @dataclass(frozen=True)
-class TrainingRecord(TrainConfig):
-    """The main stage's hyperparameters, then how and where training ran."""
+class TrainingRecord:
+    """The main stage's hyperparameters (`TrainConfig`'s fields, copied: the format changes only here), then how and
+    where training ran."""
 
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    accum_steps: int = 1
+    grad_checkpointing: bool = False
+    shots: int | None = None
+    eval_every: int = 0
+    report_to: tuple[str, ...] = ()
     epochs: float | None = None
     device: str = "cpu"
     precision: str = "fp32"

@@ -231,13 +231,11 @@ class Build:
         self.checked = check_options(options)
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
-        self.device = "cpu"
-        self.train_log: Path | None = None  # train.log in the staging directory, once it is open
 
     def run(self) -> Path | None:
         """The run directory, once written (None on ranks other than 0 under torchrun)."""
         options = self.options
-        self.device = distributed.init_from_environment(pick_device(options.device))
+        device = distributed.init_from_environment(pick_device(options.device))
         try:
             out = Path(distributed.broadcast(str(options.out or default_out(options))))
             resume = Resume(options.fingerprint(), options.resume)
@@ -245,14 +243,14 @@ class Build:
             # --resume when interrupted
             with staged_output(out, resume=resume, writer=distributed.is_main()) as staging:
                 torch.manual_seed(options.hyperparameters.seed)  # random-weight models (tests) are reproducible
-                loaded = load_clip(options.model, options.pretrained, options.image_size, device=self.device)
+                loaded = load_clip(options.model, options.pretrained, options.image_size, device=device)
                 config = options.hyperparameters
                 shots = FewShot(config.shots, config.seed) if config.shots is not None else None
                 splits = self._timed("data", lambda: prepare_splits(
                     self.checked.patch, list(self.checked.tasks.values()), loaded.preprocess_cfg, options.data,
-                    options.data_dir, options.download, self.device, shots))
+                    options.data_dir, options.download, device, shots))
                 try:
-                    return self._patch_and_write(loaded, splits, staging)
+                    return self._patch_and_write(loaded, splits, staging, device)
                 finally:
                     splits.close()
         finally:
@@ -264,13 +262,12 @@ class Build:
         self.timings[key] = time.perf_counter() - tick
         return result
 
-    def _patch_and_write(self, loaded: LoadedModel, splits: Splits, staging: Staging) -> Path | None:
-        heads = self._timed("heads", lambda: {name: task_head(loaded, task, self.device)
+    def _patch_and_write(self, loaded: LoadedModel, splits: Splits, staging: Staging, device: str) -> Path | None:
+        heads = self._timed("heads", lambda: {name: task_head(loaded, task, device)
                                               for name, task in self.checked.tasks.items()})
         folder = staging.open()  # created (or taken up with --resume) by rank 0, now that the data is found
-        self.train_log = folder / TRAIN_LOG
         distributed.barrier()  # the staging directory (and any checkpoint to resume from) exists for every rank
-        session = Session(loaded, self.checked.tasks, heads, splits, self.device, self.options.eval_batch_size)
+        session = Session(loaded, self.checked.tasks, heads, splits, device, self.options.eval_batch_size)
         reporter = self.reporter(folder, staging.final.name)
         try:
             outcome = self._timed("finetune_and_alpha", lambda: STRATEGIES[self.options.strategy](
@@ -286,7 +283,7 @@ class Build:
         if not distributed.is_main():
             return None
         self.timings["total"] = time.perf_counter() - self.started
-        write_run(folder, self.contents(staging.final.name, loaded, splits, session, outcome, tested))
+        write_run(folder, self.contents(staging.final.name, loaded, session, outcome, tested, folder / TRAIN_LOG))
         return staging.final  # staged_output renames the staging directory into place
 
     def reporter(self, folder: Path, name: str) -> Reporter | None:
@@ -307,16 +304,16 @@ class Build:
                     folder / CHECKPOINTS, folder / TRAIN_LOG, checked.tolerances,
                     reporter.log_line if reporter is not None else None, options.merge)
 
-    def contents(self, name: str, loaded: LoadedModel, splits: Splits, session: Session, outcome: Outcome,
-                 tested: dict[str, dict[str, Scores]]) -> RunContents:
-        """What the run directory holds."""
-        options, method = self.options, get_method(self.options.method)
+    def contents(self, name: str, loaded: LoadedModel, session: Session, outcome: Outcome,
+                 tested: dict[str, dict[str, Scores]], train_log: Path) -> RunContents:
+        """What the run directory holds (the device and data from the session that patched and tested)."""
+        options, method, splits, device = self.options, get_method(self.options.method), session.splits, session.device
         main_stage = {k: v for k, v in outcome.trained[0].stages[-1].items() if k != "stage"}
         training = TrainingRecord(
-            **main_stage, epochs=options.epochs, device=self.device, precision=precision_name(self.device),
+            **main_stage, epochs=options.epochs, device=device, precision=precision_name(device),
             stages=outcome.stages, total_steps=outcome.total_steps, world_size=distributed.world_size(),
             data=DataRecord(**asdict(options.data), skipped_bad_images=splits.skipped),
-            evaluations=heldout_evaluations(self.train_log) if self.train_log is not None else [])
+            evaluations=heldout_evaluations(train_log))
         method_record = MethodRecord(method.name, params_dict(self.checked.params), list(method.trains),
                                      outcome.trained_heads, method.reference)
         alpha = outcome.alpha_record(self.checked.fixed_alpha is not None, options.search, options.tolerance,

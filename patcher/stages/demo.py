@@ -10,7 +10,6 @@ where else (`patcher demo --results-dir bench/results` refreshes the committed f
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from patcher.benchmark.sweep import SweepOptions
 from patcher.data.options import DataOptions
 from patcher.models.reference import REFERENCE_DIR, REFERENCE_NAME, provenance
 from patcher.runs.manifest import Run, load_run
-from patcher.runs.report import accuracy_table, alpha_lines, markdown_table
+from patcher.runs.summary import accuracy_table, alpha_lines, markdown_table
 from patcher.stages.build import BuildOptions, build
 from patcher.training.config import TrainConfig
 
@@ -79,16 +78,16 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     summary["run"] = {"path": str(run_path), "test_accuracy": run.manifest.test_accuracy,
                       "alpha": to_json(run.manifest.alpha), "timings_s": run.timings.get("timings_s")}
 
-    from patcher.export.contract import EXPORT_JSON
+    from patcher.export.contract import EXPORT_JSON, read_export_record
     from patcher.stages.export import ExportOptions, export_run
 
     tick = time.perf_counter()
     export_dir = export_run(run_path, ExportOptions(fp16=True))
     timings["export"] = time.perf_counter() - tick
-    export_record = json.loads((export_dir / EXPORT_JSON).read_text())
-    summary["export"] = {"models": export_record["models"],
+    export_record = read_export_record(export_dir / EXPORT_JSON)
+    summary["export"] = {"models": to_json(export_record.models),
                          "parity": {key: {k: report[k] for k in ("max_abs_diff", "top1_agreement", "passed")}
-                                    for key, report in export_record["parity"]["models"].items()}}
+                                    for key, report in export_record.parity["models"].items()}}
     console.print(f"exported: {export_dir}")
 
     if options.serve:
@@ -96,11 +95,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         summary["serving"] = _serve_and_classify(export_dir, options)
         timings["serve_and_classify"] = time.perf_counter() - tick
     if options.bench:
-        from patcher.benchmark.runner import bench_run
+        from patcher.benchmark.measure import BenchOptions
+        from patcher.stages.bench import ServingOptions, bench_run
 
         tick = time.perf_counter()
-        report = bench_run(run_path, options.bench_sweep, out_dir=results_dir, name="demo-bench",
-                           include_image_bytes=False)
+        report = bench_run(run_path, BenchOptions(sweep=options.bench_sweep, out_dir=results_dir, name="demo-bench"),
+                           ServingOptions(include_image_bytes=False))
         summary["bench"] = {"targets": report["targets"], "report": str(results_dir / "demo-bench.md")}
         timings["bench"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from patcher.base.errors import PatcherError
+from patcher.triton.item_errors import item_error
 from patcher.triton.repository.configs import IMAGE_BYTES
 
 LOGITS_PREFIX = "logits_"
@@ -32,7 +32,8 @@ class ServedModel:
     limits: dict[str, Any] | None = None  # the preprocessing model's input limits
 
 
-def _grpc():
+def grpc_modules():
+    """tritonclient's gRPC module and its exception, imported when a client is made."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -56,7 +57,7 @@ def host_port(url: str) -> str:
 
 def connect(url: str, timeout_s: float = 30) -> Any:
     """A gRPC client for a live server; PatcherError naming the URL if nothing answers there."""
-    grpcclient, InferenceServerException = _grpc()
+    grpcclient, InferenceServerException = grpc_modules()
     url = host_port(url)
     try:
         client = grpcclient.InferenceServerClient(url)
@@ -84,7 +85,7 @@ def _parameters(config: dict[str, Any]) -> dict[str, str]:
 def known_models(client: Any, timeout_s: float = 30, headers: dict[str, str] | None = None) -> str:
     """The server's models and their states, for error messages: the repository index with the server's key,
     else the loaded models that the (open) statistics API lists."""
-    _, InferenceServerException = _grpc()
+    _, InferenceServerException = grpc_modules()
     try:
         index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s, headers=headers)
         return ", ".join(f"{m['name']} ({m.get('state', '?')})" for m in index.get("models", [])) or "none"
@@ -102,7 +103,7 @@ def describe_model(client: Any, model: str, url: str, timeout_s: float = 30,
                    headers: dict[str, str] | None = None) -> ServedModel:
     """Read a served model's config (and its preprocessing model's); PatcherError listing the server's models if it
     has no such model ready (`headers`: the server's key, to list them)."""
-    _, InferenceServerException = _grpc()
+    _, InferenceServerException = grpc_modules()
     try:
         metadata = client.get_model_metadata(model, as_json=True, client_timeout=timeout_s)
         config = _config(client, model, timeout_s)
@@ -134,7 +135,8 @@ def describe_model(client: Any, model: str, url: str, timeout_s: float = 30,
     )
 
 
-def _read(path: Path) -> bytes:
+def read_image_file(path: Path) -> bytes:
+    """An image file's bytes; PatcherError naming the file when it cannot be read."""
     try:
         return Path(path).read_bytes()
     except OSError as error:
@@ -180,7 +182,7 @@ def classify_files(
     """
     from patcher.triton.serving.access import find_key
 
-    grpcclient, InferenceServerException = _grpc()
+    grpcclient, InferenceServerException = grpc_modules()
     key = find_key(url, key_file)
     paths = [Path(p) for p in paths]
     if top_k < 1 or batch_size < 1:
@@ -199,7 +201,7 @@ def classify_files(
         results: list[dict] = []
         for start in range(0, len(paths), step):
             chunk = paths[start : start + step]
-            blobs = [_read(path) for path in chunk]
+            blobs = [read_image_file(path) for path in chunk]
             if raw:
                 array = _raw_batch(chunk, blobs, served.preprocess or {}, served.limits)
                 tensor = grpcclient.InferInput(served.input_name, list(array.shape), served.input_datatype)
@@ -214,7 +216,7 @@ def classify_files(
             try:
                 response = client.infer(target, [tensor], outputs=requested, client_timeout=timeout_s)
             except InferenceServerException as error:
-                raise _infer_error(error, chunk, target, url) from None
+                raise infer_error(error, chunk, target, url) from None
             per_task = {task: response.as_numpy(output) for task, (output, _) in served.tasks.items()}
             for row, path in enumerate(chunk):
                 results.append(
@@ -233,12 +235,13 @@ def classify_files(
         client.close()
 
 
-def _infer_error(error: Any, chunk: list[Path], model: str, url: str) -> PatcherError:
+def infer_error(error: Any, chunk: list[Path], model: str, url: str) -> PatcherError:
     """A PatcherError for a failed request, naming the file when the server says which item did not decode."""
     message = error.message() or str(error)
-    item = re.search(r"item (\d+): (.*)", message)
-    if item and int(item.group(1)) < len(chunk):
-        return PatcherError(f"{chunk[int(item.group(1))]} is not a readable image: {item.group(2)}")
+    item = item_error(message)
+    named = item.named([str(path) for path in chunk], "is not a readable image") if item else None
+    if named is not None:
+        return PatcherError(named.split("\n")[0])
     if "Deadline" in message or "deadline" in message:
         return PatcherError(f"{model} on {url} did not answer in time ({message}): raise --timeout")
     return PatcherError(f"{model} on {url} refused the request: {message}")

@@ -13,7 +13,8 @@ import numpy as np
 from patcher.base.errors import PatcherError
 from patcher.export.contract import EMBEDDING_OUTPUT, TEXT_OUTPUT
 from patcher.export.openvocab import rank
-from patcher.triton.client import _grpc, _infer_error, _read, connect, describe_model, known_models
+from patcher.triton.client import connect, describe_model, grpc_modules, infer_error, known_models, read_image_file
+from patcher.triton.item_errors import item_error
 from patcher.triton.repository.configs import IMAGE_BYTES
 
 SUFFIXES = ("_classify", "_text", "_embed")
@@ -29,7 +30,7 @@ def entry_of(model: str) -> str:
 
 def _parameters(client: Any, model: str, url: str, timeout_s: float, headers: dict[str, str] | None
                 ) -> dict[str, str]:
-    _, InferenceServerException = _grpc()
+    _, InferenceServerException = grpc_modules()
     try:
         config = client.get_model_config(model, as_json=True, client_timeout=timeout_s)["config"]
     except InferenceServerException as error:
@@ -81,7 +82,7 @@ def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templa
                     key_file: Path | None = None) -> list[dict]:
     """Per image file, the label set's top-k labels with scores, from `<entry>_classify`; each result's `tasks`
     holds one entry, `labels`, ranked as the baked tasks are."""
-    grpcclient, InferenceServerException = _grpc()
+    grpcclient, InferenceServerException = grpc_modules()
     if top_k < 1 or batch_size < 1:
         raise PatcherError("top_k and batch_size must be at least 1")
     target = f"{entry_of(model)}_classify"
@@ -95,7 +96,7 @@ def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templa
         for start in range(0, len(paths), step):
             chunk = [Path(p) for p in paths[start : start + step]]
             images = grpcclient.InferInput(IMAGE_BYTES, [len(chunk), 1], "BYTES")
-            images.set_data_from_numpy(np.array([_read(p) for p in chunk], dtype=np.object_).reshape(-1, 1))
+            images.set_data_from_numpy(np.array([read_image_file(p) for p in chunk], dtype=np.object_).reshape(-1, 1))
             inputs = [images, grpcclient.InferInput("labels", [len(names)], "BYTES")]
             inputs[1].set_data_from_numpy(_strings(names))
             if templates is not None:
@@ -104,7 +105,7 @@ def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templa
             try:
                 response = client.infer(target, inputs, client_timeout=timeout_s)
             except InferenceServerException as error:
-                raise _infer_error(error, chunk, target, url) from None
+                raise infer_error(error, chunk, target, url) from None
             scores, probs = response.as_numpy("scores"), response.as_numpy("probabilities")
             for path, ranked in zip(chunk, rank(scores, names, top_k, probs), strict=True):
                 results.append({"file": str(path), "model": target, "version": version, "tasks": {"labels": ranked}})
@@ -116,7 +117,7 @@ def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templa
 def embed_files(paths: list[Path], model: str, url: str = "127.0.0.1:8001", batch_size: int = 16,
                 timeout_s: float = 30, key_file: Path | None = None) -> np.ndarray:
     """[N, D] L2-normalised image embeddings of image files, from the entry's ensemble (the server preprocesses)."""
-    grpcclient, InferenceServerException = _grpc()
+    grpcclient, InferenceServerException = grpc_modules()
     target = entry_of(model)
     client = connect(url, timeout_s)
     try:
@@ -126,12 +127,12 @@ def embed_files(paths: list[Path], model: str, url: str = "127.0.0.1:8001", batc
         for start in range(0, len(paths), step):
             chunk = [Path(p) for p in paths[start : start + step]]
             images = grpcclient.InferInput(IMAGE_BYTES, [len(chunk), 1], "BYTES")
-            images.set_data_from_numpy(np.array([_read(p) for p in chunk], dtype=np.object_).reshape(-1, 1))
+            images.set_data_from_numpy(np.array([read_image_file(p) for p in chunk], dtype=np.object_).reshape(-1, 1))
             try:
                 response = client.infer(target, [images], outputs=[grpcclient.InferRequestedOutput(EMBEDDING_OUTPUT)],
                                         client_timeout=timeout_s)
             except InferenceServerException as error:
-                raise _infer_error(error, chunk, target, url) from None
+                raise infer_error(error, chunk, target, url) from None
             parts.append(response.as_numpy(EMBEDDING_OUTPUT))
         return np.concatenate(parts)
     finally:
@@ -141,7 +142,7 @@ def embed_files(paths: list[Path], model: str, url: str = "127.0.0.1:8001", batc
 def embed_texts(texts: Sequence[str], model: str, url: str = "127.0.0.1:8001", batch_size: int = 64,
                 timeout_s: float = 30, key_file: Path | None = None) -> np.ndarray:
     """[N, D] L2-normalised text embeddings of prompts, from `<entry>_text`."""
-    grpcclient, InferenceServerException = _grpc()
+    grpcclient, InferenceServerException = grpc_modules()
     target = f"{entry_of(model)}_text"
     client = connect(url, timeout_s)
     try:
@@ -157,19 +158,12 @@ def embed_texts(texts: Sequence[str], model: str, url: str = "127.0.0.1:8001", b
                 parts.append(client.infer(target, [prompts], client_timeout=timeout_s).as_numpy(TEXT_OUTPUT))
             except InferenceServerException as error:
                 message = error.message() or str(error)
-                raise PatcherError(f"{target} on {url} refused the request: {_shifted(message, start)}") from None
+                item = item_error(message)
+                shown = str(item.shifted(start)) if item else message  # numbered in the whole list, not the request
+                raise PatcherError(f"{target} on {url} refused the request: {shown}") from None
         return np.concatenate(parts)
     finally:
         client.close()
-
-
-def _shifted(message: str, offset: int) -> str:
-    """A server's "item k: ..." renumbered from the whole list rather than the request."""
-    head, _, rest = message.partition("item ")
-    number, colon, tail = rest.partition(":")
-    if not colon or not number.isdigit():
-        return message
-    return f"{head}item {int(number) + offset}:{tail}"
 
 
 def save_embeddings(out: Path, keys: Sequence[str], embeddings: np.ndarray, what: str) -> None:
@@ -197,4 +191,4 @@ def embedding_records(keys: Sequence[str], embeddings: np.ndarray, what: str) ->
 
 def read_images(paths: Sequence[Path]) -> list[bytes]:
     """The bytes of each image file; PatcherError naming a file that cannot be read."""
-    return [_read(Path(path)) for path in paths]
+    return [read_image_file(Path(path)) for path in paths]

@@ -6,13 +6,16 @@ header, a size PIL does not take for a decompression bomb and whose aspect ratio
 the file's end: a PNG must end with its IEND chunk, a JPEG with its EOI marker (a JPEG without one near its
 end is decoded at 1/8 scale to decide), so truncated files are found without decoding. Other formats are
 decoded whole (they are rare here). Damage inside a whole-looking file is found only when it is decoded.
-Results are cached per process by (path, size, mtime), so the train and held-out views check once.
+Results are cached per process by (path, size, mtime), so the train and held-out views check once; the cache
+keeps the CACHED_FILES most recently checked files (a few tens of MB), so a long-lived process does not grow with
+every dataset it has seen.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,7 +27,9 @@ from PIL import Image, UnidentifiedImageError
 MAX_ASPECT = 20  # a longer side over 20x the shorter makes the shortest-side resize explode (1 x 10^6 -> GBs)
 SHOWN = 3  # offending files named in an error
 
-_cache: dict[str, tuple[int, int, str | None]] = {}
+CACHED_FILES = 200_000  # about 200 bytes each: the largest folder datasets here check once per process
+
+_cache: OrderedDict[str, tuple[int, int, str | None]] = OrderedDict()
 
 
 @dataclass
@@ -123,9 +128,13 @@ def _cached_problem(path: str) -> str | None:
     key = (-1, -1) if isinstance(info, str) else (info.st_size, info.st_mtime_ns)
     cached = _cache.get(path)
     if cached is not None and cached[:2] == key:
+        _cache.move_to_end(path)
         return cached[2]
     problem = image_problem(path, info)
     _cache[path] = (*key, problem)
+    _cache.move_to_end(path)
+    while len(_cache) > CACHED_FILES:
+        _cache.popitem(last=False)
     return problem
 
 

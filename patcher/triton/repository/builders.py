@@ -10,7 +10,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
-from patcher.export.contract import logits_output
+from patcher.base.records import to_json
 from patcher.triton.repository.configs import (
     ENTRY_PARAMETER,
     IMAGE_BYTES,
@@ -24,7 +24,7 @@ from patcher.triton.repository.configs import (
 )
 from patcher.triton.repository.entry import Entry, Model
 from patcher.triton.repository.export_info import ExportInfo, TensorSpec, onnx_io
-from patcher.triton.repository.openvocab import build_classify, build_embed, build_text
+from patcher.triton.repository.openvocab_models import build_classify, build_embed, build_text
 from patcher.triton.repository.pixels import PIXELS_INPUT, pixels_graph
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -72,9 +72,9 @@ def _fill_dims(spec: TensorSpec, declared: dict[str, list[int]]) -> TensorSpec:
 
 def classifier_io(info: ExportInfo, path: Path) -> tuple[TensorSpec, list[TensorSpec]]:
     """The image input and the outputs of an exported classifier, checked against export.json."""
-    declared = {t["name"]: t["shape"] for t in [info.data.get("input", {}), *info.data.get("outputs", [])] if t}
-    for task, record in info.tasks.items():
-        declared.setdefault(record.get("output", logits_output(task)), [-1, len(record["classnames"])])
+    declared = {t.name: t.shape for t in [info.record.input, *info.record.outputs]}
+    for record in info.record.tasks.values():
+        declared.setdefault(record.output, [-1, len(record.classnames)])
     inputs, outputs = onnx_io(path)
     inputs = [_fill_dims(s, declared) for s in inputs]
     outputs = [_fill_dims(s, declared) for s in outputs]
@@ -93,7 +93,7 @@ def classifier_io(info: ExportInfo, path: Path) -> tuple[TensorSpec, list[Tensor
 
 def _task_outputs(info: ExportInfo) -> dict[str, str]:
     """task -> logits output name."""
-    return {task: record.get("output", logits_output(task)) for task, record in info.tasks.items()}
+    return {task: record.output for task, record in info.record.tasks.items()}
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class EntryContext:
     @property
     def preprocess(self) -> dict[str, Any]:
         """export.json's preprocessing, with the numpy dtype the classifiers take."""
-        return {**self.info.preprocess, "dtype": NUMPY_TYPES[self.image.data_type].__name__}
+        return {**to_json(self.info.record.preprocess), "dtype": NUMPY_TYPES[self.image.data_type].__name__}
 
     @property
     def pixels(self) -> TensorSpec:
@@ -134,7 +134,7 @@ class EntryContext:
 
     def common(self) -> dict[str, Any]:
         """Parameters every model carries: its entry and the run it came from."""
-        return {ENTRY_PARAMETER: self.entry.name, "run": self.info.data.get("run", {}).get("name", "")}
+        return {ENTRY_PARAMETER: self.entry.name, "run": self.info.record.run.name}
 
     def described(self) -> dict[str, Any]:
         """Parameters of the models clients discover tasks from."""
@@ -147,7 +147,7 @@ class EntryContext:
 
     def plan(self, model: Model, config: mc.ModelConfig, files: dict[str, Source] | None = None) -> ModelPlan:
         """A model's plan: its config, the labels files its outputs name, the version record and `files`."""
-        label_text = {self.labels[output]: list(self.info.tasks[task]["classnames"])
+        label_text = {self.labels[output]: list(self.info.record.tasks[task].classnames)
                       for task, output in self.task_outputs.items()}
         used = {o.label_filename for o in config.output if o.label_filename}
         return ModelPlan(model, config, {f: t for f, t in label_text.items() if f in used},
@@ -279,10 +279,10 @@ def describe(context: EntryContext, plan: ModelPlan) -> None:
     kind = "zeroshot" if model.kind == "zeroshot" else "patched"
     if model.kind in CLASSIFIERS:
         parameters["precision"] = context.options.precision
-        record = next((m for m in context.info.data.get("models", {}).values()
-                       if m.get("model") == kind and m.get("precision", "fp32") == context.options.precision), None)
-        if record is not None and "alpha" in record:
-            parameters["alpha"] = f"{record['alpha']:g}"
+        record = next((m for m in context.info.record.models.values()
+                       if m.model == kind and m.precision == context.options.precision), None)
+        if record is not None:
+            parameters["alpha"] = f"{record.alpha:g}"
     for key, value in parameters.items():
         plan.config.parameters[key].string_value = value
 

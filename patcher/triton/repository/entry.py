@@ -11,7 +11,7 @@ An entry `<name>` is one export served as:
     <name>_<task>_bytes    per task: encoded images in, one labelled output
     <name>_<kind>          an extra classifier written beside them (e.g. the bench's output-space ensemble)
 
-and, when the export has a text tower (repository/openvocab.py):
+and, when the export has a text tower (repository/openvocab_models.py):
 
     <name>_text            python: prompts -> text embeddings (the patched model's text tower, tokenised inside)
     <name>_classify        python: images and a label set (and templates) in -> a score per label, heads cached

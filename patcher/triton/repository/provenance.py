@@ -15,7 +15,7 @@ ONNX = "onnx_sha256"  # the exported file a classifier serves (the pixels model:
 
 def stamp(plans: list[ModelPlan], info: ExportInfo, files: dict[str, Path]) -> None:
     """Record the run's manifest hash in every model's config, and the ONNX hash in each classifier's."""
-    manifest = str(info.data.get("run", {}).get("manifest_sha256", ""))
+    manifest = info.record.run.manifest_sha256
     hashes = {kind: sha256_file(path) for kind, path in files.items()}
     for plan in plans:
         plan.config.parameters[RUN_MANIFEST].string_value = manifest

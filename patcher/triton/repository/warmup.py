@@ -22,13 +22,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
 from patcher.base.files import sha256_file
+from patcher.base.records import to_json
 from patcher.export.contract import INPUT_NAME
 from patcher.export.openvocab import LabelSetError, check_label_set
 from patcher.triton.imaging import decode_image, preprocess_image
 from patcher.triton.repository.builders import ModelPlan
 from patcher.triton.repository.configs import IMAGE_BYTES, NUMPY_TYPES, parameter
 from patcher.triton.repository.export_info import ExportInfo
-from patcher.triton.repository.openvocab import LABELS, TEMPLATE_INPUT, TEXT_INPUT
+from patcher.triton.repository.openvocab_models import LABELS, TEMPLATE_INPUT, TEXT_INPUT
 from patcher.triton.repository.pixels import PIXELS_INPUT
 
 WARMUP_DIR = "warmup"
@@ -49,19 +50,31 @@ class Sample:
 
 def export_sample(info: ExportInfo) -> Sample | None:
     """The patch task's sample image of the export (checked against export.json), None for an export without."""
-    samples = info.data.get("samples") or {}
+    samples = info.record.samples
     task = info.patch_task if info.patch_task in samples else next(iter(samples), None)
     if task is None:
         return None
     record = samples[task]
-    path = info.path / record["file"]
-    if not path.is_file() or sha256_file(path) != record["sha256"]:
+    path = info.path / record.file
+    if not path.is_file() or sha256_file(path) != record.sha256:
         raise PatcherError(f"{path} is missing or does not match export.json: run `patcher export` again")
-    label = int(record["label"])
-    templates = ((info.data.get("text") or {}).get("templates") or {}).get(task) or []
-    classnames = info.tasks.get(task, {}).get("classnames") or []
+    label = int(record.label)
+    templates = _templates(info, task)
+    classnames = _classnames(info, task)
     prompt = templates[0].replace("{}", classnames[label]) if templates and label < len(classnames) else None
-    return Sample(task, label, path.read_bytes(), info.preprocess, prompt)
+    return Sample(task, label, path.read_bytes(), to_json(info.record.preprocess), prompt)
+
+
+def _classnames(info: ExportInfo, task: str) -> list[str]:
+    """A task's class names in export.json (none for a task it does not list)."""
+    exported = info.record.tasks.get(task)
+    return list(exported.classnames) if exported is not None else []
+
+
+def _templates(info: ExportInfo, task: str) -> list[str]:
+    """A task's prompt templates in export.json's text tower (none without one)."""
+    text = info.record.text
+    return list(text.templates.get(task) or []) if text is not None else []
 
 
 def _serialised(data: bytes) -> bytes:
@@ -127,13 +140,13 @@ def _elements(items: list[str]) -> bytes:
 def add_label_set_warmup(plan: ModelPlan, info: ExportInfo, sample: Sample, limits: dict | None = None) -> str | None:
     """Warm the label-set model on the sample image with its task's class names and templates, their head computed
     here and cached by the model as it starts; None when added, else why not."""
-    from patcher.triton.local import LocalModel  # onnxruntime: only where a classify model is written
+    from patcher.triton.onnxruntime_local import LocalModel  # onnxruntime: only where a classify model is written
 
     config = plan.config
     if int(parameter(config, "label_cache") or 0) < 1:
         return "its label cache is off (--label-cache 0)"
-    classnames = list(info.tasks.get(sample.task, {}).get("classnames") or [])
-    templates = list(((info.text or {}).get("templates") or {}).get(sample.task) or [])
+    classnames = _classnames(info, sample.task)
+    templates = _templates(info, sample.task)
     if not accepted(sample, limits or {}):
         return "the sample is outside its input limits"
     try:

@@ -24,6 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from patcher.base.errors import PatcherError
 from patcher.base.faults import naming
 from patcher.base.files import now_iso, sha256_file
+from patcher.base.records import to_json
 from patcher.triton.imaging import check_limits
 from patcher.triton.repository.builders import BUILDERS, TEMPLATES, ModelPlan, Options, plan_entry
 from patcher.triton.repository.configs import (
@@ -36,7 +37,7 @@ from patcher.triton.repository.configs import (
 )
 from patcher.triton.repository.entry import Entry, check_entry_name, check_repository_path
 from patcher.triton.repository.export_info import ExportInfo, load_export
-from patcher.triton.repository.openvocab import checked_limits
+from patcher.triton.repository.openvocab_models import checked_limits
 from patcher.triton.repository.provenance import stamp
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, stage_model
 from patcher.triton.repository.stores import Store, model_versions, open_store
@@ -99,7 +100,7 @@ def _entry_name(info: ExportInfo, name: str | None) -> str:
 
 def _record(info: ExportInfo, key: tuple[str, str]) -> str:
     return json.dumps({"content_sha256": key[0], "export_json_sha256": info.sha256, "precision": key[1],
-                       "run": info.data.get("run", {}), "alpha": info.data.get("alpha"),
+                       "run": to_json(info.record.run), "alpha": info.record.alpha,
                        "source": str(info.path.resolve()), "created": now_iso()}, indent=2)
 
 
@@ -210,7 +211,8 @@ def write_repository(
     options = _options(backend, batching, tensorrt, precision, limits, intra_op_threads, extra_classifiers,
                        open_vocab)
     info = load_export(export_dir)
-    entry = Entry(_entry_name(info, name), tuple(info.tasks), tuple(options.extra_classifiers), info.text is not None)
+    entry = Entry(_entry_name(info, name), tuple(info.record.tasks), tuple(options.extra_classifiers),
+                  info.record.text is not None)
     models = entry.models()
     files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
     key = _version_identity(info, options)

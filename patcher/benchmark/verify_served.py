@@ -96,7 +96,7 @@ def provenance_problems(run: Run, hashes: dict[str, str], model: str, export: Pa
 
 def reference_accuracy(export: Path, task: str, images: list[bytes], labels: np.ndarray) -> float:
     """Top-1 accuracy in percent of the export's patched graph, in process, on the same encoded images."""
-    from patcher.triton.local import LocalModel
+    from patcher.triton.onnxruntime_local import LocalModel
 
     results = LocalModel(export).classify_tasks(images, [f"image {i}" for i in range(len(images))], top_k=1)
     predicted = np.array([result[task][0]["index"] for result in results])

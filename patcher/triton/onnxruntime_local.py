@@ -28,6 +28,7 @@ from patcher.export.contract import (
 from patcher.export.openvocab import LabelSet, LabelSetError, check_label_set, class_heads, rank
 from patcher.export.tokenizer import ClipTokenizer, PromptError
 from patcher.triton.imaging import preprocess_bytes
+from patcher.triton.item_errors import ItemError, item_error
 
 BATCH = 64
 
@@ -81,7 +82,9 @@ class LocalModel:
             try:
                 batch = preprocess_bytes(list(blobs[start : start + BATCH]), self.spec)
             except ValueError as error:
-                raise PatcherError(_named(str(error), names[start:])) from None
+                item = _item(error)
+                named = item.named(list(names[start:]), "is not a readable image") if item else None
+                raise PatcherError(named or str(error)) from None
             results.append(dict(zip(self.outputs, self.image.run(self.outputs, {INPUT_NAME: batch}), strict=True)))
         return results
 
@@ -101,6 +104,13 @@ class LocalModel:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """[N, D] L2-normalised text embeddings of prompts (a prompt longer than the context is refused)."""
+        try:
+            return self._text_embeddings(texts)
+        except ItemRefused as refused:
+            raise PatcherError(str(refused.item)) from None
+
+    def _text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        """embed_texts, a refused prompt raised as ItemRefused numbered in `texts`."""
         if self.text is None or self.tokenizer is None:
             raise PatcherError(f"{self.path / EXPORT_JSON} has no text tower: run `patcher export` again "
                                "(without --no-text)")
@@ -109,20 +119,19 @@ class LocalModel:
             try:
                 tokens = self.tokenizer(list(texts[start : start + BATCH]), truncate=False, strict=True)
             except PromptError as error:
-                raise PatcherError(_shifted(str(error), start)) from None
+                item = _item(error)
+                if item is None:
+                    raise PatcherError(str(error)) from None
+                raise ItemRefused(item.shifted(start)) from None
             chunks.append(self.text.run([TEXT_OUTPUT], {TEXT_INPUT: tokens})[0])
         return np.concatenate(chunks) if chunks else np.zeros((0, self.record.text.output.shape[1]), np.float32)
 
     def head(self, label_set: LabelSet) -> np.ndarray:
         """The [D, L] head of a label set, from this export's text tower."""
-        prompts = label_set.prompts()
         try:
-            embeddings = self.embed_texts(prompts)
-        except PatcherError as error:
-            index = _item(str(error))
-            if index is None:
-                raise
-            raise PatcherError(f"{label_set.source(index)}: {str(error).split(': ', 1)[1]}") from None
+            embeddings = self._text_embeddings(label_set.prompts())
+        except ItemRefused as refused:
+            raise PatcherError(f"{label_set.source(refused.item.index)}: {refused.item.reason}") from None
         return class_heads(embeddings, len(label_set.labels), len(label_set.templates), self.logit_scale)
 
     def classify_labels(self, blobs: Sequence[bytes], names: Sequence[str], label_set: LabelSet,
@@ -133,22 +142,18 @@ class LocalModel:
         return rank(scores, label_set.labels, top_k)
 
 
-def _item(message: str) -> int | None:
-    if not message.startswith("item "):
-        return None
-    return int(message.split(":", 1)[0].removeprefix("item "))
+class ItemRefused(Exception):
+    """One item of a call refused (inside LocalModel: the caller turns it into a PatcherError)."""
+
+    def __init__(self, item: ItemError) -> None:
+        super().__init__(str(item))
+        self.item = item
 
 
-def _shifted(message: str, offset: int) -> str:
-    index = _item(message)
-    return message if index is None else f"item {index + offset}:{message.split(':', 1)[1]}"
-
-
-def _named(message: str, names: Sequence[str]) -> str:
-    index = _item(message)
-    if index is None or index >= len(names):
-        return message
-    return f"{names[index]} is not a readable image: {message.split(': ', 1)[1]}"
+def _item(error: Exception) -> ItemError | None:
+    """The item an exception of the tokenizer or imaging names, when its message starts with one."""
+    item = item_error(str(error))
+    return item if item is not None and not item.context else None
 
 
 def label_set(labels: Sequence[str], templates: Sequence[str] | None, max_labels: int = 1000,

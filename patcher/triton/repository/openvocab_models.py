@@ -20,7 +20,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 import patcher.export.openvocab as label_sets
 import patcher.export.tokenizer as tokenizer
 from patcher.base.errors import PatcherError
-from patcher.export.contract import EMBEDDING_OUTPUT, TEXT_OUTPUT
+from patcher.base.records import to_json
+from patcher.export.contract import EMBEDDING_OUTPUT, TEXT_OUTPUT, TextExport
 from patcher.triton.repository.configs import IMAGE_BYTES, Step, classifier_config, ensemble_config
 from patcher.triton.repository.entry import Model
 from patcher.triton.repository.export_info import TensorSpec
@@ -35,15 +36,15 @@ TOKENIZER_FILE = "patcher_tokenizer.py"  # the names the python models import th
 OPENVOCAB_FILE = "patcher_openvocab.py"
 MAX_PROMPT_BYTES = label_sets.MAX_PROMPT_BYTES
 # What `patcher triton` takes for the open-vocabulary models (flags of the same names), checked by `checked_limits`
-DEFAULT_LIMITS: dict[str, Any] = {**label_sets.DEFAULT_LIMITS, "truncate_prompts": False, "classify_instances": 0}
+OPEN_VOCAB_LIMITS: dict[str, Any] = {**label_sets.DEFAULT_LIMITS, "truncate_prompts": False, "classify_instances": 0}
 
 
 def checked_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
     """The open-vocabulary limits with defaults filled in; PatcherError naming a bad one."""
-    merged = {**DEFAULT_LIMITS, **(limits or {})}
-    unknown = sorted(set(merged) - set(DEFAULT_LIMITS))
+    merged = {**OPEN_VOCAB_LIMITS, **(limits or {})}
+    unknown = sorted(set(merged) - set(OPEN_VOCAB_LIMITS))
     if unknown:
-        raise PatcherError(f"unknown open-vocabulary limit {unknown[0]!r}: use {', '.join(DEFAULT_LIMITS)}")
+        raise PatcherError(f"unknown open-vocabulary limit {unknown[0]!r}: use {', '.join(OPEN_VOCAB_LIMITS)}")
     for key in ("max_labels", "max_templates", "max_prompts"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise PatcherError(f"--{key.replace('_', '-')} must be at least 1, not {merged[key]!r}")
@@ -56,8 +57,8 @@ def checked_limits(limits: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
-def _text(context: EntryContext) -> dict[str, Any]:
-    text = context.info.text
+def _text(context: EntryContext) -> TextExport:
+    text = context.info.record.text
     if text is None:
         raise PatcherError(f"{context.info.path} has no text tower: run `patcher export` again")
     return text
@@ -78,9 +79,9 @@ def build_text(context: EntryContext, model: Model) -> ModelPlan:
 
     text = _text(context)
     limits = context.options.open_vocab
-    width = int(text["output"]["shape"][1])
-    parameters = {**context.common(), "tokenizer": text["tokenizer"], "max_prompt_bytes": str(MAX_PROMPT_BYTES),
-                  "truncate": limits["truncate_prompts"], "logit_scale": repr(text["models"]["patched"]["logit_scale"]),
+    width = int(text.output.shape[1])
+    parameters = {**context.common(), "tokenizer": to_json(text.tokenizer), "max_prompt_bytes": str(MAX_PROMPT_BYTES),
+                  "truncate": limits["truncate_prompts"], "logit_scale": repr(text.models["patched"].logit_scale),
                   **_threads(context)}
     # its model.py runs onnxruntime on the CPU: the instance group says so even where the classifiers use a GPU
     batching = dataclasses.replace(context.options.batching, gpu=False)
@@ -126,12 +127,12 @@ def build_classify(context: EntryContext, model: Model) -> ModelPlan:
     text = _text(context)
     limits = context.options.open_vocab
     parameters = {**context.common(), "preprocess": context.preprocess, "limits": context.options.limits,
-                  "logit_scale": repr(text["models"]["patched"]["logit_scale"]), "text_model": context.name("text"),
+                  "logit_scale": repr(text.models["patched"].logit_scale), "text_model": context.name("text"),
                   "text_batch": str(context.options.batching.max_batch_size),
                   "max_images": str(context.options.batching.max_batch_size),
                   "max_labels": str(limits["max_labels"]), "max_templates": str(limits["max_templates"]),
                   "max_prompts": str(limits["max_prompts"]),
-                  "label_cache": str(limits["label_cache"]), "templates": text["templates"], **_threads(context)}
+                  "label_cache": str(limits["label_cache"]), "templates": to_json(text.templates), **_threads(context)}
     instances = limits["classify_instances"] or context.options.batching.instances
     config = classify_config(model.name, instances, parameters)
     return context.plan(model, config, {"model.onnx": context.files["patched"],
