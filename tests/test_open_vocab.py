@@ -213,7 +213,7 @@ def test_the_classify_model_answers_probabilities_and_labelled_rankings_beside_i
     tensors[1].set_data_from_numpy(np.array(labels, dtype=np.object_))
     result = client.infer("digits_classify", tensors)
     scores, probs = result.as_numpy("scores"), result.as_numpy("probabilities")
-    expected = torch.softmax(torch.from_numpy(scores).double(), dim=1).numpy()
+    expected = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=1).numpy()
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
     for row, ranking in enumerate(result.as_numpy("classification")):
         parsed = [item.decode().split(":", 2) for item in ranking]
