@@ -38,8 +38,11 @@ from patcher.base.files import now_iso, write_json
 from patcher.benchmark.machine import machine_info
 from patcher.data.tasks.suites import MINI_EIGHT
 
-METHODS = ["task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "layerwise", "layerwise-labelled"]
+METHODS = ["task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "wudi", "layerwise", "layerwise-labelled"]
 MEMORY_KEYS = ("ties", "task-arithmetic")
+# parameters held in the memory measurement: WUDI's memory does not depend on its step count (one matrix and its
+# Adam state at a time), and 300 steps on every ViT-B/32 matrix take hours on two CPU cores
+MEMORY_PARAMS = {"wudi": {"steps": 3}}
 
 
 class PeakMemory:
@@ -86,8 +89,8 @@ def worker(argv: list[str]) -> None:
         from patcher.stages.merge import MergeOptions, merge_runs
 
         options = MergeOptions(runs=[Path(r) for r in spec["runs"]], out=Path(spec["out"]), support=spec["support"],
-                               device="cpu", merge=MergeSpec(spec["method"], seed=spec["seed"],
-                                                                         search=spec["search"]))
+                               device="cpu", merge=MergeSpec(spec["method"], spec.get("params", {}),
+                                                             seed=spec["seed"], search=spec["search"]))
         started = time.perf_counter()
         with PeakMemory() as memory:
             merge_runs(options)
@@ -138,25 +141,71 @@ def merged_row(run: Path, measured: dict[str, Any]) -> dict[str, Any]:
         "support_change": {task: patched[task] - zeroshot[task] for task in manifest.support_tasks},
         "val_patch_mean": statistics.mean(chosen.val_accuracy[t] for t in manifest.patch_tasks),
         "rule_held": manifest.alpha.warning is None, "coefficient": manifest.alpha.chosen, "params": merge.params,
-        "own": merge.own_test_accuracy, **measured,
+        "own": merge.own_test_accuracy, "unguarded": unguarded(manifest.alpha.curve, manifest.patch_tasks,
+                                                               merge.own_val_accuracy), **measured,
     }
 
 
+def unguarded(curve: list[Any], tasks: list[str], own_val: dict[str, float]) -> dict[str, float]:
+    """Among the coefficients the search evaluated (the chosen setting's, held-out data), the best mean retained
+    share with the supported task ignored: how the methods rank without PAINT's guard, as the papers measure."""
+    def retained(point: Any) -> float:
+        return statistics.mean(point.val_accuracy[t] / own_val[t] for t in tasks)
+
+    best = max(curve, key=retained)
+    return {"coefficient": best.alpha, "mean_retained": retained(best),
+            "worst_retained": min(best.val_accuracy[t] / own_val[t] for t in tasks)}
+
+
 def one_seed(runs: list[Path], support: list[str], seed: int, methods: list[str], out_dir: Path,
-             search: str) -> dict[str, Any]:
-    """Every method's merge of these runs."""
+             search: str, reuse: bool = False, fixed: dict[str, dict[str, float]] | None = None,
+             assemble: bool = False) -> dict[str, Any]:
+    """Every method's merge of these runs (with `reuse`, a merge this bench finished before for the same runs,
+    support and search is read back instead of redone: a long bench can run in parts)."""
     rows = {}
     for method in methods:
         out = out_dir / f"{method}-seed{seed}"
+        spec = {"runs": [str(r) for r in runs], "out": str(out), "support": support, "method": method,
+                "seed": seed, "search": search, "params": (fixed or {}).get(method, {})}
+        record = out / "bench-merge.json"  # what this bench measured, beside the merged run
+        done = record.is_file() and {"params": {}, **json.loads(record.read_text())["spec"]} == spec
+        if (reuse or assemble) and done:
+            print(f"reusing {out}", flush=True)
+            rows[method] = merged_row(out, json.loads(record.read_text())["measured"])
+            continue
+        if assemble:
+            print(f"no finished {method} merge for seed {seed}: left out", flush=True)
+            continue
         shutil.rmtree(out, ignore_errors=True)
         print(f"merging {len(runs)} runs with {method} (seed {seed})", flush=True)
-        measured = in_subprocess("merge", {"runs": [str(r) for r in runs], "out": str(out), "support": support,
-                                           "method": method, "seed": seed, "search": search})
+        measured = in_subprocess("merge", spec)
+        write_json(record, {"spec": spec, "measured": measured})
         rows[method] = merged_row(out, measured)
+    if not rows:
+        raise SystemExit(f"no finished merge for seed {seed}: run the bench without --assemble first")
     own = next(iter(rows.values()))["own"]
-    best = max((m for m in methods if rows[m]["rule_held"]), key=lambda m: rows[m]["val_patch_mean"],
-               default=methods[0])
-    return {"runs": [str(r) for r in runs], "own": own, "rows": rows, "best": best}
+    best = max((m for m in rows if rows[m]["rule_held"]), key=lambda m: rows[m]["val_patch_mean"],
+               default=next(iter(rows)))
+    return {"seed": seed, "runs": [str(r) for r in runs], "own": own, "rows": rows, "best": best,
+            "single": single_patches(runs, support, own)}
+
+
+def single_patches(runs: list[Path], support: list[str], own: dict[str, float]) -> dict[str, Any]:
+    """Each run's own single-task PAINT patch (its `patched` model, chosen under the same rule when built): what
+    one model per task keeps, the reference a merge under that rule is measured against."""
+    from patcher.runs.manifest import load_run
+
+    accuracy: dict[str, float] = {}
+    change: dict[str, list[float]] = {task: [] for task in support}
+    for run in runs:
+        manifest = load_run(run).manifest
+        patched, zeroshot = manifest.test_accuracy["patched"], manifest.test_accuracy["zeroshot"]
+        accuracy.update({task: patched[task] for task in manifest.patch_tasks})
+        for task in support:
+            if task in patched:
+                change[task].append(patched[task] - zeroshot[task])
+    return {"accuracy": accuracy, "retained": {task: accuracy[task] / own[task] for task in accuracy if own.get(task)},
+            "support_change": {task: min(values) for task, values in change.items() if values}}
 
 
 def short(task: str) -> str:
@@ -170,31 +219,63 @@ def _mean(values: list[float], scale: float = 1.0) -> str:
 
 
 def table(seeds: list[dict[str, Any]], tasks: list[str]) -> list[str]:
-    """One markdown row per method (and the fine-tunes, and patcher's best): per task, mean, worst, support, cost."""
-    labels = {"individual fine-tunes": None, **{m: m for m in seeds[0]["rows"]}, "patcher's best": "best"}
+    """One markdown row per method (and the fine-tunes, and patcher's best): per task, mean, worst, support, cost;
+    a method run on fewer seeds than the others says which, and its gain over task arithmetic is paired by seed."""
+    methods = list(dict.fromkeys(m for s in seeds for m in s["rows"]))
+    labels = {"individual fine-tunes": None, **{m: m for m in methods}, "patcher's best": "best"}
     header = " | ".join(f"{short(t)} acc (retained %)" for t in tasks)
-    lines = [f"| model | {header} | mean acc | mean retained % | worst task retained % | supported change (points) "
-             "| time s | peak RSS MiB |",
-             "|---|" + "---:|" * (len(tasks) + 6)]
+    lines = [f"| model | {header} | mean acc | mean retained % | vs task arithmetic (points of mean retained) "
+             "| worst task retained % | supported change (points) | time s | peak RSS MiB |",
+             "|---|" + "---:|" * (len(tasks) + 7)]
+
+    def mean_retained(row: dict[str, Any]) -> float:
+        return statistics.mean(row["retained"][t] for t in tasks) * 100
+
     for label, key in labels.items():
-        rows = [s["rows"][s["best"] if key == "best" else key] if key else None for s in seeds]
         if key is None:
             cells = [_mean([s["own"][t] for s in seeds]) + " (100)" for t in tasks]
             mean = _mean([statistics.mean(s["own"][t] for t in tasks) for s in seeds])
-            lines.append(f"| {label} | {' | '.join(cells)} | {mean} | 100 | 100 | - | - | - |")
+            lines.append(f"| {label} | {' | '.join(cells)} | {mean} | 100 | - | 100 | - | - | - |")
+            if all(s.get("single") for s in seeds):
+                lines.append(single_line(seeds, tasks))
             continue
+        ran = [s for s in seeds if key == "best" or key in s["rows"]]
+        rows = [s["rows"][s["best"] if key == "best" else key] for s in ran]
         cells = [f"{_mean([r['accuracy'][t] for r in rows])} ({_mean([r['retained'][t] for r in rows], 100)})"
                  for t in tasks]
         mean = _mean([statistics.mean(r["accuracy"][t] for t in tasks) for r in rows])
-        retained = _mean([statistics.mean(r["retained"][t] for t in tasks) for r in rows], 100)
+        retained = _mean([mean_retained(r) for r in rows])
+        gains = [mean_retained(r) - mean_retained(s["rows"]["task-arithmetic"])
+                 for s, r in zip(ran, rows, strict=True) if "task-arithmetic" in s["rows"]]
+        gain = ("+" if statistics.mean(gains) >= 0 else "") + _mean(gains) if gains else "-"
         worst = _mean([min(r["retained"].values()) for r in rows], 100)
         worst_names = ", ".join(dict.fromkeys(short(r["worst_task"]) for r in rows))
         support = "; ".join(f"{short(t)} {_mean([r['support_change'][t] for r in rows])}"
                             for t in rows[0]["support_change"])
         name = f"{label} ({', '.join(dict.fromkeys(s['best'] for s in seeds))})" if key == "best" else label
-        lines.append(f"| {name} | {' | '.join(cells)} | {mean} | {retained} | {worst} ({worst_names}) | {support} | "
-                     f"{_mean([r['seconds'] for r in rows])} | {_mean([r['peak_rss'] for r in rows])} |")
+        if len(ran) < len(seeds):
+            name += f" (seed{'s' if len(ran) > 1 else ''} {', '.join(str(s['seed']) for s in ran)} only)"
+        lines.append(f"| {name} | {' | '.join(cells)} | {mean} | {retained} | {gain} | {worst} ({worst_names}) | "
+                     f"{support} | {_mean([r['seconds'] for r in rows])} | {_mean([r['peak_rss'] for r in rows])} |")
     return lines
+
+
+def single_line(seeds: list[dict[str, Any]], tasks: list[str]) -> str:
+    """The row of the single-task PAINT patches (one model per task, each under the rule by itself)."""
+    singles = [s["single"] for s in seeds]
+    cells = [f"{_mean([r['accuracy'][t] for r in singles])} ({_mean([r['retained'][t] for r in singles], 100)})"
+             for t in tasks]
+    mean = _mean([statistics.mean(r["accuracy"][t] for t in tasks) for r in singles])
+    retained = _mean([statistics.mean(r["retained"][t] for t in tasks) for r in singles], 100)
+    worst = _mean([min(r["retained"][t] for t in tasks) for r in singles], 100)
+    names = ", ".join(dict.fromkeys(short(min(tasks, key=lambda t, r=r: r["retained"][t])) for r in singles))
+    support = "; ".join(f"{short(t)} {_mean([r['support_change'][t] for r in singles])} (the worst of the "
+                        f"{len(tasks)})" for t in singles[0]["support_change"])
+    gains = [statistics.mean(s["single"]["retained"][t] - s["rows"]["task-arithmetic"]["retained"][t]
+                             for t in tasks) * 100 for s in seeds if "task-arithmetic" in s["rows"]]
+    gain = ("+" if statistics.mean(gains) >= 0 else "") + _mean(gains) if gains else "-"
+    return (f"| each task's own PAINT patch ({len(tasks)} models, same rule) | {' | '.join(cells)} | {mean} | "
+            f"{retained} | {gain} | {worst} ({names}) | {support} | - | - |")
 
 
 # ---- memory against the number of runs ----------------------------------------------------------------------------
@@ -237,20 +318,21 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
             vectors = FileVectors(base, [[TensorFile(path)] for path in paths])
         else:
             vectors = StateVectors(base, [load_file(str(path)) for path in paths])
-        delta = method.combine(vectors, method.settings()[0], 0)  # type: ignore[misc]
+        delta = method.combine(vectors, method.settings(MEMORY_PARAMS.get(method.name))[0], 0)  # type: ignore[misc]
         candidate = materialise(base, delta, 0.5)
         del candidate, delta, vectors
     return {"seconds": round(time.perf_counter() - started, 2), **memory.record()}
 
 
-def memory_scaling(folder: Path, counts: tuple[int, ...] = (2, 8)) -> list[dict[str, Any]]:
+def memory_scaling(folder: Path, counts: tuple[int, ...] = (2, 8),
+                   methods: tuple[str, ...] = MEMORY_KEYS) -> list[dict[str, Any]]:
     """Peak memory of merging 2 and 8 ViT-B/32-sized task vectors, streamed and loaded (kept in results.json
     there, and reused: delete it to measure again)."""
     if (folder / "results.json").is_file():
         return json.loads((folder / "results.json").read_text())
     memory_files(folder, max(counts))
     results = []
-    for method in MEMORY_KEYS:
+    for method in methods:
         for streamed in (True, False):
             for count in counts:
                 print(f"memory: {method}, {count} runs, {'streamed' if streamed else 'loaded'}", flush=True)
@@ -265,11 +347,13 @@ def memory_lines(results: list[dict[str, Any]]) -> list[str]:
     """The scaling table: peak above the process's baseline (base model loaded), and the 8 / 2 ratio."""
     lines = ["| method | task vectors | peak RSS above baseline, 2 runs (MiB) | 8 runs (MiB) | 8 / 2 | seconds 2 / 8 |",
              "|---|---|---:|---:|---:|---:|"]
-    for method in MEMORY_KEYS:
+    for method in dict.fromkeys(r["method"] for r in results):
         for streamed in (True, False):
             pick = {r["runs"]: r for r in results if r["method"] == method and r["streamed"] == streamed}
             two, eight = (pick[n]["peak_rss"] - pick[n]["baseline_rss"] for n in (2, 8))
-            lines.append(f"| {method} | {'streamed (patcher merge)' if streamed else 'all loaded first'} | "
+            held = ", ".join(f"{k} {v}" for k, v in MEMORY_PARAMS.get(method, {}).items())
+            lines.append(f"| {method}{f' ({held})' if held else ''} | "
+                         f"{'streamed (patcher merge)' if streamed else 'all loaded first'} | "
                          f"{two:.0f} | {eight:.0f} | {eight / two:.2f} | {pick[2]['seconds']:.1f} / "
                          f"{pick[8]['seconds']:.1f} |")
     return lines
@@ -284,9 +368,10 @@ def plot(seeds: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(seeds[0]["rows"])
-    means = [[statistics.mean(s["rows"][m]["retained"][t] for t in tasks) * 100 for s in seeds] for m in methods]
-    worsts = [[min(s["rows"][m]["retained"].values()) * 100 for s in seeds] for m in methods]
+    methods = list(dict.fromkeys(m for s in seeds for m in s["rows"]))
+    means = [[statistics.mean(s["rows"][m]["retained"][t] for t in tasks) * 100 for s in seeds if m in s["rows"]]
+             for m in methods]
+    worsts = [[min(s["rows"][m]["retained"].values()) * 100 for s in seeds if m in s["rows"]] for m in methods]
     figure, axis = plt.subplots(figsize=(9, 4))
     positions = range(len(methods))
     for offset, values, label in ((-0.2, means, "mean retained"), (0.2, worsts, "worst task retained")):
@@ -317,12 +402,28 @@ def markdown(result: dict[str, Any]) -> str:
              "method's parameters and coefficient chosen on held-out data under PAINT's rule "
              f"(`patcher merge --method M --search {result['search']}`). Time and peak RSS: the whole "
              "`patcher merge` process (data, evaluation "
-             "of every setting, test).", ""]
+             "of every setting, test)."
+             + (f" The layer-wise methods ran {result['layerwise_steps']} optimiser steps (the registry's default "
+                "is 60) to fit the machine's time." if result.get("layerwise_steps") else ""), ""]
     lines += table(result["per_seed"], tasks)
     lines += ["", "Chosen per seed: " + "; ".join(
         f"seed {seed}: " + ", ".join(f"{m} {row['params'] or ''} c={row['coefficient']:g}".replace("  ", " ")
                                      for m, row in s["rows"].items())
         for seed, s in zip(result["seeds"], result["per_seed"], strict=True)), ""]
+    lines += ["## Without the guard (held-out data, a diagnostic)", "",
+              "The same searches' evaluated coefficients with the supported task ignored, as the papers measure "
+              "(no supported task): the best held-out mean retained share and that coefficient's worst task. "
+              "Coarse (only the coefficients the search visited, the chosen setting's) and on held-out data, "
+              "not test; nothing here chose a model.", "",
+              "| method | seeds | coefficient | held-out mean retained % | worst task retained % |",
+              "|---|---|---|---:|---:|"]
+    for method in dict.fromkeys(m for s in result["per_seed"] for m in s["rows"]):
+        rows = [(s["seed"], s["rows"][method]["unguarded"]) for s in result["per_seed"] if method in s["rows"]]
+        lines.append(f"| {method} | {', '.join(str(seed) for seed, _ in rows)} | "
+                     f"{', '.join(format(u['coefficient'], 'g') for _, u in rows)} | "
+                     f"{_mean([u['mean_retained'] for _, u in rows], 100)} | "
+                     f"{_mean([u['worst_retained'] for _, u in rows], 100)} |")
+    lines.append("")
     if result.get("memory"):
         lines += ["## Memory against the number of runs", "",
                   "A ViT-B/32 image encoder (87.8M parameters, random init) and 8 fine-tunes of it on disk; each "
@@ -352,6 +453,15 @@ def main() -> None:
                         help="the coefficient's search for each setting (golden: about half the evaluations)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure peak memory of merging 8 runs against 2 (ViT-B/32-sized)")
+    parser.add_argument("--layerwise-steps", type=int,
+                        help="optimiser steps of the layer-wise methods (default: the registry's)")
+    parser.add_argument("--assemble", action="store_true",
+                        help="only read back finished merges (as --reuse) and leave the others out of the table")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read back merges this bench already finished (same runs, support, search) instead of "
+                             "redoing them")
+    parser.add_argument("--memory-methods", default=",".join(MEMORY_KEYS),
+                        help="the methods whose memory against the number of runs is measured")
     parser.add_argument("--notes", type=Path, help="a markdown file appended to merging.md (the reading of the table)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-merging"))
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
@@ -368,11 +478,17 @@ def main() -> None:
             runs = [args.suite_runs / f"seed-{seed}" / task for task in tasks]
         else:
             runs = args.runs or build_runs(model, tasks, support, seed, runs_dir)
-        per_seed.append(one_seed(runs, support, seed, args.methods.split(","), runs_dir / "merged", args.search))
+        fixed = {m: {"steps": args.layerwise_steps} for m in ("layerwise", "layerwise-labelled")
+                 if args.layerwise_steps}
+        per_seed.append(one_seed(runs, support, seed, args.methods.split(","), runs_dir / "merged", args.search,
+                                 args.reuse, fixed, args.assemble))
     merged_tasks = list(per_seed[0]["own"])
     result = {"model": model, "tasks": merged_tasks, "support": support, "seeds": args.seeds, "search": args.search,
+              "layerwise_steps": args.layerwise_steps,
               "machine": machine,
-              "per_seed": per_seed, "memory": memory_scaling(runs_dir / "memory") if args.memory else None}
+              "per_seed": per_seed,
+              "memory": memory_scaling(runs_dir / "memory", methods=tuple(args.memory_methods.split(",")))
+              if args.memory else None}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.results_dir / "merging.json", result)
     plot(per_seed, merged_tasks, args.results_dir / "merging.png")

@@ -23,6 +23,10 @@ from patcher.patching.merge_methods import (
     parse_params,
     task_arithmetic_delta,
     ties_delta,
+    wudi_delta,
+    wudi_matrix,
+    wudi_objective,
+    wudi_statistics,
 )
 from patcher.patching.sources import FileVectors, StateVectors, TensorFile
 
@@ -95,6 +99,30 @@ def reference_consensus(flat_tv: torch.Tensor, flat_ft: torch.Tensor, flat_ptm: 
     masks = (flat_ptm - flat_ft).abs() > (flat_multi - flat_ft).abs() * tall_lambda
     consensus = masks.float().sum(0) >= k
     return flat_tv.sum(0) * consensus
+
+
+def reference_wudi_loss(merged: torch.Tensor, tvs: torch.Tensor) -> torch.Tensor:
+    """tanganke/fusion_bench fusion_bench/method/wudi/wudi.py, wudi_merging (as nathanielyvo/WUDI-Merging's
+    get_redundant_task_vector): the loss of one 2-D key, tvs stacked [N, out, in]."""
+    l2_norms = torch.square(torch.norm(tvs.reshape(tvs.shape[0], -1), p=2, dim=-1))
+    disturbing_vectors = merged.unsqueeze(0) - tvs
+    product = torch.matmul(disturbing_vectors, tvs.transpose(1, 2))
+    return torch.sum(torch.square(product) / l2_norms.unsqueeze(-1).unsqueeze(-1))
+
+
+def reference_wudi(tvs: torch.Tensor, iter_num: int, lr: float) -> torch.Tensor:
+    """The same file: a 2-D key starts at the sum and takes iter_num Adam(lr, weight_decay=0) steps on that loss;
+    any other key is the mean of the task vectors."""
+    if tvs.dim() != 3:
+        return tvs.sum(0) / len(tvs)
+    merged = torch.nn.Parameter(torch.sum(tvs, dim=0))
+    optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    for _ in range(iter_num):
+        loss = reference_wudi_loss(merged, tvs)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return merged.detach()
 
 
 def _vectors(base: dict, finetuned: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,3 +267,61 @@ def test_layerwise_gradient_streamed_per_run_equals_autograd_through_the_coeffic
     loss(merged).backward()
     streamed = _coefficient_gradient(vectors, merged, groups, (3, 2))
     assert torch.allclose(streamed, coefficients.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("runs", [2, 5])
+def test_wudi_objective_and_gradient_match_the_authors_loss(runs: int):
+    """The streamed statistics give the authors' loss (up to its constant) and its autograd gradient."""
+    base, finetuned = random_states(runs, seed=20 + runs)
+    vectors = StateVectors(base, finetuned)
+    tvs = vectors.stacked("a.weight").double()
+    total, gram, target = (t.double() for t in wudi_statistics(vectors, "a.weight"))
+    assert torch.allclose(total, tvs.sum(0))
+    constant = float(sum(torch.square(t @ t.T).sum() / torch.square(t).sum() for t in tvs))
+    for point in (total, total + 0.05 * torch.randn(total.shape, generator=torch.Generator().manual_seed(3),
+                                                     dtype=torch.float64)):
+        merged = point.clone().requires_grad_(True)
+        loss = reference_wudi_loss(merged, tvs)
+        loss.backward()
+        value = float(loss.detach())
+        assert abs(wudi_objective(point, gram, target, constant) - value) <= 1e-6 * max(1.0, value)
+        assert torch.allclose(2 * (point @ gram - target), merged.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("runs,steps,lr", [(2, 50, 1e-3), (4, 300, 1e-5), (4, 100, 1e-2)])
+def test_wudi_matches_the_authors_optimisation_with_the_same_steps(runs: int, steps: int, lr: float):
+    """Same start, optimiser, steps and learning rate as fusion_bench's wudi_merging: the same merged vector."""
+    base, finetuned = random_states(runs, seed=30 + runs)
+    vectors = StateVectors(base, finetuned)
+    delta = wudi_delta(vectors, {"steps": steps, "lr": lr}, 0)
+    for key in base:
+        expected = reference_wudi(vectors.stacked(key), steps, lr)
+        assert torch.allclose(delta[key], expected, atol=1e-6, rtol=0), key
+    assert not torch.allclose(delta["a.weight"], vectors.stacked("a.weight").sum(0), atol=1e-4)  # it moved
+
+
+def test_wudi_lowers_the_objective_and_transposes_open_clips_projection():
+    base, finetuned = random_states(3, seed=40)
+    base["visual.proj"] = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))  # [in, out] in open_clip
+    for number, state in enumerate(finetuned):
+        state["visual.proj"] = base["visual.proj"] + 0.1 * torch.randn(5, 7, generator=torch.Generator()
+                                                                         .manual_seed(number + 2))
+    vectors = StateVectors(base, finetuned)
+    total, gram, target = wudi_statistics(vectors, "a.weight")
+    assert wudi_objective(wudi_matrix(total, gram, target, 100, 1e-3), gram, target) < wudi_objective(total, gram,
+                                                                                                        target)
+    delta = wudi_delta(vectors, {"steps": 60, "lr": 1e-3}, 0)
+    expected = reference_wudi(vectors.stacked("visual.proj").transpose(1, 2), 60, 1e-3).T
+    assert torch.allclose(delta["visual.proj"], expected, atol=1e-6, rtol=0)
+
+
+def test_wudi_leaves_out_runs_that_did_not_change_a_key():
+    """A probed head only one run trained: that run's vector (the authors' mean and loss would divide by N, by 0)."""
+    base, finetuned = random_states(3, seed=50)
+    for state in finetuned[1:]:
+        state["a.weight"], state["a.bias"] = base["a.weight"], base["a.bias"]
+    vectors = StateVectors(base, finetuned)
+    delta = wudi_delta(vectors, {"steps": 300, "lr": 1e-3}, 0)
+    assert torch.allclose(delta["a.bias"], vectors.vector(0, "a.bias"), atol=1e-7)
+    assert torch.allclose(delta["a.weight"], vectors.vector(0, "a.weight"), atol=1e-5)
+    assert all(torch.isfinite(value).all() for value in delta.values())

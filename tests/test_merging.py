@@ -157,3 +157,27 @@ def test_merge_cli_runs_a_method(world: dict, tmp_path: Path):
     merge = to_json(load_run(tmp_path / "c").manifest.multi.merge)
     assert merge["method"] == "consensus" and merge["min_retained"] == 0.5
     assert merge["params"] == {"tall_lambda": 0.6, "agreement": 2}
+
+
+def test_wudi_merge_through_the_cli_stores_the_method_applied_to_the_runs(world: dict, tmp_path: Path):
+    """`patcher merge --method wudi`: the manifest names WUDI-Merging and its parameters, and the stored weights are
+    zero-shot + c * WUDI(task vectors), recomputed here from the runs' files."""
+    from patcher.patching.merge_methods import wudi_delta
+    from patcher.patching.sources import StateVectors
+
+    runs = [str(r) for r in world["runs"]]
+    result = runner.invoke(app, ["merge", *runs, "--out", str(tmp_path / "w"), "--method", "wudi", "--param",
+                                 "steps=20", "--param", "lr=0.001", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    manifest = load_run(tmp_path / "w").manifest
+    merge = manifest.multi.merge
+    assert merge.method == "wudi" and merge.params == {"steps": 20, "lr": 0.001}
+    assert "arXiv:2503.08099" in merge.reference and "WUDI-Merging" in merge.reference
+    zeroshot = {k: v for k, v in load_file(str(tmp_path / "w/models/zeroshot.safetensors")).items()
+                if k.startswith("visual.")}
+    finetuned = [{k: v for k, v in load_file(str(r / "models/finetuned.safetensors")).items() if k in zeroshot}
+                 for r in world["runs"]]
+    delta = wudi_delta(StateVectors(zeroshot, finetuned), {"steps": 20, "lr": 0.001}, 0)
+    patched = load_file(str(tmp_path / "w/models/patched.safetensors"))
+    for key, base in zeroshot.items():
+        assert torch.allclose(patched[key], base + manifest.alpha.chosen * delta[key], atol=1e-6), key

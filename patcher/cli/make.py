@@ -20,12 +20,13 @@ DataMode = Annotated[str, typer.Option(
 SkipBadImages = Annotated[bool, typer.Option(
     help="Leave unusable image files of folder: datasets out (counted in a warning) instead of refusing them.")]
 MergeMethodOption = Annotated[str, typer.Option(
-    "--method", help="How task vectors combine: task-arithmetic, ties, dare, breadcrumbs, consensus, layerwise "
-                     "(AdaMerging, entropy on unlabelled held-out images) or layerwise-labelled; see `patcher "
-                     "merge-methods`.")]
+    "--method", help="How task vectors combine: task-arithmetic, ties, dare, breadcrumbs, consensus, wudi "
+                     "(data-free), layerwise (AdaMerging, entropy on unlabelled held-out images) or "
+                     "layerwise-labelled; see `patcher merge-methods`.")]
 MergeParam = Annotated[list[str] | None, typer.Option(
     "--param", help="Hold a merge parameter at a value instead of searching its grid, KEY=VALUE, repeatable "
-                    "(ties density, dare drop, breadcrumbs density/gamma, consensus tall_lambda/agreement).")]
+                    "(ties density, dare drop, breadcrumbs density/gamma, consensus tall_lambda/agreement, wudi "
+                    "steps/lr).")]
 MinRetained = Annotated[float | None, typer.Option(
     help="Also require each merged task to keep this share of its own fine-tune's held-out accuracy, e.g. 0.9.")]
 MergeSeed = Annotated[int, typer.Option(help="Seed of DARE's drop masks and of the layer-wise learning.")]

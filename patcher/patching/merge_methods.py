@@ -196,6 +196,76 @@ def consensus_delta(vectors: TaskVectors, params: Mapping[str, float], seed: int
     return {key: consensus_tensor(vectors.stacked(key), tall_lambda, agreement) for key in vectors.keys}
 
 
+# ---- WUDI-Merging -------------------------------------------------------------------------------------------------
+
+# open_clip stores these projections as [in, out] (x @ proj), not nn.Linear's [out, in]: WUDI works on their transpose
+TRANSPOSED = ("visual.proj", "text_projection")
+
+
+def wudi_statistics(vectors: TaskVectors, key: str, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """(sum of the task vectors, G, B) of one matrix, streamed one run at a time: WUDI's objective
+    sum_i ||(tau - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2 is tr(tau G tau^T) - 2 tr(tau B^T) + const with
+    G = sum_i tau_i^T tau_i / ||tau_i||^2 and B = sum_i tau_i tau_i^T tau_i / ||tau_i||^2, so its gradient
+    2 (tau G - B) needs neither all N task vectors at once nor their product at every step (runs that left the
+    matrix unchanged add nothing, where the authors' code would divide 0 by 0)."""
+    total = gram = target = None
+    for run in range(vectors.count):
+        vector = vectors.vector(run, key)
+        vector = vector.T if transpose else vector
+        if total is None:
+            total = torch.zeros_like(vector)
+            gram = torch.zeros(vector.shape[1], vector.shape[1])
+            target = torch.zeros_like(vector)
+        total += vector
+        norm = float(vector.square().sum())
+        if norm > 0:
+            product = vector.T @ vector / norm
+            gram += product
+            target += vector @ product
+    assert total is not None and gram is not None and target is not None
+    return total, gram, target
+
+
+def wudi_matrix(total: torch.Tensor, gram: torch.Tensor, target: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """The authors' optimisation: Adam (lr, no weight decay) from the sum of the task vectors, `steps` steps on
+    WUDI's objective, its gradient 2 (tau G - B)."""
+    merged = torch.nn.Parameter(total.clone())
+    optimiser = torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        merged.grad = 2 * (merged.detach() @ gram - target)
+        optimiser.step()
+    return merged.detach()
+
+
+def wudi_objective(merged: torch.Tensor, gram: torch.Tensor, target: torch.Tensor, constant: float = 0.0) -> float:
+    """WUDI's objective from the streamed statistics, up to the constant sum_i ||tau_i tau_i^T||^2 / ||tau_i||^2."""
+    return float((merged @ gram * merged).sum() - 2 * (merged * target).sum()) + constant
+
+
+def wudi_delta(vectors: TaskVectors, params: Mapping[str, float], seed: int) -> Delta:
+    """WUDI-Merging: each matrix the minimiser (a few hundred Adam steps) of its interference with every task's
+    subspace; other tensors (biases, norms, conv1) the mean of the task vectors that changed them, as the authors'
+    code does."""
+    steps, lr = int(params["steps"]), float(params["lr"])
+    delta = {}
+    for key in vectors.keys:
+        if vectors.base[key].dim() == 2:
+            transpose = key in TRANSPOSED
+            merged = wudi_matrix(*wudi_statistics(vectors, key, transpose), steps, lr)
+            delta[key] = merged.T.contiguous() if transpose else merged
+            continue
+        total = torch.zeros_like(vectors.base[key], dtype=torch.float32)
+        changed = 0
+        for run in range(vectors.count):
+            vector = vectors.vector(run, key)
+            changed += bool(torch.any(vector != 0))
+            total += vector
+        delta[key] = total / max(changed, 1)
+    return delta
+
+
 # ---- the registry -------------------------------------------------------------------------------------------------
 
 HELDOUT = "labelled held-out images of every merged and supported task (the coefficient and parameters are chosen)"
@@ -226,6 +296,15 @@ METHODS: dict[str, MergeMethod] = {method.name: method for method in (
                 (Parameter("tall_lambda", 0.6, (0.4, 0.6), "TALL mask threshold lambda"),
                  Parameter("agreement", 2, (2,), "tasks whose masks must hold to keep a weight", integer=True)),
                 combine=consensus_delta),
+    MergeMethod("wudi", "WUDI-Merging (data-free interference minimisation)", "Cheng et al., Whoever started "
+                "the interference should end it: guiding data-free model merging via task vectors, ICML 2025 "
+                "(arXiv:2503.08099)", "https://github.com/nathanielyvo/WUDI-Merging; https://github.com/tanganke/"
+                "fusion_bench (fusion_bench/method/wudi/wudi.py)", "no data to merge (weights only); labelled "
+                "held-out images only for patcher's coefficient and PAINT's rule",
+                (Parameter("steps", 300, (300,), "Adam steps per matrix (the authors' iter_num)", integer=True),
+                 Parameter("lr", 1e-5, (1e-5, 1e-4), "Adam learning rate (the authors' 1e-5, tuned for ViT-B/32's "
+                           "task-vector scale)")),
+                combine=wudi_delta),
     MergeMethod("layerwise", "Layer-wise AdaMerging (entropy, unlabelled)", "Yang et al., AdaMerging, ICLR 2024 "
                 "(arXiv:2310.02575)", "https://github.com/EnnengYang/AdaMerging; https://github.com/tanganke/"
                 "fusion_bench", "unlabelled held-out images (entropy minimisation; labels never read) to learn one "
