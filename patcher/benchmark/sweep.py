@@ -153,7 +153,8 @@ def _window(
     before = server_stats.snapshot(client, request.model)
     client_cpu = cpu_seconds_self()
     server_cpu = cpu_seconds_group(server_pgid) if server_pgid else None
-    load = run_load(url, request, concurrency, sweep.round_duration_s, requests, sweep.timeout_s, channel)
+    load = run_load(url, request, concurrency, sweep.round_duration_s, requests, timeout_s=sweep.timeout_s,
+                    channel=channel)
     client_cpu = cpu_seconds_self() - client_cpu
     if server_cpu is not None:
         after_cpu = cpu_seconds_group(server_pgid)  # type: ignore[arg-type]
@@ -228,7 +229,7 @@ def run_sweep(
                     for target in served:  # uncounted: new shapes make onnxruntime allocate
                         before = server_stats.snapshot(client, target.name)
                         warm = warm_up(url, payloads[target.name], concurrency, max(4, 2 * concurrency),
-                                       sweep.timeout_s, channel)
+                                       timeout_s=sweep.timeout_s, channel=channel)
                         server_stats.settled_snapshot(client, target.name, before, warm.succeeded)  # not in a window
                         latency = max(latency, float(warm.latencies_s.mean()) if warm.succeeded else 0.0)
                     setting = sweep.windowed(sweep.rounds_for(latency))
