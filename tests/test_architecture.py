@@ -175,3 +175,25 @@ def test_the_manifest_copies_the_runtime_configs_it_records() -> None:
         assert not issubclass(record, runtime)
         copied = [(f.name, f.default) for f in fields(record)][:len(fields(runtime))]
         assert copied == [(f.name, f.default) for f in fields(runtime)], record.__name__
+
+
+def test_the_parts_form_no_circle() -> None:
+    """Drawn from every import of every module, the parts' graph has no circle: nothing climbs back up."""
+    edges: dict[str, set[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        relative = path.relative_to(ROOT)
+        if len(relative.parts) > 1:
+            edges.setdefault(relative.parts[0], set()).update(
+                part_of(target) for _, target in patcher_imports(path)
+                if target != "patcher" and part_of(target) not in (relative.parts[0], *TOP_LEVEL))
+
+    def above(part: str) -> set[str]:
+        seen, todo = set(), [part]
+        while todo:
+            for target in edges.get(todo.pop(), set()) - seen:
+                seen.add(target)
+                todo.append(target)
+        return seen
+
+    assert "stages" not in above("benchmark") and "training" not in above("runs")
+    assert sorted(part for part in edges if part in above(part)) == []

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from patcher import __version__
 from patcher.cli import app
-from patcher.cli.app import grpc_address
+from patcher.cli.shared import grpc_address
 
 runner = CliRunner()
 COMMANDS = ["build", "merge", "pretrain", "show", "demo", "tasks", "models", "export", "triton", "serve", "classify",

@@ -131,6 +131,7 @@ def run_load(
     concurrency: int,
     duration_s: float,
     max_requests: int,
+    *,
     timeout_s: float = 30.0,
     channel: grpc.Channel | None = None,
 ) -> LoadResult:
@@ -145,9 +146,8 @@ def run_load(
         raise ValueError("concurrency and max_requests must be at least 1, duration_s positive")
     owned = channel is None
     channel = channel or open_channel(url)
-    call = channel.unary_unary(
-        MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
-    )
+    call = channel.unary_unary(MODEL_INFER, request_serializer=None,
+                               response_deserializer=service_pb2.ModelInferResponse.FromString)
     lock = threading.Lock()
     claimed = [0]
     start = threading.Barrier(concurrency + 1)
@@ -179,30 +179,42 @@ def run_load(
             latencies.append((began, finished))
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
     try:
-        clock["start"] = time.perf_counter()
-        clock["deadline"] = clock["start"] + duration_s
-        start.wait()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - clock["start"]
+        elapsed = _drive(threads, start, clock, duration_s)
     finally:
         if owned:
             channel.close()
+    return _result(per_worker, claimed[0], claimed[0] >= max_requests, clock, elapsed)
+
+
+def _drive(threads: list[threading.Thread], start: threading.Barrier, clock: dict[str, float],
+           duration_s: float) -> float:
+    """Start the workers, release them together with the clock set, wait for them; the seconds it took."""
+    for thread in threads:
+        thread.start()
+    clock["start"] = time.perf_counter()
+    clock["deadline"] = clock["start"] + duration_s
+    start.wait()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - clock["start"]
+
+
+def _result(per_worker: list[tuple[list[tuple[float, float]], Counter]], sent: int, count_ended: bool,
+            clock: dict[str, float], elapsed: float) -> LoadResult:
+    """The workers' answers and errors pooled, each answer counted with its share of the window (see run_load)."""
     answers = np.array([pair for worker_answers, _ in per_worker for pair in worker_answers]).reshape(-1, 2)
     errors: Counter = Counter()
     for _, worker_errors in per_worker:
         errors.update(worker_errors)
-    if claimed[0] >= max_requests:  # the count ended it: every answer is in the window, which ends with the last
+    if count_ended:  # the count ended it: every answer is in the window, which ends with the last
         window_end = float(answers[:, 1].max()) if len(answers) else clock["start"] + elapsed
     else:
         window_end = clock["deadline"]
     began, finished = answers[:, 0], answers[:, 1]
     share = np.clip((np.minimum(finished, window_end) - began) / np.maximum(finished - began, 1e-12), 0.0, 1.0)
     return LoadResult(
-        sent=claimed[0],
+        sent=sent,
         succeeded=len(answers),
         failed=sum(errors.values()),
         elapsed_s=elapsed,
@@ -214,11 +226,11 @@ def run_load(
 
 
 def warm_up(
-    url: str, payload: Payload, concurrency: int, requests: int, timeout_s: float = 30.0,
+    url: str, payload: Payload, concurrency: int, requests: int, *, timeout_s: float = 30.0,
     channel: grpc.Channel | None = None,
 ) -> LoadResult:
     """A few uncounted requests at the setting about to be measured (new shapes make onnxruntime allocate)."""
-    return run_load(url, payload, concurrency, timeout_s, requests, timeout_s, channel)
+    return run_load(url, payload, concurrency, timeout_s, requests, timeout_s=timeout_s, channel=channel)
 
 
 def latency_summary(latencies_s: np.ndarray) -> dict[str, float | None]:

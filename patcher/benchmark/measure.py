@@ -26,7 +26,7 @@ from patcher.benchmark.latency_plot import latency_throughput_plot
 from patcher.benchmark.machine import load_average, machine_info
 from patcher.benchmark.report import write_report
 from patcher.benchmark.results import FORMAT, comparisons, targets
-from patcher.benchmark.sweep import Sweep, SweepOptions, inprocess_runners, run_sweep
+from patcher.benchmark.sweep import Sweep, SweepOptions, SweepServer, inprocess_runners, run_sweep
 from patcher.benchmark.targets import BYTES_KIND, ServedTarget, check_batches, describe, inspect_target
 
 CLIENT = "closed loop: a thread per concurrency slot, blocking gRPC unary calls on one channel, request serialised once"
@@ -162,8 +162,9 @@ def _sweep(server: BenchServer, sweep: Sweep, context: RunContext | None, includ
                 progress.update(bar, advance=1, status=status)
 
             try:
-                rows = run_sweep(server.url, client, served, sweep, flops, peak["peak_gflops"], server.pgid, local,
-                                 tick, server.headers)
+                target = SweepServer(url=server.url, client=client, served=served, flops=flops,
+                                     peak=peak["peak_gflops"], pgid=server.pgid, headers=server.headers)
+                rows = run_sweep(target, sweep, local, tick)
             except InferenceServerException as error:  # requests' own failures are counted per row, not raised
                 raise PatcherError(
                     f"the server at {server.url} stopped answering during the sweep ({error.message()}): "

@@ -113,13 +113,39 @@ def _met(value: bool | None) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: context, targets, accuracy and cost, every row, the side-by-side ratios."""
-    machine, settings, flops = report["machine"], report["settings"], report.get("flops", {})
+    lines = [f"# patcher bench: {report['name']}", "", *_context_lines(report), "", "## Targets", ""]
+    lines += _md_table(
+        ["target", "measured (this run, side by side)", "met"],
+        [[t["target"], t["measured"] or "-", _met(t["met"])] for t in report["targets"]],
+    )
+    lines += ["", "## Accuracy and cost", ""]
+    header = ["model", "accuracy %", "GFLOP / image", "best img/s (Triton)", "at batch x conc", "p99 ms there"]
+    lines += _md_table(header, _cost_rows(report))
+    lines += _accuracy_lines(report)
+    lines += ["", "## Every measurement", ""]
+    lines += _md_table(COLUMNS, [row_cells(report, row) for row in report["results"]])
+    lines += ["", "queue / compute ms: Triton's statistics, mean per request over the same window (deltas before and "
+              "after); srv batch: images per model execution (dynamic batching); of peak: achieved GFLOP/s over "
+              "the matmul peak."]
+    lines += _comparison_lines(report["comparisons"])
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
+    files = report.get("files", {})
+    if files.get("png"):
+        lines += ["", f"![throughput against p99 latency]({Path(files['png']).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _context_lines(report: dict[str, Any]) -> list[str]:
+    """The run, machine, server, client and sweep the report measured."""
+    machine, settings = report["machine"], report["settings"]
     run = report.get("run") or {}
-    lines = [f"# patcher bench: {report['name']}", ""]
+    lines = []
     if run:
         lines.append(f"Run `{run['name']}` (manifest sha256 `{run['manifest_sha256'][:16]}`, alpha {run['alpha']}, "
                      f"model {run['model']}).")
-    lines += [
+    return [
+        *lines,
         f"Created {report['created']} on {machine['cpu']}: {machine['usable_cores']} usable cores "
         f"({machine['physical_cores']} physical), {machine['memory_gib']} GiB; load average "
         f"{machine['load_average_start']} at start, {machine.get('load_average_end')} at end.",
@@ -132,17 +158,12 @@ def markdown(report: dict[str, Any]) -> str:
         "where requests are slow); inputs "
         f"{'in system shared memory' if settings['shared_memory'] else 'inline in the gRPC request'}.",
         _server_line(report),
-        "",
-        "## Targets",
-        "",
     ]
-    lines += _md_table(
-        ["target", "measured (this run, side by side)", "met"],
-        [[t["target"], t["measured"] or "-", _met(t["met"])] for t in report["targets"]],
-    )
-    lines += ["", "## Accuracy and cost", ""]
-    header = ["model", "accuracy %", "GFLOP / image", "best img/s (Triton)", "at batch x conc", "p99 ms there"]
-    lines += _md_table(header, _cost_rows(report))
+
+
+def _accuracy_lines(report: dict[str, Any]) -> list[str]:
+    """Where the accuracy figures come from, and the matmul peak the FLOP rates are measured against."""
+    lines = []
     accuracy = report.get("accuracy") or {}
     if accuracy:
         note = accuracy.get("error") or (
@@ -150,16 +171,17 @@ def markdown(report: dict[str, Any]) -> str:
         )
         lines += ["", f"Accuracy: {accuracy['task']} test split ({note}); manifest figures where the full split is "
                   "used, onnxruntime's otherwise (the output-space ensemble always)."]
+    flops = report.get("flops", {})
     if flops.get("matmul"):
         m = flops["matmul"]
         lines += [f"Peak: float32 torch.matmul {m['size']}x{m['size']} on {m['threads']} threads: "
                   f"{m['peak_gflops']} GFLOP/s (median {m['median_gflops']})."]
-    lines += ["", "## Every measurement", ""]
-    lines += _md_table(COLUMNS, [row_cells(report, row) for row in report["results"]])
-    lines += ["", "queue / compute ms: Triton's statistics, mean per request over the same window (deltas before and "
-              "after); srv batch: images per model execution (dynamic batching); of peak: achieved GFLOP/s over "
-              "the matmul peak."]
-    compared = report["comparisons"]
+    return lines
+
+
+def _comparison_lines(compared: dict[str, Any]) -> list[str]:
+    """The side-by-side ratio tables the sweep measured."""
+    lines = []
     for key, title in (("patched_vs_zeroshot", "Patched / zero-shot (same graph: ~1.0 expected)"),
                        ("patched_vs_outensemble", "Patched / output-space ensemble (one encoder pass against two)"),
                        ("int8_vs_patched", "int8 / float32 patched (same graph, dynamically quantised)")):
@@ -174,12 +196,7 @@ def markdown(report: dict[str, Any]) -> str:
                            [[str(c["batch_size"]), str(c["best_concurrency"]), _num(c["triton"], 0),
                              _num(c["onnxruntime"], 0), f"{c['ratio']:.3f}"]
                             for c in compared["triton_vs_onnxruntime"]])
-    if report.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
-    files = report.get("files", {})
-    if files.get("png"):
-        lines += ["", f"![throughput against p99 latency]({Path(files['png']).name})"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _cost_rows(report: dict[str, Any]) -> list[list[str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -145,31 +145,63 @@ class _Pooled:
             self.server_cpu_s = (self.server_cpu_s or 0.0) + server_cpu_s
 
 
-def _window(
-    url: str, client: Any, channel: Any, request: Payload, concurrency: int, sweep: Sweep, server_pgid: int | None,
-    pooled: _Pooled, requests: int,
-) -> None:
+@dataclass(frozen=True, kw_only=True)
+class SweepServer:
+    """The served side of a sweep: the server's address, client, process group and key headers, the models it
+    serves, and what their rows are measured against (FLOPs per image of each kind, the matmul peak)."""
+
+    url: str
+    client: Any
+    served: list[ServedTarget]
+    flops: dict[str, int]
+    peak: float | None
+    pgid: int | None = None
+    headers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class _Rig:
+    """What every window of a sweep uses: the server, the sweep, the open channel, the progress callback."""
+
+    server: SweepServer
+    sweep: Sweep
+    channel: Any
+    tick: Tick
+
+
+@dataclass
+class _InProcess:
+    """The in-process runners of one batch size, each one's budget over the batch, and what they measured."""
+
+    runners: dict[tuple[str, str], Runner]
+    budgets: dict[tuple[str, str], Budget]
+    pooled: dict[tuple[str, str], LoadResult] = field(default_factory=dict)
+
+
+def _window(rig: _Rig, request: Payload, concurrency: int, setting: Sweep, pooled: _Pooled, requests: int) -> None:
     """One measurement window, with Triton's statistics and the client's and server's CPU time around it."""
+    client, pgid = rig.server.client, rig.server.pgid
     before = server_stats.snapshot(client, request.model)
     client_cpu = cpu_seconds_self()
-    server_cpu = cpu_seconds_group(server_pgid) if server_pgid else None
-    load = run_load(url, request, concurrency, sweep.round_duration_s, requests, sweep.timeout_s, channel)
+    server_cpu = cpu_seconds_group(pgid) if pgid else None
+    load = run_load(rig.server.url, request, concurrency, setting.round_duration_s, requests,
+                    timeout_s=setting.timeout_s, channel=rig.channel)
     client_cpu = cpu_seconds_self() - client_cpu
     if server_cpu is not None:
-        after_cpu = cpu_seconds_group(server_pgid)  # type: ignore[arg-type]
+        after_cpu = cpu_seconds_group(pgid)  # type: ignore[arg-type]
         server_cpu = None if after_cpu is None else after_cpu - server_cpu
     after = server_stats.settled_snapshot(client, request.model, before, load.succeeded)
     pooled.add(load, server_stats.delta(before, after), client_cpu, server_cpu)
 
 
-def _served_row(target: ServedTarget, batch: int, concurrency: int, sweep: Sweep, pooled: _Pooled,
-                flops: dict[str, int], peak: float | None) -> dict[str, Any]:
+def _served_row(rig: _Rig, target: ServedTarget, batch: int, concurrency: int, setting: Sweep,
+                pooled: _Pooled) -> dict[str, Any]:
     assert pooled.load is not None
-    input_kind = "bytes" if target.takes_bytes else ("shm" if sweep.shared_memory else "inline")
+    input_kind = "bytes" if target.takes_bytes else ("shm" if setting.shared_memory else "inline")
     row = result_row(target.name, target.kind, "triton", input_kind, batch, concurrency, pooled.load, pooled.server,
-                     flops.get(target.kind), peak)
+                     rig.server.flops.get(target.kind), rig.server.peak)
     sent = pooled.load.sent
-    row["windows"] = sweep.rounds
+    row["windows"] = setting.rounds
     row["client_cpu_ms_per_request"] = round(1e3 * pooled.client_cpu_s / sent, 4) if sent else None
     if pooled.server_cpu_s is not None and sent:
         row["server_cpu_ms_per_request"] = round(1e3 * pooled.server_cpu_s / sent, 4)
@@ -192,16 +224,10 @@ def inprocess_runners(context: RunContext, threads: int) -> Callable[[int], dict
 
 
 def run_sweep(
-    url: str,
-    client: Any,
-    served: list[ServedTarget],
+    server: SweepServer,
     sweep: Sweep,
-    flops: dict[str, int],
-    peak: float | None,
-    server_pgid: int | None = None,
     local: Callable[[int], dict[tuple[str, str], Runner]] | None = None,
     tick: Tick = lambda _: None,
-    headers: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (batch, concurrency) setting against every served model, and the in-process runners of each batch,
     all interleaved ABBA in short windows: a row per served model and setting, one per in-process runner and batch.
@@ -210,60 +236,80 @@ def run_sweep(
     share of its window, so that at every batch size they are measured over the same minutes as the server.
     """
     rows = []
-    channel = open_channel(url)
+    channel = open_channel(server.url)
     try:
+        rig = _Rig(server, sweep, channel, tick)
         for batch in sweep.batch_sizes:
-            runners = local(batch) if local else {}
-            local_pooled: dict[tuple[str, str], LoadResult] = {}
-            batch_budgets = {key: Budget(sweep.max_requests, len(sweep.concurrency)) for key in runners}
-            with ExitStack() as stack:
-                payloads = {}
-                for target in served:
-                    region = None
-                    if sweep.shared_memory and not target.takes_bytes:
-                        region = stack.enter_context(shared_input(client, input_batch(target, batch), headers))
-                    payloads[target.name] = payload(target, batch, region)
-                for concurrency in sweep.concurrency:
-                    latency = 0.0
-                    for target in served:  # uncounted: new shapes make onnxruntime allocate
-                        before = server_stats.snapshot(client, target.name)
-                        warm = warm_up(url, payloads[target.name], concurrency, max(4, 2 * concurrency),
-                                       sweep.timeout_s, channel)
-                        server_stats.settled_snapshot(client, target.name, before, warm.succeeded)  # not in a window
-                        latency = max(latency, float(warm.latencies_s.mean()) if warm.succeeded else 0.0)
-                    setting = sweep.windowed(sweep.rounds_for(latency))
-                    local_window = setting.round_duration_s / len(sweep.concurrency)
-                    pooled = {target.name: _Pooled() for target in served}
-                    budgets = {target.name: Budget(sweep.max_requests, setting.rounds) for target in served}
-                    # in-process runners: one budget per batch, a share of it at each concurrency setting
-                    local_budgets = {key: Budget(batch_budgets[key].next_window(), setting.rounds) for key in runners}
-                    rotation: list[Any] = [*served, *runners]
-                    for round_index in range(setting.rounds):
-                        for item in round_order(rotation, round_index):
-                            budget = budgets[item.name] if isinstance(item, ServedTarget) else local_budgets[item]
-                            requests = budget.next_window()
-                            if requests < 1:
-                                continue
-                            if isinstance(item, ServedTarget):
-                                tick(f"{item.name} b{batch} c{concurrency} window {round_index + 1}/{setting.rounds}")
-                                _window(url, client, channel, payloads[item.name], concurrency, setting, server_pgid,
-                                        pooled[item.name], requests)
-                                budget.spend(pooled[item.name].last_sent)
-                                continue
-                            tick(f"{item[0]} {item[1]} b{batch} window {round_index + 1}/{setting.rounds}")
-                            load = measure(runners[item], local_window, requests,
-                                           warmup_calls=0 if item in local_pooled else 1)
-                            budget.spend(load.sent)
-                            batch_budgets[item].spend(load.sent)
-                            local_pooled[item] = local_pooled[item].merge(load) if item in local_pooled else load
-                    for _ in range((sweep.rounds - setting.rounds) * len(rotation)):
-                        tick(f"b{batch} c{concurrency}: {setting.rounds} longer windows")
-                    rows += [_served_row(t, batch, concurrency, setting, pooled[t.name], flops, peak) for t in served]
-            for (runtime, kind), load in local_pooled.items():
-                row = result_row(f"{kind} ({runtime})", kind, runtime, "in-process", batch, 1, load,
-                                 flops=flops.get(kind), peak_gflops=peak)
-                rows.append(row)
-            del runners
+            rows += _sweep_batch(rig, batch, local)
     finally:
         channel.close()
     return sorted(rows, key=lambda r: (r["runtime"] != "triton", r["batch_size"] if r["runtime"] != "triton" else 0))
+
+
+def _sweep_batch(rig: _Rig, batch: int, local: Callable[[int], dict[tuple[str, str], Runner]] | None
+                 ) -> list[dict[str, Any]]:
+    """One batch size at every concurrency (a row per served model and setting), then its in-process rows."""
+    sweep, rows = rig.sweep, []
+    runners = local(batch) if local else {}
+    inprocess = _InProcess(runners, {key: Budget(sweep.max_requests, len(sweep.concurrency)) for key in runners})
+    with ExitStack() as stack:
+        payloads = {}
+        for target in rig.server.served:
+            region = None
+            if sweep.shared_memory and not target.takes_bytes:
+                region = stack.enter_context(shared_input(rig.server.client, input_batch(target, batch),
+                                                          rig.server.headers))
+            payloads[target.name] = payload(target, batch, region)
+        for concurrency in sweep.concurrency:
+            rows += _sweep_setting(rig, payloads, batch, concurrency, inprocess)
+    for (runtime, kind), load in inprocess.pooled.items():
+        rows.append(result_row(f"{kind} ({runtime})", kind, runtime, "in-process", batch, 1, load,
+                               flops=rig.server.flops.get(kind), peak_gflops=rig.server.peak))
+    del runners, inprocess
+    return rows
+
+
+def _warm(rig: _Rig, payloads: dict[str, Payload], concurrency: int) -> float:
+    """Uncounted requests to every served model at this concurrency (new shapes make onnxruntime allocate); the
+    longest mean latency they saw."""
+    latency, client = 0.0, rig.server.client
+    for target in rig.server.served:
+        before = server_stats.snapshot(client, target.name)
+        warm = warm_up(rig.server.url, payloads[target.name], concurrency, max(4, 2 * concurrency),
+                       timeout_s=rig.sweep.timeout_s, channel=rig.channel)
+        server_stats.settled_snapshot(client, target.name, before, warm.succeeded)  # not in a window
+        latency = max(latency, float(warm.latencies_s.mean()) if warm.succeeded else 0.0)
+    return latency
+
+
+def _sweep_setting(rig: _Rig, payloads: dict[str, Payload], batch: int, concurrency: int,
+                   inprocess: _InProcess) -> list[dict[str, Any]]:
+    """One (batch, concurrency) setting: served models and in-process runners interleaved ABBA in windows."""
+    sweep, served = rig.sweep, rig.server.served
+    setting = sweep.windowed(sweep.rounds_for(_warm(rig, payloads, concurrency)))
+    local_window = setting.round_duration_s / len(sweep.concurrency)
+    pooled = {target.name: _Pooled() for target in served}
+    budgets = {target.name: Budget(sweep.max_requests, setting.rounds) for target in served}
+    # in-process runners: one budget per batch, a share of it at each concurrency setting
+    local_budgets = {key: Budget(inprocess.budgets[key].next_window(), setting.rounds) for key in inprocess.runners}
+    rotation: list[Any] = [*served, *inprocess.runners]
+    for round_index in range(setting.rounds):
+        for item in round_order(rotation, round_index):
+            budget = budgets[item.name] if isinstance(item, ServedTarget) else local_budgets[item]
+            requests = budget.next_window()
+            if requests < 1:
+                continue
+            if isinstance(item, ServedTarget):
+                rig.tick(f"{item.name} b{batch} c{concurrency} window {round_index + 1}/{setting.rounds}")
+                _window(rig, payloads[item.name], concurrency, setting, pooled[item.name], requests)
+                budget.spend(pooled[item.name].last_sent)
+                continue
+            rig.tick(f"{item[0]} {item[1]} b{batch} window {round_index + 1}/{setting.rounds}")
+            load = measure(inprocess.runners[item], local_window, requests,
+                           warmup_calls=0 if item in inprocess.pooled else 1)
+            budget.spend(load.sent)
+            inprocess.budgets[item].spend(load.sent)
+            inprocess.pooled[item] = inprocess.pooled[item].merge(load) if item in inprocess.pooled else load
+    for _ in range((sweep.rounds - setting.rounds) * len(rotation)):
+        rig.tick(f"b{batch} c{concurrency}: {setting.rounds} longer windows")
+    return [_served_row(rig, target, batch, concurrency, setting, pooled[target.name]) for target in served]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from patcher.cli import fleet, make, ship
-from patcher.cli.app import new_app, one_error_line
+from patcher.cli.shared import new_app, one_error_line
 
 COMMANDS = (
     make.build, make.merge, make.merge_methods, make.pretrain, make.show, make.demo, make.tasks, make.models,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from patcher.cli.app import DataDir, HiddenName, Url, served_model
+from patcher.cli.shared import DataDir, HiddenName, Url, served_model
 from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from patcher.base.errors import PatcherError
-from patcher.cli.app import DataDir, Device, Download, comma_list
+from patcher.cli.shared import DataDir, Device, Download, comma_list
 
 if TYPE_CHECKING:
     from patcher.patching.merge_search import MergeSpec

@@ -15,7 +15,7 @@ from patcher.benchmark.defaults import (
     DEFAULT_DURATION_S,
     DEFAULT_MAX_REQUESTS,
 )
-from patcher.cli.app import DataDir, HiddenName, Url, comma_list, grpc_address, served_model
+from patcher.cli.shared import DataDir, HiddenName, Url, comma_list, grpc_address, served_model
 from patcher.export.openvocab import DEFAULT_LIMITS as LABEL_LIMITS
 from patcher.triton.imaging import DEFAULT_LIMITS as IMAGE_LIMITS
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY as REPOSITORY

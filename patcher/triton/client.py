@@ -191,12 +191,7 @@ def classify_files(
     try:
         target = model if not raw or model.endswith("_patched") else f"{model}_patched"
         served = describe_model(client, target, url, timeout_s, key.grpc_headers if key else None)
-        if raw and served.preprocess is None:
-            raise PatcherError(f"{target} on {url} records no preprocessing: send image bytes to the ensemble instead")
-        if not served.tasks:
-            raise PatcherError(f"{target} on {url} has no logits outputs: pass the ensemble or a _patched model")
-        if not raw and served.input_datatype != "BYTES":
-            raise PatcherError(f"{target} takes {served.input_datatype} tensors, not image bytes: pass raw=True")
+        _check_classifies(served, target, url, raw)
         step = min(batch_size, served.max_batch_size) if served.max_batch_size > 0 else 1
         results: list[dict] = []
         for start in range(0, len(paths), step):
@@ -218,21 +213,33 @@ def classify_files(
             except InferenceServerException as error:
                 raise infer_error(error, chunk, target, url) from None
             per_task = {task: response.as_numpy(output) for task, (output, _) in served.tasks.items()}
-            for row, path in enumerate(chunk):
-                results.append(
-                    {
-                        "file": str(path),
-                        "model": target,
-                        "version": served.version,
-                        "tasks": {
-                            task: [parse_classification(e) for e in np.asarray(values[row]).reshape(-1)]
-                            for task, values in per_task.items()
-                        },
-                    }
-                )
+            results += [_file_result(path, target, served.version,
+                                     {task: values[row] for task, values in per_task.items()})
+                        for row, path in enumerate(chunk)]
         return results
     finally:
         client.close()
+
+
+def _check_classifies(served: ServedModel, target: str, url: str, raw: bool) -> None:
+    """PatcherError when the served model cannot answer classify_files' request (raw tensors or image bytes)."""
+    if raw and served.preprocess is None:
+        raise PatcherError(f"{target} on {url} records no preprocessing: send image bytes to the ensemble instead")
+    if not served.tasks:
+        raise PatcherError(f"{target} on {url} has no logits outputs: pass the ensemble or a _patched model")
+    if not raw and served.input_datatype != "BYTES":
+        raise PatcherError(f"{target} takes {served.input_datatype} tensors, not image bytes: pass raw=True")
+
+
+def _file_result(path: Path, target: str, version: str, per_task: dict[str, Any]) -> dict:
+    """One file's answer: the model and version that gave it, each task's top-k classifications."""
+    return {
+        "file": str(path),
+        "model": target,
+        "version": version,
+        "tasks": {task: [parse_classification(e) for e in np.asarray(values).reshape(-1)]
+                  for task, values in per_task.items()},
+    }
 
 
 def infer_error(error: Any, chunk: list[Path], model: str, url: str) -> PatcherError:
