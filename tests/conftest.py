@@ -58,10 +58,9 @@ SLOW_TESTS = (
     "tests/test_training.py::test_finetuning_lowers_the_loss_through_a_frozen_head",
 )
 # The modules of the longest tests (pytest --durations, 2 shared cores, 2026-12-07), started first and each kept
-# together (its module fixtures set up once a worker): xdist hands out the first quarter of the collection
-# round-robin, so their tests alternate between the workers at the start instead of one starting late and leaving
-# the other worker idle at the end. test_distributed builds its own models: it pairs with a worker waiting for the
-# shared tiny model.
+# together (its module fixtures set up once a worker). Under xdist's default scheduling they all landed in the first
+# worker's first chunk and ran one after another at the end; with --dist worksteal (pyproject.toml) a worker that
+# runs dry takes half of the other's queue from its end, so the long tests start early and the light ones fill in.
 LONGEST_FIRST = (
     "tests/test_objectstore.py",
     "tests/test_distributed.py",
