@@ -217,7 +217,7 @@ def test_the_classify_model_answers_probabilities_and_labelled_rankings_beside_i
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
     for row, ranking in enumerate(result.as_numpy("classification")):
         parsed = [item.decode().split(":", 2) for item in ranking]
-        assert [int(index) for _, index, _ in parsed] == list(np.argsort(-scores[row], kind="stable"))
+        assert [int(index) for _, index, _ in parsed] == list(np.argsort(-probs[row], kind="stable"))
         assert [label.encode() for _, index, label in parsed] == [labels[int(index)] for _, index, _ in parsed]
         np.testing.assert_allclose([float(p) for p, _, _ in parsed], np.sort(probs[row])[::-1], atol=1e-6)
     ranked = classify_labels(paths, "digits", [label.decode() for label in labels], url=served.grpc_url, top_k=3)

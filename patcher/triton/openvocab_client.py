@@ -103,7 +103,8 @@ def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templa
                 inputs.append(grpcclient.InferInput("templates", [len(templates)], "BYTES"))
                 inputs[2].set_data_from_numpy(_strings(templates))
             try:
-                response = client.infer(target, inputs, client_timeout=timeout_s)
+                wanted = [grpcclient.InferRequestedOutput(name) for name in ("scores", "probabilities")]
+                response = client.infer(target, inputs, outputs=wanted, client_timeout=timeout_s)
             except InferenceServerException as error:
                 raise infer_error(error, chunk, target, url) from None
             scores, probs = response.as_numpy("scores"), response.as_numpy("probabilities")

@@ -98,11 +98,20 @@ class TritonPythonModel:
             except Exception as error:  # a failure of this request (the text model, onnxruntime), not the server
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
                 continue
-            probs = probabilities(scores)
-            outputs = [pb_utils.Tensor(SCORES, scores), pb_utils.Tensor(PROBABILITIES, probs),
-                       pb_utils.Tensor(CLASSIFICATION, ranked_labels(probs, label_set.labels))]
-            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+            responses.append(pb_utils.InferenceResponse(output_tensors=self.outputs(request, scores, label_set)))
         return responses
+
+    def outputs(self, request: Any, scores: np.ndarray, label_set: LabelSet) -> list[Any]:
+        """The outputs the request asked for (all when it named none): the ranked strings cost N x L Python strings."""
+        wanted = set(request.requested_output_names()) or {SCORES, PROBABILITIES, CLASSIFICATION}
+        outputs = [pb_utils.Tensor(SCORES, scores)] if SCORES in wanted else []
+        if wanted & {PROBABILITIES, CLASSIFICATION}:
+            probs = probabilities(scores)
+            if PROBABILITIES in wanted:
+                outputs.append(pb_utils.Tensor(PROBABILITIES, probs))
+            if CLASSIFICATION in wanted:
+                outputs.append(pb_utils.Tensor(CLASSIFICATION, ranked_labels(probs, label_set.labels)))
+        return outputs
 
     def classify(self, request: Any) -> tuple[np.ndarray, LabelSet]:
         """The scores of one request's images against its label set, and that label set."""
