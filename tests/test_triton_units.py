@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from patcher.triton.imaging import (
 )
 from patcher.triton.repository.entry import MAX_NAME, Entry, check_entry_name
 from patcher.triton.serving.access import find_key, new_key, read_key_file, write_key_file
+from patcher.triton.serving.http_front import HttpFront
 from patcher.triton.serving.install import find_tritonserver
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -141,3 +143,24 @@ def test_an_image_sent_as_base64_text_is_told_how_to_send_bytes() -> None:
         open_image(base64.b64encode(png(8, 8)))
     with pytest.raises(ImageRejected, match=r"not a format this server reads"):
         open_image(b"plain text, not an image")
+
+
+def test_a_refused_client_that_keeps_sending_still_reads_its_refusal() -> None:
+    """The front answers 411 to a chunked body without reading it; the body bytes it never read must not turn its
+    close into a reset that destroys the answer (CI lost the 411 this way once; here it is lost every time without
+    the front's lingering close)."""
+    upstream = socket.create_server(("127.0.0.1", 0))  # a port that takes connections; no request ever reaches it
+    front = HttpFront("127.0.0.1", 0, upstream.getsockname()).start()
+    try:
+        port = front.port
+        head = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for _ in range(40):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                connection.sendall(head + b"ffff\r\n" + b"x" * 0xFFFF + b"\r\n")  # more than one read of the head takes
+                received = b""
+                while block := connection.recv(1 << 16):
+                    received += block
+            assert received.startswith(b"HTTP/1.1 411 "), received[:200]
+    finally:
+        front.stop()
+        upstream.close()

@@ -31,6 +31,7 @@ MAX_HEAD_BYTES = 64 << 10
 MAX_CONNECTIONS = 1024  # two file descriptors each; `patcher serve` raises its open-file limit to 4096
 CHUNK_BYTES = 1 << 20
 RECEIVE_BYTES = 256 << 10  # a body is read (and counted against the byte budget) in blocks of at most this
+LINGER_S, LINGER_BYTES = 2.0, 4 << 20  # what a refused client may still send before the front closes on it
 HOP_BY_HOP = (b"expect",)  # answered by the front itself; never forwarded
 STATUS_TEXT = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
                502: "Bad Gateway", 503: "Service Unavailable"}
@@ -134,6 +135,24 @@ def _refusal(status: int, message: str) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
+def _linger(client: socket.socket) -> None:
+    """Half-close after a refusal and discard what the client still sends, for at most LINGER_S and LINGER_BYTES.
+
+    Closing a socket with unread bytes in it sends a reset, and a reset can reach the client before it has read the
+    refusal (the client that sent a body after its head loses the answer); this is nginx's lingering close.
+    """
+    with contextlib.suppress(OSError):
+        client.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        discarded = 0
+        while discarded < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            client.settimeout(left)
+            block = client.recv(CHUNK_BYTES)
+            if not block:
+                return
+            discarded += len(block)
+
+
 class _Relay:
     """Send a response to a client that may have gone: after the first failure, bytes are dropped."""
 
@@ -222,6 +241,12 @@ class HttpFront:
         threading.Thread(target=self._accept, name="http-front", daemon=True).start()
         return self
 
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the system chose when asked for port 0)."""
+        assert self._listener is not None, "start() the front first"
+        return int(self._listener.getsockname()[1])
+
     def stop(self) -> None:
         """Stop listening and close every connection."""
         self._stopping.set()
@@ -271,6 +296,7 @@ class HttpFront:
         except _Refused as refused:
             self.refused += 1
             _Relay(client).send(_refusal(refused.status, refused.message))
+            _linger(client)
         except (_ClientGone, TimeoutError, ConnectionError, OSError, ValueError, IndexError):
             pass
         finally:
