@@ -2,7 +2,7 @@
 fronts, side by side; and what one oversized HTTP body makes tritonserver hold, directly and through the front.
 
     .venv/bin/python bench/serving_front.py EXPORT_OR_RUN [--seconds 5] [--rounds 3] [--concurrency 4]
-        [--protocols grpc,http] [--bare] [--arenas] [--oversized-mb 400]
+        [--protocols grpc,http] [--bare] [--arenas] [--oversized-mb 400] [--out-name serving-front]
 
 Writes a repository of the export in a temporary folder, starts the bundled tritonserver on free ports, a GrpcFront
 before its gRPC port and an HttpFront before its HTTP port, and runs a closed-loop client (its own process,
@@ -13,7 +13,8 @@ no deadline handling) is measured too, as the floor of what any Python gRPC hop 
 per round, the front's throughput over the direct path's measured just before it, median and range over rounds.
 Then one HTTP request announcing `--oversized-mb` of body is sent to each path while tritonserver's
 resident memory is sampled. With --arenas, a second server with glibc's default arenas (MALLOC_ARENA_MAX unset by
-patcher) is measured over gRPC, direct, to show what one arena costs. Writes bench/results/serving-front.{json,md}.
+patcher) is measured over gRPC, direct, to show what one arena costs. Writes bench/results/serving-front.{json,md}
+(`--out-name` names another stem).
 """
 
 from __future__ import annotations
@@ -249,6 +250,8 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true", help="also a bare gRPC pass-through (the floor)")
     parser.add_argument("--arenas", action="store_true", help="also a server with glibc's default arenas")
     parser.add_argument("--oversized-mb", type=int, default=400, help="0: skip the oversized HTTP body")
+    parser.add_argument("--out-name", default="serving-front",
+                        help="results file stem in bench/results (e.g. serving-front-vit-b-32 for a second model)")
     args = parser.parse_args()
 
     from patcher.triton.repository.writer import write_repository
@@ -303,9 +306,9 @@ def main() -> None:
               "export": str(args.export), "seconds": args.seconds, "rounds": args.rounds,
               "concurrency": args.concurrency, "results": summary, "ratios": ratios(rows), "oversized": oversized}
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / "serving-front.json", record)
+    write_json(OUT / f"{args.out_name}.json", record)
     text = _markdown(record)
-    write_text(OUT / "serving-front.md", text)
+    write_text(OUT / f"{args.out_name}.md", text)
     print(text)
 
 
