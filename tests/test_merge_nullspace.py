@@ -9,7 +9,7 @@ import torch
 
 from patcher.base.compat import import_open_clip
 from patcher.base.errors import PatcherError
-from patcher.patching.activation_stats import InputMoments, attention_values, encoder_moments
+from patcher.patching.activation_stats import InputMoments, attention_values, encoder_moments, supported_moments
 from patcher.patching.merge_methods import METHODS, get_method
 from patcher.patching.nullspace import bias_key, project, protect, protected_basis
 
@@ -119,6 +119,11 @@ def test_registry_has_a_nullspace_variant_of_every_combining_method():
             assert "arXiv:2410.02355" in variant.paper and "AlphaEdit" in variant.code
             assert "labels never read" in variant.needs
     assert get_method("wudi-nullspace").settings({"lr": 1e-5, "steps": 3}) == [
-        {"steps": 3, "lr": 1e-5, "energy": e} for e in (0.9, 0.99, 0.999)]
+        {"steps": 3, "lr": 1e-5, "energy": e} for e in (0.7, 0.8, 0.9, 0.95)]
     with pytest.raises(PatcherError, match="no such parameter"):
         get_method("task-arithmetic").settings({"energy": 0.9})
+
+
+def test_a_nullspace_merge_without_a_supported_task_is_refused():
+    with pytest.raises(PatcherError, match="--support"):
+        supported_moments(None, [], 0)  # type: ignore[arg-type]

@@ -318,7 +318,7 @@ METHODS: dict[str, MergeMethod] = {method.name: method for method in (
 )}
 
 
-NULLSPACE = Parameter("energy", 0.99, (0.9, 0.99, 0.999), "share of the supported tasks' input second moment (its "
+NULLSPACE = Parameter("energy", 0.9, (0.7, 0.8, 0.9, 0.95), "share of the supported tasks' input second moment (its "
                       "trace) whose directions each layer's merged change is kept out of")
 
 
