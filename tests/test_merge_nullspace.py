@@ -4,6 +4,8 @@ merged encoder with every supported direction protected gives the supported imag
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -127,3 +129,33 @@ def test_registry_has_a_nullspace_variant_of_every_combining_method():
 def test_a_nullspace_merge_without_a_supported_task_is_refused():
     with pytest.raises(PatcherError, match="--support"):
         supported_moments(None, [], 0)  # type: ignore[arg-type]
+
+
+class _Unlabelled:
+    """A held-out store whose labels fail when read."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, indices: object) -> object:
+        return self.images[torch.as_tensor(indices)].numpy()
+
+    @property
+    def labels(self) -> object:
+        raise AssertionError("a supported task's label was read")
+
+
+def test_supported_moments_read_images_only_and_weigh_each_task_the_same():
+    encoder = _encoder()
+    zeroshot = {f"visual.{key}": value for key, value in encoder.state_dict().items()}
+    first, second = torch.randn(6, 3, 14, 14), torch.randn(30, 3, 14, 14)
+    splits = SimpleNamespace(val={"a": _Unlabelled(first), "b": _Unlabelled(second)}, normalize=lambda x: x)
+    session = SimpleNamespace(loaded=SimpleNamespace(model=SimpleNamespace(visual=encoder)), zeroshot=zeroshot,
+                              device="cpu", splits=splits, eval_batch_size=4)
+    both = supported_moments(session, ["a", "b"], 0)  # type: ignore[arg-type]
+    alone = [encoder_moments(encoder, dict(encoder.state_dict()), [images]) for images in (first, second)]
+    for key, moment in both.items():
+        assert torch.allclose(moment, alone[0][key] + alone[1][key], atol=1e-8), key
