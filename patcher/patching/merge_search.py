@@ -5,7 +5,9 @@ runs), and the coefficient c of base + c * delta is searched over MERGE_GRID wit
 mean held-out accuracy of the merged tasks, subject to every supported task staying within its tolerance of
 zero-shot and, with `min_retained`, every merged task keeping that share of its own fine-tune's held-out accuracy.
 The best setting is the one whose chosen coefficient scores best under the same rule. At most two merged task
-vectors (the best so far and the current one) and one candidate model are held at a time.
+vectors (the best so far and the current one) and one candidate model are held at a time; a null-space method
+(`<method>-nullspace`) also keeps its base method's delta across the `energy` values, and one input moment per
+linear map of the encoder (`activation_stats.py`), collected once per merge.
 """
 
 from __future__ import annotations
