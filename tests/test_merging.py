@@ -134,6 +134,15 @@ def test_parallel_build_with_a_merge_method(world: dict, tmp_path: Path):
     assert set(merge.own_val_accuracy) == {"digits", "inverted"}  # a folder task is named by its folder
 
 
+def test_parallel_build_with_a_nullspace_method(world: dict, tmp_path: Path):
+    """The parallel strategy protects its supported task from the zero-shot encoder's inputs, though the shared
+    model was trained in place."""
+    run = tiny_build(world["model"], f"digits,{world['second']}", world["support"], tmp_path / "nullspace",
+                     multi="parallel", merge=MergeSpec("task-arithmetic-nullspace", {"energy": 0.8}))
+    merge = load_run(run).manifest.multi.merge
+    assert merge.method == "task-arithmetic-nullspace" and merge.params == {"energy": 0.8}
+
+
 def test_bad_merge_options_are_one_error_line(world: dict, tmp_path: Path):
     runs = [str(r) for r in world["runs"]]
     cases = [(["--method", "slerp"], "unknown merge method"), (["--method", "ties", "--param", "drop=0.5"],
