@@ -2,7 +2,8 @@
 
 For each seed, one single-task fine-tune per patch task (`patcher build`, the demo's settings), or the runs given
 with --runs; then `patcher merge` of those runs with each method (task arithmetic, TIES, DARE, Breadcrumbs,
-Consensus, layer-wise AdaMerging unlabelled and labelled), each in its own process so that its time and peak memory
+Consensus, WUDI, layer-wise AdaMerging unlabelled and labelled, and task arithmetic and WUDI projected off the
+supported task's input subspaces), each in its own process so that its time and peak memory
 are its own. "patcher's best" is the method whose chosen model scores best on held-out data with the rule holding
 (chosen without looking at test). Then the memory of merging N runs: a ViT-B/32-sized image encoder, 8 task vectors
 against 2, streamed as `patcher merge` reads them against all loaded at once.
@@ -38,7 +39,8 @@ from patcher.base.files import now_iso, write_json
 from patcher.benchmark.machine import machine_info
 from patcher.data.tasks.suites import MINI_EIGHT
 
-METHODS = ["task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "wudi", "layerwise", "layerwise-labelled"]
+METHODS = ["task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "wudi", "layerwise", "layerwise-labelled",
+           "task-arithmetic-nullspace", "wudi-nullspace"]
 MEMORY_KEYS = ("ties", "task-arithmetic")
 # parameters held in the memory measurement: WUDI's memory does not depend on its step count (one matrix and its
 # Adam state at a time), and 300 steps on every ViT-B/32 matrix take hours on two CPU cores
@@ -372,7 +374,7 @@ def plot(seeds: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
     means = [[statistics.mean(s["rows"][m]["retained"][t] for t in tasks) * 100 for s in seeds if m in s["rows"]]
              for m in methods]
     worsts = [[min(s["rows"][m]["retained"].values()) * 100 for s in seeds if m in s["rows"]] for m in methods]
-    figure, axis = plt.subplots(figsize=(9, 4))
+    figure, axis = plt.subplots(figsize=(max(9.0, 1.1 * len(methods)), 4.5))
     positions = range(len(methods))
     for offset, values, label in ((-0.2, means, "mean retained"), (0.2, worsts, "worst task retained")):
         centre = [statistics.mean(v) for v in values]
@@ -380,7 +382,7 @@ def plot(seeds: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
                   [max(v) - c for c, v in zip(centre, values, strict=True)]]
         axis.bar([p + offset for p in positions], centre, 0.4, yerr=errors, label=label, capsize=3)
     axis.axhline(80, color="grey", linestyle="--", linewidth=1)
-    axis.set_xticks(list(positions), methods, rotation=20)
+    axis.set_xticks(list(positions), methods, rotation=25, ha="right")
     axis.set_ylim(bottom=0)
     axis.set_ylabel("% of own fine-tune's test accuracy")
     axis.set_title(f"Merging {len(tasks)} patches: accuracy retained ({len(seeds)} seed(s))")

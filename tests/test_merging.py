@@ -134,6 +134,15 @@ def test_parallel_build_with_a_merge_method(world: dict, tmp_path: Path):
     assert set(merge.own_val_accuracy) == {"digits", "inverted"}  # a folder task is named by its folder
 
 
+def test_parallel_build_with_a_nullspace_method(world: dict, tmp_path: Path):
+    """The parallel strategy protects its supported task from the zero-shot encoder's inputs, though the shared
+    model was trained in place."""
+    run = tiny_build(world["model"], f"digits,{world['second']}", world["support"], tmp_path / "nullspace",
+                     multi="parallel", merge=MergeSpec("task-arithmetic-nullspace", {"energy": 0.8}))
+    merge = load_run(run).manifest.multi.merge
+    assert merge.method == "task-arithmetic-nullspace" and merge.params == {"energy": 0.8}
+
+
 def test_bad_merge_options_are_one_error_line(world: dict, tmp_path: Path):
     runs = [str(r) for r in world["runs"]]
     cases = [(["--method", "slerp"], "unknown merge method"), (["--method", "ties", "--param", "drop=0.5"],
@@ -181,3 +190,29 @@ def test_wudi_merge_through_the_cli_stores_the_method_applied_to_the_runs(world:
     patched = load_file(str(tmp_path / "w/models/patched.safetensors"))
     for key, base in zeroshot.items():
         assert torch.allclose(patched[key], base + manifest.alpha.chosen * delta[key], atol=1e-6), key
+
+
+def test_nullspace_merge_projects_only_linear_maps(world: dict):
+    """`task-arithmetic-nullspace`: the manifest names the method, its energy and AlphaEdit; the stored change is
+    c * task arithmetic on norms and embeddings and smaller on every linear map (projected)."""
+    from patcher.patching.merge_methods import task_arithmetic_delta
+    from patcher.patching.sources import StateVectors
+
+    run = _merge(world, "nullspace", MergeSpec("task-arithmetic-nullspace", {"energy": 0.99}))
+    manifest = load_run(run).manifest
+    merge = manifest.multi.merge
+    assert merge.method == "task-arithmetic-nullspace" and merge.params == {"energy": 0.99}
+    assert "arXiv:2410.02355" in merge.reference and manifest.support_tasks
+    zeroshot = {k: v for k, v in load_file(str(run / "models/zeroshot.safetensors")).items() if k.startswith("visual.")}
+    finetuned = [{k: v for k, v in load_file(str(r / "models/finetuned.safetensors")).items() if k in zeroshot}
+                 for r in world["runs"]]
+    delta = task_arithmetic_delta(StateVectors(zeroshot, finetuned), {}, 0)
+    patched = load_file(str(run / "models/patched.safetensors"))
+    coefficient = manifest.alpha.chosen
+    assert coefficient > 0
+    for key, base in zeroshot.items():
+        change = patched[key] - base
+        if base.dim() >= 2 and "embedding" not in key:
+            assert float(change.norm()) < coefficient * float(delta[key].norm()) - 1e-6, key
+        elif not key.endswith("bias"):
+            assert torch.allclose(change, coefficient * delta[key], atol=1e-6), key

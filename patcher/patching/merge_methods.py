@@ -46,6 +46,7 @@ class MergeMethod:
     parameters: tuple[Parameter, ...] = ()
     combine: Callable[[TaskVectors, Mapping[str, float], int], Delta] | None = None
     learnt: str | None = None  # the loss of a learnt method: "entropy" (unlabelled) or "cross-entropy"
+    protect: bool = False  # its delta projected off the supported tasks' input subspaces (patching/nullspace.py)
     notes: str = field(default="", compare=False)
 
     def settings(self, fixed: Mapping[str, float] | None = None) -> list[dict[str, float]]:
@@ -315,6 +316,29 @@ METHODS: dict[str, MergeMethod] = {method.name: method for method in (
                 "labelled held-out images, to learn the coefficients and to bound them by PAINT's rule", LAYERWISE,
                 learnt="cross-entropy"),
 )}
+
+
+NULLSPACE = Parameter("energy", 0.9, (0.7, 0.8, 0.9, 0.95), "share of the supported tasks' input second moment (its "
+                      "trace) whose directions each layer's merged change is kept out of")
+
+
+def nullspace_variant(method: MergeMethod) -> MergeMethod:
+    """`method`, its delta then projected off the supported tasks' input subspaces, layer by layer (AlphaEdit's
+    null-space projection on RegMean's input statistics); `energy` searched with its own parameters."""
+    return MergeMethod(
+        f"{method.name}-nullspace", f"{method.title}, kept out of the supported tasks' input subspaces",
+        f"{method.paper}; projected as AlphaEdit does (Fang et al., AlphaEdit: null-space constrained knowledge "
+        "editing, ICLR 2025, arXiv:2410.02355) on RegMean's input statistics (Jin et al., Dataless knowledge fusion "
+        "by merging weights of language models, ICLR 2023, arXiv:2212.09849)",
+        f"{method.code}; https://github.com/jianghoucheng/AlphaEdit; https://github.com/bloomberg/dataless-model-"
+        "merging", f"{method.needs}; unlabelled held-out images of the supported tasks (their inputs to every layer "
+        "of the zero-shot encoder; labels never read)", (*method.parameters, NULLSPACE), method.combine,
+        protect=True)
+
+
+for _base in [m for m in METHODS.values() if m.combine is not None]:
+    METHODS[f"{_base.name}-nullspace"] = nullspace_variant(_base)
+del _base
 
 
 def get_method(name: str) -> MergeMethod:

@@ -5,7 +5,9 @@ runs), and the coefficient c of base + c * delta is searched over MERGE_GRID wit
 mean held-out accuracy of the merged tasks, subject to every supported task staying within its tolerance of
 zero-shot and, with `min_retained`, every merged task keeping that share of its own fine-tune's held-out accuracy.
 The best setting is the one whose chosen coefficient scores best under the same rule. At most two merged task
-vectors (the best so far and the current one) and one candidate model are held at a time.
+vectors (the best so far and the current one) and one candidate model are held at a time; a null-space method
+(`<method>-nullspace`) also keeps its base method's delta across the `energy` values, and one input moment per
+linear map of the encoder (`activation_stats.py`), collected once per merge.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from dataclasses import dataclass, field
 import torch
 
 from patcher.base.errors import PatcherError
+from patcher.base.progress import console
 from patcher.models.state import State
+from patcher.patching.activation_stats import supported_moments
 from patcher.patching.alpha import SEARCHES, AlphaRule, Selection
 from patcher.patching.layerwise import LearntCoefficients, layerwise_delta, learn
-from patcher.patching.merge_methods import MergeMethod, get_method
+from patcher.patching.merge_methods import NULLSPACE, MergeMethod, get_method
+from patcher.patching.nullspace import protect
 from patcher.patching.session import Session
 from patcher.patching.sources import TaskVectors, materialise
 from patcher.runs.merge_record import MergeRecord, MergeSetting
@@ -115,6 +120,35 @@ def own_accuracy(session: Session, states: OwnStates) -> tuple[dict[str, float],
     return val, test
 
 
+class Deltas:
+    """Each setting's merged task vector; for a protected method, its base method's delta (kept for the next
+    setting that differs only in `energy`) projected with the supported tasks' input moments, collected once."""
+
+    def __init__(self, session: Session, method: MergeMethod, vectors: TaskVectors, rule: MergeRule,
+                 seed: int) -> None:
+        self.session, self.method, self.vectors, self.rule, self.seed = session, method, vectors, rule, seed
+        self.moments = supported_moments(session, list(rule.support), seed) if method.protect else None
+        self.cached: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None
+
+    def of(self, params: dict[str, float]) -> tuple[dict[str, torch.Tensor], LearntCoefficients | None]:
+        """The setting's delta, and the learnt coefficients of a layer-wise method."""
+        method = self.method
+        if method.combine is None:
+            learnt = learn(self.session, self.vectors, list(self.rule.patch), str(method.learnt), params, self.seed)
+            return layerwise_delta(self.vectors, learnt, float(params["init"])), learnt
+        if self.moments is None:
+            return method.combine(self.vectors, params, self.seed), None
+        base_params = {k: v for k, v in params.items() if k != NULLSPACE.name}
+        if self.cached is None or self.cached[0] != base_params:
+            self.cached = None  # the previous base delta is let go before the next is computed
+            self.cached = (base_params, method.combine(self.vectors, base_params, self.seed))
+        delta, ranks = protect(self.cached[1], self.moments, float(params[NULLSPACE.name]))
+        kept = sum(ranks.values())
+        console.print(f"{method.name} energy {params[NULLSPACE.name]:g}: {kept} protected directions over "
+                      f"{len(ranks)} weights (mean {kept / max(len(ranks), 1):.1f})")
+        return delta, None
+
+
 def _score(rule: MergeRule, selection: Selection) -> float:
     reference = rule.reference if rule.reference is not None else selection.curve[0.0]
     return rule.objective(selection.curve[selection.alpha], reference)
@@ -127,13 +161,9 @@ def search(session: Session, method: MergeMethod, vectors: TaskVectors, rule: Me
     best: MergeChoice | None = None
     best_score = float("-inf")
     settings: list[MergeSetting] = []
+    deltas = Deltas(session, method, vectors, rule, seed)
     for params in method.settings(spec.params):
-        learnt = None
-        if method.combine is not None:
-            delta = method.combine(vectors, params, seed)
-        else:
-            learnt = learn(session, vectors, list(rule.patch), str(method.learnt), params, seed)
-            delta = layerwise_delta(vectors, learnt, float(params["init"]))
+        delta, learnt = deltas.of(params)
         shown = ", ".join(f"{k} {v:g}" for k, v in params.items())
         selection = session.select(lambda c, d=delta: materialise(vectors.base, d, c), rule, spec.search, fixed_alpha,
                                    description=f"{method.name}{' ' + shown if shown else ''}: choosing the "
