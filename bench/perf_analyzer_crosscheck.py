@@ -32,7 +32,7 @@ from patcher.benchmark import server_stats
 from patcher.benchmark.defaults import DEFAULT_MAX_QUEUE_DELAY_US
 from patcher.benchmark.loadgen import run_load, warm_up
 from patcher.benchmark.machine import load_average, machine_info
-from patcher.benchmark.results import result_row
+from patcher.benchmark.results import Setting, result_row
 from patcher.benchmark.targets import inspect_target, payload
 
 VERSION = "2.51.0"
@@ -127,7 +127,9 @@ def run_patcher(url: str, model: str, batch: int, concurrency: int, duration_s: 
         delta = server_stats.delta(before, server_stats.settled_snapshot(client, model, before, load.succeeded))
     finally:
         client.close()
-    row = result_row(model, target.kind, "triton", "inline", batch, concurrency, load, delta)
+    setting = Setting(model=model, kind=target.kind, runtime="triton", input_kind="inline", batch_size=batch,
+                      concurrency=concurrency)
+    row = result_row(setting, load, delta)
     return {"throughput": row["throughput"], "latency_ms": row["latency_ms"], "server_queue_ms": delta["queue_ms"],
             "server_compute_ms": delta["compute_ms"], "requests": row["requests"], "consistent": row["consistent"]}
 

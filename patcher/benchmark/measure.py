@@ -122,7 +122,7 @@ def _served_threads(served: list[ServedTarget]) -> int:
     return 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Swept:
     """What the sweep measured, and the settings it ran under."""
 
@@ -172,7 +172,8 @@ def _sweep(server: BenchServer, sweep: Sweep, context: RunContext | None, includ
     finally:
         client.close()
         torch.set_num_threads(previous_threads)
-    return _Swept(rows, served, threads, local is not None, flops, peak, machine)
+    return _Swept(rows=rows, served=served, threads=threads, inprocess=local is not None, flops=flops, peak=peak,
+                  machine=machine)
 
 
 def _settings(sweep: Sweep, swept: _Swept) -> dict[str, Any]:

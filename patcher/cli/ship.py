@@ -57,7 +57,8 @@ def export(
     from patcher.export.reuse import IMAGES_PER_TASK, check_target
 
     # a conflict with the export already at --out fails here, before torch is imported or anything is traced
-    content = ContentOptions(comma_list(tasks), fp16, optimize, opset, IMAGES_PER_TASK, int8, bool(text))
+    content = ContentOptions(tasks=comma_list(tasks), fp16=fp16, optimize=optimize, opset=opset,
+                             images_per_task=IMAGES_PER_TASK, int8=int8, text_tower=bool(text))
     check_target(run, out, content, overwrite, ("text_tower",) if text is None else ())
     from patcher.stages.export import ExportOptions, export_run
 

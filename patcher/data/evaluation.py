@@ -67,7 +67,7 @@ def correct_counts(classifier: nn.Module, store: ImageStore, task: str, normaliz
                    batch_size: int = 256, device: str = "cpu") -> tuple[int, int]:
     """(correct, total) of one task's head on this rank's shard of a store."""
     mine = shard(len(store))
-    predicted = predict(classifier, store, task, normalize, mine, batch_size, device)
+    predicted = predict(classifier, store, task, normalize, indices=mine, batch_size=batch_size, device=device)
     return int((predicted == torch.from_numpy(store.labels[mine])).sum()), len(mine)
 
 
@@ -93,7 +93,7 @@ def confusion_counts(classifier: nn.Module, store: ImageStore, task: str, normal
                      batch_size: int = 256, device: str = "cpu") -> np.ndarray:
     """[C, C] counts of true label by predicted label on this rank's shard of a store."""
     mine = shard(len(store))
-    predicted = predict(classifier, store, task, normalize, mine, batch_size, device).numpy()
+    predicted = predict(classifier, store, task, normalize, indices=mine, batch_size=batch_size, device=device).numpy()
     if labelling.column_labels is not None:
         predicted = np.asarray(labelling.column_labels, dtype=np.int64)[predicted]
     return confusion_matrix(store.labels[mine], predicted, labelling.classes)
@@ -102,8 +102,8 @@ def confusion_counts(classifier: nn.Module, store: ImageStore, task: str, normal
 def scores(classifier: nn.Module, stores: Mapping[str, ImageStore], normalize: Normalize,
            labelling: Mapping[str, Labelling], batch_size: int = 256, device: str = "cpu") -> dict[str, Scores]:
     """Each task's scores on its own store, the confusion matrices summed over every rank's shard."""
-    counts = [confusion_counts(classifier, store, task, normalize, labelling[task], batch_size, device)
-              for task, store in stores.items()]
+    counts = [confusion_counts(classifier, store, task, normalize, labelling[task], batch_size=batch_size,
+                               device=device) for task, store in stores.items()]
     flat = torch.from_numpy(np.concatenate([matrix.ravel() for matrix in counts]) if counts else np.zeros(0, np.int64))
     summed = distributed.all_reduce_sum(flat).numpy()
     result, start = {}, 0

@@ -54,7 +54,7 @@ class Trained:
     stages: list[dict[str, Any]] = field(default_factory=list)  # each stage's name and hyperparameters
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FineTuning:
     """One fine-tune: the method and its parameters, the tasks and hyperparameters, and where training writes
     its checkpoints and log (steps numbered from `step_offset`, stages prefixed with `label`; every log line also

@@ -104,8 +104,9 @@ class Export:
         output_names(self.tasks)
         self.out = Path(options.out) if options.out is not None else self.run_record.path / EXPORT_DIR
         check_output_name(self.out)
-        self.content = ContentOptions(list(self.tasks), options.fp16, options.optimize, options.opset,
-                                      options.images_per_task, options.int8, bool(options.text))
+        self.content = ContentOptions(tasks=list(self.tasks), fp16=options.fp16, optimize=options.optimize,
+                                      opset=options.opset, images_per_task=options.images_per_task, int8=options.int8,
+                                      text_tower=bool(options.text))
         self.config = verified_config(self.run_record)
         self.weights = {kind: verified_weights(self.run_record, kind, self.tasks) for kind in EXPORTED_KINDS}
         self.timings: dict[str, float] = {}
@@ -171,8 +172,10 @@ class Export:
                     reports[key] = self._timed("verify", lambda p=path, q=precision, g=graph, r=reference:
                                                verify_model(p, q, g, heldout, r, tolerance))
                     record = FileRecord.of(path)
-                    models[key] = ExportedModel(path.name, record.sha256, record.bytes, precision, kind,
-                                                self.run_record.manifest.alpha_of(kind), self.optimization or "none")
+                    models[key] = ExportedModel(file=path.name, sha256=record.sha256, bytes=record.bytes,
+                                                precision=precision, model=kind,
+                                                alpha=self.run_record.manifest.alpha_of(kind),
+                                                optimization=self.optimization or "none")
                     progress.advance(bar)
         return models, reports, widths
 
@@ -260,8 +263,8 @@ class Export:
             save_onnx(model, path)
             reports[kind] = verify_text_model(path, graph, tokens, heads, heldout, self.embeddings[kind])
             record = FileRecord.of(path)
-            text_models[kind] = TextModel(path.name, record.sha256, record.bytes, kind, alpha, trained,
-                                          graph.logit_scale)
+            text_models[kind] = TextModel(file=path.name, sha256=record.sha256, bytes=record.bytes, model=kind,
+                                          alpha=alpha, trained=trained, logit_scale=graph.logit_scale)
             written.setdefault(trained, text_models[kind])
         templates = {task: list(manifest.tasks[task].templates) for task in self.tasks}
         source, output = text_entries(context, manifest.model.embed_dim)

@@ -52,7 +52,7 @@ from patcher.runs.per_class import PER_CLASS_FORMAT, AlphaPerClass, PerClassReco
 from patcher.runs.plots import alpha_curve_plot, wiseft_plot
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunContents:
     """Everything a run directory holds, as the stage computed it."""
 
