@@ -18,13 +18,13 @@ def triton(plan: Plan, export_dir: Path, workdir: Path) -> dict[str, Any]:
     from patcher.benchmark.loadgen import latency_summary, run_load, tensor_payload
     from patcher.export.contract import INPUT_NAME
     from patcher.triton.repository.configs import read_config
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
     from patcher.triton.serving.server import TritonServer
 
     cuda = plan.device.startswith("cuda")
     repo = workdir / "repo"
-    written = write_repository(export_dir, repo, max_batch_size=max(plan.infer_batches), gpu=cuda)
-    model = f"{written['name']}_patched"
+    written = write_repository(export_dir, repo, RepositoryOptions(max_batch_size=max(plan.infer_batches), gpu=cuda))
+    model = f"{written.name}_patched"
     group = read_config(repo / model).instance_group[0]
     size = image_size_of(Path(export_dir) / "patched.onnx")
     added = _cuda_libraries_on_path() if cuda else []

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     from patcher.runs.manifest import load_run
     from patcher.stages.bench import ensure_export
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
     from patcher.triton.serving.server import TritonServer
 
     if args.run is None and (args.url is None or args.model is None):
@@ -243,9 +243,10 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="patcher-crosscheck-") as workdir:
         if args.run is not None:
             run = load_run(args.run)
-            written = write_repository(ensure_export(run), Path(workdir) / "repo", max_batch_size=max(64, args.batch),
-                                       max_queue_delay_us=DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads=args.threads)
-            model = args.model or f"{written['name']}_patched"
+            options = RepositoryOptions(max_batch_size=max(64, args.batch),
+                                        max_queue_delay_us=DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads=args.threads)
+            written = write_repository(ensure_export(run), Path(workdir) / "repo", options)
+            model = args.model or f"{written.name}_patched"
             with TritonServer(Path(workdir) / "repo", models=[model]) as server:
                 result = crosscheck(server.grpc_url, model, args.batch, args.concurrency, args.duration, args.rounds,
                                     Path(workdir))

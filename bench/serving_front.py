@@ -261,7 +261,7 @@ def main() -> None:
     oversized: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-front-") as folder:
         repo = Path(folder) / "repo"
-        name = write_repository(args.export, repo)["name"]
+        name = write_repository(args.export, repo).name
         servers = [("patcher", None)] + ([("glibc arenas", {"MALLOC_ARENA_MAX": "64"})] if args.arenas else [])
         for server_kind, env in servers:
             server = _start(repo, env)

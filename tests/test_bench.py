@@ -137,11 +137,11 @@ def test_flops_accuracy_machine_and_comparisons(report: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def server(run_copy: Path, report: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
     from patcher.triton.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp("bench-repo")
-    write_repository(run_copy / "onnx", repo, max_batch_size=8)
+    write_repository(run_copy / "onnx", repo, RepositoryOptions(max_batch_size=8))
     with TritonServer(repo, models=["digits_patched", "digits_zeroshot"]) as running:
         yield running
 

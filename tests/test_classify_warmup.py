@@ -15,7 +15,7 @@ from patcher.triton.onnxruntime_local import LocalModel
 from patcher.triton.openvocab_client import classify_labels
 from patcher.triton.repository.configs import read_config
 from patcher.triton.repository.warmup import WARM_HEAD_FILE, WARMUP_DIR
-from patcher.triton.repository.writer import write_repository
+from patcher.triton.repository.writer import RepositoryOptions, write_repository
 from patcher.triton.serving.server import TritonServer
 
 
@@ -23,7 +23,7 @@ from patcher.triton.serving.server import TritonServer
 def test_classify_is_warmed_with_its_task_label_set_and_serves_it_without_the_text_model(
         tiny_export: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    write_repository(tiny_export, repo, max_batch_size=8)
+    write_repository(tiny_export, repo, RepositoryOptions(max_batch_size=8))
     record = json.loads((tiny_export / "export.json").read_text())
     labels = list(record["tasks"]["digits"]["classnames"])
     templates = list(record["text"]["templates"]["digits"])

@@ -139,27 +139,27 @@ def triton(
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton.repository.configs import TensorRT
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
     export_dir = run / "onnx" if (run / "onnx").is_dir() else run
     limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels, "max_aspect": max_aspect_ratio,
               "jpeg_draft": jpeg_draft, "max_request_bytes": max_request_bytes,
               "max_request_pixels": max_request_pixels, "max_server_pixels": max_server_pixels}
-    result = write_repository(export_dir, repo, name=served_model(model, name), backend=backend,
-                              max_batch_size=max_batch_size,
-                              instances=instances, max_queue_delay_us=max_queue_delay_us,
-                              precision=precision, limits=limits, warmup=warmup, gpu=gpu,
-                              tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
-                              if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None,
-                              open_vocab={"max_labels": max_labels, "max_templates": max_templates,
-                                          "max_prompts": max_prompts, "label_cache": label_cache,
-                                          "truncate_prompts": truncate_prompts,
-                                          "classify_instances": classify_instances})
-    for line in result["recovered"]:
+    tensorrt_options = (TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
+                        if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None)
+    open_vocab = {"max_labels": max_labels, "max_templates": max_templates, "max_prompts": max_prompts,
+                  "label_cache": label_cache, "truncate_prompts": truncate_prompts,
+                  "classify_instances": classify_instances}
+    options = RepositoryOptions(name=served_model(model, name), backend=backend, max_batch_size=max_batch_size,
+                                instances=instances, max_queue_delay_us=max_queue_delay_us, precision=precision,
+                                limits=limits, warmup=warmup, gpu=gpu, tensorrt=tensorrt_options,
+                                open_vocab=open_vocab)
+    result = write_repository(export_dir, repo, options)
+    for line in result.recovered:
         typer.echo(line)
-    typer.echo(result["message"])
-    for model, entry in result["models"].items():
-        typer.echo(f"  {model} ({entry['kind']}): versions {entry['versions']}")
+    typer.echo(result.message)
+    for model, entry in result.models.items():
+        typer.echo(f"  {model} ({entry.kind}): versions {entry.versions}")
 
 
 def serve(

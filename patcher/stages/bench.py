@@ -87,14 +87,15 @@ def ensure_export(run: Run, int8: bool = False) -> Path:
 def _repository(context: RunContext, repo: Path, sweep: Sweep, serving: ServingOptions, threads: int
                 ) -> dict[str, Any]:
     """The model repository bench_run serves: `patcher triton`'s, with `<name>_outensemble` and threads set."""
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
     max_batch = max(64, *sweep.batch_sizes)
     extra = {kind: context.onnx[kind] for kind in (OUTENSEMBLE, INT8_KIND) if kind in context.onnx}
-    written = write_repository(context.export_dir, repo, max_batch_size=max_batch, instances=serving.instances,
-                               max_queue_delay_us=serving.max_queue_delay_us, intra_op_threads=threads,
-                               extra_classifiers=extra)
-    return {"name": written["name"], "max_batch_size": max_batch, "instances": serving.instances,
+    options = RepositoryOptions(max_batch_size=max_batch, instances=serving.instances,
+                                max_queue_delay_us=serving.max_queue_delay_us, intra_op_threads=threads,
+                                extra_classifiers=extra)
+    written = write_repository(context.export_dir, repo, options)
+    return {"name": written.name, "max_batch_size": max_batch, "instances": serving.instances,
             "max_queue_delay_us": serving.max_queue_delay_us, "intra_op_threads": threads}
 
 
