@@ -24,7 +24,6 @@ from patcher.base.locks import check_output_name, output_lock
 from patcher.base.progress import console, make_progress
 from patcher.base.staging import clean_stale, staged_output
 from patcher.base.versions import versions
-from patcher.data.tasks.checks import skipping_bad_images
 from patcher.export.contract import (
     EXPORT_FORMAT,
     EXPORT_JSON,
@@ -65,7 +64,7 @@ from patcher.export.trace import check_opset, export_onnx, save_onnx
 from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16, to_int8
 from patcher.export.verify import thresholds, verify_model
 from patcher.runs.layout import EXPORT_DIR, EXPORTED_KINDS
-from patcher.runs.manifest import TrainingRecord, load_run
+from patcher.runs.manifest import load_run
 from patcher.runs.weights import verified_config, verified_weights
 
 
@@ -141,13 +140,11 @@ class Export:
         return result
 
     def heldout(self) -> HeldOut:
-        """The held-out images the parity check runs on (the files the build left out, left out too)."""
-        training = self.run_record.manifest.training
-        skip = isinstance(training, TrainingRecord) and training.data.skip_bad_images
-        with skipping_bad_images(skip):
-            sources = {name: record.source for name, record in self.run_record.manifest.tasks.items()}
-            return load_heldout(self.tasks, self.config["preprocess_cfg"], self.options.images_per_task,
-                                self.options.data_dir, sources)
+        """The held-out images the parity check runs on (unusable image files left out, as the build left out
+        those it was told to)."""
+        sources = {name: record.source for name, record in self.run_record.manifest.tasks.items()}
+        return load_heldout(self.tasks, self.config["preprocess_cfg"], self.options.images_per_task,
+                            self.options.data_dir, sources)
 
     def export_models(self, folder: Path, heldout: HeldOut) -> tuple[dict[str, ExportedModel], dict[str, Any],
                                                                       dict[str, int]]:
