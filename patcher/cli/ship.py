@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -174,13 +175,16 @@ def serve(
 ) -> None:
     """Serve a model repository with the bundled Triton until Ctrl-C or SIGTERM: control plane closed by a key,
     committed updates rolled out, dead backends reloaded."""
-    from patcher.triton.serving.foreground import serve_forever
+    # tritonserver is started (fork, then exec) while the fronts' threads run: gRPC's fork handlers have nothing to
+    # do, and gRPC reads this when it is imported, so before the serving modules are
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    from patcher.triton.serving.foreground import ServeOptions, serve_forever
     from patcher.triton.serving.ports import distinct_free_ports
 
     spare = iter(distinct_free_ports(3, host))
     http_port, grpc_port, metrics_port = (value or next(spare) for value in (http_port, grpc_port, metrics_port))
-    serve_forever(repo, comma_list(models) or None, host, http_port, grpc_port, metrics_port, log,
-                  key_file=key_file)
+    serve_forever(repo, ServeOptions(models=comma_list(models) or None, host=host, http_port=http_port,
+                                     grpc_port=grpc_port, metrics_port=metrics_port, log_path=log, key_file=key_file))
 
 
 def classify(
@@ -396,5 +400,5 @@ def bench(
     if console.width >= WIDE_TABLE:
         console.print(table)
         return
-    for row in report["results"]:  # a narrow terminal: one line per measurement, every column named
+    for row in report.results:  # a narrow terminal: one line per measurement, every column named
         typer.echo("; ".join(f"{column} {cell}" for column, cell in zip(COLUMNS, row_cells(report, row), strict=True)))

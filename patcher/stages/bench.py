@@ -23,6 +23,7 @@ from patcher.benchmark.context import RunContext, checked_export, prepare_run
 from patcher.benchmark.defaults import DEFAULT_MAX_QUEUE_DELAY_US, INT8_KIND
 from patcher.benchmark.measure import BenchOptions, BenchServer, choose_threads, measure
 from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
+from patcher.benchmark.report import BenchReport
 from patcher.benchmark.sweep import Sweep
 from patcher.runs.manifest import Run, load_run
 
@@ -114,7 +115,7 @@ def _models(base: str, serving: ServingOptions) -> tuple[list[str], list[str]]:
 
 
 def bench_run(run_path: Path, options: BenchOptions = BenchOptions(),
-              serving: ServingOptions = ServingOptions()) -> dict[str, Any]:
+              serving: ServingOptions = ServingOptions()) -> BenchReport:
     """Serve a run (exported first if RUN/onnx is missing) with the bundled tritonserver on free ports and benchmark
     patched, zero-shot, output-space ensemble and image-bytes ensemble. Writes JSON, Markdown, PNG into out_dir;
     PatcherError if requests failed, unless tolerated. With `include_int8`, the export's int8 patched graph is
@@ -143,7 +144,7 @@ def bench_run(run_path: Path, options: BenchOptions = BenchOptions(),
 
 
 def bench_url(url: str, models: list[str], options: BenchOptions = BenchOptions(), *, run_path: Path | None = None,
-              key_file: Path | None = None) -> dict[str, Any]:
+              key_file: Path | None = None) -> BenchReport:
     """Benchmark models on an already running server (gRPC host:port); with `run_path` also FLOPs, accuracy and
     in-process baselines (the run exported first if it has no export). Writes `<name>`.json/.md/.png into out_dir
     and returns the report; PatcherError if requests failed, unless tolerated. The server's key (for shared memory)

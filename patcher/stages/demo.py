@@ -101,7 +101,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         tick = time.perf_counter()
         report = bench_run(run_path, BenchOptions(sweep=options.bench_sweep, out_dir=results_dir, name="demo-bench"),
                            ServingOptions(include_image_bytes=False))
-        summary["bench"] = {"targets": report["targets"], "report": str(results_dir / "demo-bench.md")}
+        summary["bench"] = {"targets": report.targets, "report": str(results_dir / "demo-bench.md")}
         timings["bench"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     summary["timings_s"] = {key: round(value, 1) for key, value in timings.items()}

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-# tritonserver is started (fork, then exec) while the front's threads run: gRPC's fork handlers have nothing to do
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 import grpc
 from tritonclient.grpc import model_config_pb2 as mc
 
