@@ -19,7 +19,7 @@ def triton(plan: Plan, export_dir: Path, workdir: Path) -> dict[str, Any]:
     from patcher.export.contract import INPUT_NAME
     from patcher.triton.repository.configs import read_config
     from patcher.triton.repository.writer import RepositoryOptions, write_repository
-    from patcher.triton.serving.server import TritonServer
+    from patcher.triton.serving.server import ServerSettings, TritonServer
 
     cuda = plan.device.startswith("cuda")
     repo = workdir / "repo"
@@ -29,7 +29,7 @@ def triton(plan: Plan, export_dir: Path, workdir: Path) -> dict[str, Any]:
     size = image_size_of(Path(export_dir) / "patched.onnx")
     added = _cuda_libraries_on_path() if cuda else []
     rows = []
-    with TritonServer(repo, models=[model], startup_timeout_s=300) as server:
+    with TritonServer(repo, models=[model], settings=ServerSettings(startup_timeout_s=300)) as server:
         for batch_size in plan.infer_batches:
             array = np.random.default_rng(0).standard_normal((batch_size, 3, *size)).astype(np.float32)
             payload = tensor_payload(model, INPUT_NAME, array)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from patcher.triton.repository.entry import Entry
     from patcher.triton.repository.writer import write_repository
-    from patcher.triton.serving.server import TritonServer
+    from patcher.triton.serving.server import ServerSettings, TritonServer
 
     binary, env = ensure_perf_analyzer()
     results = []
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [m.task for m in written.models.values() if m.kind == "task_pixels"]
         entry = Entry(written.name, tuple(tasks))
         models = [m for m in entry.models() if m.kind in ("task_pixels", "task_bytes")]
-        with TritonServer(Path(workdir) / "repo", startup_timeout_s=120) as server:
+        with TritonServer(Path(workdir) / "repo", settings=ServerSettings(startup_timeout_s=120)) as server:
             config = server.grpc_client().get_model_config(models[0].name, as_json=True)["config"]
             size = tuple(int(d) for d in config["input"][0]["dims"][1:])
             images = png_input_data(Path(workdir) / "images.json", size)  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ from patcher.triton.repository.configs import read_config
 from patcher.triton.repository.writer import RepositoryOptions, model_versions, write_repository
 from patcher.triton.serving.ports import free_port
 from patcher.triton.serving.processes import group_pids
-from patcher.triton.serving.server import TritonServer
+from patcher.triton.serving.server import ServerPorts, ServerSettings, TritonServer
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 300
@@ -117,7 +117,7 @@ def repo(case: ExportCase, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path):
-    with TritonServer(repo, startup_timeout_s=60) as running:
+    with TritonServer(repo, settings=ServerSettings(startup_timeout_s=60)) as running:
         yield running
 
 
@@ -234,7 +234,7 @@ def test_int8_models_are_served_and_answer_as_onnxruntime_does(case: ExportCase,
     served = (repo / "digits_patched" / "1" / "model.onnx").read_bytes()
     assert served == (case.path / data["models"]["patched_int8"]["file"]).read_bytes()
     paths, decoded = images
-    with TritonServer(repo, models=["digits"], startup_timeout_s=60) as running:
+    with TritonServer(repo, models=["digits"], settings=ServerSettings(startup_timeout_s=60)) as running:
         results = classify_files(paths[:64], "digits", url=running.grpc_url, top_k=1, batch_size=16)
     predicted = np.array([int(r["tasks"]["digits"][0]["label"]) for r in results])
     scores = np.array([r["tasks"]["digits"][0]["score"] for r in results])
@@ -398,8 +398,8 @@ def test_a_model_that_fails_to_load_is_reported(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(PatcherError, match=r"port .* is in use"):
-            TritonServer(tmp_path, grpc_port=taken.getsockname()[1]).start()
-    server = TritonServer(tmp_path, startup_timeout_s=30, log_path=tmp_path / "server.log")
+            TritonServer(tmp_path, ports=ServerPorts(grpc=taken.getsockname()[1])).start()
+    server = TritonServer(tmp_path, settings=ServerSettings(startup_timeout_s=30, log_path=tmp_path / "server.log"))
     with pytest.raises(PatcherError, match=r"broken.*broken on purpose"):
         server.start()
     assert server.process is None and not server.stray_pids and not server.shm_segments()

@@ -121,7 +121,7 @@ def bench_run(run_path: Path, options: BenchOptions = BenchOptions(),
     PatcherError if requests failed, unless tolerated. With `include_int8`, the export's int8 patched graph is
     served and measured beside them (`<name>_patched_int8`)."""
     from patcher.triton.serving.ports import distinct_free_ports
-    from patcher.triton.serving.server import TritonServer
+    from patcher.triton.serving.server import ServerPorts, ServerSettings, TritonServer
 
     plan = options.sweep.checked()
     with sigterm_unwinds(), scratch_dir(WORKDIR_PREFIX) as workdir:
@@ -134,8 +134,8 @@ def bench_run(run_path: Path, options: BenchOptions = BenchOptions(),
         settings = _repository(context, repo, plan, serving, threads)
         models, load = _models(settings["name"], serving)
         http, grpc, metrics = distinct_free_ports(3)
-        with TritonServer(repo, models=load, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                          startup_timeout_s=120) as server:
+        with TritonServer(repo, models=load, ports=ServerPorts(http=http, grpc=grpc, metrics=metrics),
+                          settings=ServerSettings(startup_timeout_s=120)) as server:
             record = {"started_here": True, "tritonserver": TRITONSERVER, "repository": settings,
                       "threads_calibration": calibration}
             target = BenchServer(url=server.grpc_url, models=models, record=record, headers=server.key.grpc_headers,

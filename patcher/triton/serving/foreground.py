@@ -40,7 +40,7 @@ from patcher.triton.serving.access import (
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, ByteBudget, GrpcFront, message_limit
 from patcher.triton.serving.http_front import HttpFront
 from patcher.triton.serving.ports import free_port, port_in_use
-from patcher.triton.serving.server import ServerDied, TritonServer, exit_reason
+from patcher.triton.serving.server import ServerDied, ServerPorts, ServerSettings, TritonServer, exit_reason
 from patcher.triton.serving.supervisor import Supervisor
 from patcher.triton.serving.watchdog import Watchdog
 
@@ -176,9 +176,10 @@ def serve_forever(repo: Path | str, options: ServeOptions | None = None,
     grpc_url, http_url = f"{host}:{options.grpc_port}", f"http://{host}:{options.http_port}"
     fronts: list[GrpcFront | HttpFront] = []
     key = new_key()
-    server = TritonServer(repo, models=options.models, host=host, http_port=free_port(PRIVATE),
-                          grpc_port=free_port(PRIVATE), metrics_port=options.metrics_port, log_path=options.log_path,
-                          startup_timeout_s=options.startup_timeout_s, key=key, private_host=PRIVATE)
+    ports = ServerPorts(host=host, private_host=PRIVATE, http=free_port(PRIVATE), grpc=free_port(PRIVATE),
+                        metrics=options.metrics_port)
+    settings = ServerSettings(log_path=options.log_path, startup_timeout_s=options.startup_timeout_s)
+    server = TritonServer(repo, models=options.models, ports=ports, settings=settings, key=key)
     key_path = options.key_file or default_key_file(grpc_url)
     watchdog: Watchdog | None = None
     try:
