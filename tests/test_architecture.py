@@ -204,8 +204,8 @@ MAX_LINES, MAX_PARAMETERS, MAX_POSITIONAL = 60, 6, 6
 # functions still taking more than MAX_PARAMETERS; none may join them, and one that is narrowed leaves the list
 WIDE = {"triton/openvocab_client.py:classify_labels", "triton/client.py:classify_files",
         "data/loading.py:prepare_splits", "benchmark/loadgen.py:run_load"}
-# calls still passing more than MAX_POSITIONAL arguments by position: merge code being changed elsewhere (issue 32)
-POSITIONAL = {"patching/merge_search.py"}
+# calls still passing more than MAX_POSITIONAL arguments by position: none
+POSITIONAL: set[str] = set()
 
 
 def _functions(tree: ast.AST) -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:

@@ -2,7 +2,8 @@
 
 Each run contributes its task vector, fine-tuned minus zero-shot over what its method trained (encoder,
 probed heads, text tower); `--method` (patching/merge_methods.py: task-arithmetic, ties, dare, breadcrumbs,
-consensus, layerwise, layerwise-labelled) turns them into one merged vector, and the merged model is zero-shot +
+consensus, wudi, layerwise, layerwise-labelled, and each combining one as `<name>-nullspace`, its merged change kept
+out of the supported tasks' input subspaces) turns them into one merged vector, and the merged model is zero-shot +
 coefficient * that vector, the coefficient and the method's parameters chosen on held-out data with PAINT's rule
 (patch accuracy = mean over every run's patch tasks; `--min-retained` bounds each task's share of its own
 fine-tune). Task vectors are read one tensor of each run at a time (`patching/sources.py`), so memory does not grow
