@@ -47,7 +47,7 @@ from patcher.models import build_from_config
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.state import split_classifier_state
 from patcher.runs.manifest import Run, load_run
-from patcher.runs.plots import alpha_curve_plot, wiseft_plot
+from patcher.runs.plots import CurveRoles, alpha_curve_plot, wiseft_plot
 from patcher.runs.weights import verified_config, verified_weights
 from patcher.stages.build import BuildOptions, build
 from patcher.stages.demo import DemoOptions
@@ -227,9 +227,10 @@ def transfer(model: str, seeds: list[int], runs_dir: Path, data_dir: Path) -> di
 def figures(results: dict[str, Any], results_dir: Path) -> None:
     """One PNG per case, from the held-out curves averaged over seeds."""
     typo = results["typographic"]["runs"]
+    zeroshot = {t: statistics.mean(r["reference"][t] for r in typo) for t in typo[0]["reference"]}
     alpha_curve_plot(mean_curve(typo), statistics.median(r["alpha"] for r in typo),
-                     results_dir / "case-studies-typographic.png", ["typographic-digits"],
-                     {t: statistics.mean(r["reference"][t] for r in typo) for t in typo[0]["reference"]}, 1.0,
+                     results_dir / "case-studies-typographic.png",
+                     CurveRoles(patch=["typographic-digits"], zeroshot=zeroshot, tolerance=1.0),
                      title="typographic-digits patched: held-out accuracy, mean over seeds")
     runs = results["shift"]["runs"]
     curve = {a: {short(t): v for t, v in row.items()} for a, row in mean_curve(runs).items()}

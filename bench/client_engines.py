@@ -194,9 +194,9 @@ def markdown(record: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from patcher.runs.manifest import load_run
     from patcher.stages.bench import ensure_export
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
     from patcher.triton.serving.ports import distinct_free_ports
-    from patcher.triton.serving.server import TritonServer
+    from patcher.triton.serving.server import ServerPorts, TritonServer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
@@ -208,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="patcher-engines-") as workdir:
         repo = Path(workdir) / "repo"
-        written = write_repository(ensure_export(run), repo, max_queue_delay_us=0, intra_op_threads=1)
-        model = f"{written['name']}_patched"
+        written = write_repository(ensure_export(run), repo,
+                                   RepositoryOptions(max_queue_delay_us=0, intra_op_threads=1))
+        model = f"{written.name}_patched"
         size = tuple(run.manifest.model.preprocess.image_size)
         http, grpc_port, metrics = distinct_free_ports(3)
-        with TritonServer(repo, models=[model], http_port=http, grpc_port=grpc_port, metrics_port=metrics) as server:
+        ports = ServerPorts(http=http, grpc=grpc_port, metrics=metrics)
+        with TritonServer(repo, models=[model], ports=ports) as server:
             rows = compare(server.grpc_url, model, size, args.duration, args.rounds)  # type: ignore[arg-type]
     record = {"format": "patcher-client-engines/1", "created": now_iso(), "run": run.name, "model": model,
               "rounds": args.rounds, "machine": machine, "load_average_end": load_average(), "rows": rows}

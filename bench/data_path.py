@@ -150,7 +150,7 @@ def _train_rate(model: str, split: Any, steps: int, warmup: int, batch: int) -> 
     from patcher.data.tasks import get_task
     from patcher.models import load_clip
     from patcher.training.config import TrainConfig
-    from patcher.training.loop import train
+    from patcher.training.loop import Tracking, train
     from patcher.training.methods import MethodSetup
     from patcher.training.methods.ft import FineTune
 
@@ -161,7 +161,7 @@ def _train_rate(model: str, split: Any, steps: int, warmup: int, batch: int) -> 
     method = FineTune(MethodSetup(loaded, {"t": split}, {"t": get_task("digits")}, {"t": head}, config), None)
     times: dict[int, float] = {}
     train(method.encoder, method.encoder.parameters(), method.step_loss, config, "cpu",
-          log=lambda entry: times.__setitem__(entry["step"], time.perf_counter()))
+          Tracking(log=lambda entry: times.__setitem__(entry["step"], time.perf_counter())))
     method.close()
     return steps * batch / (times[warmup + steps] - times[warmup])
 

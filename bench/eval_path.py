@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_path import make_folder
 
 from patcher.benchmark.machine import machine_info
-from patcher.data.evaluation import predict
+from patcher.data.evaluation import Scorer, predict
 from patcher.data.image_store import build_store
 from patcher.data.tasks import get_task
 from patcher.data.transforms import Normalize
@@ -63,7 +63,7 @@ def measure(model: str, root: Path, cache: Path, batch_size: int) -> dict[str, A
     record["reuse_s"] = round(time.perf_counter() - tick, 3)
     normalize = Normalize(loaded.preprocess_cfg)
     tick = time.perf_counter()
-    predict(classifier, store, task.name, normalize, batch_size=batch_size)
+    predict(Scorer(classifier=classifier, normalize=normalize, batch_size=batch_size), store, task.name)
     record["score_s"] = round(time.perf_counter() - tick, 2)
     record["rss_after_score_mb"] = peak_rss_mb()
     record["cache_mb"] = round(sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 2**20, 1)

@@ -65,7 +65,7 @@ def measure(model: str, image_size: int, batch: int, config: str, steps: int, de
     from patcher.data.tasks import get_task
     from patcher.models import load_clip
     from patcher.training.config import TrainConfig
-    from patcher.training.loop import train_method
+    from patcher.training.loop import MethodTracking, train_method
     from patcher.training.methods import MethodSetup
     from patcher.training.methods.ft import FineTune
 
@@ -112,7 +112,7 @@ def measure(model: str, image_size: int, batch: int, config: str, steps: int, de
 
     method.step_loss = measured_step_loss  # type: ignore[method-assign]
     trainable = sum(p.numel() for p in loaded.model.visual.parameters())
-    train_method(method, device, on_log=after_step)
+    train_method(method, device, MethodTracking(on_log=after_step))
     peak_rss = _status_kib("VmHWM") / 1024
     cpu_per_step = (_cpu_seconds() - marks["cpu_start"]) / steps
     result = {

@@ -123,7 +123,7 @@ def _fine_tune(loaded: Any, shape: Shape, config: str, plan: Plan) -> dict[str, 
     from patcher.data.loading import TrainSplit
     from patcher.data.tasks import get_task
     from patcher.training.config import TrainConfig
-    from patcher.training.loop import precision_name, train_method
+    from patcher.training.loop import MethodTracking, precision_name, train_method
     from patcher.training.methods import MethodSetup
     from patcher.training.methods.ft import FineTune
 
@@ -149,7 +149,7 @@ def _fine_tune(loaded: Any, shape: Shape, config: str, plan: Plan) -> dict[str, 
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    train_method(FineTune(setup, None), plan.device, on_log=after_step)
+    train_method(FineTune(setup, None), plan.device, MethodTracking(on_log=after_step))
     record = {"config": config, "accum_steps": accum, "grad_checkpointing": checkpointing,
               "precision": precision_name(plan.device), "images_per_s": round(float(np.median(speeds)), 2),
               "images_per_s_steps": speeds}
@@ -189,7 +189,7 @@ def training(plan: Plan) -> dict[str, Any]:
 
 def evaluation(plan: Plan) -> dict[str, Any]:
     """Held-out evaluation throughput: patcher.data.evaluation.accuracies (bf16 on CUDA) over an in-RAM image store."""
-    from patcher.data.evaluation import accuracies
+    from patcher.data.evaluation import Scorer, accuracies
     from patcher.data.image_store import ImageStore
     from patcher.data.transforms import Normalize
     from patcher.models import load_clip
@@ -205,13 +205,14 @@ def evaluation(plan: Plan) -> dict[str, Any]:
         head = torch.nn.functional.normalize(torch.randn(loaded.embed_dim, 10), dim=0) * 100
         classifier = MultiHeadClassifier(loaded.model.visual, {"task": head})
         normalize = Normalize(loaded.preprocess_cfg)
-        accuracies(classifier, {"task": store}, normalize, batch_size=256, device=plan.device)  # warm-up
+        scorer = Scorer(classifier=classifier, normalize=normalize, batch_size=256, device=plan.device)
+        accuracies(scorer, {"task": store})  # warm-up
         started = time.perf_counter()
-        accuracy = accuracies(classifier, {"task": store}, normalize, batch_size=256, device=plan.device)
+        accuracy = accuracies(scorer, {"task": store})
         seconds = time.perf_counter() - started
         results.append({"model": shape.model, "images": plan.eval_images, "batch_size": 256,
                         "images_per_s": round(plan.eval_images / seconds, 1), "accuracy_random": accuracy["task"]})
-        del loaded, classifier
+        del loaded, classifier, scorer
         _free(plan.device)
     return {"runs": results}
 
@@ -220,7 +221,7 @@ def pipeline(plan: Plan, workdir: Path) -> dict[str, Any]:
     """`patcher build` (digits, random weights) and `patcher export` on this device, then parity on the device."""
     from patcher.export.graph import load_graph, reference_outputs
     from patcher.export.heldout import load_heldout
-    from patcher.export.verify import parity_report
+    from patcher.export.verify import TorchReference, parity_report
     from patcher.runs.manifest import load_run
     from patcher.runs.weights import verified_config, verified_weights
     from patcher.stages.build import BuildOptions, build
@@ -242,8 +243,8 @@ def pipeline(plan: Plan, workdir: Path) -> dict[str, Any]:
     heldout = load_heldout(run.tasks, config["preprocess_cfg"], 256)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact float32 on both sides
         reference = reference_outputs(graph, heldout.images.to(plan.device))
-    report = parity_report(Path(export_dir) / "patched.onnx", "fp32", heldout, reference, graph.output_names,
-                           graph.logit_scales(), device=plan.device)
+    report = parity_report(Path(export_dir) / "patched.onnx", "fp32", heldout, TorchReference.of(graph, reference),
+                           device=plan.device)
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
     evaluations = manifest.get("training", {}).get("evaluations", [])
     return {"run": str(run_dir), "export": str(export_dir), "build_s": round(built, 2), "export_s": round(exported, 2),

@@ -18,18 +18,18 @@ def triton(plan: Plan, export_dir: Path, workdir: Path) -> dict[str, Any]:
     from patcher.benchmark.loadgen import latency_summary, run_load, tensor_payload
     from patcher.export.contract import INPUT_NAME
     from patcher.triton.repository.configs import read_config
-    from patcher.triton.repository.writer import write_repository
-    from patcher.triton.serving.server import TritonServer
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
+    from patcher.triton.serving.server import ServerSettings, TritonServer
 
     cuda = plan.device.startswith("cuda")
     repo = workdir / "repo"
-    written = write_repository(export_dir, repo, max_batch_size=max(plan.infer_batches), gpu=cuda)
-    model = f"{written['name']}_patched"
+    written = write_repository(export_dir, repo, RepositoryOptions(max_batch_size=max(plan.infer_batches), gpu=cuda))
+    model = f"{written.name}_patched"
     group = read_config(repo / model).instance_group[0]
     size = image_size_of(Path(export_dir) / "patched.onnx")
     added = _cuda_libraries_on_path() if cuda else []
     rows = []
-    with TritonServer(repo, models=[model], startup_timeout_s=300) as server:
+    with TritonServer(repo, models=[model], settings=ServerSettings(startup_timeout_s=300)) as server:
         for batch_size in plan.infer_batches:
             array = np.random.default_rng(0).standard_normal((batch_size, 3, *size)).astype(np.float32)
             payload = tensor_payload(model, INPUT_NAME, array)

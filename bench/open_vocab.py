@@ -316,14 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     import tritonclient.grpc as grpcclient
 
     from patcher.stages.export import export_run
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
     export_dir = export_run(args.run)
     export = json.loads((export_dir / "export.json").read_text())
     with tempfile.TemporaryDirectory(prefix="open-vocab-") as workdir:
         written = write_repository(export_dir, Path(workdir) / "repo",
-                                   open_vocab={"classify_instances": args.classify_instances})
-        entry = written["name"]
+                                   RepositoryOptions(open_vocab={"classify_instances": args.classify_instances}))
+        entry = written.name
         server = Serve(Path(workdir) / "repo", Path(workdir) / "key.json")
         try:
             client = grpcclient.InferenceServerClient(server.url)

@@ -90,17 +90,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from patcher.triton.repository.entry import Entry
     from patcher.triton.repository.writer import write_repository
-    from patcher.triton.serving.server import TritonServer
+    from patcher.triton.serving.server import ServerSettings, TritonServer
 
     binary, env = ensure_perf_analyzer()
     results = []
     with tempfile.TemporaryDirectory(prefix="perf-conventions-") as workdir:
         written = write_repository(args.run / "onnx" if (args.run / "onnx").is_dir() else args.run,
                                    Path(workdir) / "repo")
-        tasks = [m["task"] for m in written["models"].values() if m["kind"] == "task_pixels"]
-        entry = Entry(written["name"], tuple(tasks))
+        tasks = [m.task for m in written.models.values() if m.kind == "task_pixels"]
+        entry = Entry(written.name, tuple(tasks))
         models = [m for m in entry.models() if m.kind in ("task_pixels", "task_bytes")]
-        with TritonServer(Path(workdir) / "repo", startup_timeout_s=120) as server:
+        with TritonServer(Path(workdir) / "repo", settings=ServerSettings(startup_timeout_s=120)) as server:
             config = server.grpc_client().get_model_config(models[0].name, as_json=True)["config"]
             size = tuple(int(d) for d in config["input"][0]["dims"][1:])
             images = png_input_data(Path(workdir) / "images.json", size)  # type: ignore[arg-type]
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = analyze(binary, env, server.grpc_url, model.name, args.batch if pixels else 1,
                               args.concurrency, args.duration, Path(workdir), "random" if pixels else str(images))
                 results.append({**row, "input": "random 0-255 pixels, NCHW" if pixels else "PNG files (BYTES)"})
-    name = written["name"]
+    name = written.name
     record = {"name": name, "created": now_iso(), "machine": machine_info(), "load_average": load_average(),
               "perf_analyzer": VERSION, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)

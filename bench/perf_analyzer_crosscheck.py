@@ -32,7 +32,7 @@ from patcher.benchmark import server_stats
 from patcher.benchmark.defaults import DEFAULT_MAX_QUEUE_DELAY_US
 from patcher.benchmark.loadgen import run_load, warm_up
 from patcher.benchmark.machine import load_average, machine_info
-from patcher.benchmark.results import result_row
+from patcher.benchmark.results import Setting, result_row
 from patcher.benchmark.targets import inspect_target, payload
 
 VERSION = "2.51.0"
@@ -127,7 +127,9 @@ def run_patcher(url: str, model: str, batch: int, concurrency: int, duration_s: 
         delta = server_stats.delta(before, server_stats.settled_snapshot(client, model, before, load.succeeded))
     finally:
         client.close()
-    row = result_row(model, target.kind, "triton", "inline", batch, concurrency, load, delta)
+    setting = Setting(model=model, kind=target.kind, runtime="triton", input_kind="inline", batch_size=batch,
+                      concurrency=concurrency)
+    row = result_row(setting, load, delta)
     return {"throughput": row["throughput"], "latency_ms": row["latency_ms"], "server_queue_ms": delta["queue_ms"],
             "server_compute_ms": delta["compute_ms"], "requests": row["requests"], "consistent": row["consistent"]}
 
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     from patcher.runs.manifest import load_run
     from patcher.stages.bench import ensure_export
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
     from patcher.triton.serving.server import TritonServer
 
     if args.run is None and (args.url is None or args.model is None):
@@ -241,9 +243,10 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="patcher-crosscheck-") as workdir:
         if args.run is not None:
             run = load_run(args.run)
-            written = write_repository(ensure_export(run), Path(workdir) / "repo", max_batch_size=max(64, args.batch),
-                                       max_queue_delay_us=DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads=args.threads)
-            model = args.model or f"{written['name']}_patched"
+            options = RepositoryOptions(max_batch_size=max(64, args.batch),
+                                        max_queue_delay_us=DEFAULT_MAX_QUEUE_DELAY_US, intra_op_threads=args.threads)
+            written = write_repository(ensure_export(run), Path(workdir) / "repo", options)
+            model = args.model or f"{written.name}_patched"
             with TritonServer(Path(workdir) / "repo", models=[model]) as server:
                 result = crosscheck(server.grpc_url, model, args.batch, args.concurrency, args.duration, args.rounds,
                                     Path(workdir))

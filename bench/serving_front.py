@@ -199,12 +199,12 @@ def oversized_http(address: tuple[str, int], pid: int, megabytes: int) -> dict[s
 
 
 def _start(repo: Path, env: dict[str, str] | None) -> Any:
-    from patcher.triton.serving.server import TritonServer
+    from patcher.triton.serving.server import ServerSettings, TritonServer
 
     saved = {key: os.environ.get(key) for key in (env or {})}
     os.environ.update(env or {})
     try:
-        return TritonServer(repo, startup_timeout_s=120).start()
+        return TritonServer(repo, settings=ServerSettings(startup_timeout_s=120)).start()
     finally:
         for key, value in saved.items():
             if value is None:
@@ -266,7 +266,7 @@ def main() -> None:
     oversized: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-front-") as folder:
         repo = Path(folder) / "repo"
-        name = write_repository(args.export, repo)["name"]
+        name = write_repository(args.export, repo).name
         servers = [("patcher", None)] + ([("glibc arenas", {"MALLOC_ARENA_MAX": "64"})] if args.arenas else [])
         for server_kind, env in servers:
             server = _start(repo, env)

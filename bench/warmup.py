@@ -34,7 +34,7 @@ from patcher.benchmark.machine import machine_info
 from patcher.triton.repository.configs import IMAGE_BYTES
 from patcher.triton.repository.export_info import load_export
 from patcher.triton.repository.warmup import export_sample, input_bytes
-from patcher.triton.repository.writer import write_repository
+from patcher.triton.repository.writer import RepositoryOptions, write_repository
 from patcher.triton.serving.server import TritonServer
 
 NAME = "digits"
@@ -101,11 +101,11 @@ def one_round(export: Path, second: Path, warmup: bool, after: int, scratch: Pat
     """Version 1 served, then each backend model rolled out to version 2, with or without warmup."""
     repo = scratch / f"repo-{'warm' if warmup else 'cold'}"
     shutil.rmtree(repo, ignore_errors=True)
-    write_repository(export, repo, name=NAME, warmup=warmup)
+    write_repository(export, repo, RepositoryOptions(name=NAME, warmup=warmup))
     models = [f"{NAME}_preprocess", f"{NAME}_patched"]
     results = {}
     with TritonServer(repo, models=models) as server:
-        write_repository(second, repo, name=NAME, warmup=warmup)
+        write_repository(second, repo, RepositoryOptions(name=NAME, warmup=warmup))
         for model in models:
             results[model] = rollout(server, model, request(model, export), after)
     return results

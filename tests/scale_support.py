@@ -14,7 +14,7 @@ from patcher.models import load_clip
 from patcher.models.heads import build_head
 from patcher.models.state import State
 from patcher.training.config import TrainConfig
-from patcher.training.loop import train_method
+from patcher.training.loop import MethodTracking, train_method
 from patcher.training.methods import Method, MethodSetup, get_method, parse_params
 
 ITEMS = 96  # one and a half batches of 64: steps cross an epoch boundary
@@ -45,7 +45,7 @@ def make_method(name: str, setup: MethodSetup) -> Method:
 def fine_tune(name: str, setup: MethodSetup, log: list[dict] | None = None) -> State:
     """Train the method from the setup's starting weights; the state it trained."""
     method = make_method(name, setup)
-    train_method(method, on_log=log.append if log is not None else None)
+    train_method(method, tracking=MethodTracking(on_log=log.append if log is not None else None))
     return method.state()
 
 

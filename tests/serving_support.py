@@ -310,11 +310,11 @@ def half_publish(repo: Path, export: Path, scratch: Path, options: dict[str, Any
         publish_lock,
         read_journal,
     )
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
     shutil.copytree(repo, scratch)
-    written = write_repository(export, scratch, **options)
-    version, models = written["version"], list(written["models"])
+    written = write_repository(export, scratch, RepositoryOptions(**options))
+    version, models = written.version, list(written.models)
     staging = repo / f"{STAGING_PREFIX}killed"
     with publish_lock(repo):
         for index, model in enumerate(models):
@@ -331,8 +331,8 @@ def half_publish(repo: Path, export: Path, scratch: Path, options: dict[str, Any
                 destination = target / path.relative_to(scratch / model)
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, destination)
-        journal = Journal(read_journal(repo).serial + 1, "publishing", written["name"], version,
-                          dict.fromkeys(models, version), staging.name)
+        journal = Journal(serial=read_journal(repo).serial + 1, state="publishing", entry=written.name,
+                          version=version, models=dict.fromkeys(models, version), staging=staging.name)
         (repo / JOURNAL).write_text(json.dumps(journal.record()))
     return journal
 

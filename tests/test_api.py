@@ -73,11 +73,11 @@ def test_load_classifies_and_embeds_like_the_cli(tiny_export: Path, tmp_path: Pa
 def test_client_answers_as_the_model_in_process(tiny_export: Path, tmp_path: Path) -> None:
     from serving_support import Served
 
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
     files = digit_files(tmp_path / "img")
     repo = tmp_path / "repo"
-    write_repository(tiny_export, repo, max_batch_size=8)
+    write_repository(tiny_export, repo, RepositoryOptions(max_batch_size=8))
     served = Served(repo, tmp_path / "key.json")
     try:
         client = api.Client(f"http://{served.grpc_url}", "digits")  # a scheme is accepted, as users write it

@@ -197,3 +197,83 @@ def test_the_parts_form_no_circle() -> None:
 
     assert "stages" not in above("benchmark") and "training" not in above("runs")
     assert sorted(part for part in edges if part in above(part)) == []
+
+
+# --- shape: what a newcomer reads (issue 31's "Must show") ------------------------------------------------------
+MAX_LINES, MAX_PARAMETERS, MAX_POSITIONAL = 60, 6, 6
+# functions still taking more than MAX_PARAMETERS; none may join them, and one that is narrowed leaves the list
+WIDE = {"triton/openvocab_client.py:classify_labels", "triton/client.py:classify_files",
+        "data/loading.py:prepare_splits", "benchmark/loadgen.py:run_load"}
+# calls still passing more than MAX_POSITIONAL arguments by position: none
+POSITIONAL: set[str] = set()
+
+
+def _functions(tree: ast.AST) -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """(qualified name, node) of every function and method, nested ones included."""
+    found = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                found.append((prefix + child.name, child))
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return found
+
+
+def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    arguments = node.args
+    names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
+    return len(names) - (1 if names and names[0] in ("self", "cls") else 0)
+
+
+def _shape() -> tuple[list[str], list[str], list[str]]:
+    """(long functions, wide functions, wide positional calls) outside the CLI's typer commands."""
+    long, wide, positional = [], [], []
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative.startswith("cli/"):
+            continue
+        tree = ast.parse(path.read_text())
+        for name, node in _functions(tree):
+            if node.end_lineno - node.lineno + 1 > MAX_LINES:  # type: ignore[operator]
+                long.append(f"{relative}:{name}")
+            if _parameters(node) > MAX_PARAMETERS:
+                wide.append(f"{relative}:{name}")
+        positional += [f"{relative}:{node.lineno}" for node in ast.walk(tree)
+                       if isinstance(node, ast.Call) and len(node.args) > MAX_POSITIONAL]
+    return long, wide, positional
+
+
+def test_functions_are_short_narrow_and_called_by_keyword() -> None:
+    """No function over 60 lines, none over 6 parameters (records are dataclasses, not functions), no call passing
+    more than 6 arguments by position: a wide call takes a keyword-only record instead."""
+    long, wide, positional = _shape()
+    assert long == []
+    assert sorted(set(wide) - WIDE) == [] and sorted(WIDE - set(wide)) == []
+    assert [call for call in positional if call.split(":")[0] not in POSITIONAL] == []
+
+
+def test_no_module_imports_itself_back() -> None:
+    """Module by module (a package's __init__ counting as the package, `from package import x` as an import of the
+    package), no import leads back to where it started: records below, recipes above, inside a part too."""
+    modules = {f"patcher.{p.relative_to(ROOT).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
+               for p in ROOT.rglob("*.py")}
+    edges = {module: {name for _, name in patcher_imports(module_path(module))  # type: ignore[arg-type]
+                      if name in modules and name != module} for module in modules}
+    circles = []
+    for start in sorted(modules):
+        seen, todo = set(), list(edges[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += edges[module]
+        if start in seen:
+            circles.append(start)
+    assert circles == []

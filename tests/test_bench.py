@@ -15,7 +15,7 @@ from patcher.base.errors import PatcherError
 from patcher.benchmark import server_stats
 from patcher.benchmark.loadgen import LoadResult, latency_summary
 from patcher.benchmark.measure import BenchOptions
-from patcher.benchmark.report import format_table
+from patcher.benchmark.report import BenchReport, format_table
 from patcher.benchmark.results import comparisons, targets
 from patcher.benchmark.sweep import Budget, SweepOptions, make_sweep, round_order
 from patcher.stages.bench import bench_run, bench_url
@@ -37,7 +37,7 @@ def run_copy(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(run_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def report(run_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> BenchReport:
     out = tmp_path_factory.mktemp("bench-results")
     return bench_run(run_copy, BenchOptions(sweep=SweepOptions(**SWEEP), out_dir=out, name="tiny-bench"))
 
@@ -57,42 +57,42 @@ def _check_counts(row: dict[str, Any], max_requests: int) -> None:
 
 
 @needs_server
-def test_bench_run_writes_json_markdown_png(report: dict[str, Any]) -> None:
-    files = report["files"]
+def test_bench_run_writes_json_markdown_png(report: BenchReport) -> None:
+    files = report.files
     assert {Path(p).suffix for p in files.values()} == {".json", ".md", ".png"}
     assert all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in files.values())
     assert Path(files["json"]).name == "tiny-bench.json"
-    assert json.loads(Path(files["json"]).read_text()) == json.loads(json.dumps(report))
+    assert json.loads(Path(files["json"]).read_text()) == report.record()
     text = Path(files["markdown"]).read_text()
     assert "## Targets" in text and "digits_outensemble" in text and "tiny-bench.png" in text
-    assert len(format_table(report).rows) == len(report["results"])
+    assert len(format_table(report).rows) == len(report.results)
 
 
 @needs_server
-def test_bench_run_covers_every_model_setting_and_baseline(report: dict[str, Any], run_copy: Path) -> None:
-    served = [r for r in report["results"] if r["runtime"] == "triton"]
+def test_bench_run_covers_every_model_setting_and_baseline(report: BenchReport, run_copy: Path) -> None:
+    served = [r for r in report.results if r["runtime"] == "triton"]
     kinds = {"patched", "zeroshot", "outensemble", "patched-bytes"}
     settings = {(b, c) for b in SWEEP["batch_sizes"] for c in SWEEP["concurrency"]}
     assert {(r["kind"], r["batch_size"], r["concurrency"]) for r in served} == {
         (k, b, c) for k in kinds for b, c in settings
     }
     assert {r["input"] for r in served if r["kind"] != "patched-bytes"} == {"inline"}
-    local = [r for r in report["results"] if r["runtime"] != "triton"]
+    local = [r for r in report.results if r["runtime"] != "triton"]
     assert {(r["runtime"], r["kind"], r["batch_size"]) for r in local} == {
         (rt, k, b) for rt in ("onnxruntime", "torch") for k in ("patched", "zeroshot", "outensemble")
         for b in SWEEP["batch_sizes"]
     }
-    for row in report["results"]:
+    for row in report.results:
         _check_counts(row, SWEEP["max_requests"])
     from patcher.base.files import sha256_file
 
-    assert report["run"]["manifest_sha256"] == sha256_file(run_copy / "manifest.json")  # the bytes benchmarked
+    assert report.run["manifest_sha256"] == sha256_file(run_copy / "manifest.json")  # the bytes benchmarked
     assert (run_copy / "onnx" / "export.json").is_file()  # exported on the way
 
 
 @needs_server
-def test_server_statistics_agree_with_the_client(report: dict[str, Any]) -> None:
-    for row in (r for r in report["results"] if r["runtime"] == "triton"):
+def test_server_statistics_agree_with_the_client(report: BenchReport) -> None:
+    for row in (r for r in report.results if r["runtime"] == "triton"):
         server = row["server"]
         assert row["consistent"], row
         assert server["requests_succeeded"] == row["requests"]["succeeded"]
@@ -106,30 +106,30 @@ def test_server_statistics_agree_with_the_client(report: dict[str, Any]) -> None
 
 
 @needs_server
-def test_flops_accuracy_machine_and_comparisons(report: dict[str, Any]) -> None:
-    per_image = report["flops"]["per_image"]
+def test_flops_accuracy_machine_and_comparisons(report: BenchReport) -> None:
+    per_image = report.flops["per_image"]
     assert per_image["patched"] == per_image["zeroshot"] > 0
     assert per_image["outensemble"] == 2 * per_image["patched"]
-    assert report["flops"]["matmul"]["peak_gflops"] > 0
-    machine = report["machine"]
+    assert report.flops["matmul"]["peak_gflops"] > 0
+    machine = report.machine
     assert machine["cpu"] and machine["logical_cores"] >= 1 and machine["memory_gib"] > 0
     assert {"torch", "onnxruntime", "tritonclient"} <= set(machine["versions"])
-    accuracy = report["accuracy"]
+    accuracy = report.accuracy
     assert accuracy["task"] == "digits" and accuracy["images"] == accuracy["split_size"] > 0
     assert 0 <= accuracy["onnxruntime"]["outensemble"] <= 100
     assert accuracy["onnxruntime"]["patched"] == pytest.approx(accuracy["manifest"]["patched"], abs=0.5)
-    assert report["accuracy_by_kind"]["patched-bytes"] == report["accuracy_by_kind"]["patched"]
-    compared = report["comparisons"]
+    assert report.accuracy_by_kind["patched-bytes"] == report.accuracy_by_kind["patched"]
+    compared = report.comparisons
     assert len(compared["patched_vs_zeroshot"]) == len(compared["patched_vs_outensemble"]) == 4
     assert [c["batch_size"] for c in compared["triton_vs_onnxruntime"]] == SWEEP["batch_sizes"]
-    assert [t["name"] for t in report["targets"]] == [
+    assert [t["name"] for t in report.targets] == [
         "patched_vs_zeroshot", "patched_vs_outensemble", "triton_vs_onnxruntime"
     ]
     worst = max((c["throughput_ratio"] for c in compared["patched_vs_zeroshot"]), key=lambda r: abs(r - 1))
     lowest = min(c["throughput_ratio"] for c in compared["patched_vs_outensemble"])
     best = max(compared["triton_vs_onnxruntime"], key=lambda c: c["triton"])
-    assert [t["met"] for t in report["targets"]] == [abs(worst - 1) <= 0.03, lowest >= 1.8, best["ratio"] >= 0.8]
-    assert [t["worst"] for t in report["targets"]] == [worst, lowest, best["ratio"]]
+    assert [t["met"] for t in report.targets] == [abs(worst - 1) <= 0.03, lowest >= 1.8, best["ratio"] >= 0.8]
+    assert [t["worst"] for t in report.targets] == [worst, lowest, best["ratio"]]
 
 
 # --- an already running server --------------------------------------------------------------------------------
@@ -137,11 +137,11 @@ def test_flops_accuracy_machine_and_comparisons(report: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def server(run_copy: Path, report: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
     from patcher.triton.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp("bench-repo")
-    write_repository(run_copy / "onnx", repo, max_batch_size=8)
+    write_repository(run_copy / "onnx", repo, RepositoryOptions(max_batch_size=8))
     with TritonServer(repo, models=["digits_patched", "digits_zeroshot"]) as running:
         yield running
 
@@ -156,16 +156,16 @@ def test_bench_url_with_shared_memory(server, tmp_path: Path) -> None:
         bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], options)  # registering needs the key
     key_file = write_key_file(server.key, tmp_path / "keys" / "server.key.json", {"grpc": server.grpc_url}).path
     result = bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"], options, key_file=key_file)
-    assert result["run"] is None and result["server"]["started_here"] is False
-    assert result["name"] == "digits_patched" and (tmp_path / "digits_patched.json").is_file()
+    assert result.run is None and result.server["started_here"] is False
+    assert result.name == "digits_patched" and (tmp_path / "digits_patched.json").is_file()
     assert server.key.value not in (tmp_path / "digits_patched.json").read_text()  # the key stays out of reports
-    assert result["server"]["models"]["digits_patched"]["max_batch_size"] == 8
-    assert [r["input"] for r in result["results"]] == ["shm", "shm"]
-    for row in result["results"]:
+    assert result.server["models"]["digits_patched"]["max_batch_size"] == 8
+    assert [r["input"] for r in result.results] == ["shm", "shm"]
+    for row in result.results:
         _check_counts(row, 30)
         assert row["consistent"]
-    assert len(result["comparisons"]["patched_vs_zeroshot"]) == 1
-    assert result["targets"][1]["met"] is None  # no output-space ensemble served: not measured
+    assert len(result.comparisons["patched_vs_zeroshot"]) == 1
+    assert result.targets[1]["met"] is None  # no output-space ensemble served: not measured
     assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith("patcher_bench_")]
 
 
@@ -216,10 +216,10 @@ def test_bench_fails_with_one_error_line_when_requests_fail(server, tmp_path: Pa
     sweep = SweepOptions(concurrency=[1], batch_sizes=[1], duration_s=0.3, max_requests=20)
     tolerated = bench_url(server.grpc_url, ["digits_patched", "digits_zeroshot"],
                           BenchOptions(sweep=sweep, out_dir=tmp_path / "kept", tolerate_failures=True))
-    requests = {row["model"]: row["requests"] for row in tolerated["results"]}
+    requests = {row["model"]: row["requests"] for row in tolerated.results}
     assert requests["digits_zeroshot"]["failed"] == requests["digits_zeroshot"]["sent"] > 0
     assert requests["digits_patched"]["failed"] == 0 < requests["digits_patched"]["succeeded"]
-    assert any("failed requests" in note for note in tolerated["notes"])
+    assert any("failed requests" in note for note in tolerated.notes)
 
 
 # --- pure functions -------------------------------------------------------------------------------------------

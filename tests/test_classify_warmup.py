@@ -15,15 +15,15 @@ from patcher.triton.onnxruntime_local import LocalModel
 from patcher.triton.openvocab_client import classify_labels
 from patcher.triton.repository.configs import read_config
 from patcher.triton.repository.warmup import WARM_HEAD_FILE, WARMUP_DIR
-from patcher.triton.repository.writer import write_repository
-from patcher.triton.serving.server import TritonServer
+from patcher.triton.repository.writer import RepositoryOptions, write_repository
+from patcher.triton.serving.server import ServerSettings, TritonServer
 
 
 @pytest.mark.slow
 def test_classify_is_warmed_with_its_task_label_set_and_serves_it_without_the_text_model(
         tiny_export: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    write_repository(tiny_export, repo, max_batch_size=8)
+    write_repository(tiny_export, repo, RepositoryOptions(max_batch_size=8))
     record = json.loads((tiny_export / "export.json").read_text())
     labels = list(record["tasks"]["digits"]["classnames"])
     templates = list(record["text"]["templates"]["digits"])
@@ -40,7 +40,7 @@ def test_classify_is_warmed_with_its_task_label_set_and_serves_it_without_the_te
 
     sample = tiny_export / record["samples"]["digits"]["file"]
     # served alone: the warmup (Triton runs it before READY) and the task's label set need no `digits_text`
-    with TritonServer(repo, models=["digits_classify"], startup_timeout_s=120) as server:
+    with TritonServer(repo, models=["digits_classify"], settings=ServerSettings(startup_timeout_s=120)) as server:
         [served] = classify_labels([sample], "digits", labels, templates, url=server.grpc_url, top_k=len(labels))
         with pytest.raises(PatcherError, match="digits_text"):  # any other label set asks the text model
             classify_labels([sample], "digits", ["a cat", "a dog"], url=server.grpc_url)

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from patcher.base.errors import PatcherError
-from patcher.data.evaluation import accuracies
+from patcher.data.evaluation import Scorer, accuracies
 from patcher.data.image_store import StoreItems, build_store, open_store
 from patcher.data.items import TransformedItems
 from patcher.data.loading import TrainSplit, prepare_splits
@@ -159,7 +159,8 @@ def test_streamed_and_in_memory_evaluation_agree(tmp_path: Path):
         options = DataOptions(mode=mode, workers=1, cache_dir=tmp_path / "cache")
         splits = prepare_splits([], [fashion], loaded.preprocess_cfg, options)
         assert splits.val["fashion-mnist"].in_memory == (mode == "memory")
-        results[mode] = accuracies(classifier, splits.val, splits.normalize, batch_size=512)
+        scorer = Scorer(classifier=classifier, normalize=splits.normalize, batch_size=512)
+        results[mode] = accuracies(scorer, splits.val)
     assert results["memory"] == results["stream"]
     assert 0 < results["stream"]["fashion-mnist"] < 100
 

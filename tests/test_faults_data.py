@@ -15,7 +15,7 @@ from PIL import Image
 
 from patcher.base.errors import PatcherError
 from patcher.data.tasks import get_task
-from patcher.data.tasks.checks import find_bad_images, image_problem, skipping_bad_images
+from patcher.data.tasks.checks import SkipReport, find_bad_images, image_problem
 
 BUILD = [sys.executable, "-m", "patcher", "build", "--model", "patcher-tiny", "--pretrained", "none", "--steps", "2",
          "--batch-size", "8", "--device", "cpu", "--workers", "0"]
@@ -116,9 +116,9 @@ def test_an_empty_class_folder_is_refused(tmp_path: Path) -> None:
 def test_skipping_leaves_bad_files_out_and_counts_them(tmp_path: Path) -> None:
     root = dataset(tmp_path / "d")
     bad = [plant(root, "truncated-png"), plant(root, "truncated-jpeg")]
-    with skipping_bad_images() as report:
-        train = get_task(f"folder:{root}").load("train", root, False)
-    assert report is not None and report.count == 2
+    report = SkipReport()
+    train = get_task(f"folder:{root}").part("train", root, bad_images=report)
+    assert report.count == 2
     assert sorted(path for path, _ in report.skipped[str(root / "train")]) == sorted(map(str, bad))
     assert len(train) == 10  # 12 good images, 4:1 split without test/: 10 train (val is carved later)
 
@@ -127,8 +127,8 @@ def test_skipping_that_empties_a_class_is_refused(tmp_path: Path) -> None:
     root = dataset(tmp_path / "d", per_class=2)
     for path in (root / "train" / "dog").iterdir():
         path.write_bytes(path.read_bytes()[:-30])
-    with skipping_bad_images(), pytest.raises(PatcherError, match="dog has no usable images"):
-        get_task(f"folder:{root}").dataset("train")
+    with pytest.raises(PatcherError, match="dog has no usable images"):
+        get_task(f"folder:{root}").dataset("train", bad_images=SkipReport())
 
 
 def test_the_cli_says_one_line_exits_2_and_writes_nothing(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import patcher
 from patcher.base.scratch import make_scratch, sweep_stale
 from patcher.triton.imaging import DecodeBudget, ImageRejected, ServerBusy, check_limits, preprocess_bytes
 from patcher.triton.repository.publish import JOURNAL, read_journal
-from patcher.triton.repository.writer import write_repository
+from patcher.triton.repository.writer import RepositoryOptions, write_repository
 from patcher.triton.serving import logs
 from patcher.triton.serving.front import MAX_MESSAGE_BYTES, message_limit
 
@@ -222,19 +222,21 @@ def test_republishing_an_export_already_there_moves_no_serial_and_touches_no_fil
 
     before = stamps()
     again = write_repository(tiny_export, repo)
-    assert not again["new_version"] and again["serial"] == first["serial"] == read_journal(repo).serial
+    assert not again.new_version and again.serial == first.serial == read_journal(repo).serial
     assert stamps() == before  # the journal included: `patcher serve` sees nothing to reload
-    limited = write_repository(tiny_export, repo, limits={"max_bytes": 1 << 20})  # one model's config changes
-    assert limited["serial"] == first["serial"] + 1
+    # one model's config changes
+    limited = write_repository(tiny_export, repo, RepositoryOptions(limits={"max_bytes": 1 << 20}))
+    assert limited.serial == first.serial + 1
     changed = {path for path, stamp in stamps().items() if before.get(path) != stamp}
     assert changed == {"digits_preprocess/config.pbtxt", "digits_classify/config.pbtxt", JOURNAL}  # both decode
 
 
 def test_the_front_takes_a_full_batch_of_any_input_and_the_largest_image_request(tiny_export: Path,
                                                                                  tmp_path: Path) -> None:
-    write_repository(tiny_export, tmp_path / "repo", max_batch_size=64)
+    write_repository(tiny_export, tmp_path / "repo", RepositoryOptions(max_batch_size=64))
     assert message_limit(tmp_path / "repo") == MAX_MESSAGE_BYTES  # 28 px: 64 x 3 x 28 x 28 floats is far less
-    write_repository(tiny_export, tmp_path / "big", max_batch_size=8192, limits={"max_request_bytes": 1 << 20})
+    write_repository(tiny_export, tmp_path / "big",
+                     RepositoryOptions(max_batch_size=8192, limits={"max_request_bytes": 1 << 20}))
     assert message_limit(tmp_path / "big") == 8192 * 3 * 28 * 28 * 4 + (1 << 20)
 
 

@@ -37,7 +37,7 @@ from triton_support import requires_bundled_triton
 
 from patcher.triton.repository.writer import write_repository
 from patcher.triton.serving.processes import group_pids
-from patcher.triton.serving.server import TritonServer
+from patcher.triton.serving.server import ServerSettings, TritonServer
 
 pytestmark = [pytest.mark.slow, requires_bundled_triton()]
 BYTES_MODELS = ["digits", "digits_digits_bytes", "digits_fashion_mnist_bytes"]
@@ -123,7 +123,7 @@ def test_a_bare_tritonserver_dies_under_a_burst_of_1ms_deadlines(repo: Path) -> 
     """Why the front exists: the same burst straight at Triton 2.51's gRPC port kills it (server#7368). The race
     needs an answer to arrive just as a deadline passes, so a machine may take more than one burst; one that survives
     three is skipped with what was sent (the bundled server may have the fix, and the front could go)."""
-    with TritonServer(repo, models=BYTES_MODELS, startup_timeout_s=120) as server:
+    with TritonServer(repo, models=BYTES_MODELS, settings=ServerSettings(startup_timeout_s=120)) as server:
         assert server.process is not None
         for _ in range(3):
             processes, results = hostile_clients(server.grpc_url, BYTES_MODELS, BURST_S, _hostile_png())
@@ -388,7 +388,7 @@ def test_a_killed_serve_leaves_a_folder_the_next_server_sweeps(repo: Path, tmp_p
         time.sleep(0.1)
     assert workdir.is_dir() and not group_pids(tritonserver)
     time.sleep(5.5)  # past the grace a brand-new folder gets
-    with TritonServer(repo, models=["digits_pixels"], startup_timeout_s=120):
+    with TritonServer(repo, models=["digits_pixels"], settings=ServerSettings(startup_timeout_s=120)):
         assert not workdir.exists()
 
 

@@ -20,7 +20,7 @@ from patcher.data.shots import FewShot, dataset_labels, few_shot_indices
 from patcher.data.tasks import get_task
 from patcher.runs.manifest import load_run
 from patcher.training.config import TrainConfig
-from patcher.training.loop import train_method
+from patcher.training.loop import MethodTracking, train_method
 from patcher.training.sampling import Micro, micro_rows
 
 METHODS = ["ft", "flyp", "carft"]
@@ -93,9 +93,10 @@ def test_resume_with_micro_batches_reaches_the_same_weights_bit_for_bit(method: 
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_method(make_method(method, tiny_setup(torch.float32, **settings)), checkpoint_dir=tmp_path, on_log=stop)
+        train_method(make_method(method, tiny_setup(torch.float32, **settings)),
+                     tracking=MethodTracking(checkpoint_dir=tmp_path, on_log=stop))
     resumed = make_method(method, tiny_setup(torch.float32, **settings))
-    train_method(resumed, checkpoint_dir=tmp_path)
+    train_method(resumed, tracking=MethodTracking(checkpoint_dir=tmp_path))
     assert all(torch.equal(straight[key], value) for key, value in resumed.state().items())
 
 
@@ -121,7 +122,7 @@ def test_gradient_checkpointing_changes_no_weight_and_is_on_only_while_training(
     towers = lambda: (model.visual.transformer.grad_checkpointing, model.transformer.grad_checkpointing)  # noqa: E731
     flags: list[tuple[bool, bool]] = []
     checkpointed = make_method(method, setup)
-    train_method(checkpointed, on_log=lambda _: flags.append(towers()))
+    train_method(checkpointed, tracking=MethodTracking(on_log=lambda _: flags.append(towers())))
     assert max_difference(plain, start) > 1e-3
     assert max_difference(plain, checkpointed.state()) <= 1e-5
     assert set(flags) == {(True, method == "flyp")}  # the towers this method trains, while it trains

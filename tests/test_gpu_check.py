@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
 from patcher.export.providers import CPU, CUDA, available_providers, execution_providers
-from patcher.triton.repository.configs import Batching, classifier_config, preprocess_config
+from patcher.triton.repository.configs import Batching, Tensors, classifier_config, preprocess_config
 from patcher.triton.repository.export_info import TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,11 +53,12 @@ def test_cpu_smoke_runs_every_phase(tmp_path: Path) -> None:
 
 def test_gpu_instance_group_for_the_python_backend_classifiers() -> None:
     """`gpu` puts a classifier's instances on the GPU (KIND_GPU) for either backend; preprocessing stays on CPU."""
-    group = classifier_config("m", IMAGE, LOGITS, "python", Batching(instances=2, gpu=True), {}, {}).instance_group[0]
+    tensors = Tensors(image=IMAGE, outputs=LOGITS)
+    group = classifier_config("m", tensors, "python", Batching(instances=2, gpu=True), {}).instance_group[0]
     assert (group.kind, group.count) == (mc.ModelInstanceGroup.KIND_GPU, 2)
-    cpu = classifier_config("m", IMAGE, LOGITS, "python", Batching(), {}, {}).instance_group[0]
+    cpu = classifier_config("m", tensors, "python", Batching(), {}).instance_group[0]
     assert cpu.kind == mc.ModelInstanceGroup.KIND_CPU
-    onnx = classifier_config("m", IMAGE, LOGITS, "onnxruntime", Batching(gpu=True), {}, {}).instance_group[0]
+    onnx = classifier_config("m", tensors, "onnxruntime", Batching(gpu=True), {}).instance_group[0]
     assert onnx.kind == mc.ModelInstanceGroup.KIND_GPU
     preprocess = preprocess_config("p", IMAGE, Batching(gpu=True), {}).instance_group[0]
     assert preprocess.kind == mc.ModelInstanceGroup.KIND_CPU

@@ -32,7 +32,7 @@ from patcher.triton.client import classify_files
 from patcher.triton.onnxruntime_local import LocalModel
 from patcher.triton.openvocab_client import classify_labels, embed_files, embed_texts, served_templates
 from patcher.triton.repository.configs import read_config
-from patcher.triton.repository.writer import write_repository
+from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
 pytestmark = [pytest.mark.slow, requires_bundled_triton()]
 MAX_LABELS = 12
@@ -43,8 +43,8 @@ FASHION_IMAGES = 400
 @pytest.fixture(scope="module")
 def repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("openvocab") / "repo"
-    write_repository(tiny_export, repo, max_batch_size=32,
-                     open_vocab={"max_labels": MAX_LABELS, "label_cache": LABEL_CACHE})
+    write_repository(tiny_export, repo, RepositoryOptions(max_batch_size=32,
+                     open_vocab={"max_labels": MAX_LABELS, "label_cache": LABEL_CACHE}))
     return repo
 
 

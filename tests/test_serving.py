@@ -49,7 +49,7 @@ from patcher.triton.repository.publish import (
     STAGING_PREFIX,
     read_journal,
 )
-from patcher.triton.repository.writer import write_repository
+from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
 pytestmark = [pytest.mark.slow, requires_bundled_triton()]
 MAX_BATCH = 16
@@ -68,7 +68,7 @@ def export(tiny_export: Path) -> Path:
 @pytest.fixture(scope="module")
 def repo(export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("served") / "repo"
-    assert write_repository(export, repo, **OPTIONS)["version"] == 1
+    assert write_repository(export, repo, RepositoryOptions(**OPTIONS)).version == 1
     return repo
 
 

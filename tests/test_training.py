@@ -13,7 +13,7 @@ from patcher.data.loading import TrainSplit
 from patcher.data.tasks import get_task
 from patcher.models import load_clip
 from patcher.training.config import TrainConfig
-from patcher.training.loop import CHECKPOINT, checkpoint_step, lr_factor, train
+from patcher.training.loop import CHECKPOINT, Tracking, checkpoint_step, lr_factor, train
 from patcher.training.methods import MethodSetup
 from patcher.training.methods.ft import FineTune
 from patcher.training.sampling import batch_indices
@@ -47,7 +47,8 @@ def _fine_tune(config: TrainConfig, checkpoint_dir: Path | None = None, log=None
     setup = MethodSetup(loaded, {"toy": TrainSplit(TensorItems(images, labels))}, {"toy": task}, {"toy": head},
                         config)
     method = FineTune(setup, None)
-    train(method.encoder, method.encoder.parameters(), method.step_loss, config, "cpu", checkpoint_dir, log)
+    train(method.encoder, method.encoder.parameters(), method.step_loss, config, "cpu",
+          Tracking(checkpoint_dir=checkpoint_dir, log=log))
     method.close()
     return method
 

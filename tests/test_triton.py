@@ -33,10 +33,10 @@ from patcher.base.errors import PatcherError
 from patcher.triton.client import classify_files
 from patcher.triton.imaging import preprocess_image
 from patcher.triton.repository.configs import read_config
-from patcher.triton.repository.writer import model_versions, write_repository
+from patcher.triton.repository.writer import RepositoryOptions, model_versions, write_repository
 from patcher.triton.serving.ports import free_port
 from patcher.triton.serving.processes import group_pids
-from patcher.triton.serving.server import TritonServer
+from patcher.triton.serving.server import ServerPorts, ServerSettings, TritonServer
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 300
@@ -110,14 +110,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[I
 @pytest.fixture(scope="module")
 def repo(case: ExportCase, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("triton_models")
-    written = write_repository(case.path, repo, max_batch_size=MAX_BATCH, preferred_batch_sizes=[16])
-    assert written["new_version"] and written["name"] == "digits" and written["version"] == 1
+    written = write_repository(case.path, repo, RepositoryOptions(max_batch_size=MAX_BATCH, preferred_batch_sizes=[16]))
+    assert written.new_version and written.name == "digits" and written.version == 1
     return repo
 
 
 @pytest.fixture(scope="module")
 def server(repo: Path):
-    with TritonServer(repo, startup_timeout_s=60) as running:
+    with TritonServer(repo, settings=ServerSettings(startup_timeout_s=60)) as running:
         yield running
 
 
@@ -184,9 +184,9 @@ def test_repository_layout_and_config_parse_back(case: ExportCase, repo: Path) -
 
 def test_onnxruntime_flavour_config(case: ExportCase, tmp_path: Path) -> None:
     written = write_repository(
-        case.path, tmp_path, name="my_model", backend="onnxruntime", instances=2, tensorrt_fp16=True
+        case.path, tmp_path, RepositoryOptions(name="my_model", backend="onnxruntime", instances=2, tensorrt_fp16=True)
     )
-    assert written["name"] == "my_model"
+    assert written.name == "my_model"
     config = read_config(tmp_path / "my_model_patched")
     assert config.platform == "onnxruntime_onnx" and not config.backend
     assert config.instance_group[0].count == 2 and config.instance_group[0].kind == config.instance_group[0].KIND_GPU
@@ -195,13 +195,13 @@ def test_onnxruntime_flavour_config(case: ExportCase, tmp_path: Path) -> None:
     assert (tmp_path / "my_model_patched" / "1" / "model.onnx").is_file()
     assert read_config(tmp_path / "my_model").platform == "ensemble"
     with pytest.raises(PatcherError, match="onnxruntime"):
-        write_repository(case.path, tmp_path / "other", tensorrt_fp16=True)
+        write_repository(case.path, tmp_path / "other", RepositoryOptions(tensorrt_fp16=True))
 
 
 def test_same_export_gets_no_new_version(case: ExportCase, tmp_path: Path) -> None:
     first = write_repository(case.path, tmp_path)
-    again = write_repository(case.path, tmp_path, max_batch_size=8)
-    assert first["new_version"] and not again["new_version"] and "already version 1" in again["message"]
+    again = write_repository(case.path, tmp_path, RepositoryOptions(max_batch_size=8))
+    assert first.new_version and not again.new_version and "already version 1" in again.message
     assert model_versions(tmp_path / "digits_patched") == [1]
     assert read_config(tmp_path / "digits_patched").max_batch_size == 8  # configs are refreshed
     assert not [p for p in (tmp_path / "digits_patched").iterdir() if p.name.startswith(".")]
@@ -209,18 +209,18 @@ def test_same_export_gets_no_new_version(case: ExportCase, tmp_path: Path) -> No
 
 def test_fp16_models_and_a_missing_precision(case: ExportCase, tmp_path: Path) -> None:
     data = json.loads((case.path / "export.json").read_text())
-    written = write_repository(case.path, tmp_path / "repo", precision="fp16")
-    assert written["precision"] == "fp16" and written["version"] == 1
+    written = write_repository(case.path, tmp_path / "repo", RepositoryOptions(precision="fp16"))
+    assert written.precision == "fp16" and written.version == 1
     served = (tmp_path / "repo" / "digits_patched" / "1" / "model.onnx").read_bytes()
     assert served == (case.path / data["models"]["patched_fp16"]["file"]).read_bytes()
     assert read_config(tmp_path / "repo" / "digits_patched").input[0].data_type == mc.TYPE_FP32  # fp32 I/O kept
-    assert write_repository(case.path, tmp_path / "repo")["version"] == 2  # fp32 of the same export: a new version
+    assert write_repository(case.path, tmp_path / "repo").version == 2  # fp32 of the same export: a new version
     data["models"] = {key: value for key, value in data["models"].items() if value["precision"] == "fp32"}
     fp32_only = tmp_path / "fp32-only"
     shutil.copytree(case.path, fp32_only)
     (fp32_only / "export.json").write_text(json.dumps(data))
     with pytest.raises(PatcherError, match="no fp16 patched model"):
-        write_repository(fp32_only, tmp_path / "other", precision="fp16")
+        write_repository(fp32_only, tmp_path / "other", RepositoryOptions(precision="fp16"))
 
 
 @needs_server
@@ -229,12 +229,12 @@ def test_int8_models_are_served_and_answer_as_onnxruntime_does(case: ExportCase,
     logits (the same onnxruntime kernels run inside Triton's python backend)."""
     data = json.loads((case.path / "export.json").read_text())
     repo = tmp_path / "repo"
-    written = write_repository(case.path, repo, precision="int8", max_batch_size=MAX_BATCH)
-    assert written["precision"] == "int8"
+    written = write_repository(case.path, repo, RepositoryOptions(precision="int8", max_batch_size=MAX_BATCH))
+    assert written.precision == "int8"
     served = (repo / "digits_patched" / "1" / "model.onnx").read_bytes()
     assert served == (case.path / data["models"]["patched_int8"]["file"]).read_bytes()
     paths, decoded = images
-    with TritonServer(repo, models=["digits"], startup_timeout_s=60) as running:
+    with TritonServer(repo, models=["digits"], settings=ServerSettings(startup_timeout_s=60)) as running:
         results = classify_files(paths[:64], "digits", url=running.grpc_url, top_k=1, batch_size=16)
     predicted = np.array([int(r["tasks"]["digits"][0]["label"]) for r in results])
     scores = np.array([r["tasks"]["digits"][0]["score"] for r in results])
@@ -283,7 +283,7 @@ def test_configs_explain_themselves(case: ExportCase, tmp_path: Path) -> None:
     configs = {}
     for precision in ("fp32", "int8"):
         repo = tmp_path / precision
-        write_repository(case.path, repo, precision=precision)
+        write_repository(case.path, repo, RepositoryOptions(precision=precision))
         configs[precision] = {model.name: read_config(model) for model in repo.iterdir()
                               if (model / "config.pbtxt").is_file()}
     described = {name: config.parameters["description"].string_value for name, config in configs["fp32"].items()}
@@ -398,8 +398,8 @@ def test_a_model_that_fails_to_load_is_reported(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(PatcherError, match=r"port .* is in use"):
-            TritonServer(tmp_path, grpc_port=taken.getsockname()[1]).start()
-    server = TritonServer(tmp_path, startup_timeout_s=30, log_path=tmp_path / "server.log")
+            TritonServer(tmp_path, ports=ServerPorts(grpc=taken.getsockname()[1])).start()
+    server = TritonServer(tmp_path, settings=ServerSettings(startup_timeout_s=30, log_path=tmp_path / "server.log"))
     with pytest.raises(PatcherError, match=r"broken.*broken on purpose"):
         server.start()
     assert server.process is None and not server.stray_pids and not server.shm_segments()

@@ -20,7 +20,7 @@ from patcher.base.errors import PatcherError
 from patcher.base.files import sha256_file
 from patcher.base.locks import lock_path, output_lock
 from patcher.triton.repository.publish import STAGING_PREFIX, read_journal
-from patcher.triton.repository.writer import model_versions, write_repository
+from patcher.triton.repository.writer import RepositoryOptions, model_versions, write_repository
 
 pytestmark = pytest.mark.slow
 KILLS = 9
@@ -163,14 +163,16 @@ def test_bad_and_colliding_names_are_one_error_line(cli: ForkedCLI, exports: tup
         code, stderr = cli.run("triton", str(first), "--repo", str(repo), "--name", name)
         assert code == 2 and re.search(message, the_error_line(stderr)), stderr
     assert not repo.exists()
-    assert write_repository(first, repo, name="a_b")["version"] == 1
-    assert write_repository(first, repo, name="a")["version"] == 1  # a_b's models and a's do not overlap
+    assert write_repository(first, repo, RepositoryOptions(name="a_b")).version == 1
+    # a_b's models and a's do not overlap
+    assert write_repository(first, repo, RepositoryOptions(name="a")).version == 1
     before = deployed(repo)
     with pytest.raises(PatcherError, match=r"model a_b_digits_pixels in .* belongs to entry 'a_b'.*--name"):
-        write_repository(first, repo, name="a_b_digits")  # its `a_b_digits_pixels` is a_b's per-task model
+        # its `a_b_digits_pixels` is a_b's per-task model
+        write_repository(first, repo, RepositoryOptions(name="a_b_digits"))
     foreign = repo / "mine"
     (foreign / "1").mkdir(parents=True)
     (foreign / "config.pbtxt").write_text('name: "mine" backend: "python"\n')
     with pytest.raises(PatcherError, match="belongs to a model patcher did not write"):
-        write_repository(first, repo, name="mine")
+        write_repository(first, repo, RepositoryOptions(name="mine"))
     assert deployed(repo) == {**before, "mine/config.pbtxt": sha256_file(foreign / "config.pbtxt")}

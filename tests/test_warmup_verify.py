@@ -26,7 +26,7 @@ from serving_support import (
 
 from patcher.base.errors import PatcherError
 from patcher.triton.repository.configs import TensorRT, read_config
-from patcher.triton.repository.writer import write_repository
+from patcher.triton.repository.writer import RepositoryOptions, write_repository
 from patcher.triton.serving.server import TritonServer
 
 pytestmark = pytest.mark.slow
@@ -36,9 +36,9 @@ BACKEND_MODELS = ("preprocess", "patched", "zeroshot", "pixels")
 def test_every_backend_model_warms_up_on_the_exports_sample(tiny_export: Path, tmp_path: Path) -> None:
     for backend in ("python", "onnxruntime"):
         repo = tmp_path / backend
-        write_repository(tiny_export, repo, backend=backend, max_batch_size=16,
+        write_repository(tiny_export, repo, RepositoryOptions(backend=backend, max_batch_size=16,
                          tensorrt=TensorRT(fp16=True, workspace_bytes=1 << 30, cache="/cache/trt")
-                         if backend == "onnxruntime" else None)
+                         if backend == "onnxruntime" else None))
         for model in entry_models(tiny_export):
             config = read_config(repo / model)
             if config.platform == "ensemble":
@@ -68,7 +68,7 @@ def test_every_backend_model_warms_up_on_the_exports_sample(tiny_export: Path, t
     assert parameters == {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30),
                           "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/cache/trt",
                           "trt_timing_cache_enable": "true", "trt_timing_cache_path": "/cache/trt"}
-    write_repository(tiny_export, tmp_path / "cold", warmup=False)
+    write_repository(tiny_export, tmp_path / "cold", RepositoryOptions(warmup=False))
     assert not read_config(tmp_path / "cold" / "digits_patched").model_warmup
 
 
@@ -78,7 +78,7 @@ def test_warmup_runs_the_sample_before_the_model_is_ready(tiny_export: Path, tmp
     which is why the writer warms the preprocessing model only with a sample its limits accept."""
     repo = tmp_path / "repo"
     written = write_repository(tiny_export, repo)
-    assert "no warmup" not in written["message"]  # every backend model, digits_classify's label set included
+    assert "no warmup" not in written.message  # every backend model, digits_classify's label set included
     models = ["digits_preprocess", "digits_text"]
     with TritonServer(repo, models=models) as server:  # READY after warming up on the real sample and its prompt
         assert server.running()
@@ -90,9 +90,10 @@ def test_warmup_runs_the_sample_before_the_model_is_ready(tiny_export: Path, tmp
     published_by_hand(repo, "digits_preprocess/warmup/image_bytes")
     with pytest.raises(PatcherError, match=r"digits_preprocess failed to load|exited during startup"):
         TritonServer(repo, models=models).start()
-    written = write_repository(tiny_export, repo, name="small", limits={"max_pixels": 100})  # 28 x 28 refused:
+    written = write_repository(tiny_export, repo, RepositoryOptions(name="small", limits={"max_pixels": 100}))
+    # 28 x 28 refused:
     assert not read_config(repo / "small_preprocess").model_warmup  # no warmup rather than a crash
-    assert "no warmup for small_preprocess" in written["message"]
+    assert "no warmup for small_preprocess" in written.message
     assert read_config(repo / "small_patched").model_warmup
 
 

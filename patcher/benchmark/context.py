@@ -17,7 +17,7 @@ from patcher.export.contract import EXPORT_JSON, ExportRecord, read_export_recor
 from patcher.runs.manifest import Run
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunContext:
     """A run prepared for benchmarking: export directory, ONNX file and PyTorch graph of each kind, FLOPs."""
 
@@ -80,4 +80,5 @@ def prepare_run(run: Run, workdir: Path, outensemble: bool = True, int8: bool = 
     if int8:
         onnx[INT8_KIND] = verified_model_file(export_dir, record, "patched", "int8")  # names `patcher export --int8`
         flops[INT8_KIND] = flops["patched"]  # the same operations, on int8 weights
-    return RunContext(run, export_dir, record, onnx, graphs, flops, output)
+    return RunContext(run=run, export_dir=export_dir, export=record, onnx=onnx, graphs=graphs, flops=flops,
+                      output=output)

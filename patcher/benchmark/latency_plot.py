@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from patcher.benchmark.report import BenchReport
 
 KIND_COLOURS = {"patched": "tab:blue", "zeroshot": "tab:orange", "outensemble": "tab:green",
                 "patched-bytes": "tab:red"}
@@ -16,10 +17,10 @@ KIND_LABELS = {"patched-bytes": "image bytes, preprocess + patched"}
 INPROCESS_MARKERS = {"onnxruntime": "s", "torch": "^"}
 
 
-def latency_throughput_plot(report: dict[str, Any], path: Path) -> None:
+def latency_throughput_plot(report: BenchReport, path: Path) -> None:
     """One panel per batch size: each served model's (p99 latency, throughput) over concurrency; in-process as marks
     (square: onnxruntime, triangle: PyTorch eager), coloured by model kind."""
-    rows = [r for r in report["results"] if r["throughput"] and r["latency_ms"]["p99"] is not None]
+    rows = [r for r in report.results if r["throughput"] and r["latency_ms"]["p99"] is not None]
     batches = sorted({r["batch_size"] for r in rows}) or [1]
     width = max(5 * len(batches), 9)
     figure, axes_list = plt.subplots(1, len(batches), figsize=(width, 5.2), dpi=120, squeeze=False)
@@ -57,7 +58,7 @@ def latency_throughput_plot(report: dict[str, Any], path: Path) -> None:
     columns = max(1, min(len(labels), 1 + len(batches)))
     legend_rows = -(-len(labels) // columns)
     figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=7)
-    figure.suptitle(f"patcher bench: {report['name']} (numbers at points: concurrency)")
+    figure.suptitle(f"patcher bench: {report.name} (numbers at points: concurrency)")
     figure.tight_layout(rect=(0, min(0.5, 0.03 + 0.045 * legend_rows), 1, 0.95))
     figure.savefig(path)
     plt.close(figure)

@@ -24,7 +24,7 @@ from patcher.benchmark.flops import matmul_peak
 from patcher.benchmark.inprocess import calibrate_threads
 from patcher.benchmark.latency_plot import latency_throughput_plot
 from patcher.benchmark.machine import load_average, machine_info
-from patcher.benchmark.report import write_report
+from patcher.benchmark.report import BenchReport, write_report
 from patcher.benchmark.results import FORMAT, comparisons, targets
 from patcher.benchmark.sweep import Sweep, SweepOptions, SweepServer, inprocess_runners, run_sweep
 from patcher.benchmark.targets import BYTES_KIND, ServedTarget, check_batches, describe, inspect_target
@@ -122,7 +122,7 @@ def _served_threads(served: list[ServedTarget]) -> int:
     return 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Swept:
     """What the sweep measured, and the settings it ran under."""
 
@@ -172,7 +172,8 @@ def _sweep(server: BenchServer, sweep: Sweep, context: RunContext | None, includ
     finally:
         client.close()
         torch.set_num_threads(previous_threads)
-    return _Swept(rows, served, threads, local is not None, flops, peak, machine)
+    return _Swept(rows=rows, served=served, threads=threads, inprocess=local is not None, flops=flops, peak=peak,
+                  machine=machine)
 
 
 def _settings(sweep: Sweep, swept: _Swept) -> dict[str, Any]:
@@ -190,7 +191,7 @@ def _settings(sweep: Sweep, swept: _Swept) -> dict[str, Any]:
     }
 
 
-def measure(server: BenchServer, sweep: Sweep, context: RunContext | None, options: BenchOptions) -> dict[str, Any]:
+def measure(server: BenchServer, sweep: Sweep, context: RunContext | None, options: BenchOptions) -> BenchReport:
     """Sweep a running server's models (with `context`: also FLOPs, accuracy and in-process baselines); write
     `<name>`.json/.md/.png into out_dir and return the report. PatcherError if requests failed, unless tolerated."""
     if not server.models:
@@ -205,22 +206,22 @@ def measure(server: BenchServer, sweep: Sweep, context: RunContext | None, optio
                                    options.data_dir)
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
     compared = comparisons(rows)
-    report = {
-        "format": FORMAT,
-        "name": options.name or (context.run.name if context else server.models[0]),
-        "created": now_iso(),
-        "run": context.record() if context else None,
-        "server": {**server.record, "url": server.url, "models": describe(swept.served)},
-        "settings": _settings(sweep, swept),
-        "machine": swept.machine,
-        "flops": {"per_image": swept.flops, "matmul": swept.peak,
-                  "counted_with": "torch.utils.flop_counter.FlopCounterMode, MHA fast path off, 2 FLOPs per MAC"},
-        "accuracy": accuracy,
-        "accuracy_by_kind": {k: accuracy_of(accuracy, "patched" if k == BYTES_KIND else k) for k in kinds},
-        "results": rows,
-        "comparisons": compared,
-        "targets": targets(compared),
-        "notes": _notes(rows),
-    }
+    report = BenchReport(
+        format=FORMAT,
+        name=options.name or (context.run.name if context else server.models[0]),
+        created=now_iso(),
+        run=context.record() if context else None,
+        server={**server.record, "url": server.url, "models": describe(swept.served)},
+        settings=_settings(sweep, swept),
+        machine=swept.machine,
+        flops={"per_image": swept.flops, "matmul": swept.peak,
+               "counted_with": "torch.utils.flop_counter.FlopCounterMode, MHA fast path off, 2 FLOPs per MAC"},
+        accuracy=accuracy,
+        accuracy_by_kind={k: accuracy_of(accuracy, "patched" if k == BYTES_KIND else k) for k in kinds},
+        results=rows,
+        comparisons=compared,
+        targets=targets(compared),
+        notes=_notes(rows),
+    )
     write_report(report, Path(options.out_dir), latency_throughput_plot)
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,30 +22,33 @@ TARGETS = {
 }
 
 
-def result_row(
-    model: str,
-    kind: str,
-    runtime: str,
-    input_kind: str,
-    batch_size: int,
-    concurrency: int,
-    load: LoadResult,
-    server: dict[str, Any] | None = None,
-    flops: int | None = None,
-    peak_gflops: float | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """What one row measured: the model, its kind and runtime, how inputs travelled, batch size and concurrency."""
+
+    model: str
+    kind: str
+    runtime: str  # triton, onnxruntime or torch
+    input_kind: str  # inline, shm, bytes or in-process
+    batch_size: int
+    concurrency: int
+
+
+def result_row(setting: Setting, load: LoadResult, server: dict[str, Any] | None = None, flops: int | None = None,
+               peak_gflops: float | None = None) -> dict[str, Any]:
     """A report row: counts, throughput, latency percentiles, the server's view, achieved GFLOP/s."""
+    batch_size = setting.batch_size
     images = load.succeeded * batch_size
     throughput = round(load.rate * batch_size, 3) if load.rate else None
     latency = latency_summary(load.latencies_s)
     gflops = achieved_gflops(throughput, flops)
     row: dict[str, Any] = {
-        "model": model,
-        "kind": kind,
-        "runtime": runtime,
-        "input": input_kind,
+        "model": setting.model,
+        "kind": setting.kind,
+        "runtime": setting.runtime,
+        "input": setting.input_kind,
         "batch_size": batch_size,
-        "concurrency": concurrency,
+        "concurrency": setting.concurrency,
         "requests": {"sent": load.sent, "succeeded": load.succeeded, "failed": load.failed},
         "images": images,
         "elapsed_s": round(load.elapsed_s, 4),

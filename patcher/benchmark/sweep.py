@@ -22,7 +22,7 @@ from patcher.benchmark.defaults import (
 from patcher.benchmark.inprocess import Runner, measure, onnxruntime_runner, torch_runner
 from patcher.benchmark.loadgen import LoadResult, Payload, open_channel, run_load, warm_up
 from patcher.benchmark.machine import cpu_seconds_group, cpu_seconds_self
-from patcher.benchmark.results import result_row
+from patcher.benchmark.results import Setting, result_row
 from patcher.benchmark.shm import shared_input
 from patcher.benchmark.targets import ServedTarget, input_batch, payload
 
@@ -31,7 +31,7 @@ WINDOWS_PER_LATENCY = 5  # a window lasts at least this many request latencies (
 Tick = Callable[[str], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sweep:
     """The settings measured: every batch size x concurrency, duration_s and max_requests per model and setting,
     split into `rounds` interleaved windows."""
@@ -99,8 +99,9 @@ def make_sweep(
     adaptive = rounds is None
     if rounds is None:
         rounds = max(2, 2 * math.ceil(duration_s / WINDOW_S / 2))
-    return Sweep(tuple(dict.fromkeys(concurrency)), tuple(dict.fromkeys(batch_sizes)), float(duration_s),
-                 int(max_requests), shared_memory, rounds, adaptive)
+    return Sweep(concurrency=tuple(dict.fromkeys(concurrency)), batch_sizes=tuple(dict.fromkeys(batch_sizes)),
+                 duration_s=float(duration_s), max_requests=int(max_requests), shared_memory=shared_memory,
+                 rounds=rounds, adaptive=adaptive)
 
 
 def round_order(items: list[Any], round_index: int) -> list[Any]:
@@ -198,8 +199,9 @@ def _served_row(rig: _Rig, target: ServedTarget, batch: int, concurrency: int, s
                 pooled: _Pooled) -> dict[str, Any]:
     assert pooled.load is not None
     input_kind = "bytes" if target.takes_bytes else ("shm" if setting.shared_memory else "inline")
-    row = result_row(target.name, target.kind, "triton", input_kind, batch, concurrency, pooled.load, pooled.server,
-                     rig.server.flops.get(target.kind), rig.server.peak)
+    measured = Setting(model=target.name, kind=target.kind, runtime="triton", input_kind=input_kind,
+                       batch_size=batch, concurrency=concurrency)
+    row = result_row(measured, pooled.load, pooled.server, rig.server.flops.get(target.kind), rig.server.peak)
     sent = pooled.load.sent
     row["windows"] = setting.rounds
     row["client_cpu_ms_per_request"] = round(1e3 * pooled.client_cpu_s / sent, 4) if sent else None
@@ -263,8 +265,9 @@ def _sweep_batch(rig: _Rig, batch: int, local: Callable[[int], dict[tuple[str, s
         for concurrency in sweep.concurrency:
             rows += _sweep_setting(rig, payloads, batch, concurrency, inprocess)
     for (runtime, kind), load in inprocess.pooled.items():
-        rows.append(result_row(f"{kind} ({runtime})", kind, runtime, "in-process", batch, 1, load,
-                               flops=rig.server.flops.get(kind), peak_gflops=rig.server.peak))
+        measured = Setting(model=f"{kind} ({runtime})", kind=kind, runtime=runtime, input_kind="in-process",
+                           batch_size=batch, concurrency=1)
+        rows.append(result_row(measured, load, flops=rig.server.flops.get(kind), peak_gflops=rig.server.peak))
     del runners, inprocess
     return rows
 

@@ -142,11 +142,12 @@ def verify_served(run_path: Path, url: str, options: VerifyOptions | None = None
         patched = f"{name}_patched"
         hashes = served_hashes(client, patched, options.timeout_s)
         problems = provenance_problems(run, hashes, patched, options.export)
+        entry = _Entry(client=client, name=name, export=export, options=options)
         tasks = {}
         for task, (output, _) in served.tasks.items():
             if task in expected:
-                tasks[task] = _judge_task(client, name, (task, output, run.manifest.tasks[task].source), expected[task],
-                                          export, options, problems)
+                tasks[task] = _judge_task(entry, (task, output, run.manifest.tasks[task].source), expected[task],
+                                          problems)
     finally:
         client.close()
     files = _served_files(run_path, url, name, export, options, problems)
@@ -159,15 +160,27 @@ def verify_served(run_path: Path, url: str, options: VerifyOptions | None = None
     return report
 
 
-def _judge_task(client: Any, name: str, served_task: tuple[str, str, str | None], manifest: float, export: Path,
-                options: VerifyOptions, problems: list[str]) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class _Entry:
+    """The served entry under verification: the client asking it, its name, the run's export and the options."""
+
+    client: Any
+    name: str
+    export: Path
+    options: VerifyOptions
+
+
+def _judge_task(entry: _Entry, served_task: tuple[str, str, str | None], manifest: float,
+                problems: list[str]) -> dict[str, Any]:
     """One task's served accuracy against the manifest's (all images) or the export's on the same subset;
     `served_task` is (task, output tensor, where the task's data lives)."""
     task, output, source = served_task
+    options = entry.options
     images, labels = heldout_items(task, options.limit, options.data_dir, source)
-    accuracy = served_accuracy(client, name, output, images, labels, options)
+    accuracy = served_accuracy(entry.client, entry.name, output, images, labels, options)
     if options.limit and options.limit < heldout_size(task, options.data_dir, source):
-        reference, against = reference_accuracy(export, task, images, labels), "the export on the same images"
+        reference = reference_accuracy(entry.export, task, images, labels)
+        against = "the export on the same images"
     else:
         reference, against = manifest, "the manifest"
     allowed = max(options.tolerance, 100.0 / max(len(labels), 1))  # at least one image's worth

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from patcher.cli import fleet, make, ship
+import patcher.cli.fleet as fleet
+import patcher.cli.make as make
+import patcher.cli.ship as ship
 from patcher.cli.shared import new_app, one_error_line
 
 COMMANDS = (

@@ -45,9 +45,11 @@ def deploy(
     from patcher.deploy.manifests import next_steps, write_manifests
     from patcher.deploy.options import DeployOptions
 
-    options = DeployOptions(name, namespace, image, tag, gpus, cpu, memory, replicas, max_replicas, autoscale,
-                            autoscale_target, key_secret, s3_secret, region, pvc, cache_pvc, canary_percent,
-                            serving_image)
+    options = DeployOptions(name=name, namespace=namespace, image=image, tag=tag, gpus=gpus, cpu=cpu, memory=memory,
+                            replicas=replicas, max_replicas=max_replicas, autoscale=autoscale,
+                            autoscale_target=autoscale_target, key_secret=key_secret, s3_secret=s3_secret,
+                            region=region, pvc=pvc, cache_pvc=cache_pvc, canary_percent=canary_percent,
+                            serving_image=serving_image)
     for path in write_manifests(repo, kubernetes, options, overwrite=overwrite):
         typer.echo(str(path))
     typer.echo("next steps:")

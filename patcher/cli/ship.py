@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -57,7 +58,8 @@ def export(
     from patcher.export.reuse import IMAGES_PER_TASK, check_target
 
     # a conflict with the export already at --out fails here, before torch is imported or anything is traced
-    content = ContentOptions(comma_list(tasks), fp16, optimize, opset, IMAGES_PER_TASK, int8, bool(text))
+    content = ContentOptions(tasks=comma_list(tasks), fp16=fp16, optimize=optimize, opset=opset,
+                             images_per_task=IMAGES_PER_TASK, int8=int8, text_tower=bool(text))
     check_target(run, out, content, overwrite, ("text_tower",) if text is None else ())
     from patcher.stages.export import ExportOptions, export_run
 
@@ -138,27 +140,27 @@ def triton(
 ) -> None:
     """Write an export into a Triton model repository as a new version of every model of one entry (all or none)."""
     from patcher.triton.repository.configs import TensorRT
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
     export_dir = run / "onnx" if (run / "onnx").is_dir() else run
     limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels, "max_aspect": max_aspect_ratio,
               "jpeg_draft": jpeg_draft, "max_request_bytes": max_request_bytes,
               "max_request_pixels": max_request_pixels, "max_server_pixels": max_server_pixels}
-    result = write_repository(export_dir, repo, name=served_model(model, name), backend=backend,
-                              max_batch_size=max_batch_size,
-                              instances=instances, max_queue_delay_us=max_queue_delay_us,
-                              precision=precision, limits=limits, warmup=warmup, gpu=gpu,
-                              tensorrt=TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
-                              if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None,
-                              open_vocab={"max_labels": max_labels, "max_templates": max_templates,
-                                          "max_prompts": max_prompts, "label_cache": label_cache,
-                                          "truncate_prompts": truncate_prompts,
-                                          "classify_instances": classify_instances})
-    for line in result["recovered"]:
+    tensorrt_options = (TensorRT(tensorrt_fp16, tensorrt_workspace, tensorrt_cache)
+                        if tensorrt or tensorrt_fp16 or tensorrt_workspace or tensorrt_cache else None)
+    open_vocab = {"max_labels": max_labels, "max_templates": max_templates, "max_prompts": max_prompts,
+                  "label_cache": label_cache, "truncate_prompts": truncate_prompts,
+                  "classify_instances": classify_instances}
+    options = RepositoryOptions(name=served_model(model, name), backend=backend, max_batch_size=max_batch_size,
+                                instances=instances, max_queue_delay_us=max_queue_delay_us, precision=precision,
+                                limits=limits, warmup=warmup, gpu=gpu, tensorrt=tensorrt_options,
+                                open_vocab=open_vocab)
+    result = write_repository(export_dir, repo, options)
+    for line in result.recovered:
         typer.echo(line)
-    typer.echo(result["message"])
-    for model, entry in result["models"].items():
-        typer.echo(f"  {model} ({entry['kind']}): versions {entry['versions']}")
+    typer.echo(result.message)
+    for model, entry in result.models.items():
+        typer.echo(f"  {model} ({entry.kind}): versions {entry.versions}")
 
 
 def serve(
@@ -173,13 +175,16 @@ def serve(
 ) -> None:
     """Serve a model repository with the bundled Triton until Ctrl-C or SIGTERM: control plane closed by a key,
     committed updates rolled out, dead backends reloaded."""
-    from patcher.triton.serving.foreground import serve_forever
+    # tritonserver is started (fork, then exec) while the fronts' threads run: gRPC's fork handlers have nothing to
+    # do, and gRPC reads this when it is imported, so before the serving modules are
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    from patcher.triton.serving.foreground import ServeOptions, serve_forever
     from patcher.triton.serving.ports import distinct_free_ports
 
     spare = iter(distinct_free_ports(3, host))
     http_port, grpc_port, metrics_port = (value or next(spare) for value in (http_port, grpc_port, metrics_port))
-    serve_forever(repo, comma_list(models) or None, host, http_port, grpc_port, metrics_port, log,
-                  key_file=key_file)
+    serve_forever(repo, ServeOptions(models=comma_list(models) or None, host=host, http_port=http_port,
+                                     grpc_port=grpc_port, metrics_port=metrics_port, log_path=log, key_file=key_file))
 
 
 def classify(
@@ -395,5 +400,5 @@ def bench(
     if console.width >= WIDE_TABLE:
         console.print(table)
         return
-    for row in report["results"]:  # a narrow terminal: one line per measurement, every column named
+    for row in report.results:  # a narrow terminal: one line per measurement, every column named
         typer.echo("; ".join(f"{column} {cell}" for column, cell in zip(COLUMNS, row_cells(report, row), strict=True)))

@@ -49,32 +49,41 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
 
+@dataclass(frozen=True, kw_only=True)
+class Scorer:
+    """How a classifier is run on image stores: the module, the normalisation its inputs need, images per batch and
+    the device."""
+
+    classifier: nn.Module
+    normalize: Normalize
+    batch_size: int = 256
+    device: str = "cpu"
+
+
 @torch.no_grad()
-def predict(classifier: nn.Module, store: ImageStore, task: str, normalize: Normalize,
-            indices: np.ndarray | None = None, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+def predict(scorer: Scorer, store: ImageStore, task: str, indices: np.ndarray | None = None) -> torch.Tensor:
     """Predicted class of one task's head for the store's items at `indices` (all of them by default)."""
+    classifier, device = scorer.classifier, scorer.device
     classifier.eval().to(device)
     indices = np.arange(len(store)) if indices is None else indices
     predictions = []
     with _autocast(device):
-        for pixels, _ in pixel_batches(store, indices, batch_size):
-            images = normalize(torch.from_numpy(pixels).to(device, non_blocking=True))
+        for pixels, _ in pixel_batches(store, indices, scorer.batch_size):
+            images = scorer.normalize(torch.from_numpy(pixels).to(device, non_blocking=True))
             predictions.append(classifier(images, task=task)[task].argmax(dim=-1).cpu())
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
-def correct_counts(classifier: nn.Module, store: ImageStore, task: str, normalize: Normalize,
-                   batch_size: int = 256, device: str = "cpu") -> tuple[int, int]:
+def correct_counts(scorer: Scorer, store: ImageStore, task: str) -> tuple[int, int]:
     """(correct, total) of one task's head on this rank's shard of a store."""
     mine = shard(len(store))
-    predicted = predict(classifier, store, task, normalize, mine, batch_size, device)
+    predicted = predict(scorer, store, task, mine)
     return int((predicted == torch.from_numpy(store.labels[mine])).sum()), len(mine)
 
 
-def accuracies(classifier: nn.Module, stores: Mapping[str, ImageStore], normalize: Normalize,
-               batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
+def accuracies(scorer: Scorer, stores: Mapping[str, ImageStore]) -> dict[str, float]:
     """Accuracy in percent per task, each on its own store, summed over every rank's shard."""
-    counts = [correct_counts(classifier, store, task, normalize, batch_size, device) for task, store in stores.items()]
+    counts = [correct_counts(scorer, store, task) for task, store in stores.items()]
     totals = distributed.all_reduce_sum(torch.tensor(counts, dtype=torch.int64).reshape(-1, 2))
     return {task: 100.0 * int(correct) / int(total) if int(total) else float("nan")
             for task, (correct, total) in zip(stores, totals.tolist(), strict=True)}
@@ -89,21 +98,18 @@ class Labelling:
     column_labels: tuple[int, ...] | None = None
 
 
-def confusion_counts(classifier: nn.Module, store: ImageStore, task: str, normalize: Normalize, labelling: Labelling,
-                     batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+def confusion_counts(scorer: Scorer, store: ImageStore, task: str, labelling: Labelling) -> np.ndarray:
     """[C, C] counts of true label by predicted label on this rank's shard of a store."""
     mine = shard(len(store))
-    predicted = predict(classifier, store, task, normalize, mine, batch_size, device).numpy()
+    predicted = predict(scorer, store, task, mine).numpy()
     if labelling.column_labels is not None:
         predicted = np.asarray(labelling.column_labels, dtype=np.int64)[predicted]
     return confusion_matrix(store.labels[mine], predicted, labelling.classes)
 
 
-def scores(classifier: nn.Module, stores: Mapping[str, ImageStore], normalize: Normalize,
-           labelling: Mapping[str, Labelling], batch_size: int = 256, device: str = "cpu") -> dict[str, Scores]:
+def scores(scorer: Scorer, stores: Mapping[str, ImageStore], labelling: Mapping[str, Labelling]) -> dict[str, Scores]:
     """Each task's scores on its own store, the confusion matrices summed over every rank's shard."""
-    counts = [confusion_counts(classifier, store, task, normalize, labelling[task], batch_size, device)
-              for task, store in stores.items()]
+    counts = [confusion_counts(scorer, store, task, labelling[task]) for task, store in stores.items()]
     flat = torch.from_numpy(np.concatenate([matrix.ravel() for matrix in counts]) if counts else np.zeros(0, np.int64))
     summed = distributed.all_reduce_sum(flat).numpy()
     result, start = {}, 0

@@ -22,7 +22,7 @@ from patcher.data.items import TransformedItems
 from patcher.data.options import DataOptions
 from patcher.data.shots import FewShot
 from patcher.data.tasks import Task
-from patcher.data.tasks.checks import skipping_bad_images
+from patcher.data.tasks.checks import SkipReport
 from patcher.data.transforms import Normalize, eval_transform, train_transform
 
 
@@ -61,8 +61,8 @@ class Splits:
         self.one_off.clear()
 
 
-def _dataset(task: Task, split: str, data_dir: Path | None, download: bool) -> Dataset:
-    dataset = task.dataset(split, data_root=data_dir, download=download)
+def _dataset(task: Task, split: str, data_dir: Path | None, download: bool, bad_images: SkipReport | None) -> Dataset:
+    dataset = task.dataset(split, data_root=data_dir, download=download, bad_images=bad_images)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise PatcherError(f"{task.name} has no images in its {split} split: check the dataset folder")
     return dataset
@@ -75,10 +75,10 @@ def prepare_splits(
     """Find every split (failing before any work if one is missing), then build the held-out and test stores;
     with `shots`, training splits keep K images per class (held-out and test splits stay whole)."""
     options.check()
-    with skipping_bad_images(options.skip_bad_images) as report:
-        found = {(task.name, split): _dataset(task, split, data_dir, download)
-                 for tasks, splits in ((train_tasks, ("train",)), (eval_tasks, ("val", "test")))
-                 for task in tasks for split in splits}
+    report = SkipReport() if options.skip_bad_images else None
+    found = {(task.name, split): _dataset(task, split, data_dir, download, report)
+             for tasks, splits in ((train_tasks, ("train",)), (eval_tasks, ("val", "test")))
+             for task in tasks for split in splits}
     normalize = Normalize(preprocess_cfg)
     result = Splits({}, {}, {}, normalize, skipped=dict(report.skipped) if report else {})
     for task in train_tasks:

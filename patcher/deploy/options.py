@@ -21,7 +21,7 @@ AUTOSCALE = ("pending-requests", "cpu")
 PVC_MOUNT = "/models"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeployOptions:
     """A deployment of one repository: names, image, resources, scaling, secrets, and the KServe canary share."""
 
@@ -82,7 +82,7 @@ def is_reference(text: str) -> bool:
     return bool(IMAGE.fullmatch(text))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Source:
     """Where the pods read the repository, and what they load from it."""
 
@@ -117,8 +117,10 @@ def read_source(repo: str, options: DeployOptions) -> Source:
         if unpinned:
             raise PatcherError(f"{unpinned[0]} in {repo} does not pin its version: write it with `patcher triton`")
         path = f"{location.bucket}/{location.prefix}".rstrip("/")
-        return Source(location.uri, f"s3://{path}", True, location.endpoint, ordered, caches, python, any_python)
+        return Source(repository=location.uri, storage_uri=f"s3://{path}", s3=True, endpoint=location.endpoint,
+                      models=ordered, caches=caches, onnxruntime_in_python=python, python_models=any_python)
     if not options.pvc:
         raise PatcherError(f"{repo} is a local folder: pods cannot read it. Publish it to object storage "
                            "(`patcher triton RUN --repo s3://BUCKET/PREFIX`) or copy it onto a claim and pass --pvc")
-    return Source(PVC_MOUNT, f"pvc://{options.pvc}", False, None, ordered, caches, python, any_python)
+    return Source(repository=PVC_MOUNT, storage_uri=f"pvc://{options.pvc}", s3=False, endpoint=None, models=ordered,
+                  caches=caches, onnxruntime_in_python=python, python_models=any_python)

@@ -81,7 +81,7 @@ class ExportedTask:
     output: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportedModel:
     """One ONNX file of the export."""
 
@@ -112,7 +112,7 @@ class SourceRun:
     model: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ContentOptions:
     """The options that decide an export's content: a second export with the same ones is up to date."""
 
@@ -142,7 +142,7 @@ class TokenizerSpec:
             raise ValueError(f"clean {self.clean!r} is not lower, whitespace or canonicalize")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TextModel:
     """One exported text tower: the file, the model it belongs to, and the logit scale its heads carry."""
 

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 from patcher.base.errors import PatcherError
 from patcher.data.loading import load_images
 from patcher.data.tasks import task_of
-from patcher.data.tasks.checks import skipping_bad_images
+from patcher.data.tasks.checks import SkipReport
 
 SPLIT = "val"
 
@@ -46,8 +46,8 @@ def load_heldout(
     `sources`: where a user's dataset is, by task name (the manifest's)."""
     images, labels, spans, start = [], [], {}, 0
     for name in tasks:
-        with skipping_bad_images():  # parity needs good images, not every image: unusable files are left out
-            dataset = task_of(name, (sources or {}).get(name)).dataset(SPLIT, data_root=data_dir)
+        # parity needs good images, not every image: unusable files are left out
+        dataset = task_of(name, (sources or {}).get(name)).dataset(SPLIT, data_root=data_dir, bad_images=SkipReport())
         if len(dataset) == 0:
             raise PatcherError(f"{name} has no images in its {SPLIT} split: the parity check needs some")
         subset = Subset(dataset, evenly_spaced(len(dataset), per_task))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,26 +105,33 @@ def run_session(path: Path, images: np.ndarray, device: str = "cpu") -> list[np.
     return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
 
 
-def parity_report(
-    path: Path,
-    precision: str,
-    heldout: HeldOut,
-    reference: list[torch.Tensor],
-    output_names: list[str],
-    scales: dict[str, float],
-    accuracy_tolerance: float | None = None,
-    device: str = "cpu",
-) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class TorchReference:
+    """PyTorch's outputs on the held-out images, with the graph's output names and each task head's logit scale."""
+
+    outputs: list[torch.Tensor]
+    names: list[str]
+    scales: dict[str, float]
+
+    @classmethod
+    def of(cls, graph: ExportGraph, outputs: list[torch.Tensor]) -> TorchReference:
+        """The reference `graph` gave."""
+        return cls(outputs=outputs, names=graph.output_names, scales=graph.logit_scales())
+
+
+def parity_report(path: Path, precision: str, heldout: HeldOut, reference: TorchReference,
+                  accuracy_tolerance: float | None = None, device: str = "cpu") -> dict[str, Any]:
     """onnxruntime against PyTorch on the held-out images: max |diff| per output, and per task the figures the
-    parity rule judges (`patcher.export.parity`); `scales` are the heads' logit scales, `accuracy_tolerance` the
-    user's (points) in place of the rule's; `device` where onnxruntime runs (its reference from the same device)."""
+    parity rule judges (`patcher.export.parity`); `accuracy_tolerance` the user's (points) in place of the rule's;
+    `device` where onnxruntime runs (its reference from the same device)."""
+    output_names, scales = reference.names, reference.scales
     count = len(heldout.images)
     needed = sum(BATCH_SIZES)
     # Too few images for one batch of each size: repeat them; the statistics use the first `count` rows.
     rows = np.resize(np.arange(count), max(count, needed))
     images = heldout.images.numpy()
     outputs = run_session(path, images if count >= needed else images[rows], device)
-    expected = [tensor.float().cpu().numpy() for tensor in reference]
+    expected = [tensor.float().cpu().numpy() for tensor in reference.outputs]
     max_abs_diff = {
         name: float(np.abs(got - want[rows]).max()) for name, got, want in zip(output_names, outputs, expected,
                                                                                strict=True)
@@ -158,8 +166,7 @@ def verify_model(path: Path, precision: str, graph: ExportGraph, heldout: HeldOu
     file; its report, or PatcherError."""
     check_structure(path, graph.output_names, graph.output_widths())
     check_loads(path)
-    report = parity_report(path, precision, heldout, reference, graph.output_names, graph.logit_scales(),
-                           accuracy_tolerance)
+    report = parity_report(path, precision, heldout, TorchReference.of(graph, reference), accuracy_tolerance)
     if not report["passed"]:
         raise PatcherError(f"{path.name} fails the parity check on {report['images']} held-out images: "
                            f"{'; '.join(report['problems'])}; nothing was written")

@@ -326,14 +326,15 @@ def nullspace_variant(method: MergeMethod) -> MergeMethod:
     """`method`, its delta then projected off the supported tasks' input subspaces, layer by layer (AlphaEdit's
     null-space projection on RegMean's input statistics); `energy` searched with its own parameters."""
     return MergeMethod(
-        f"{method.name}-nullspace", f"{method.title}, kept out of the supported tasks' input subspaces",
-        f"{method.paper}; projected as AlphaEdit does (Fang et al., AlphaEdit: null-space constrained knowledge "
+        name=f"{method.name}-nullspace", title=f"{method.title}, kept out of the supported tasks' input subspaces",
+        paper=f"{method.paper}; projected as AlphaEdit does (Fang et al., AlphaEdit: null-space constrained knowledge "
         "editing, ICLR 2025, arXiv:2410.02355) on RegMean's input statistics (Jin et al., Dataless knowledge fusion "
         "by merging weights of language models, ICLR 2023, arXiv:2212.09849)",
-        f"{method.code}; https://github.com/jianghoucheng/AlphaEdit; https://github.com/bloomberg/dataless-model-"
-        "merging", f"{method.needs}; unlabelled held-out images of the supported tasks (their inputs to every layer "
-        "of the zero-shot encoder; labels never read)", (*method.parameters, NULLSPACE), method.combine,
-        protect=True)
+        code=f"{method.code}; https://github.com/jianghoucheng/AlphaEdit; https://github.com/bloomberg/dataless-"
+        "model-merging",
+        needs=f"{method.needs}; unlabelled held-out images of the supported tasks (their inputs to every layer of the "
+        "zero-shot encoder; labels never read)",
+        parameters=(*method.parameters, NULLSPACE), combine=method.combine, protect=True)
 
 
 for _base in [m for m in METHODS.values() if m.combine is not None]:

@@ -202,10 +202,12 @@ class MergeOutcomeParts:
         shares = test_retained or val_retained
         worst = min(shares, key=lambda task: shares[task]) if shares else rule.patch[0]
         layerwise = choice.layerwise.as_record(list(rule.patch)) if choice.layerwise is not None else None
-        return MergeRecord(self.method.name, self.method.title, self.method.reference(), self.method.needs,
-                           choice.params, self.spec.seed, self.spec.min_retained, dict(rule.own),
-                           dict(self.own_test), _rounded(val_retained), _rounded(test_retained), worst,
-                           choice.settings, layerwise)
+        return MergeRecord(method=self.method.name, title=self.method.title, reference=self.method.reference(),
+                           needs=self.method.needs, params=choice.params, seed=self.spec.seed,
+                           min_retained=self.spec.min_retained, own_val_accuracy=dict(rule.own),
+                           own_test_accuracy=dict(self.own_test), val_retained=_rounded(val_retained),
+                           test_retained=_rounded(test_retained), worst_task=worst, settings=choice.settings,
+                           layerwise=layerwise)
 
 
 def _rounded(values: Mapping[str, float]) -> dict[str, float]:

@@ -16,7 +16,7 @@ import torch
 
 from patcher.base.errors import PatcherError
 from patcher.base.progress import make_progress
-from patcher.data.evaluation import Labelling, scores
+from patcher.data.evaluation import Labelling, Scorer, scores
 from patcher.data.image_store import ImageStore
 from patcher.data.loading import Splits
 from patcher.data.metrics import Scores
@@ -38,7 +38,7 @@ from patcher.models.state import (
 from patcher.patching.alpha import DEFAULT_GRID, SEARCHES, AlphaRule, Selection
 from patcher.patching.task_vectors import fill_missing
 from patcher.training.config import TrainConfig
-from patcher.training.loop import train_method
+from patcher.training.loop import MethodTracking, train_method
 from patcher.training.methods import Method, MethodSetup
 
 AlphaPath = Callable[[float], State]  # alpha -> state: an interpolation or task-arithmetic path
@@ -54,7 +54,7 @@ class Trained:
     stages: list[dict[str, Any]] = field(default_factory=list)  # each stage's name and hyperparameters
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FineTuning:
     """One fine-tune: the method and its parameters, the tasks and hyperparameters, and where training writes
     its checkpoints and log (steps numbered from `step_offset`, stages prefixed with `label`; every log line also
@@ -131,9 +131,10 @@ class Session:
         def evaluate() -> dict[str, float]:
             return self.accuracy({**dict(start), **method.state()}, self.splits.val)
 
-        steps = train_method(method, self.device, fine_tuning.checkpoints, fine_tuning.log, fine_tuning.step_offset,
-                             fine_tuning.label, fine_tuning.on_log,
-                             evaluate if fine_tuning.train_config.eval_every else None)
+        tracking = MethodTracking(checkpoint_dir=fine_tuning.checkpoints, log_path=fine_tuning.log,
+                                  step_offset=fine_tuning.step_offset, label=fine_tuning.label,
+                                  on_log=fine_tuning.on_log)
+        steps = train_method(method, self.device, tracking, evaluate if fine_tuning.train_config.eval_every else None)
         self.loaded.model.eval()
         return Trained({**dict(start), **method.state()}, method, steps, stages)
 
@@ -160,7 +161,9 @@ class Session:
         gives, per task, on the given held-out or test stores."""
         classifier = self.classifier(state, list(stores))
         labelling = {task: self.labelling(task) for task in stores}
-        return scores(classifier, stores, self.splits.normalize, labelling, self.eval_batch_size, self.device)
+        scorer = Scorer(classifier=classifier, normalize=self.splits.normalize, batch_size=self.eval_batch_size,
+                        device=self.device)
+        return scores(scorer, stores, labelling)
 
     def accuracy(self, state: Mapping[str, torch.Tensor], stores: Mapping[str, ImageStore]) -> dict[str, float]:
         """Top-1 accuracy (%) of the classifier this state gives, per task, on the given held-out or test stores."""

@@ -33,7 +33,7 @@ from patcher.training.config import TrainConfig
 from patcher.training.methods import Method
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """What to patch and how: method, tasks, hyperparameters, alpha rule, and where training writes."""
 
@@ -62,15 +62,16 @@ class Plan:
 
     def fine_tuning(self, tasks: list[str], step_offset: int = 0, label: str = "") -> FineTuning:
         """One fine-tune of this plan's method on `tasks`."""
-        return FineTuning(self.method, self.params, tasks, self.train_config_for(tasks), self.checkpoints, self.log,
-                          step_offset, label, self.on_log)
+        return FineTuning(method=self.method, params=self.params, tasks=tasks,
+                          train_config=self.train_config_for(tasks), checkpoints=self.checkpoints, log=self.log,
+                          step_offset=step_offset, label=label, on_log=self.on_log)
 
     def rule(self, patch: list[str], reference: Mapping[str, float] | None = None) -> AlphaRule:
         """PAINT's rule for these patch tasks (the plan's supported tasks and tolerance)."""
         return AlphaRule(patch, self.support, self.tolerance, reference, self.tolerances)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Outcome:
     """What a strategy made: the states a run stores, the selection behind the patched model, how it got there."""
 
@@ -145,7 +146,7 @@ class Outcome:
         """Told the test accuracy of every stored model, by kind and task (a merge reports what it retained)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SequentialOutcome(Outcome):
     """Task after task: each step's task and selection."""
 
@@ -168,7 +169,7 @@ class SequentialOutcome(Outcome):
         return list(self.selections)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ParallelOutcome(Outcome):
     """Task vectors added with one coefficient: each fine-tune's task and steps (or the runs merged)."""
 
@@ -219,7 +220,8 @@ def joint(session: Session, plan: Plan) -> Outcome:
     selection = session.select(lambda a: interpolate(base, finetuned, a), plan.rule(plan.patch), plan.search,
                                plan.fixed_alpha)
     states = {"zeroshot": zeroshot, "finetuned": finetuned, "patched": interpolate(base, finetuned, selection.alpha)}
-    return Outcome(states, selection, selection.curve[0.0], [trained], _title(plan, "alpha"), len(plan.patch) > 1)
+    return Outcome(states=states, selection=selection, reference=selection.curve[0.0], trained=[trained],
+                   title=_title(plan, "alpha"), several_tasks=len(plan.patch) > 1)
 
 
 def sequential(session: Session, plan: Plan) -> SequentialOutcome:
@@ -246,8 +248,8 @@ def sequential(session: Session, plan: Plan) -> SequentialOutcome:
         trained_all.append(trained)
         selections.append((task, selection))
     states = {"zeroshot": zeroshot, "finetuned": finetuned, "patched": current}
-    return SequentialOutcome(states, selections[-1][1], reference, trained_all, _title(plan, "alpha"), True,
-                             selections)
+    return SequentialOutcome(states=states, selection=selections[-1][1], reference=reference, trained=trained_all,
+                             title=_title(plan, "alpha"), several_tasks=True, selections=selections)
 
 
 def parallel(session: Session, plan: Plan) -> ParallelOutcome:
@@ -270,8 +272,9 @@ def parallel(session: Session, plan: Plan) -> ParallelOutcome:
     states, selection, parts = merge_states(session, plan.merge, StateVectors(base, finetuned),
                                             plan.rule(plan.patch), own, plan.fixed_alpha)
     fine_tunes = [(task, trained.steps) for task, trained in zip(plan.patch, trained_all, strict=True)]
-    return ParallelOutcome(states, selection, selection.curve[0.0], trained_all, _title(plan, "the coefficient"),
-                           True, fine_tunes, merge=parts)
+    return ParallelOutcome(states=states, selection=selection, reference=selection.curve[0.0], trained=trained_all,
+                           title=_title(plan, "the coefficient"), several_tasks=True, fine_tunes=fine_tunes,
+                           merge=parts)
 
 
 def _title(plan: Plan, parameter: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,18 +17,22 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def alpha_curve_plot(
-    curve: Mapping[float, Mapping[str, float]],
-    chosen: float,
-    path: Path,
-    patch_tasks: Sequence[str],
-    zeroshot: Mapping[str, float] | None = None,
-    tolerance: float | Mapping[str, float] | None = None,
-    title: str = "",
-    monitored: Sequence[str] = (),
-) -> None:
-    """Held-out accuracy of each task against alpha, the chosen alpha marked, tolerance bands for supported tasks
-    (`tolerance`: one for all, or each supported task's); monitored tasks dashed, without a band."""
+@dataclass(frozen=True, kw_only=True)
+class CurveRoles:
+    """How the alpha plot draws each task: the patch tasks, the monitored ones (dashed, without a band), and every
+    other (supported) task with a band at its zero-shot accuracy less its tolerance (one for all, or each task's)."""
+
+    patch: Sequence[str]
+    monitored: Sequence[str] = ()
+    zeroshot: Mapping[str, float] | None = None
+    tolerance: float | Mapping[str, float] | None = None
+
+
+def alpha_curve_plot(curve: Mapping[float, Mapping[str, float]], chosen: float, path: Path, roles: CurveRoles,
+                     title: str = "") -> None:
+    """Held-out accuracy of each task against alpha, the chosen alpha marked, tolerance bands for supported tasks;
+    monitored tasks dashed, without a band."""
+    patch_tasks, monitored, zeroshot, tolerance = roles.patch, roles.monitored, roles.zeroshot, roles.tolerance
     alphas = sorted(curve)
     tasks = list(next(iter(curve.values())))
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)

@@ -23,6 +23,7 @@ from patcher.benchmark.context import RunContext, checked_export, prepare_run
 from patcher.benchmark.defaults import DEFAULT_MAX_QUEUE_DELAY_US, INT8_KIND
 from patcher.benchmark.measure import BenchOptions, BenchServer, choose_threads, measure
 from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
+from patcher.benchmark.report import BenchReport
 from patcher.benchmark.sweep import Sweep
 from patcher.runs.manifest import Run, load_run
 
@@ -87,14 +88,15 @@ def ensure_export(run: Run, int8: bool = False) -> Path:
 def _repository(context: RunContext, repo: Path, sweep: Sweep, serving: ServingOptions, threads: int
                 ) -> dict[str, Any]:
     """The model repository bench_run serves: `patcher triton`'s, with `<name>_outensemble` and threads set."""
-    from patcher.triton.repository.writer import write_repository
+    from patcher.triton.repository.writer import RepositoryOptions, write_repository
 
     max_batch = max(64, *sweep.batch_sizes)
     extra = {kind: context.onnx[kind] for kind in (OUTENSEMBLE, INT8_KIND) if kind in context.onnx}
-    written = write_repository(context.export_dir, repo, max_batch_size=max_batch, instances=serving.instances,
-                               max_queue_delay_us=serving.max_queue_delay_us, intra_op_threads=threads,
-                               extra_classifiers=extra)
-    return {"name": written["name"], "max_batch_size": max_batch, "instances": serving.instances,
+    options = RepositoryOptions(max_batch_size=max_batch, instances=serving.instances,
+                                max_queue_delay_us=serving.max_queue_delay_us, intra_op_threads=threads,
+                                extra_classifiers=extra)
+    written = write_repository(context.export_dir, repo, options)
+    return {"name": written.name, "max_batch_size": max_batch, "instances": serving.instances,
             "max_queue_delay_us": serving.max_queue_delay_us, "intra_op_threads": threads}
 
 
@@ -113,13 +115,13 @@ def _models(base: str, serving: ServingOptions) -> tuple[list[str], list[str]]:
 
 
 def bench_run(run_path: Path, options: BenchOptions = BenchOptions(),
-              serving: ServingOptions = ServingOptions()) -> dict[str, Any]:
+              serving: ServingOptions = ServingOptions()) -> BenchReport:
     """Serve a run (exported first if RUN/onnx is missing) with the bundled tritonserver on free ports and benchmark
     patched, zero-shot, output-space ensemble and image-bytes ensemble. Writes JSON, Markdown, PNG into out_dir;
     PatcherError if requests failed, unless tolerated. With `include_int8`, the export's int8 patched graph is
     served and measured beside them (`<name>_patched_int8`)."""
     from patcher.triton.serving.ports import distinct_free_ports
-    from patcher.triton.serving.server import TritonServer
+    from patcher.triton.serving.server import ServerPorts, ServerSettings, TritonServer
 
     plan = options.sweep.checked()
     with sigterm_unwinds(), scratch_dir(WORKDIR_PREFIX) as workdir:
@@ -132,8 +134,8 @@ def bench_run(run_path: Path, options: BenchOptions = BenchOptions(),
         settings = _repository(context, repo, plan, serving, threads)
         models, load = _models(settings["name"], serving)
         http, grpc, metrics = distinct_free_ports(3)
-        with TritonServer(repo, models=load, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                          startup_timeout_s=120) as server:
+        with TritonServer(repo, models=load, ports=ServerPorts(http=http, grpc=grpc, metrics=metrics),
+                          settings=ServerSettings(startup_timeout_s=120)) as server:
             record = {"started_here": True, "tritonserver": TRITONSERVER, "repository": settings,
                       "threads_calibration": calibration}
             target = BenchServer(url=server.grpc_url, models=models, record=record, headers=server.key.grpc_headers,
@@ -142,7 +144,7 @@ def bench_run(run_path: Path, options: BenchOptions = BenchOptions(),
 
 
 def bench_url(url: str, models: list[str], options: BenchOptions = BenchOptions(), *, run_path: Path | None = None,
-              key_file: Path | None = None) -> dict[str, Any]:
+              key_file: Path | None = None) -> BenchReport:
     """Benchmark models on an already running server (gRPC host:port); with `run_path` also FLOPs, accuracy and
     in-process baselines (the run exported first if it has no export). Writes `<name>`.json/.md/.png into out_dir
     and returns the report; PatcherError if requests failed, unless tolerated. The server's key (for shared memory)

@@ -205,7 +205,8 @@ def task_records(checked: Checked, splits: Splits) -> dict[str, TaskRecord]:
         sizes = {"val": len(splits.val[task.name]), "test": len(splits.test[task.name])}
         if task.name in splits.train:
             sizes = {"train": len(splits.train[task.name]), **sizes}
-        return TaskRecord(role, task.classnames, task.templates, sizes, task.labels, task.column_labels, task.source)
+        return TaskRecord(role=role, classnames=task.classnames, templates=task.templates, sizes=sizes,
+                          labels=task.labels, column_labels=task.column_labels, source=task.source)
 
     return {**{t.name: record(t, "patch") for t in checked.patch},
             **{t.name: record(t, "support") for t in checked.support},
@@ -248,7 +249,7 @@ class Build:
                 shots = FewShot(config.shots, config.seed) if config.shots is not None else None
                 splits = self._timed("data", lambda: prepare_splits(
                     self.checked.patch, list(self.checked.tasks.values()), loaded.preprocess_cfg, options.data,
-                    options.data_dir, options.download, device, shots))
+                    data_dir=options.data_dir, download=options.download, device=device, shots=shots))
                 try:
                     return self._patch_and_write(loaded, splits, staging, device)
                 finally:
@@ -298,11 +299,12 @@ class Build:
     def plan(self, splits: Splits, folder: Path, reporter: Reporter | None = None) -> Plan:
         """What the strategy runs: method, tasks, hyperparameters, rule, and where training writes and reports."""
         options, checked = self.options, self.checked
-        return Plan(get_method(options.method), checked.params, [t.name for t in checked.patch],
-                    [t.name for t in checked.support], options.hyperparameters, options.tolerance, options.search,
-                    checked.fixed_alpha, options.epochs, {name: len(split) for name, split in splits.train.items()},
-                    folder / CHECKPOINTS, folder / TRAIN_LOG, checked.tolerances,
-                    reporter.log_line if reporter is not None else None, options.merge)
+        return Plan(method=get_method(options.method), params=checked.params, patch=[t.name for t in checked.patch],
+                    support=[t.name for t in checked.support], train_config=options.hyperparameters,
+                    tolerance=options.tolerance, search=options.search, fixed_alpha=checked.fixed_alpha,
+                    epochs=options.epochs, train_sizes={name: len(split) for name, split in splits.train.items()},
+                    checkpoints=folder / CHECKPOINTS, log=folder / TRAIN_LOG, tolerances=checked.tolerances,
+                    on_log=reporter.log_line if reporter is not None else None, merge=options.merge)
 
     def contents(self, name: str, loaded: LoadedModel, session: Session, outcome: Outcome,
                  tested: dict[str, dict[str, Scores]], train_log: Path) -> RunContents:
@@ -318,9 +320,11 @@ class Build:
                                      outcome.trained_heads, method.reference)
         alpha = outcome.alpha_record(self.checked.fixed_alpha is not None, options.search, options.tolerance,
                                      self.checked.tolerances)
-        return RunContents(name, options_sha256(options.fingerprint()), base_model(loaded, options.image_size),
-                           loaded.open_clip_config(), task_records(self.checked, splits), method_record, training,
-                           outcome, alpha, accuracies_of(tested), session.resolver, self.timings, tested)
+        return RunContents(name=name, options_sha256=options_sha256(options.fingerprint()),
+                           model=base_model(loaded, options.image_size), open_clip_config=loaded.open_clip_config(),
+                           tasks=task_records(self.checked, splits), method=method_record, training=training,
+                           outcome=outcome, alpha=alpha, test_accuracy=accuracies_of(tested),
+                           resolver=session.resolver, timings=self.timings, test_scores=tested)
 
 
 def report_alpha(reporter: Reporter, outcome: Outcome) -> None:

@@ -101,7 +101,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         tick = time.perf_counter()
         report = bench_run(run_path, BenchOptions(sweep=options.bench_sweep, out_dir=results_dir, name="demo-bench"),
                            ServingOptions(include_image_bytes=False))
-        summary["bench"] = {"targets": report["targets"], "report": str(results_dir / "demo-bench.md")}
+        summary["bench"] = {"targets": report.targets, "report": str(results_dir / "demo-bench.md")}
         timings["bench"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     summary["timings_s"] = {key: round(value, 1) for key, value in timings.items()}
@@ -122,7 +122,7 @@ def _serve_and_classify(export_dir: Path, options: DemoOptions) -> dict[str, Any
     from patcher.triton.serving.server import TritonServer
 
     written = write_repository(export_dir, DEFAULT_REPOSITORY)
-    console.print(written["message"])
+    console.print(written.message)
     samples_dir = export_dir.parent / "samples"
     samples_dir.mkdir(exist_ok=True)
     test = get_task("digits").dataset("test")
@@ -134,9 +134,9 @@ def _serve_and_classify(export_dir: Path, options: DemoOptions) -> dict[str, Any
         image.save(path)
         files.append(path)
         truth.append(str(label))
-    with TritonServer(DEFAULT_REPOSITORY, models=list(written["models"]), key=new_key()) as server:
-        console.print(f"Triton serving at {server.grpc_url} (gRPC), models {', '.join(written['models'])}")
-        results = classify_files(files, written["name"], url=server.grpc_url, top_k=1)
+    with TritonServer(DEFAULT_REPOSITORY, models=list(written.models), key=new_key()) as server:
+        console.print(f"Triton serving at {server.grpc_url} (gRPC), models {', '.join(written.models)}")
+        results = classify_files(files, written.name, url=server.grpc_url, top_k=1)
     rows = []
     for path, label, result in zip(files, truth, results, strict=True):
         predicted = result["tasks"]["digits"][0]["label"]
@@ -145,7 +145,7 @@ def _serve_and_classify(export_dir: Path, options: DemoOptions) -> dict[str, Any
     shown = " ".join(f"{row['label']}->{row['predicted']}" for row in rows)
     console.print(f"gRPC classification of {len(rows)} digits test images (true->predicted): {shown}")
     console.print(f"gRPC classification: {correct}/{len(rows)} correct ({100.0 * correct / len(rows):.0f}%)")
-    return {"model": written["name"], "version": written["version"], "classified": rows, "correct": correct,
+    return {"model": written.name, "version": written.version, "classified": rows, "correct": correct,
             "total": len(rows)}
 
 

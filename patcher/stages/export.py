@@ -24,7 +24,6 @@ from patcher.base.locks import check_output_name, output_lock
 from patcher.base.progress import console, make_progress
 from patcher.base.staging import clean_stale, staged_output
 from patcher.base.versions import versions
-from patcher.data.tasks.checks import skipping_bad_images
 from patcher.export.contract import (
     EXPORT_FORMAT,
     EXPORT_JSON,
@@ -65,7 +64,7 @@ from patcher.export.trace import check_opset, export_onnx, save_onnx
 from patcher.export.variants import OPTIMIZATION_LEVEL, optimize_onnx, to_fp16, to_int8
 from patcher.export.verify import thresholds, verify_model
 from patcher.runs.layout import EXPORT_DIR, EXPORTED_KINDS
-from patcher.runs.manifest import TrainingRecord, load_run
+from patcher.runs.manifest import load_run
 from patcher.runs.weights import verified_config, verified_weights
 
 
@@ -104,8 +103,9 @@ class Export:
         output_names(self.tasks)
         self.out = Path(options.out) if options.out is not None else self.run_record.path / EXPORT_DIR
         check_output_name(self.out)
-        self.content = ContentOptions(list(self.tasks), options.fp16, options.optimize, options.opset,
-                                      options.images_per_task, options.int8, bool(options.text))
+        self.content = ContentOptions(tasks=list(self.tasks), fp16=options.fp16, optimize=options.optimize,
+                                      opset=options.opset, images_per_task=options.images_per_task, int8=options.int8,
+                                      text_tower=bool(options.text))
         self.config = verified_config(self.run_record)
         self.weights = {kind: verified_weights(self.run_record, kind, self.tasks) for kind in EXPORTED_KINDS}
         self.timings: dict[str, float] = {}
@@ -140,13 +140,11 @@ class Export:
         return result
 
     def heldout(self) -> HeldOut:
-        """The held-out images the parity check runs on (the files the build left out, left out too)."""
-        training = self.run_record.manifest.training
-        skip = isinstance(training, TrainingRecord) and training.data.skip_bad_images
-        with skipping_bad_images(skip):
-            sources = {name: record.source for name, record in self.run_record.manifest.tasks.items()}
-            return load_heldout(self.tasks, self.config["preprocess_cfg"], self.options.images_per_task,
-                                self.options.data_dir, sources)
+        """The held-out images the parity check runs on (unusable image files left out, as the build left out
+        those it was told to)."""
+        sources = {name: record.source for name, record in self.run_record.manifest.tasks.items()}
+        return load_heldout(self.tasks, self.config["preprocess_cfg"], self.options.images_per_task,
+                            self.options.data_dir, sources)
 
     def export_models(self, folder: Path, heldout: HeldOut) -> tuple[dict[str, ExportedModel], dict[str, Any],
                                                                       dict[str, int]]:
@@ -171,8 +169,10 @@ class Export:
                     reports[key] = self._timed("verify", lambda p=path, q=precision, g=graph, r=reference:
                                                verify_model(p, q, g, heldout, r, tolerance))
                     record = FileRecord.of(path)
-                    models[key] = ExportedModel(path.name, record.sha256, record.bytes, precision, kind,
-                                                self.run_record.manifest.alpha_of(kind), self.optimization or "none")
+                    models[key] = ExportedModel(file=path.name, sha256=record.sha256, bytes=record.bytes,
+                                                precision=precision, model=kind,
+                                                alpha=self.run_record.manifest.alpha_of(kind),
+                                                optimization=self.optimization or "none")
                     progress.advance(bar)
         return models, reports, widths
 
@@ -260,8 +260,8 @@ class Export:
             save_onnx(model, path)
             reports[kind] = verify_text_model(path, graph, tokens, heads, heldout, self.embeddings[kind])
             record = FileRecord.of(path)
-            text_models[kind] = TextModel(path.name, record.sha256, record.bytes, kind, alpha, trained,
-                                          graph.logit_scale)
+            text_models[kind] = TextModel(file=path.name, sha256=record.sha256, bytes=record.bytes, model=kind,
+                                          alpha=alpha, trained=trained, logit_scale=graph.logit_scale)
             written.setdefault(trained, text_models[kind])
         templates = {task: list(manifest.tasks[task].templates) for task in self.tasks}
         source, output = text_entries(context, manifest.model.embed_dim)

@@ -2,7 +2,8 @@
 
 Each run contributes its task vector, fine-tuned minus zero-shot over what its method trained (encoder,
 probed heads, text tower); `--method` (patching/merge_methods.py: task-arithmetic, ties, dare, breadcrumbs,
-consensus, layerwise, layerwise-labelled) turns them into one merged vector, and the merged model is zero-shot +
+consensus, wudi, layerwise, layerwise-labelled, and each combining one as `<name>-nullspace`, its merged change kept
+out of the supported tasks' input subspaces) turns them into one merged vector, and the merged model is zero-shot +
 coefficient * that vector, the coefficient and the method's parameters chosen on held-out data with PAINT's rule
 (patch accuracy = mean over every run's patch tasks; `--min-retained` bounds each task's share of its own
 fine-tune). Task vectors are read one tensor of each run at a time (`patching/sources.py`), so memory does not grow
@@ -129,8 +130,9 @@ def _base_model(runs: list[Run], config: dict[str, Any], needs_text: bool, devic
                                "built from (weights_sha256 differs): text-tower runs and new supported tasks need it")
         return loaded
     built = build_from_config(config).to(device)
-    return LoadedModel(built, None, model.name, model.pretrained, config["model_cfg"],  # type: ignore[arg-type]
-                       config.get("preprocess_cfg", {}), model.weights_sha256)
+    return LoadedModel(model=built, tokenizer=None, name=model.name,  # type: ignore[arg-type]
+                       pretrained=model.pretrained, model_cfg=config["model_cfg"],
+                       preprocess_cfg=config.get("preprocess_cfg", {}), weights_sha256=model.weights_sha256)
 
 
 def _load_tasks(runs: list[Run], names: list[str]) -> dict[str, Task]:
@@ -206,8 +208,8 @@ def merge_runs(options: MergeOptions) -> Path:
     tasks = _load_tasks(runs, [*patch, *support])
     heads = _zeroshot_heads(runs, tasks, loaded, device)
 
-    splits = prepare_splits([], list(tasks.values()), loaded.preprocess_cfg, options.data, options.data_dir,
-                            options.download, device)
+    splits = prepare_splits([], list(tasks.values()), loaded.preprocess_cfg, options.data,
+                            data_dir=options.data_dir, download=options.download, device=device)
     session = Session(loaded, tasks, heads, splits, device, options.eval_batch_size)
     files = [run_files(run) for run in runs]
     keys = list(dict.fromkeys([*session.zeroshot, *(key for run in files for f in run for key in f.names())]))
@@ -219,17 +221,19 @@ def merge_runs(options: MergeOptions) -> Path:
         console.print(f"[yellow]warning:[/] {selection.warning}")
     sources = [MergedRun(run.name, str(run.path), run.manifest_sha256, run.manifest.method,
                          run.manifest.patch_tasks, run.manifest.alpha.chosen) for run in runs]
-    outcome = ParallelOutcome(states, selection, selection.curve[0.0], [],
-                              f"merged {', '.join(patch)} ({parts.method.name}): held-out accuracy against the "
-                              "coefficient", merged_runs=sources, merge=parts)
+    outcome = ParallelOutcome(states=states, selection=selection, reference=selection.curve[0.0], trained=[],
+                              title=f"merged {', '.join(patch)} ({parts.method.name}): held-out accuracy against "
+                              "the coefficient", merged_runs=sources, merge=parts)
     tested = test_scores(session, outcome)
     training = MergedTraining(True, device, sum(run.manifest.training.total_steps for run in runs))
     method = _merged_method(runs, parts.method.reference())
-    contents = RunContents(out.name, options_sha256(options.fingerprint(runs)), runs[0].manifest.model, config,
-                           _task_records(runs, tasks, patch, session), method, training, outcome,
-                           outcome.alpha_record(fixed_alpha is not None, options.merge.search, options.tolerance,
-                                                {task: options.tolerance for task in support}),
-                           accuracies_of(tested), session.resolver, {}, tested)
+    alpha = outcome.alpha_record(fixed_alpha is not None, options.merge.search, options.tolerance,
+                                 {task: options.tolerance for task in support})
+    contents = RunContents(name=out.name, options_sha256=options_sha256(options.fingerprint(runs)),
+                           model=runs[0].manifest.model, open_clip_config=config,
+                           tasks=_task_records(runs, tasks, patch, session), method=method, training=training,
+                           outcome=outcome, alpha=alpha, test_accuracy=accuracies_of(tested),
+                           resolver=session.resolver, timings={}, test_scores=tested)
     with staged_output(out) as staging:  # locked, stale partials cleaned, write faults as one error
         contents.timings["total"] = time.perf_counter() - started
         write_run(staging.open(), contents)

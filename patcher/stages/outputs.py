@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,10 @@ from patcher.runs.manifest import (
     write_manifest,
 )
 from patcher.runs.per_class import PER_CLASS_FORMAT, AlphaPerClass, PerClassRecord, TaskPerClass, write_per_class
-from patcher.runs.plots import alpha_curve_plot, wiseft_plot
+from patcher.runs.plots import CurveRoles, alpha_curve_plot, wiseft_plot
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunContents:
     """Everything a run directory holds, as the stage computed it."""
 
@@ -99,15 +99,16 @@ def plot_curves(staging: Path, contents: RunContents) -> None:
     outcome, support, monitored = contents.outcome, contents.roles("support"), contents.roles("monitor")
     alpha = contents.alpha
     tolerance = (alpha.tolerances or alpha.tolerance) if support else None
-    alpha_curve_plot(outcome.selection.curve, outcome.selection.alpha, staging / ALPHA_CURVE, contents.roles("patch"),
-                     outcome.reference, tolerance, title=outcome.title, monitored=monitored)
+    roles = CurveRoles(patch=contents.roles("patch"), monitored=monitored, zeroshot=outcome.reference,
+                       tolerance=tolerance)
+    alpha_curve_plot(outcome.selection.curve, outcome.selection.alpha, staging / ALPHA_CURVE, roles, outcome.title)
     for number, (task, step) in enumerate(outcome.step_plots(), start=1):
-        alpha_curve_plot(step.curve, step.alpha, staging / alpha_curve_step(number), [task], outcome.reference,
-                         tolerance, title=f"step {number} ({task}): held-out accuracy", monitored=monitored)
+        alpha_curve_plot(step.curve, step.alpha, staging / alpha_curve_step(number), replace(roles, patch=[task]),
+                         title=f"step {number} ({task}): held-out accuracy")
     if support or monitored:
-        roles = {task: record.role for task, record in contents.tasks.items()}
+        by_task = {task: record.role for task, record in contents.tasks.items()}
         wiseft_plot(outcome.selection.curve, outcome.selection.alpha, staging / WISEFT_PLOT, contents.roles("patch"),
-                    roles, title=f"{', '.join(contents.roles('patch'))}: the others over alpha (held-out)")
+                    by_task, title=f"{', '.join(contents.roles('patch'))}: the others over alpha (held-out)")
 
 
 def per_class(contents: RunContents) -> PerClassRecord | None:

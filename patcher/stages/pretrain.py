@@ -32,7 +32,7 @@ from patcher.base.records import to_json
 from patcher.base.staging import Resume, Staging, resumable_path, staged_output
 from patcher.base.versions import versions
 from patcher.benchmark.machine import machine_info
-from patcher.data.evaluation import predict
+from patcher.data.evaluation import Scorer, predict
 from patcher.data.image_store import StoreItems, build_store
 from patcher.data.loading import TrainSplit
 from patcher.data.tasks import Task, get_task
@@ -42,13 +42,13 @@ from patcher.data.transforms import Normalize
 from patcher.models import load_clip
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.heads import build_head
-from patcher.models.loading import CONFIG_FILENAME
+from patcher.models.loading import CONFIG_FILENAME, LoadedModel
 from patcher.models.reference import TOKEN_TABLE, round_to_stored, token_table, write_shipped
 from patcher.models.reference import WEIGHTS_FILE as SHIPPED_WEIGHTS
 from patcher.models.state import state_dict_digest
 from patcher.runs.layout import CHECKPOINTS, TRAIN_LOG
 from patcher.training.config import TrainConfig
-from patcher.training.loop import checkpoint_step, pick_device, train
+from patcher.training.loop import Tracking, checkpoint_step, pick_device, train
 from patcher.training.losses import MAX_LOGIT_SCALE, class_contrastive_loss
 from patcher.training.sampling import MixedBatch, TaskMixture, caption_templates
 
@@ -174,19 +174,22 @@ def pretrain(options: PretrainOptions) -> Path:
         return _pretrain_into(options, output, device, started)
 
 
-def _pretrain_into(options: PretrainOptions, output: Staging, device: str, started: float) -> Path:
-    out = output.final
+def _fresh_model(options: PretrainOptions, device: str) -> LoadedModel:
+    """The architecture at its seeded initialisation, the token table regenerated from its seed and frozen."""
     torch.manual_seed(options.train.seed)
     loaded = load_clip(options.model, None, options.image_size, device=device)
-    model = loaded.model
     if options.freeze_token_embedding:  # frozen, so regenerated from its seed instead of stored
-        table = model.token_embedding.weight
+        table = loaded.model.token_embedding.weight
         with torch.no_grad():
             table.copy_(token_table(table.shape[0], table.shape[1], options.train.seed).to(table.device))
         table.requires_grad_(False)
+    return loaded
 
-    sources = [_captioned(get_task(s.task), s, loaded, options) for s in options.sources]
-    staging = output.open()  # after the data is found
+
+def _train_on(model: torch.nn.Module, sources: list[_CaptionedData], options: PretrainOptions, staging: Path,
+              device: str) -> tuple[list[int], float]:
+    """Train on the sources' mixture, checkpoints and train.log in `staging`: (images per batch of each source,
+    seconds spent)."""
     weights = torch.tensor([s.weight for s in options.sources], dtype=torch.float)
     per_batch = _split_batch(options.train.batch_size, weights)
     names = [f"{s.task}/{s.split}" for s in options.sources]
@@ -201,11 +204,21 @@ def _pretrain_into(options: PretrainOptions, output: Staging, device: str, start
     trim_json_lines(log_path, checkpoint_step(checkpoint_dir))
     tick = time.perf_counter()
     try:
-        train(model, model.parameters(), step_loss, options.train, device, checkpoint_dir,
-              lambda entry: append_json_line(log_path, entry), f"pretraining {options.model}")
+        tracking = Tracking(checkpoint_dir=checkpoint_dir, log=lambda entry: append_json_line(log_path, entry),
+                            description=f"pretraining {options.model}")
+        train(model, model.parameters(), step_loss, options.train, device, tracking)
     finally:
         mixture.close()
-    train_seconds = time.perf_counter() - tick
+    return per_batch, time.perf_counter() - tick
+
+
+def _pretrain_into(options: PretrainOptions, output: Staging, device: str, started: float) -> Path:
+    loaded = _fresh_model(options, device)
+    model = loaded.model
+    sources = [_captioned(get_task(s.task), s, loaded, options) for s in options.sources]
+    staging = output.open()  # after the data is found
+    per_batch, train_seconds = _train_on(model, sources, options, staging, device)
+    names = [f"{s.task}/{s.split}" for s in options.sources]
 
     model.eval().cpu()
     if options.freeze_token_embedding:
@@ -237,7 +250,7 @@ def _pretrain_into(options: PretrainOptions, output: Staging, device: str, start
         "timings_s": {"train": round(train_seconds, 2), "total": round(time.perf_counter() - started, 2)},
     }
     write_json(staging / RECORD_FILENAME, record)
-    return out
+    return output.final
 
 
 def _token_table_record(model: Any, options: PretrainOptions) -> dict[str, Any] | None:
@@ -328,7 +341,7 @@ def zero_shot_report(model_name: str, data_dir: Path | None = None, device: str 
         store, _ = build_store(task.dataset("test", data_root=data_dir), loaded.preprocess_cfg,
                                f"zero-shot {name}", in_memory=True)
         labels = torch.from_numpy(store.labels)
-        correct = predict(classifier, store, name, normalize, device=device) == labels
+        correct = predict(Scorer(classifier=classifier, normalize=normalize, device=device), store, name) == labels
         per_class = {
             task.classnames[c]: round(100.0 * correct[labels == c].float().mean().item(), 2)
             for c in range(len(task.classnames))

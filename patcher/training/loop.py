@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,88 +141,123 @@ def _data_parallel(module: nn.Module, step_loss: StepLoss, device: str) -> nn.Mo
     return DistributedDataParallel(stepper, device_ids=device_ids, **no_sync)
 
 
-def train(
-    module: nn.Module,
-    parameters: Iterable[nn.Parameter],
-    step_loss: StepLoss,
-    train_config: TrainConfig,
-    device: str = "cpu",
-    checkpoint_dir: Path | None = None,
-    log: Callable[[dict[str, Any]], None] | None = None,
-    description: str = "training",
-    evaluate: Evaluate | None = None,
-) -> None:
-    """Minimise `step_loss(step)` over `parameters` (of `module`, whose state is checkpointed) for the configured
-    steps, each step's batch in `accum_steps` micro-batches; `evaluate` every `eval_every` steps and at the end.
+@dataclass(frozen=True, kw_only=True)
+class Tracking:
+    """Where one training keeps its resumable checkpoint (`checkpoint_dir`) and what it reports: log entries to
+    `log`, progress under `description`, held-out accuracy from `evaluate` every `eval_every` steps and at the end."""
 
-    Under torchrun every rank runs this with its part of each batch; DistributedDataParallel averages the
-    gradients, so the update is the one-process update of the whole batch. Rank 0 writes checkpoints. `log`
-    gets the step, loss, learning rate, gradient norm (before clipping), images per second and any held-out
-    accuracy, every `log_every` steps and at every evaluation.
-    """
+    checkpoint_dir: Path | None = None
+    log: Callable[[dict[str, Any]], None] | None = None
+    description: str = "training"
+    evaluate: Evaluate | None = None
+
+
+class _Optimisation:
+    """AdamW with warmup + cosine, the AMP gradient scaler, and gradient clipping: one step over micro-batches, and
+    the checkpoint that resumes it."""
+
+    def __init__(self, parameters: list[nn.Parameter], train_config: TrainConfig, device: str) -> None:
+        self.parameters, self.config, self.device = parameters, train_config, device
+        self.optimizer = torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, train_config.warmup_steps, train_config.steps)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision_name(device) == "amp-fp16")
+        self.micros = [Micro(index, train_config.accum_steps) for index in range(train_config.accum_steps)]
+
+    def restore(self, checkpoint: Path | None, module: nn.Module) -> int:
+        """The step to start from: the checkpoint's (module and optimiser states loaded), else 0."""
+        if checkpoint is None or not checkpoint.is_file():
+            return 0
+        saved = torch.load(checkpoint, map_location=self.device, weights_only=True)
+        module.load_state_dict(saved["module"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        return int(saved["step"])
+
+    def step(self, stepper: nn.Module, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update from the step's micro-batches: (this rank's summed loss, gradient norm before clipping)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=self.device)
+        for micro in self.micros:
+            with _synchronising(stepper, micro):
+                with autocast(self.device):
+                    part = stepper(step, micro)
+                self.scaler.scale(part).backward()
+            loss += part.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss, grad_norm
+
+    def save(self, path: Path, step: int, module: nn.Module) -> None:
+        """The checkpoint after `step` steps, written whole or not at all."""
+        _save_checkpoint(path, step, module, self.optimizer, self.scheduler, self.scaler)
+
+    def log_entry(self, done: int, loss: float, grad_norm: torch.Tensor, images_per_s: float,
+                  accuracy: dict[str, float] | None) -> dict[str, Any]:
+        """The log line after `done` steps (`loss`: averaged over ranks)."""
+        entry = {"step": done, "loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0],
+                 "grad_norm": round(float(grad_norm), 5), "images_per_s": round(images_per_s, 2)}
+        if accuracy is not None:
+            entry["val_accuracy"] = {task: round(score, 4) for task, score in accuracy.items()}
+        return entry
+
+
+def _check_batch(train_config: TrainConfig) -> None:
     if train_config.batch_size < train_config.accum_steps * distributed.world_size():
         raise PatcherError(f"--batch-size {train_config.batch_size} leaves a micro-batch without images on "
                            f"{distributed.world_size()} process(es) with --accum-steps {train_config.accum_steps}: "
                            "raise --batch-size or lower --accum-steps")
-    parameters = [p for p in parameters if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, train_config.warmup_steps, train_config.steps)
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=precision_name(device) == "amp-fp16")
-    checkpoint = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
-    first_step = 0
-    if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        module.load_state_dict(saved["module"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        first_step = int(saved["step"])
+
+
+def train(module: nn.Module, parameters: Iterable[nn.Parameter], step_loss: StepLoss, train_config: TrainConfig,
+          device: str = "cpu", tracking: Tracking | None = None) -> None:
+    """Minimise `step_loss(step)` over `parameters` (of `module`, whose state is checkpointed) for the configured
+    steps, each step's batch in `accum_steps` micro-batches; `tracking.evaluate` every `eval_every` steps and at the
+    end.
+
+    Under torchrun every rank runs this with its part of each batch; DistributedDataParallel averages the
+    gradients, so the update is the one-process update of the whole batch. Rank 0 writes checkpoints. `tracking.log`
+    gets the step, loss, learning rate, gradient norm (before clipping), images per second and any held-out
+    accuracy, every `log_every` steps and at every evaluation.
+    """
+    tracking = tracking or Tracking()
+    _check_batch(train_config)
+    optimisation = _Optimisation([p for p in parameters if p.requires_grad], train_config, device)
+    checkpoint = tracking.checkpoint_dir / CHECKPOINT if tracking.checkpoint_dir is not None else None
+    first_step = optimisation.restore(checkpoint, module)
 
     module.train()
     stepper = _data_parallel(module, step_loss, device)
-    micros = [Micro(index, train_config.accum_steps) for index in range(train_config.accum_steps)]
-    every = train_config.eval_every if evaluate is not None else 0
+    every = train_config.eval_every if tracking.evaluate is not None else 0
     speed = _Speed(device)
     with make_progress() as progress:
-        bar = progress.add_task(description, total=train_config.steps, completed=first_step, status="")
+        bar = progress.add_task(tracking.description, total=train_config.steps, completed=first_step, status="")
         for step in range(first_step, train_config.steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
-            for micro in micros:
-                with _synchronising(stepper, micro):
-                    with autocast(device):
-                        part = stepper(step, micro)
-                    scaler.scale(part).backward()
-                loss += part.detach().float()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, train_config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            loss, grad_norm = optimisation.step(stepper, step)
             speed.images += train_config.batch_size
             done = step + 1
             accuracy = None
             if every and (done % every == 0 or done == train_config.steps):
                 with speed.pause():
-                    accuracy = evaluate()
+                    accuracy = tracking.evaluate()  # type: ignore[misc]
                     module.train()  # evaluation put the encoder in eval mode
             if step % train_config.log_every == 0 or done == train_config.steps or accuracy is not None:
                 value = float(distributed.all_reduce_sum(loss).item()) / distributed.world_size()
                 images_per_s = speed.read()
                 progress.update(bar, status=f"loss {value:.3f}, {images_per_s:.1f} img/s")
-                entry = {"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
-                         "grad_norm": round(float(grad_norm), 5), "images_per_s": round(images_per_s, 2)}
-                if accuracy is not None:
-                    entry["val_accuracy"] = {task: round(score, 4) for task, score in accuracy.items()}
-                if log is not None and distributed.is_main():
-                    log(entry)
+                entry = optimisation.log_entry(done, value, grad_norm, images_per_s, accuracy)
+                if tracking.log is not None and distributed.is_main():
+                    tracking.log(entry)
             progress.update(bar, advance=1)
             if (checkpoint is not None and done % train_config.checkpoint_every == 0 and done < train_config.steps
                     and distributed.is_main()):
                 with speed.pause():
-                    _save_checkpoint(checkpoint, done, module, optimizer, scheduler, scaler)
+                    optimisation.save(checkpoint, done, module)
     module.eval()
 
 
@@ -243,28 +279,33 @@ def _freeze_all_but(stage: Stage) -> None:
         parameter.requires_grad_(id(parameter) in trained)
 
 
-def train_method(
-    method: Method,
-    device: str = "cpu",
-    checkpoint_dir: Path | None = None,
-    log_path: Path | None = None,
-    step_offset: int = 0,
-    label: str = "",
-    on_log: Callable[[dict[str, Any]], None] | None = None,
-    evaluate: Evaluate | None = None,
-) -> int:
+@dataclass(frozen=True, kw_only=True)
+class MethodTracking:
+    """Where a method's stages keep their checkpoints (a folder each under `checkpoint_dir`) and log: train.log at
+    `log_path`, every line also to `on_log`; steps numbered from `step_offset`, stage names prefixed with `label`."""
+
+    checkpoint_dir: Path | None = None
+    log_path: Path | None = None
+    step_offset: int = 0
+    label: str = ""
+    on_log: Callable[[dict[str, Any]], None] | None = None
+
+
+def train_method(method: Method, device: str = "cpu", tracking: MethodTracking | None = None,
+                 evaluate: Evaluate | None = None) -> int:
     """Train every stage in order; a finished stage is restored from its `done.pt`. Returns the steps run in all.
 
-    Log lines number steps across stages (and across earlier calls, from `step_offset`) and name the stage;
-    train.log gets each line without its timings, `on_log` the whole line. With `grad_checkpointing` the towers
-    the method trains recompute their activations in the backward pass, for this training only.
+    Log lines number steps across stages (and across earlier calls, from `tracking.step_offset`) and name the
+    stage; train.log gets each line without its timings, `tracking.on_log` the whole line. With
+    `grad_checkpointing` the towers the method trains recompute their activations in the backward pass, for this
+    training only.
     """
     checkpointing = method.setup.train_config.grad_checkpointing
     try:
         if checkpointing and not method.set_grad_checkpointing(True) and distributed.is_main():
             console.print(f"[yellow]warning:[/] open_clip has no gradient checkpointing for "
                           f"{method.setup.loaded.name}'s towers: training without it")
-        return _train_stages(method, device, checkpoint_dir, log_path, (step_offset, label), on_log, evaluate)
+        return _train_stages(method, device, tracking or MethodTracking(), evaluate)
     finally:
         method.close()
         if checkpointing:
@@ -273,11 +314,10 @@ def train_method(
             parameter.requires_grad_(True)
 
 
-def _train_stages(method: Method, device: str, checkpoint_dir: Path | None, log_path: Path | None,
-                  numbering: tuple[int, str], on_log: Callable[[dict[str, Any]], None] | None,
-                  evaluate: Evaluate | None) -> int:
+def _train_stages(method: Method, device: str, tracking: MethodTracking, evaluate: Evaluate | None) -> int:
     main = distributed.is_main()
-    step_offset, label = numbering
+    checkpoint_dir, log_path, on_log = tracking.checkpoint_dir, tracking.log_path, tracking.on_log
+    step_offset, label = tracking.step_offset, tracking.label
     offset = step_offset
     for index, stage in enumerate(method.stages()):
         if stage.train_config.steps < 1:
@@ -303,8 +343,9 @@ def _train_stages(method: Method, device: str, checkpoint_dir: Path | None, log_
             if on_log is not None:
                 on_log(line)
 
-        train(stage.module, stage.parameters, stage.step_loss, stage.train_config, device, folder, log,
-              f"{' '.join(dict.fromkeys([method.name, name]))} on {', '.join(method.setup.train_splits)}", evaluate)
+        description = f"{' '.join(dict.fromkeys([method.name, name]))} on {', '.join(method.setup.train_splits)}"
+        train(stage.module, stage.parameters, stage.step_loss, stage.train_config, device,
+              Tracking(checkpoint_dir=folder, log=log, description=description, evaluate=evaluate))
         if folder is not None and main:
             with atomic_file(folder / DONE) as temporary:
                 torch.save(stage.module.state_dict(), temporary)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -34,7 +32,8 @@ _cache: OrderedDict[str, tuple[int, int, str | None]] = OrderedDict()
 
 @dataclass
 class SkipReport:
-    """The unusable image files left out while skipping is on, by folder."""
+    """The unusable image files a user's dataset left out, by folder: pass one to `Task.dataset` to leave them out
+    (without one they are refused)."""
 
     skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
@@ -42,24 +41,6 @@ class SkipReport:
     def count(self) -> int:
         """How many files were left out."""
         return sum(len(files) for files in self.skipped.values())
-
-
-_skipping: ContextVar[SkipReport | None] = ContextVar("patcher_skip_bad_images", default=None)
-
-
-@contextmanager
-def skipping_bad_images(skip: bool = True) -> Iterator[SkipReport | None]:
-    """While active (and `skip`), folder datasets leave unusable image files out and count them in the report."""
-    token = _skipping.set(SkipReport() if skip else None)
-    try:
-        yield _skipping.get()
-    finally:
-        _skipping.reset(token)
-
-
-def skip_report() -> SkipReport | None:
-    """The active skip report, None when bad files are refused."""
-    return _skipping.get()
 
 
 PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every complete PNG

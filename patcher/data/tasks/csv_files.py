@@ -9,13 +9,14 @@ read from the CSV's folder. Rows are read once, as (path, label) pairs; images a
 from __future__ import annotations
 
 import csv
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import Dataset
 
 from patcher.base.errors import PatcherError
+from patcher.data.tasks.checks import SkipReport
 from patcher.data.tasks.folder import drop_bad_images
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.task import Task
@@ -56,8 +57,8 @@ def csv_task(spec: Spec, name: str) -> Task:
     if extra:
         raise PatcherError(f"{', '.join(files[p].name for p in parts if p != 'train')} have labels that train lacks: "
                            f"{', '.join(extra[:6])}: every class needs training images")
-    return Task(name, names, read_templates(folder), partial(load_csv, rows, labels, parts), parts=parts,
-                source=spec.source)
+    return Task(name, names, read_templates(folder), CsvRows(rows, labels, parts).load, parts=parts,
+                source=spec.source, checks_files=True)
 
 
 def csv_parts(location: Path) -> dict[str, Path]:
@@ -96,14 +97,23 @@ def read_rows(path: Path, options: dict[str, str]) -> tuple[list[str], list[str]
     return images, labels
 
 
-def load_csv(rows: dict[str, tuple[list[str], list[str]]], labels: tuple[str, ...], parts: tuple[str, ...],
-             part: str, root: Path, download: bool) -> Dataset:
-    """One part: its own CSV file, or (without test.csv) a seeded stratified 4:1 split of train's rows."""
-    own = part in parts and (part != "train" or "test" in parts)
-    images, names = rows[part if own else "train"]
-    number = {label: index for index, label in enumerate(labels)}
-    data = CsvImages([(image, number[name]) for image, name in zip(images, names, strict=True)], labels)
-    drop_bad_images(data, Path(images[0]).parent)
-    if own:
-        return ImageView(data)
-    return ImageView(data, train_test_indices(data.targets, weights=(4, 1), keys=[s[0] for s in data.samples])[part])
+@dataclass(frozen=True, eq=False)  # held by a Task's loader, never compared
+class CsvRows:
+    """A CSV dataset as read: each part's (image paths, labels), the labels in class order, the parts it has."""
+
+    rows: dict[str, tuple[list[str], list[str]]]
+    labels: tuple[str, ...]
+    parts: tuple[str, ...]
+
+    def load(self, part: str, root: Path, download: bool, bad_images: SkipReport | None = None) -> Dataset:
+        """One part: its own CSV file, or (without test.csv) a seeded stratified 4:1 split of train's rows, its image
+        files checked (`root` and `download` are the Loader's, unused: the rows name the files)."""
+        own = part in self.parts and (part != "train" or "test" in self.parts)
+        images, names = self.rows[part if own else "train"]
+        number = {label: index for index, label in enumerate(self.labels)}
+        data = CsvImages([(image, number[name]) for image, name in zip(images, names, strict=True)], self.labels)
+        drop_bad_images(data, Path(images[0]).parent, bad_images)
+        if own:
+            return ImageView(data)
+        keys = [sample[0] for sample in data.samples]
+        return ImageView(data, train_test_indices(data.targets, weights=(4, 1), keys=keys)[part])

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
+import patcher.data.tasks.checks as checks
 from patcher.base.errors import PatcherError
 from patcher.base.progress import console
-from patcher.data.tasks import checks
 from patcher.data.tasks.loaders import torchvision_class
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.task import Task
@@ -29,8 +29,8 @@ def folder_task(spec: Spec, name: str) -> Task:
     path = spec.location
     folders, names = class_names(class_folders(path), path, "class folder")
     parts = tuple(part for part in ("train", "val", "test") if part == "train" or (path / part).is_dir())
-    return Task(name, names, read_templates(path), partial(load_folder, path, folders, parts), parts=parts,
-                source=spec.source)
+    return Task(name, names, read_templates(path), FolderLayout(path, folders, parts).load, parts=parts,
+                source=spec.source, checks_files=True)
 
 
 def class_folders(path: Path) -> tuple[str, ...]:
@@ -44,21 +44,29 @@ def class_folders(path: Path) -> tuple[str, ...]:
     return tuple(classes)
 
 
-def load_folder(path: Path, classes: tuple[str, ...], parts: tuple[str, ...], part: str, root: Path,
-                download: bool) -> Dataset:
-    """PATH/<part>; without PATH/test, a seeded stratified 4:1 split of PATH/train."""
-    if part in parts and (part != "train" or "test" in parts):
-        return open_folder(path, part, classes)[0]
-    train, labels = open_folder(path, "train", classes)
-    return ImageView(train, train_test_indices(labels, weights=(4, 1))[part])
+@dataclass(frozen=True, eq=False)  # held by a Task's loader, never compared
+class FolderLayout:
+    """A folder dataset as found: its PATH, the class folders (in label order) and the parts it has."""
+
+    path: Path
+    classes: tuple[str, ...]
+    parts: tuple[str, ...]
+
+    def load(self, part: str, root: Path, download: bool, bad_images: checks.SkipReport | None = None) -> Dataset:
+        """PATH/<part>; without PATH/test, a seeded stratified 4:1 split of PATH/train (`root` and `download` are
+        the Loader's, unused: the folder is where PATH says)."""
+        if part in self.parts and (part != "train" or "test" in self.parts):
+            return open_folder(self.path, part, self.classes, bad_images)[0]
+        train, labels = open_folder(self.path, "train", self.classes, bad_images)
+        return ImageView(train, train_test_indices(labels, weights=(4, 1))[part])
 
 
-def open_folder(path: Path, part: str, classes: tuple[str, ...]) -> tuple[ImageView, list[int]]:
+def open_folder(path: Path, part: str, classes: tuple[str, ...],
+                bad_images: checks.SkipReport | None = None) -> tuple[ImageView, list[int]]:
     """PATH/<part> as an ImageFolder with labels numbered by `classes`: (dataset, labels).
 
     Every image file is checked up front (`checks.find_bad_images`): unusable ones are refused, naming the
-    first few, or left out and counted while `checks.skipping_bad_images` is active; an empty class folder is
-    refused either way.
+    first few, or with `bad_images` left out and counted there; an empty class folder is refused either way.
     """
     image_folder = torchvision_class("ImageFolder")
     try:
@@ -70,17 +78,16 @@ def open_folder(path: Path, part: str, classes: tuple[str, ...]) -> tuple[ImageV
         raise PatcherError(f"{path / part} has class folders that train/ lacks: {', '.join(unknown)}")
     if not data.samples:
         raise PatcherError(f"folder dataset {path} has no images in {part}/: expected {LAYOUT}")
-    dropped = drop_bad_images(data, path / part)
+    dropped = drop_bad_images(data, path / part, bad_images)
     _refuse_empty_classes(data, path / part, dropped > 0)
     index = [classes.index(name) for name in data.classes]
     return ImageView(data, target=index.__getitem__), [index[target] for target in data.targets]
 
 
-def drop_bad_images(data: Any, folder: Path) -> int:
-    """Refuse (or, when skipping, leave out and count) unusable image files of `data.samples` [(path, label)]; how
-    many were left out."""
+def drop_bad_images(data: Any, folder: Path, report: checks.SkipReport | None) -> int:
+    """Refuse (or, given a report, leave out and count there) unusable image files of `data.samples`
+    [(path, label)]; how many were left out."""
     bad = checks.find_bad_images(sample[0] for sample in data.samples)
-    report = checks.skip_report()
     if bad and report is None:
         raise PatcherError(f"{len(bad)} of {len(data.samples)} image files in {folder} cannot be used: "
                            f"{checks.describe(bad)}: fix or remove them, or pass --skip-bad-images to leave "

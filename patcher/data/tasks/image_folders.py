@@ -6,8 +6,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+import patcher.data.tasks.classnames as classnames
 from patcher.base.errors import PatcherError
-from patcher.data.tasks import classnames
 from patcher.data.tasks.loaders import check_classes, torchvision_class
 from patcher.data.tasks.missing import open_dataset
 from patcher.data.tasks.splits import train_test_indices

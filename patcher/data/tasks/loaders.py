@@ -14,9 +14,9 @@ from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 
+import patcher.data.tasks.classnames as classnames
 from patcher.base.compat import import_torchvision
 from patcher.base.errors import PatcherError
-from patcher.data.tasks import classnames
 from patcher.data.tasks.missing import open_dataset
 from patcher.data.tasks.splits import train_test_indices
 from patcher.data.tasks.views import ImageView

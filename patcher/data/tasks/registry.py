@@ -5,10 +5,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+import patcher.data.tasks.classnames as names
+import patcher.data.tasks.csv_files as csv_files
+import patcher.data.tasks.image_folders as image_folders
+import patcher.data.tasks.loaders as loaders
+import patcher.data.tasks.shards as shards
+import patcher.data.tasks.templates as prompts
 from patcher.base.errors import PatcherError
-from patcher.data.tasks import classnames as names
-from patcher.data.tasks import csv_files, image_folders, loaders, shards
-from patcher.data.tasks import templates as prompts
 from patcher.data.tasks.digits import PARTS as DIGITS_PARTS
 from patcher.data.tasks.digits import load_digits
 from patcher.data.tasks.fashion_mnist import load_fashion_mnist

@@ -9,13 +9,15 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from patcher.base.errors import PatcherError
+from patcher.data.tasks.checks import SkipReport
 from patcher.data.tasks.paths import resolve_data_root
 from patcher.data.tasks.splits import holdout_indices
 from patcher.data.tasks.views import ImageView
 
 # A loader returns one part of a task's data ("train", "test", or an extra part such as digits'
-# "pretrain") as (RGB PIL image, int label) items, given the data root and whether it may download.
-Loader = Callable[[str, Path, bool], Dataset]
+# "pretrain") as (RGB PIL image, int label) items, given the data root and whether it may download; the loader of a
+# user's image files (`Task.checks_files`) also takes the report its unusable files go to (None: refuse them).
+Loader = Callable[..., Dataset]
 
 OFFICIAL_PARTS = ("train", "test")
 TEST_ONLY = ("test",)  # an evaluation set: its held-out split is a seeded part of its test images
@@ -55,6 +57,7 @@ class Task:
     labels: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     column_labels: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
     source: str | None = field(default=None, repr=False, compare=False)  # where a user's dataset is: "folder:/abs"
+    checks_files: bool = field(default=False, repr=False, compare=False)  # its loader takes a bad-image report
 
     def __post_init__(self) -> None:
         if not self.classnames:
@@ -92,14 +95,22 @@ class Task:
         extra = (part for part in self.parts if part not in (*OFFICIAL_PARTS, "val"))
         return (*train, "val", "test", *extra)
 
-    def dataset(self, split: str, data_root: Path | str | None = None, download: bool = False) -> Dataset:
-        """Items (RGB PIL image, int label) of one split, read from under the data root."""
+    def dataset(self, split: str, data_root: Path | str | None = None, download: bool = False,
+                bad_images: SkipReport | None = None) -> Dataset:
+        """Items (RGB PIL image, int label) of one split, read from under the data root; a user's unusable image
+        files are refused, or with `bad_images` left out and counted there."""
         if split not in self.splits:
             raise PatcherError(f"task {self.name} has no split {split!r}; its splits are {', '.join(self.splits)}")
         root = resolve_data_root(data_root)
         if (split not in ("train", "val") and self.trainable) or "val" in self.parts:  # a part of its own: val/
-            return self.load(split, root, download)
+            return self.part(split, root, download, bad_images)
         held_from = "train" if self.trainable else "test"  # an evaluation set holds out part of its test images
-        full = self.load(held_from, root, download)
+        full = self.part(held_from, root, download, bad_images)
         kept, held_out = holdout_indices(len(full))
         return ImageView(full, held_out if split == "val" else kept)
+
+    def part(self, part: str, root: Path, download: bool = False, bad_images: SkipReport | None = None) -> Dataset:
+        """One part of the task's data as its loader gives it (`bad_images`: as for `dataset`)."""
+        if self.checks_files:
+            return self.load(part, root, download, bad_images)
+        return self.load(part, root, download)

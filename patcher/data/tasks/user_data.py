@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import patcher.data.tasks.templates as templates
 from patcher.base.errors import PatcherError
-from patcher.data.tasks import templates
 
 KINDS = ("folder", "csv", "wds")
 SPEC_HELP = "folder:DIR, csv:DIR or csv:FILE.csv, wds:DIR (tar shards), each optionally NAME=... first"

@@ -3,62 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
-from patcher.base.records import to_json
 from patcher.triton.repository.configs import (
-    ENTRY_PARAMETER,
     IMAGE_BYTES,
     NUMPY_TYPES,
-    Batching,
     Step,
-    TensorRT,
+    Tensors,
     classifier_config,
     ensemble_config,
     preprocess_config,
 )
 from patcher.triton.repository.entry import Entry, Model
+from patcher.triton.repository.entry_context import (
+    IMAGE_FORMAT,
+    IMAGING,
+    IMAGING_FILE,
+    TEMPLATES,
+    EntryContext,
+    ModelPlan,
+    Options,
+    Source,
+    task_outputs,
+)
 from patcher.triton.repository.export_info import ExportInfo, TensorSpec, onnx_io
 from patcher.triton.repository.openvocab_models import build_classify, build_embed, build_text
 from patcher.triton.repository.pixels import PIXELS_INPUT, pixels_graph
 
-TEMPLATES = Path(__file__).parent / "templates"
-IMAGING = Path(__file__).parents[1] / "imaging.py"
-IMAGING_FILE = "patcher_imaging.py"  # the name the preprocessing model imports it by
-IMAGE_FORMAT = "FORMAT_NCHW"
-# A version file: a file to copy, a text to write, or a function that writes the file at the path it is given.
-Source = Path | str | Callable[[Path], Any]
-
-
-@dataclass
-class ModelPlan:
-    """One model to write: its configuration, labels files (name -> class names) and version files."""
-
-    model: Model
-    config: mc.ModelConfig
-    labels: dict[str, list[str]] = field(default_factory=dict)
-    files: dict[str, Source] = field(default_factory=dict)
-    model_files: dict[str, bytes] = field(default_factory=dict)  # other model-level files, e.g. warmup/<input>
-
-
-@dataclass(frozen=True)
-class Options:
-    """How the entry is served: backend flavour, batching, precision, preprocessing limits, onnxruntime threads,
-    and extra classifiers (kind -> ONNX file with the patched model's tensors, served as `<entry>_<kind>`)."""
-
-    backend: str = "python"
-    batching: Batching = field(default_factory=Batching)
-    tensorrt: TensorRT | None = None
-    precision: str = "fp32"
-    limits: dict[str, Any] = field(default_factory=dict)
-    intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
-    extra_classifiers: dict[str, Path] = field(default_factory=dict)
-    open_vocab: dict[str, Any] = field(default_factory=dict)  # label-set limits of the open-vocabulary models
+__all__ = ["BUILDERS", "TEMPLATES", "EntryContext", "ModelPlan", "Options", "plan_entry"]
 
 
 def _fill_dims(spec: TensorSpec, declared: dict[str, list[int]]) -> TensorSpec:
@@ -83,81 +56,12 @@ def classifier_io(info: ExportInfo, path: Path) -> tuple[TensorSpec, list[Tensor
     frozen = [s.name for s in [*inputs, *outputs] if not s.shape or s.shape[0] != -1]
     if frozen:
         raise PatcherError(f"{path}: batch dimension of {', '.join(frozen)} is fixed, not dynamic: re-export it")
-    missing = set(_task_outputs(info).values()) - {s.name for s in outputs}
+    missing = set(task_outputs(info).values()) - {s.name for s in outputs}
     if missing:
         raise PatcherError(f"{path} lacks outputs {sorted(missing)} that {info.path / 'export.json'} lists")
     if inputs[0].data_type not in NUMPY_TYPES:
         raise PatcherError(f"{path}: image input is {inputs[0].data_type}, expected float32 or float16")
     return inputs[0], outputs
-
-
-def _task_outputs(info: ExportInfo) -> dict[str, str]:
-    """task -> logits output name."""
-    return {task: record.output for task, record in info.record.tasks.items()}
-
-
-@dataclass(frozen=True)
-class EntryContext:
-    """What every builder of one entry reads: the export, its checked tensors, labels and shared parameters."""
-
-    info: ExportInfo
-    entry: Entry
-    options: Options
-    files: dict[str, Path]
-    image: TensorSpec
-    outputs: list[TensorSpec]
-    record: str
-
-    @property
-    def task_outputs(self) -> dict[str, str]:
-        """task -> logits output name."""
-        return _task_outputs(self.info)
-
-    @property
-    def labels(self) -> dict[str, str]:
-        """logits output -> its labels file."""
-        return {output: f"{output}_labels.txt" for output in self.task_outputs.values()}
-
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        """export.json's preprocessing, with the numpy dtype the classifiers take."""
-        return {**to_json(self.info.record.preprocess), "dtype": NUMPY_TYPES[self.image.data_type].__name__}
-
-    @property
-    def pixels(self) -> TensorSpec:
-        """The raw-pixels input of the pixels models (same shape and type as the normalised image)."""
-        return TensorSpec(PIXELS_INPUT, self.image.data_type, self.image.shape)
-
-    def name(self, kind: str) -> str:
-        """The model name of the entry's single model of `kind`."""
-        return self.entry.model(kind)
-
-    def common(self) -> dict[str, Any]:
-        """Parameters every model carries: its entry and the run it came from."""
-        return {ENTRY_PARAMETER: self.entry.name, "run": self.info.record.run.name}
-
-    def described(self) -> dict[str, Any]:
-        """Parameters of the models clients discover tasks from."""
-        return {**self.common(), "tasks": self.task_outputs, "preprocess_model": self.name("preprocess")}
-
-    def output(self, task: str) -> TensorSpec:
-        """A task's logits output."""
-        wanted = self.task_outputs[task]
-        return next(spec for spec in self.outputs if spec.name == wanted)
-
-    def plan(self, model: Model, config: mc.ModelConfig, files: dict[str, Source] | None = None) -> ModelPlan:
-        """A model's plan: its config, the labels files its outputs name, the version record and `files`."""
-        label_text = {self.labels[output]: list(self.info.record.tasks[task].classnames)
-                      for task, output in self.task_outputs.items()}
-        used = {o.label_filename for o in config.output if o.label_filename}
-        return ModelPlan(model, config, {f: t for f, t in label_text.items() if f in used},
-                         {"patcher.json": self.record, **(files or {})})
-
-    def bytes_steps(self, outputs: dict[str, str]) -> list[Step]:
-        """Encoded images through the preprocessing model, then the patched classifier's `outputs`."""
-        image = self.image.name
-        return [Step(self.name("preprocess"), {IMAGE_BYTES: IMAGE_BYTES}, {image: image}),
-                Step(self.name("patched"), {image: image}, outputs)]
 
 
 IMAGE_BYTES_SPEC = TensorSpec(IMAGE_BYTES, "TYPE_STRING", (-1, 1))
@@ -177,8 +81,8 @@ def _classifier(context: EntryContext, model: Model, spec: TensorSpec, image_for
     parameters = context.described()
     if options.intra_op_threads:
         parameters["intra_op_threads"] = str(options.intra_op_threads)
-    config = classifier_config(model.name, spec, context.outputs, options.backend, options.batching,
-                               context.labels, parameters, options.tensorrt, image_format)
+    tensors = Tensors(image=spec, outputs=context.outputs, labels=context.labels, image_format=image_format)
+    config = classifier_config(model.name, tensors, options.backend, options.batching, parameters, options.tensorrt)
     # model.onnx serves platform onnxruntime_onnx and the python backend's model.py alike
     return context.plan(model, config, {"model.onnx": onnx_file,
                                         "model.py": (TEMPLATES / "onnx_model.py").read_text()})
@@ -200,8 +104,8 @@ def build_pixels(context: EntryContext, model: Model) -> ModelPlan:
 def build_ensemble(context: EntryContext, model: Model) -> ModelPlan:
     """Encoded images in, embedding and every task's labelled logits out."""
     steps = context.bytes_steps({o.name: o.name for o in context.outputs})
-    config = ensemble_config(model.name, IMAGE_BYTES_SPEC, steps, context.outputs,
-                             context.options.batching.max_batch_size, context.labels, context.described())
+    tensors = Tensors(image=IMAGE_BYTES_SPEC, outputs=context.outputs, labels=context.labels)
+    config = ensemble_config(model.name, tensors, steps, context.options.batching.max_batch_size, context.described())
     return context.plan(model, config)
 
 
@@ -210,8 +114,8 @@ def build_task_pixels(context: EntryContext, model: Model) -> ModelPlan:
     output = context.output(model.task or "")
     steps = [Step(context.name("pixels"), {PIXELS_INPUT: PIXELS_INPUT}, {output.name: output.name})]
     parameters = {**context.common(), "tasks": {model.task: output.name}}
-    config = ensemble_config(model.name, context.pixels, steps, [output], context.options.batching.max_batch_size,
-                             context.labels, parameters, IMAGE_FORMAT)
+    tensors = Tensors(image=context.pixels, outputs=[output], labels=context.labels, image_format=IMAGE_FORMAT)
+    config = ensemble_config(model.name, tensors, steps, context.options.batching.max_batch_size, parameters)
     return context.plan(model, config)
 
 
@@ -220,8 +124,9 @@ def build_task_bytes(context: EntryContext, model: Model) -> ModelPlan:
     output = context.output(model.task or "")
     parameters = {**context.common(), "tasks": {model.task: output.name},
                   "preprocess_model": context.name("preprocess")}
-    config = ensemble_config(model.name, IMAGE_BYTES_SPEC, context.bytes_steps({output.name: output.name}),
-                             [output], context.options.batching.max_batch_size, context.labels, parameters)
+    tensors = Tensors(image=IMAGE_BYTES_SPEC, outputs=[output], labels=context.labels)
+    config = ensemble_config(model.name, tensors, context.bytes_steps({output.name: output.name}),
+                             context.options.batching.max_batch_size, parameters)
     return context.plan(model, config)
 
 
@@ -294,7 +199,8 @@ def plan_entry(info: ExportInfo, entry: Entry, files: dict[str, Path], options: 
     for kind, path in files.items():
         if kind != "patched" and classifier_io(info, path) != (image, outputs):
             raise PatcherError(f"{path} and {files['patched']} have different inputs or outputs")
-    context = EntryContext(info, entry, options, files, image, outputs, record)
+    context = EntryContext(info=info, entry=entry, options=options, files=files, image=image, outputs=outputs,
+                           record=record)
     plans = [BUILDERS.get(model.kind, build_classifier)(context, model) for model in entry.models()]
     for plan in plans:
         describe(context, plan)

@@ -59,6 +59,17 @@ class TensorRT:
         return parameters
 
 
+@dataclass(frozen=True, kw_only=True)
+class Tensors:
+    """What a model takes and gives: the image input (`image_format` FORMAT_NCHW declares it an image, as Triton's
+    image-classification clients expect), the outputs, and the labels file of each labelled output."""
+
+    image: TensorSpec
+    outputs: Sequence[TensorSpec]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    image_format: str | None = None
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of an ensemble: the model, and its tensors mapped to the ensemble's (model name -> ensemble name)."""
@@ -92,28 +103,17 @@ def _add_input(config: mc.ModelConfig, spec: TensorSpec, image_format: str | Non
         tensor.format = mc.ModelInput.Format.Value(image_format)
 
 
-def _add_outputs(config: mc.ModelConfig, outputs: Sequence[TensorSpec], labels: Mapping[str, str]) -> None:
-    for spec in outputs:
+def _add_tensors(config: mc.ModelConfig, tensors: Tensors) -> None:
+    _add_input(config, tensors.image, tensors.image_format)
+    for spec in tensors.outputs:
         output = config.output.add(name=spec.name, data_type=mc.DataType.Value(spec.data_type), dims=_dims(spec))
-        if spec.name in labels:
-            output.label_filename = labels[spec.name]
+        if spec.name in tensors.labels:
+            output.label_filename = tensors.labels[spec.name]
 
 
-def classifier_config(
-    name: str,
-    image: TensorSpec,
-    outputs: Sequence[TensorSpec],
-    backend: str,
-    batching: Batching,
-    labels: Mapping[str, str],
-    parameters: Mapping[str, Any],
-    tensorrt: TensorRT | None = None,
-    image_format: str | None = None,
-) -> mc.ModelConfig:
-    """An ONNX classifier: platform onnxruntime_onnx (NVIDIA's container) or python backend running onnxruntime.
-
-    `image_format` (FORMAT_NCHW) declares the input an image, as Triton's image-classification clients expect.
-    """
+def classifier_config(name: str, tensors: Tensors, backend: str, batching: Batching, parameters: Mapping[str, Any],
+                      tensorrt: TensorRT | None = None) -> mc.ModelConfig:
+    """An ONNX classifier: platform onnxruntime_onnx (NVIDIA's container) or python backend running onnxruntime."""
     if backend not in BACKENDS:
         raise PatcherError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     config = mc.ModelConfig(name=name)
@@ -125,8 +125,7 @@ def classifier_config(
         config.backend = "python"
         kind = mc.ModelInstanceGroup.KIND_GPU if batching.gpu else mc.ModelInstanceGroup.KIND_CPU
     _batched(config, batching, kind)
-    _add_input(config, image, image_format)
-    _add_outputs(config, outputs, labels)
+    _add_tensors(config, tensors)
     if tensorrt is not None:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters.update(tensorrt.parameters())
@@ -146,20 +145,11 @@ def preprocess_config(
     return config
 
 
-def ensemble_config(
-    name: str,
-    image: TensorSpec,
-    steps: Sequence[Step],
-    outputs: Sequence[TensorSpec],
-    max_batch_size: int,
-    labels: Mapping[str, str],
-    parameters: Mapping[str, Any],
-    image_format: str | None = None,
-) -> mc.ModelConfig:
-    """An ensemble: `image` in, `steps` in order, `outputs` (labelled where `labels` names a file) out."""
+def ensemble_config(name: str, tensors: Tensors, steps: Sequence[Step], max_batch_size: int,
+                    parameters: Mapping[str, Any]) -> mc.ModelConfig:
+    """An ensemble: the image in, `steps` in order, the outputs (labelled where `tensors.labels` names a file) out."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
-    _add_input(config, image, image_format)
-    _add_outputs(config, outputs, labels)
+    _add_tensors(config, tensors)
     for step in steps:
         config.ensemble_scheduling.step.add(model_name=step.model, model_version=-1, input_map=dict(step.inputs),
                                             output_map=dict(step.outputs))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -22,13 +22,18 @@ import patcher.export.tokenizer as tokenizer
 from patcher.base.errors import PatcherError
 from patcher.base.records import to_json
 from patcher.export.contract import EMBEDDING_OUTPUT, TEXT_OUTPUT, TextExport
-from patcher.triton.repository.configs import IMAGE_BYTES, Step, classifier_config, ensemble_config
+from patcher.triton.repository.configs import IMAGE_BYTES, Step, Tensors, classifier_config, ensemble_config
 from patcher.triton.repository.entry import Model
+from patcher.triton.repository.entry_context import (
+    IMAGE_FORMAT,
+    IMAGING,
+    IMAGING_FILE,
+    TEMPLATES,
+    EntryContext,
+    ModelPlan,
+)
 from patcher.triton.repository.export_info import TensorSpec
 from patcher.triton.repository.pixels import PIXELS_INPUT
-
-if TYPE_CHECKING:
-    from patcher.triton.repository.builders import EntryContext, ModelPlan
 
 TEXT_INPUT = "text"  # the served text model's input: prompts, not token ids
 LABELS, TEMPLATE_INPUT, SCORES = "labels", "templates", "scores"
@@ -75,8 +80,6 @@ def _source(module: Any) -> str:
 
 def build_text(context: EntryContext, model: Model) -> ModelPlan:
     """Prompts in, the patched model's text embeddings out: tokenised in the model with open_clip's tokenizer."""
-    from patcher.triton.repository.builders import TEMPLATES  # builders imports this module
-
     text = _text(context)
     limits = context.options.open_vocab
     width = int(text.output.shape[1])
@@ -85,8 +88,9 @@ def build_text(context: EntryContext, model: Model) -> ModelPlan:
                   **_threads(context)}
     # its model.py runs onnxruntime on the CPU: the instance group says so even where the classifiers use a GPU
     batching = dataclasses.replace(context.options.batching, gpu=False)
-    config = classifier_config(model.name, TensorSpec(TEXT_INPUT, "TYPE_STRING", (-1, 1)),
-                               [TensorSpec(TEXT_OUTPUT, "TYPE_FP32", (-1, width))], "python", batching, {}, parameters)
+    tensors = Tensors(image=TensorSpec(TEXT_INPUT, "TYPE_STRING", (-1, 1)),
+                      outputs=[TensorSpec(TEXT_OUTPUT, "TYPE_FP32", (-1, width))])
+    config = classifier_config(model.name, tensors, "python", batching, parameters)
     vocabulary = context.info.vocabulary_file()
     return context.plan(model, config, {"model.onnx": context.info.text_file("patched"),
                                         "model.py": (TEMPLATES / "text_model.py").read_text(),
@@ -95,12 +99,10 @@ def build_text(context: EntryContext, model: Model) -> ModelPlan:
 
 def build_embed(context: EntryContext, model: Model) -> ModelPlan:
     """The patched image embedding in NVIDIA's image conventions: one FORMAT_NCHW pixels input, one FP32 output."""
-    from patcher.triton.repository.builders import IMAGE_FORMAT
-
     embedding = next(spec for spec in context.outputs if spec.name == EMBEDDING_OUTPUT)
     steps = [Step(context.name("pixels"), {PIXELS_INPUT: PIXELS_INPUT}, {embedding.name: embedding.name})]
-    config = ensemble_config(model.name, context.pixels, steps, [embedding], context.options.batching.max_batch_size,
-                             {}, context.common(), IMAGE_FORMAT)
+    tensors = Tensors(image=context.pixels, outputs=[embedding], image_format=IMAGE_FORMAT)
+    config = ensemble_config(model.name, tensors, steps, context.options.batching.max_batch_size, context.common())
     return context.plan(model, config)
 
 
@@ -122,8 +124,6 @@ def classify_config(name: str, instances: int, parameters: dict[str, Any]) -> mc
 
 def build_classify(context: EntryContext, model: Model) -> ModelPlan:
     """Images and a label set in, a score per label out; heads from the text model, cached."""
-    from patcher.triton.repository.builders import IMAGING, IMAGING_FILE, TEMPLATES
-
     text = _text(context)
     limits = context.options.open_vocab
     parameters = {**context.common(), "preprocess": context.preprocess, "limits": context.options.limits,

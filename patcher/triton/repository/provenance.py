@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from patcher.base.files import sha256_file
-from patcher.triton.repository.builders import ModelPlan
+from patcher.triton.repository.entry_context import ModelPlan
 from patcher.triton.repository.export_info import ExportInfo
 
 RUN_MANIFEST = "run_manifest_sha256"

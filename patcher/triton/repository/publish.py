@@ -48,7 +48,7 @@ VERSION_DIR, MODEL_DIR = "version", "model"
 PUBLISH_WAIT_S = 300.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Journal:
     """The repository's last transaction: its serial number, state and what it published."""
 
@@ -86,9 +86,10 @@ def read_journal(repo: Path) -> Journal:
 
 def journal_from(data: dict[str, Any]) -> Journal:
     """A journal from its record (an empty committed one from an empty record)."""
-    return Journal(int(data.get("serial", 0)), str(data.get("state", "committed")), data.get("entry"),
-                   data.get("version"), dict(data.get("models") or {}), data.get("staging"),
-                   {str(k): str(v) for k, v in dict(data.get("hashes") or {}).items()})
+    hashes = {str(k): str(v) for k, v in dict(data.get("hashes") or {}).items()}
+    return Journal(serial=int(data.get("serial", 0)), state=str(data.get("state", "committed")),
+                   entry=data.get("entry"), version=data.get("version"), models=dict(data.get("models") or {}),
+                   staging=data.get("staging"), hashes=hashes)
 
 
 def staged_hashes(staged: list[Staged]) -> dict[str, str]:
@@ -232,7 +233,8 @@ def publish(repo: Path, staging: Path, staged: list[Staged], entry: str, version
             return previous
         models = {s.model: s.version for s in staged}
         hashes = {**previous.hashes, **staged_hashes(staged)}
-        journal = Journal(previous.serial + 1, "publishing", entry, version, models, staging.name, hashes)
+        journal = Journal(serial=previous.serial + 1, state="publishing", entry=entry, version=version, models=models,
+                          staging=staging.name, hashes=hashes)
         committed = dataclasses.replace(journal, state="committed")
         fsync_tree(staging)  # every staged file on the device before the first rename publishes it
         write_json(repo / NEXT_JOURNAL, committed.record())  # written now: committing needs no free space

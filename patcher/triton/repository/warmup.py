@@ -26,8 +26,8 @@ from patcher.base.records import to_json
 from patcher.export.contract import INPUT_NAME
 from patcher.export.openvocab import LabelSetError, check_label_set
 from patcher.triton.imaging import decode_image, preprocess_image
-from patcher.triton.repository.builders import ModelPlan
 from patcher.triton.repository.configs import IMAGE_BYTES, NUMPY_TYPES, parameter
+from patcher.triton.repository.entry_context import ModelPlan
 from patcher.triton.repository.export_info import ExportInfo
 from patcher.triton.repository.openvocab_models import LABELS, TEMPLATE_INPUT, TEXT_INPUT
 from patcher.triton.repository.pixels import PIXELS_INPUT

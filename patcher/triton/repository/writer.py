@@ -1,6 +1,7 @@
 """Write an export into a Triton model repository as one entry: every model gets a new version, all or none.
 
     write_repository(run / "onnx", repo)          # entry <patch task>; its models: repository/entry.py
+    write_repository(run / "onnx", repo, RepositoryOptions(name="signs", max_batch_size=8))
 
 The update is staged in full, then published under the repository's journal (patcher.triton.repository.publish): a
 killed or failing `patcher triton` leaves the repository as it was or, if it was killed while publishing, in
@@ -9,14 +10,11 @@ a state the next run completes; `patcher serve` loads only committed updates.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -25,28 +23,19 @@ from patcher.base.errors import PatcherError
 from patcher.base.faults import naming
 from patcher.base.files import now_iso, sha256_file
 from patcher.base.records import to_json
-from patcher.triton.imaging import check_limits
-from patcher.triton.repository.builders import BUILDERS, TEMPLATES, ModelPlan, Options, plan_entry
-from patcher.triton.repository.configs import (
-    CONFIG_FILE,
-    ENTRY_PARAMETER,
-    Batching,
-    TensorRT,
-    config_text,
-    parameter,
-)
+from patcher.triton.repository.builders import TEMPLATES, ModelPlan, Options, plan_entry
+from patcher.triton.repository.configs import CONFIG_FILE, ENTRY_PARAMETER, config_text, parameter
 from patcher.triton.repository.entry import Entry, check_entry_name, check_repository_path
 from patcher.triton.repository.export_info import ExportInfo, load_export
-from patcher.triton.repository.openvocab_models import checked_limits
 from patcher.triton.repository.provenance import stamp
 from patcher.triton.repository.publish import DEFAULT_REPOSITORY, Staged, stage_model
+from patcher.triton.repository.request import RepositoryOptions, WrittenEntry, WrittenModel
 from patcher.triton.repository.stores import Store, model_versions, open_store
 from patcher.triton.repository.warmup import warm
 
-__all__ = ["DEFAULT_REPOSITORY", "TEMPLATES", "model_versions", "write_repository"]
+__all__ = ["DEFAULT_REPOSITORY", "TEMPLATES", "RepositoryOptions", "WrittenEntry", "model_versions",
+           "write_repository"]
 VERSION_RECORD = "patcher.json"
-PRECISIONS = ("fp32", "fp16", "int8")
-EXTRA_KIND = re.compile(r"[a-z0-9][a-z0-9_]*")
 CLASSIFIERS = ("patched", "zeroshot")
 
 
@@ -135,36 +124,6 @@ def _copy(source: Path, target: Path) -> None:
         raise
 
 
-def _options(backend: str, batching: Batching, tensorrt: TensorRT | None, precision: str,
-             limits: dict[str, Any] | None, intra_op_threads: int, extra_classifiers: dict[str, Path] | None,
-             open_vocab: dict[str, Any] | None = None) -> Options:
-    """The writer's options, checked; PatcherError naming the first bad one."""
-    if precision not in PRECISIONS:
-        raise PatcherError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if tensorrt is not None and backend != "onnxruntime":
-        raise PatcherError("TensorRT needs --backend onnxruntime (NVIDIA's container on a GPU host)")
-    if tensorrt is not None and tensorrt.workspace_bytes is not None and tensorrt.workspace_bytes < 1:
-        raise PatcherError(f"the TensorRT workspace must be at least 1 byte, not {tensorrt.workspace_bytes}")
-    if batching.max_batch_size < 1 or batching.instances < 1 or batching.max_queue_delay_us < 0:
-        raise PatcherError("max_batch_size and instances must be at least 1, max_queue_delay_us at least 0")
-    if intra_op_threads < 0:
-        raise PatcherError(f"intra_op_threads must be 0 (onnxruntime's default) or more, not {intra_op_threads}")
-    preferred = sorted(set(batching.preferred_batch_sizes))
-    if any(size < 1 or size > batching.max_batch_size for size in preferred):
-        raise PatcherError(f"preferred batch sizes {preferred} must lie in 1..{batching.max_batch_size} "
-                           "(max_batch_size)")
-    extra = {kind: Path(path) for kind, path in (extra_classifiers or {}).items()}
-    taken = [kind for kind in extra if kind in BUILDERS or not EXTRA_KIND.fullmatch(kind)]
-    if taken:
-        raise PatcherError(f"extra classifier kinds {taken} clash with the entry's own kinds or are not a-z, 0-9, _")
-    try:
-        checked = check_limits(dict(limits or {}))
-    except (ValueError, TypeError) as error:
-        raise PatcherError(f"bad preprocessing limit: {error}") from None
-    return Options(backend, dataclasses.replace(batching, preferred_batch_sizes=preferred), tensorrt,
-                   precision, checked, intra_op_threads, extra, checked_limits(open_vocab))
-
-
 def _version_identity(info: ExportInfo, options: Options) -> tuple[str, str]:
     """What a version serves: the export's content (and any extra classifier's bytes) at a precision."""
     if not options.extra_classifiers:
@@ -174,52 +133,35 @@ def _version_identity(info: ExportInfo, options: Options) -> tuple[str, str]:
     return hashlib.sha256(text.encode()).hexdigest(), options.precision
 
 
-def write_repository(
-    export_dir: Path,
-    repo: Path | str | Store,
-    name: str | None = None,
-    backend: str = "python",
-    max_batch_size: int = 64,
-    instances: int = 1,
-    preferred_batch_sizes: list[int] | None = None,
-    max_queue_delay_us: int = 0,
-    tensorrt_fp16: bool = False,
-    precision: str = "fp32",
-    limits: dict[str, Any] | None = None,
-    intra_op_threads: int = 0,
-    extra_classifiers: dict[str, Path] | None = None,
-    tensorrt: TensorRT | None = None,
-    warmup: bool = True,
-    open_vocab: dict[str, Any] | None = None,
-    gpu: bool = False,
-) -> dict[str, Any]:
-    """Add an export to a model repository as a new version of every model of entry `name` (default: the patch task).
+def write_repository(export_dir: Path, repo: Path | str | Store,
+                     options: RepositoryOptions | None = None) -> WrittenEntry:
+    """Add an export to a model repository as a new version of every model of one entry (`options.name`, default
+    the patch task); `repo` is a folder or an s3:// location (stores.py).
 
-    An export already in the repository gets no new version (configs and labels are refreshed). `limits` bounds
-    the images the preprocessing model accepts (max_bytes, max_pixels, max_aspect, jpeg_draft); `intra_op_threads`
-    the onnxruntime threads of each classifier; `extra_classifiers` (kind -> ONNX file with the patched model's
-    tensors) are served beside the entry as `<name>_<kind>`; `tensorrt` (or `tensorrt_fp16`) configures onnxruntime's
-    TensorRT provider; `warmup` warms each new version on the export's sample image; `open_vocab` bounds the label
-    sets of the open-vocabulary models an export with a text tower gets (max_labels, max_templates, label_cache,
-    truncate_prompts); `gpu` puts the classifiers' instances on the GPU (KIND_GPU). `repo` is a folder or an s3://
-    location (stores.py). Returns what was written.
+    An export already in the repository gets no new version (configs and labels are refreshed).
     """
+    options = options or RepositoryOptions()
     check_repository_path(Path(repo))
-    batching = Batching(max_batch_size, instances, tuple(preferred_batch_sizes or ()), max_queue_delay_us, gpu)
-    if tensorrt_fp16 and tensorrt is None:
-        tensorrt = TensorRT(fp16=True)
-    options = _options(backend, batching, tensorrt, precision, limits, intra_op_threads, extra_classifiers,
-                       open_vocab)
+    checked = options.checked()
     info = load_export(export_dir)
-    entry = Entry(_entry_name(info, name), tuple(info.record.tasks), tuple(options.extra_classifiers),
+    entry = Entry(_entry_name(info, options.name), tuple(info.record.tasks), tuple(checked.extra_classifiers),
                   info.record.text is not None)
-    models = entry.models()
-    files = {**{kind: info.model_file(kind, precision) for kind in CLASSIFIERS}, **options.extra_classifiers}
-    key = _version_identity(info, options)
-    plans = plan_entry(info, entry, files, options, _record(info, key))
+    files = {**{kind: info.model_file(kind, checked.precision) for kind in CLASSIFIERS}, **checked.extra_classifiers}
+    key = _version_identity(info, checked)
+    plans = plan_entry(info, entry, files, checked, _record(info, key))
     stamp(plans, info, files)
-    note = warm(plans, info, max_batch_size, gpu=tensorrt is not None or gpu, limits=options.limits) if warmup else None
-    store = open_store(repo)
+    note = None
+    if options.warmup:
+        note = warm(plans, info, checked.batching.max_batch_size,
+                    gpu=checked.tensorrt is not None or checked.batching.gpu, limits=checked.limits)
+    return _publish(open_store(repo), entry, plans, key, checked.backend, note)
+
+
+def _publish(store: Store, entry: Entry, plans: list[ModelPlan], key: tuple[str, str], backend: str,
+             note: str | None) -> WrittenEntry:
+    """Stage every model and publish them under the journal: a new version, or the one already holding `key`
+    (`note`: the warmup's, added to the message)."""
+    models = entry.models()
     with store.writing():
         recovered = store.recover()
         _check_owners(store, entry)
@@ -232,22 +174,14 @@ def write_repository(
             version = 1 + max([0, *(v for m in models for v in store.versions(m.name))])
             new = True
             message = f"wrote version {version} of {entry.name} ({len(models)} models)"
+        message = message if note is None else f"{message}; {note}"
         with store.staging() as staging:
             staged = [stage_model(staging, plan.model.name, version if new else None) for plan in plans]
             for plan, item in zip(plans, staged, strict=True):
                 _stage(plan, item)
             journal = store.publish(staging, staged, entry.name, version if new else None)
-    return {
-        "repository": store.location,
-        "name": entry.name,
-        "backend": backend,
-        "precision": precision,
-        "version": version,
-        "new_version": new,
-        "message": message if note is None else f"{message}; {note}",
-        "recovered": recovered,
-        "serial": journal.serial,
-        "content_sha256": key[0],
-        "models": {m.name: {"kind": m.kind, "task": m.task, "version": version,
-                            "versions": store.versions(m.name)} for m in models},
-    }
+    return WrittenEntry(
+        repository=store.location, name=entry.name, backend=backend, precision=key[1], version=version, new_version=new,
+        message=message, recovered=recovered, serial=journal.serial, content_sha256=key[0],
+        models={m.name: WrittenModel(kind=m.kind, task=m.task, version=version, versions=store.versions(m.name))
+                for m in models})

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -39,7 +40,7 @@ from patcher.triton.serving.access import (
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, ByteBudget, GrpcFront, message_limit
 from patcher.triton.serving.http_front import HttpFront
 from patcher.triton.serving.ports import free_port, port_in_use
-from patcher.triton.serving.server import ServerDied, TritonServer, exit_reason
+from patcher.triton.serving.server import ServerDied, ServerPorts, ServerSettings, TritonServer, exit_reason
 from patcher.triton.serving.supervisor import Supervisor
 from patcher.triton.serving.watchdog import Watchdog
 
@@ -147,58 +148,54 @@ def _start(server: TritonServer, echo: Echo) -> None:
             time.sleep(backoff_s(attempt + 1))
 
 
-def serve_forever(
-    repo: Path | str,
-    models: list[str] | None = None,
-    host: str = "127.0.0.1",
-    http_port: int = 8000,
-    grpc_port: int = 8001,
-    metrics_port: int = 8002,
-    log_path: Path | None = None,
-    startup_timeout_s: float = 120,
-    echo: Echo = functools.partial(print, flush=True),
-    key_file: Path | None = None,
-    tick_s: float = TICK_S,
-) -> None:
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions:
+    """What `patcher serve` serves and where: the models (None: all, and new ones as they are published), the public
+    address and ports, tritonserver's log, its start-up timeout, the key file (default: under the cache), and how
+    often the loop looks at the server."""
+
+    models: list[str] | None = None
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_path: Path | None = None
+    startup_timeout_s: float = 120
+    key_file: Path | None = None
+    tick_s: float = TICK_S
+
+
+def serve_forever(repo: Path | str, options: ServeOptions | None = None,
+                  echo: Echo = functools.partial(print, flush=True)) -> None:
     """Start a server, write its key file, print its endpoints; roll out, heal and restart until SIGINT/SIGTERM."""
+    options = options or ServeOptions()
     if not is_object_store(repo):
         check_repository_path(Path(repo))
     signals = _Signals()
-    grpc_url, http_url = f"{host}:{grpc_port}", f"http://{host}:{http_port}"
+    host = options.host
+    grpc_url, http_url = f"{host}:{options.grpc_port}", f"http://{host}:{options.http_port}"
     fronts: list[GrpcFront | HttpFront] = []
     key = new_key()
-    server = TritonServer(repo, models, host, free_port(PRIVATE), free_port(PRIVATE), metrics_port, log_path,
-                          startup_timeout_s, key=key, private_host=PRIVATE)
-    key_path = key_file or default_key_file(grpc_url)
+    ports = ServerPorts(host=host, private_host=PRIVATE, http=free_port(PRIVATE), grpc=free_port(PRIVATE),
+                        metrics=options.metrics_port)
+    settings = ServerSettings(log_path=options.log_path, startup_timeout_s=options.startup_timeout_s)
+    server = TritonServer(repo, models=options.models, ports=ports, settings=settings, key=key)
+    key_path = options.key_file or default_key_file(grpc_url)
     watchdog: Watchdog | None = None
     try:
-        _check_ports(host, {"http": http_port, "gRPC": grpc_port, "metrics": metrics_port})
+        _check_ports(host, {"http": options.http_port, "gRPC": options.grpc_port, "metrics": options.metrics_port})
         owner = live_owner(key_path)
         if owner is not None:
             raise PatcherError(f"{key_path} is the key file of the running server {owner}: choose another --key-file")
-        limit, budget = message_limit(server.repo, models), ByteBudget(MAX_INFLIGHT_BYTES)  # one budget, both fronts
-        grpc_front = GrpcFront(host, grpc_port, server.grpc_url, limit, budget).start()
-        fronts.append(grpc_front)
-        fronts.append(HttpFront(host, http_port, (PRIVATE, int(server.ports["http"] or 0)), limit, budget).start())
+        grpc_front = _open_fronts(server, options, fronts)
         _start(server, echo)
         endpoints = {"grpc": grpc_url, "http": http_url, "repository": str(server.repo)}
         key = write_key_file(key, key_path, endpoints)  # only now: the ports are this server's
         _announce(server, endpoints, key.path, host, echo)
-        supervisor = Supervisor(server, serve_all=models is None, echo=echo)
+        supervisor = Supervisor(server, serve_all=options.models is None, echo=echo)
         watchdog = Watchdog(PRIVATE, int(server.ports["http"] or 0)).watch(
             lambda: server.pgid if server.running() else None)
-        history: list[float] = []
-        signals.serving = True
-        while not signals.stop.wait(tick_s):
-            if not server.running():
-                signals.serving = False  # a signal during the restart cuts it short
-                _restart(server, supervisor, history, watchdog.take_reason(), signals.stop)
-                watchdog.resume()
-                signals.serving = True
-                continue
-            supervisor.tick()
-            server.trim_log()
-            grpc_front.trim()
+        _serve(server, supervisor, watchdog, signals, grpc_front, options.tick_s)
     except Stopped as stopped:
         echo(f"{stopped} during start-up: stopping")
     finally:
@@ -211,3 +208,32 @@ def serve_forever(
         remove_key_file(key)
         signals.restore()
     echo(f"tritonserver stopped in {server.timings.get('stop_s', 0):.1f} s")
+
+
+def _open_fronts(server: TritonServer, options: ServeOptions, fronts: list[GrpcFront | HttpFront]) -> GrpcFront:
+    """The public gRPC and HTTP fronts, started and added to `fronts` one by one (so a failure stops those up);
+    the gRPC front."""
+    limit, budget = message_limit(server.repo, options.models), ByteBudget(MAX_INFLIGHT_BYTES)  # one budget, both
+    grpc_front = GrpcFront(options.host, options.grpc_port, server.grpc_url, limit, budget).start()
+    fronts.append(grpc_front)
+    http_private = (PRIVATE, int(server.ports["http"] or 0))
+    fronts.append(HttpFront(options.host, options.http_port, http_private, limit, budget).start())
+    return grpc_front
+
+
+def _serve(server: TritonServer, supervisor: Supervisor, watchdog: Watchdog, signals: _Signals,
+           grpc_front: GrpcFront, tick_s: float) -> None:
+    """Every tick until SIGINT or SIGTERM: a dead, stopped or hung tritonserver replaced, updates rolled out, the log
+    and the memory large requests left free given back."""
+    history: list[float] = []
+    signals.serving = True
+    while not signals.stop.wait(tick_s):
+        if not server.running():
+            signals.serving = False  # a signal during the restart cuts it short
+            _restart(server, supervisor, history, watchdog.take_reason(), signals.stop)
+            watchdog.resume()
+            signals.serving = True
+            continue
+        supervisor.tick()
+        server.trim_log()
+        grpc_front.trim()

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-# tritonserver is started (fork, then exec) while the front's threads run: gRPC's fork handlers have nothing to do
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 import grpc
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -168,11 +165,11 @@ class GrpcFront:
     """A gRPC pass-through on `host:port` to tritonserver's gRPC at `upstream` (host:port)."""
 
     def __init__(self, host: str, port: int, upstream: str, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 budget: ByteBudget | None = None, workers: int = WORKERS, wait_s: float = WAIT_S) -> None:
+                 budget: ByteBudget | None = None) -> None:
         self.address, self.upstream = f"{host}:{port}", upstream
         self.max_message_bytes = max_message_bytes
         self.budget = budget or ByteBudget(MAX_INFLIGHT_BYTES)  # may be shared with the HTTP front
-        self.workers, self.wait_s = workers, wait_s
+        self.workers, self.wait_s = WORKERS, WAIT_S
         self._server: grpc.Server | None = None
         self._channel: grpc.Channel | None = None
         self.forwarder: _Forwarder | None = None

@@ -216,14 +216,13 @@ class HttpFront:
     """An HTTP/1.1 pass-through on `host:port` to tritonserver's HTTP port at `upstream` (host, port)."""
 
     def __init__(self, host: str, port: int, upstream: tuple[str, int], max_body_bytes: int = MAX_MESSAGE_BYTES,
-                 budget: ByteBudget | None = None, wait_s: float = WAIT_S,
-                 max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT) -> None:
+                 budget: ByteBudget | None = None) -> None:
         self.address, self.upstream = (host, port), upstream
-        self.max_body_bytes, self.wait_s, self.max_connections = max_body_bytes, wait_s, max_connections
+        self.max_body_bytes, self.wait_s, self.max_connections = max_body_bytes, WAIT_S, MAX_CONNECTIONS
         self.budget = budget or ByteBudget(MAX_INFLIGHT_BYTES)
         self.forwarded = self.refused = 0
         self._listener: socket.socket | None = None
-        self.connections = ConnectionTable(max_connections, max_per_client)
+        self.connections = ConnectionTable(MAX_CONNECTIONS, MAX_PER_CLIENT)
         self._stopping = threading.Event()
 
     def start(self) -> HttpFront:

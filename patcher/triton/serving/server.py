@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -65,36 +66,48 @@ def repository_models(repo: Path | str | Store) -> list[str]:
     return open_store(repo).models()
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServerPorts:
+    """Where tritonserver listens: `host` (metrics, and gRPC and HTTP unless `private_host` keeps those elsewhere, as
+    127.0.0.1 behind `patcher serve`'s fronts) and its three ports (None: a free one)."""
+
+    host: str = "127.0.0.1"
+    private_host: str | None = None
+    http: int | None = None
+    grpc: int | None = None
+    metrics: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """How tritonserver runs: its log file (default: one in its scratch folder, kept after a failure), the start-up
+    and stop timeouts, the python backend's default shared-memory size, and its log verbosity."""
+
+    log_path: Path | None = None
+    startup_timeout_s: float = 60
+    stop_timeout_s: float = 15
+    shm_default_bytes: int = DEFAULT_SHM_BYTES
+    log_verbose: int = 0
+
+
 class TritonServer:
     """A tritonserver process on a model repository: explicit model control, restricted control plane."""
 
-    def __init__(
-        self,
-        repo: Path | str,
-        models: list[str] | None = None,
-        host: str = "127.0.0.1",
-        http_port: int | None = None,
-        grpc_port: int | None = None,
-        metrics_port: int | None = None,
-        log_path: Path | None = None,
-        startup_timeout_s: float = 60,
-        stop_timeout_s: float = 15,
-        shm_default_bytes: int = DEFAULT_SHM_BYTES,
-        log_verbose: int = 0,
-        key: ServerKey | None = None,
-        private_host: str | None = None,
-    ) -> None:
+    def __init__(self, repo: Path | str, models: list[str] | None = None, ports: ServerPorts | None = None,
+                 settings: ServerSettings | None = None, key: ServerKey | None = None) -> None:
+        ports, settings = ports or ServerPorts(), settings or ServerSettings()
         self.store = open_store(repo)
         self.repo: Path | str = self.store.location if is_object_store(repo) else Path(repo).resolve()
         self.models = models
-        self.host = host
-        self.private_host = private_host or host  # gRPC and HTTP: 127.0.0.1 behind `patcher serve`'s fronts
-        self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        self.host = ports.host
+        self.private_host = ports.private_host or ports.host
+        self.ports = {"http": ports.http, "grpc": ports.grpc, "metrics": ports.metrics}
+        log_path = settings.log_path
         self.log_path = Path(log_path) if log_path else None
-        self.startup_timeout_s = startup_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.shm_default_bytes = shm_default_bytes
-        self.log_verbose = log_verbose
+        self.startup_timeout_s = settings.startup_timeout_s
+        self.stop_timeout_s = settings.stop_timeout_s
+        self.shm_default_bytes = settings.shm_default_bytes
+        self.log_verbose = settings.log_verbose
         self.key = key or new_key()
         self.shm_prefix = f"patcher_triton_{uuid.uuid4().hex[:12]}_"
         self.process: subprocess.Popen[bytes] | None = None

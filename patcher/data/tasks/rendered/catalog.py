@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from patcher.data.tasks import templates as prompts
+import patcher.data.tasks.templates as prompts
 from patcher.data.tasks.classnames import FASHION_MNIST
 from patcher.data.tasks.rendered.canvas import RenderedSet
 from patcher.data.tasks.rendered.glyphs import (
