@@ -158,4 +158,6 @@ def test_supported_moments_read_images_only_and_weigh_each_task_the_same():
     both = supported_moments(session, ["a", "b"], 0)  # type: ignore[arg-type]
     alone = [encoder_moments(encoder, dict(encoder.state_dict()), [images]) for images in (first, second)]
     for key, moment in both.items():
-        assert torch.allclose(moment, alone[0][key] + alone[1][key], atol=1e-8), key
+        # the encoder runs in float32, in batches of 4 here and whole there: threaded kernels round each batch size
+        # differently (4e-8 on entries of about 1 seen with 2 threads), so equal up to float32's rounding
+        assert torch.allclose(moment, alone[0][key] + alone[1][key], rtol=1e-6, atol=1e-6), key
