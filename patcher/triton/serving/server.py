@@ -41,6 +41,7 @@ from patcher.triton.serving.processes import die_with_parent, group_pids
 SHM_DIR = Path("/dev/shm")
 DEFAULT_SHM_BYTES = 4 << 20
 SHM_GROWTH_BYTES = 1 << 20
+UNLOAD_STALL_S = 2.0  # a stop stops waiting for unloads when no model has gone for this long (SIGTERM does the rest)
 WORKDIR_PREFIX = "patcher-triton-"
 STARTUP_STOP_S = 2.0
 # gRPC request states kept for reuse keep the capacity of the largest request they held (64 MB of images, each):
@@ -286,8 +287,14 @@ class TritonServer:
             return  # the SIGTERM that follows unloads what is left
         finally:
             client.close()
-        while time.monotonic() < deadline and any(
-                state.get("state") in ("READY", "UNLOADING") for state in self._live_states().values()):
+        # a model whose stub has died can take the exit's whole timeout to unload: wait only while models still go
+        left, progress = len(live), time.monotonic()
+        while (now := time.monotonic()) < deadline and now - progress < UNLOAD_STALL_S:
+            going = sum(state.get("state") in ("READY", "UNLOADING") for state in self._live_states().values())
+            if going == 0:
+                return
+            if going < left:
+                left, progress = going, now
             time.sleep(0.05)
 
     def _terminate(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
