@@ -42,8 +42,9 @@ def trim(path: Path, max_bytes: int = LOG_MAX_BYTES) -> bool:
         if size <= max_bytes:
             return False
         with open(path, "rb") as handle:
-            handle.seek(max(0, size - LOG_KEEP_BYTES))
-            tail = handle.read()
+            end = handle.seek(0, os.SEEK_END)  # the writer appends on: read a bounded tail from the end as it is now
+            handle.seek(max(0, end - LOG_KEEP_BYTES))
+            tail = handle.read(LOG_KEEP_BYTES)
         note = f"[... earlier lines cut: the log is kept below {max_bytes} bytes]\n".encode()
         path.with_name(path.name + ".1").write_bytes(note + tail)
         os.truncate(path, 0)
