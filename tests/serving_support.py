@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from faults_support import run_patcher
 from PIL import Image
 
 from patcher.triton.serving.access import ServerKey, read_key_file
@@ -269,8 +270,7 @@ def variant(export: Path, folder: Path, swap: bool = False, labels: str | None =
 
 def patcher_triton(export: Path, repo: Path, *options: str) -> str:
     """Run the real `patcher triton EXPORT --repo REPO OPTIONS`; its output (AssertionError if it fails)."""
-    done = subprocess.run([sys.executable, "-m", "patcher", "triton", str(export), "--repo", str(repo), *options],
-                          capture_output=True, text=True, timeout=300, env=environment())
+    done = run_patcher("triton", str(export), "--repo", str(repo), *options, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from faults_support import run_patcher
 from triton_support import requires_bundled_triton
 
 from patcher.base.errors import PatcherError
@@ -198,8 +199,6 @@ def test_bench_fails_with_one_error_line_when_requests_fail(server, tmp_path: Pa
     """A python backend killed (SIGSEGV) on a server nobody heals: every request to that model fails."""
     import os
     import signal
-    import subprocess
-    import sys
 
     from patcher.triton.serving.processes import stub_processes
 
@@ -207,8 +206,7 @@ def test_bench_fails_with_one_error_line_when_requests_fail(server, tmp_path: Pa
     os.kill(stub.pid, signal.SIGSEGV)
     arguments = ["--url", server.grpc_url, "--models", "digits_patched,digits_zeroshot", "--concurrency", "1",
                  "--batch-sizes", "1", "--duration", "0.3", "--max-requests", "20", "--out", str(tmp_path / "out")]
-    done = subprocess.run([sys.executable, "-m", "patcher", "bench", *arguments], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    done = run_patcher("bench", *arguments, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "requests failed" in errors[0] and "digits_zeroshot" in errors[0] and "not healthy" in errors[0]

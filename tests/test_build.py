@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from faults_support import run_patcher
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -116,10 +115,7 @@ BASE = ["build", "--model", "patcher-tiny", "--pretrained", "none", "--steps", "
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, arguments: list[str], message: str):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "patcher", *BASE, *arguments, "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = run_patcher(*BASE, *arguments, "--out", str(out), timeout=120)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr

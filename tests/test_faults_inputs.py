@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults_support import BUILD, hidden, run_cli, the_error_line
+from faults_support import BUILD, hidden, run_patcher, the_error_line
 from typer.testing import CliRunner
 
 from patcher.cli import app
@@ -31,7 +31,7 @@ def test_a_malicious_pickle_is_refused_in_one_line_and_never_runs(tmp_path: Path
     checkpoint = tmp_path / "evil.pt"
     torch.save({"state_dict": Payload(marker)}, checkpoint)
     runs = tmp_path / "runs"
-    result = run_cli(*[a if a != "none" else str(checkpoint) for a in BUILD], "--out", str(runs / "r"))
+    result = run_patcher(*[a if a != "none" else str(checkpoint) for a in BUILD], "--out", str(runs / "r"))
     assert result.returncode == 2, result.stderr
     line = the_error_line(result.stderr)
     assert str(checkpoint) in line and "pickled Python objects" in line and "safetensors" in line, line

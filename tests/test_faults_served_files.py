@@ -9,13 +9,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from faults_support import the_error_line
+from faults_support import run_patcher, the_error_line
 from s3_support import BUCKET, client, s3_server
-from serving_support import Served, environment, patcher_triton
+from serving_support import Served, patcher_triton
 from triton_support import requires_bundled_triton
 
 from patcher.base.errors import PatcherError
@@ -30,16 +29,13 @@ TAMPERED = "digits_classify/1/model.onnx"
 def _serve(repo: str | Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """`patcher serve` that is expected to refuse to start."""
     http, grpc, metrics = distinct_free_ports(3)
-    return subprocess.run([sys.executable, "-m", "patcher", "serve", "--repo", str(repo), "--key-file",
-                           str(tmp_path / "refused.key.json"), "--http-port", str(http), "--grpc-port", str(grpc),
-                           "--metrics-port", str(metrics)], capture_output=True, text=True, timeout=300,
-                          env=environment())
+    return run_patcher("serve", "--repo", str(repo), "--key-file", str(tmp_path / "refused.key.json"),
+                       "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), timeout=300)
 
 
 def _verify(run: Path, served: Served, export: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "patcher", "verify", str(run), "--url", served.grpc_url,
-                           "--export", str(export), *options], capture_output=True, text=True, timeout=600,
-                          env=environment())
+    return run_patcher("verify", str(run), "--url", served.grpc_url, "--export", str(export), *options,
+                       timeout=600)
 
 
 def test_a_tampered_local_file_is_refused_before_it_loads(tiny_export: Path, tmp_path: Path) -> None:

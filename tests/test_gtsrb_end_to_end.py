@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faults_support import run_patcher
 from PIL import Image, ImageDraw
 
 from patcher.data.tasks import get_task
@@ -57,9 +56,7 @@ def make_gtsrb(root: Path, per_class: int = 6, test_images: int = 86, seed: int 
 
 
 def _patcher(*arguments: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "patcher", *arguments], capture_output=True, text=True, env=env,
-                          timeout=600, check=False)
+    return run_patcher(*arguments, timeout=600)
 
 
 def test_gtsrb_layout_builds_and_exports_at_224_px(tmp_path: Path):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from faults_support import run_patcher
 from safetensors.torch import load_file
 
 from patcher.base.files import sha256_file
@@ -43,12 +44,9 @@ def test_output_loads_through_the_ordinary_model_loader(small_pretrained: Path):
 
 
 def test_an_unknown_objective_is_one_error_line_and_writes_nothing(tmp_path: Path):
-    import subprocess
-    import sys
 
     out = tmp_path / "model"
-    result = subprocess.run([sys.executable, "-m", "patcher", "pretrain", "--objective", "pairs", "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)
+    result = run_patcher("pretrain", "--objective", "pairs", "--out", str(out), timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: unknown pretraining objective 'pairs'") and "classes, instances" in lines[0]

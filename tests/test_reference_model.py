@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from faults_support import run_patcher
 
 from patcher.base.errors import PatcherError
 from patcher.base.files import sha256_file
@@ -73,8 +72,7 @@ def test_changed_weights_are_refused_with_one_line(tmp_path: Path):
 
 @pytest.mark.slow
 def test_patcher_show_prints_the_provenance():
-    result = subprocess.run([sys.executable, "-m", "patcher", "show", REFERENCE_NAME], capture_output=True,
-                            text=True, timeout=120)
+    result = run_patcher("show", REFERENCE_NAME, timeout=120)
     assert result.returncode == 0, result.stderr
     record = provenance()
     assert record["state_sha256"] in result.stdout and record["command"] in result.stdout

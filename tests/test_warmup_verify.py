@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from faults_support import the_error_line
+from faults_support import run_patcher, the_error_line
 from PIL import Image
 from serving_support import (
     Served,
     entry_models,
-    environment,
     patcher_triton,
     published_by_hand,
     variant,
@@ -99,9 +97,8 @@ def test_warmup_runs_the_sample_before_the_model_is_ready(tiny_export: Path, tmp
 
 def verify(run: Path, served: Served, export: Path, *options: str) -> subprocess.CompletedProcess:
     """`patcher verify RUN --url ... --export EXPORT [options]`."""
-    return subprocess.run([sys.executable, "-m", "patcher", "verify", str(run), "--url", served.grpc_url,
-                           "--export", str(export), *options], capture_output=True, text=True, timeout=600,
-                          env=environment())
+    return run_patcher("verify", str(run), "--url", served.grpc_url, "--export", str(export), *options,
+                       timeout=600)
 
 
 def test_verify_passes_on_the_runs_models_and_fails_on_zeroshot_published_as_patched(
