@@ -21,7 +21,7 @@ from patcher.base import distributed
 from patcher.base.errors import PatcherError
 from patcher.base.progress import console, make_progress
 from patcher.base.staging import Resume, Staging, staged_output
-from patcher.data.loading import Splits, prepare_splits
+from patcher.data.loading import Splits, SplitTasks, prepare_splits
 from patcher.data.metrics import Scores
 from patcher.data.options import DataOptions
 from patcher.data.shots import FewShot
@@ -247,9 +247,10 @@ class Build:
                 loaded = load_clip(options.model, options.pretrained, options.image_size, device=device)
                 config = options.hyperparameters
                 shots = FewShot(config.shots, config.seed) if config.shots is not None else None
+                wanted = SplitTasks(train=self.checked.patch, evaluate=list(self.checked.tasks.values()), shots=shots)
                 splits = self._timed("data", lambda: prepare_splits(
-                    self.checked.patch, list(self.checked.tasks.values()), loaded.preprocess_cfg, options.data,
-                    data_dir=options.data_dir, download=options.download, device=device, shots=shots))
+                    wanted, loaded.preprocess_cfg, options.data, data_dir=options.data_dir, download=options.download,
+                    device=device))
                 try:
                     return self._patch_and_write(loaded, splits, staging, device)
                 finally:
