@@ -143,10 +143,9 @@ def check_options(options: BuildOptions) -> Checked:
     """PatcherError, before any work, for options that cannot build a run."""
     method = get_method(options.method)
     params = parse_params(method, options.method_params)
-    if options.search not in SEARCHES:
-        raise PatcherError(f"unknown --search {options.search!r}: use one of {', '.join(SEARCHES)}")
-    if options.multi is not None and options.multi not in STRATEGIES:
-        raise PatcherError(f"unknown --multi {options.multi!r}: use one of {', '.join(STRATEGIES)}")
+    SEARCHES.entry(options.search)  # an unknown name is one error line naming the registered ones
+    if options.multi is not None:
+        STRATEGIES.entry(options.multi)
     if options.tolerance < 0:
         raise PatcherError(f"--tolerance {options.tolerance:g} is negative: pass points of accuracy, e.g. 1")
     options.merge.check()
@@ -272,7 +271,7 @@ class Build:
         session = Session(loaded, self.checked.tasks, heads, splits, device, self.options.eval_batch_size)
         reporter = self.reporter(folder, staging.final.name)
         try:
-            outcome = self._timed("finetune_and_alpha", lambda: STRATEGIES[self.options.strategy](
+            outcome = self._timed("finetune_and_alpha", lambda: STRATEGIES.entry(self.options.strategy).builds(
                 session, self.plan(splits, folder, reporter)))
             if reporter is not None:
                 report_alpha(reporter, outcome)

@@ -225,8 +225,8 @@ def merge_runs(options: MergeOptions) -> Path:
                               title=f"merged {', '.join(patch)} ({parts.method.name}): held-out accuracy against "
                               "the coefficient", merged_runs=sources, merge=parts)
     tested = test_scores(session, outcome)
-    training = MergedTraining(True, device, sum(run.manifest.training.total_steps for run in runs))
-    method = _merged_method(runs, parts.method.reference())
+    training = MergedTraining(device=device, total_steps=sum(run.manifest.training.total_steps for run in runs))
+    method = _merged_method(runs, parts.method.reference)
     alpha = outcome.alpha_record(fixed_alpha is not None, options.merge.search, options.tolerance,
                                  {task: options.tolerance for task in support})
     contents = RunContents(name=out.name, options_sha256=options_sha256(options.fingerprint(runs)),
