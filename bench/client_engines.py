@@ -26,7 +26,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from patcher.base.files import now_iso, write_json
-from patcher.benchmark.loadgen import CHANNEL_OPTIONS, MODEL_INFER, open_channel, run_load
+from patcher.benchmark.loadgen import CHANNEL_OPTIONS, MODEL_INFER, Load, open_channel, run_load
 from patcher.benchmark.machine import load_average, machine_info
 
 SETTINGS = [(1, 1), (1, 4), (8, 4)]
@@ -131,7 +131,8 @@ def grpc_aio(url: str, model: str, data: bytes, concurrency: int, requests: int)
 
 def patcher_threads(url: str, model: str, payload: Any, concurrency: int, requests: int) -> list[float]:
     """patcher.bench.loadgen.run_load: a blocking thread per slot."""
-    return list(run_load(url, payload, concurrency, 300, requests).latencies_s)
+    load = Load(concurrency=concurrency, duration_s=300, max_requests=requests)
+    return list(run_load(url, payload, load).latencies_s)
 
 
 def compare(url: str, model: str, size: tuple[int, int], duration_s: float, rounds: int) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from gpu_phases import Plan, image_size_of
 def triton(plan: Plan, export_dir: Path, workdir: Path) -> dict[str, Any]:
     """The export written by `patcher triton` (KIND_GPU on a GPU) and served by the bundled tritonserver; load at each
     batch size; which processes hold GPU memory while it serves."""
-    from patcher.benchmark.loadgen import latency_summary, run_load, tensor_payload
+    from patcher.benchmark.loadgen import Load, latency_summary, run_load, tensor_payload
     from patcher.export.contract import INPUT_NAME
     from patcher.triton.repository.configs import read_config
     from patcher.triton.repository.writer import RepositoryOptions, write_repository
@@ -34,8 +34,10 @@ def triton(plan: Plan, export_dir: Path, workdir: Path) -> dict[str, Any]:
             array = np.random.default_rng(0).standard_normal((batch_size, 3, *size)).astype(np.float32)
             payload = tensor_payload(model, INPUT_NAME, array)
             concurrency = plan.triton_concurrency.get(batch_size, 1)
-            run_load(server.grpc_url, payload, concurrency, min(plan.seconds, 1.0), 10**6)  # warm-up
-            load = run_load(server.grpc_url, payload, concurrency, plan.seconds, 10**6)
+            warm = Load(concurrency=concurrency, duration_s=min(plan.seconds, 1.0), max_requests=10**6)
+            run_load(server.grpc_url, payload, warm)  # warm-up
+            load = run_load(server.grpc_url, payload,
+                            Load(concurrency=concurrency, duration_s=plan.seconds, max_requests=10**6))
             rows.append({"batch": batch_size, "concurrency": concurrency, "failed": load.failed,
                          "images_per_s": round(batch_size * (load.rate or 0.0), 1),
                          "latency_ms": latency_summary(load.latencies_s)})

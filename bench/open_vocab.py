@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from patcher.base.files import now_iso, write_json, write_text
-from patcher.benchmark.loadgen import Payload, bytes_payload, latency_summary, open_channel, run_load, warm_up
+from patcher.benchmark.loadgen import Load, Payload, bytes_payload, latency_summary, open_channel, run_load, warm_up
 from patcher.benchmark.machine import load_average, machine_info
 
 BATCH = 16
@@ -209,7 +209,7 @@ def throughput(url: str, entry: str, export: dict[str, Any], duration: float, ro
             warm_up(url, payload, concurrency, 20, channel=channel)
         for _ in range(rounds):
             for payload in (baked, open_vocabulary, open_vocabulary, baked):
-                result = run_load(url, payload, concurrency, duration, 10**9, channel=channel)
+                result = run_load(url, payload, Load(concurrency=concurrency, duration_s=duration), channel=channel)
                 totals[payload.model] = totals[payload.model].merge(result) if payload.model in totals else result
         rates = {model: (result.rate or 0.0) * BATCH for model, result in totals.items()}
         failed = sum(result.failed for result in totals.values())
@@ -232,7 +232,7 @@ def text_rate(url: str, entry: str, export: dict[str, Any], duration: float) -> 
     channel = open_channel(url)
     for concurrency in (1, 2):
         warm_up(url, payload, concurrency, 10, channel=channel)
-        result = run_load(url, payload, concurrency, 2 * duration, 10**9, channel=channel)
+        result = run_load(url, payload, Load(concurrency=concurrency, duration_s=2 * duration), channel=channel)
         rows.append({"concurrency": concurrency, "batch": TEXT_BATCH,
                      "prompts_per_s": round((result.rate or 0.0) * TEXT_BATCH, 1),
                      "latency_ms": latency_summary(result.latencies_s), "failed": result.failed})

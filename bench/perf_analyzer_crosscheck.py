@@ -30,7 +30,7 @@ from patcher.base.errors import PatcherError
 from patcher.base.files import now_iso, write_json
 from patcher.benchmark import server_stats
 from patcher.benchmark.defaults import DEFAULT_MAX_QUEUE_DELAY_US
-from patcher.benchmark.loadgen import run_load, warm_up
+from patcher.benchmark.loadgen import Load, run_load, warm_up
 from patcher.benchmark.machine import load_average, machine_info
 from patcher.benchmark.results import Setting, result_row
 from patcher.benchmark.targets import inspect_target, payload
@@ -123,7 +123,7 @@ def run_patcher(url: str, model: str, batch: int, concurrency: int, duration_s: 
         request = payload(target, batch)
         warm_up(url, request, concurrency, max(4, 2 * concurrency))
         before = server_stats.snapshot(client, model)
-        load = run_load(url, request, concurrency, duration_s, max_requests=10**7)
+        load = run_load(url, request, Load(concurrency=concurrency, duration_s=duration_s, max_requests=10**7))
         delta = server_stats.delta(before, server_stats.settled_snapshot(client, model, before, load.succeeded))
     finally:
         client.close()

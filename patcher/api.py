@@ -23,11 +23,14 @@ import io
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from patcher.base.errors import PatcherError
+
+if TYPE_CHECKING:
+    from patcher.triton.client import Endpoint
 
 Image = str | Path | bytes | Any  # a file path, encoded bytes, or a PIL image
 
@@ -118,19 +121,26 @@ class Client:
 
         self.url = host_port(self.url)
 
+    @property
+    def endpoint(self) -> Endpoint:
+        """The address, timeout and key file as the client functions take them."""
+        from patcher.triton.client import Endpoint
+
+        return Endpoint(url=self.url, timeout_s=self.timeout_s, key_file=self.key_file)
+
     def classify(self, images: Sequence[Image], labels: Sequence[str] | None = None,
                  templates: Sequence[str] | None = None, top_k: int = 3) -> list[dict[str, list[dict]]]:
         """Per image, the top-k {"label", "score"} of every served task (or of the label set `labels`)."""
-        from patcher.triton.client import classify_files
+        from patcher.triton.client import ClassifyOptions, classify_files
         from patcher.triton.openvocab_client import classify_labels
 
+        options = ClassifyOptions(top_k=top_k)
         with as_files(images) as paths:
             if labels is None:
-                results = classify_files(paths, self.model, url=self.url, top_k=top_k, timeout_s=self.timeout_s,
-                                         key_file=self.key_file)
+                results = classify_files(paths, self.model, endpoint=self.endpoint, options=options)
             else:
-                results = classify_labels(paths, self.model, list(labels), templates, url=self.url, top_k=top_k,
-                                          timeout_s=self.timeout_s, key_file=self.key_file)
+                results = classify_labels(paths, self.model, list(labels), templates, endpoint=self.endpoint,
+                                          options=options)
         return [result["tasks"] for result in results]
 
     def embed(self, images: Sequence[Image]) -> np.ndarray:
@@ -138,13 +148,13 @@ class Client:
         from patcher.triton.openvocab_client import embed_files
 
         with as_files(images) as paths:
-            return embed_files(paths, self.model, url=self.url, timeout_s=self.timeout_s, key_file=self.key_file)
+            return embed_files(paths, self.model, endpoint=self.endpoint)
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """[N, D] L2-normalised text embeddings from the entry's text model."""
         from patcher.triton.openvocab_client import embed_texts
 
-        return embed_texts(list(texts), self.model, url=self.url, timeout_s=self.timeout_s, key_file=self.key_file)
+        return embed_texts(list(texts), self.model, endpoint=self.endpoint)
 
 
 @contextlib.contextmanager

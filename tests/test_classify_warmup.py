@@ -11,6 +11,7 @@ import pytest
 
 from patcher.base.errors import PatcherError
 from patcher.export.openvocab import check_label_set
+from patcher.triton.client import ClassifyOptions, Endpoint
 from patcher.triton.onnxruntime_local import LocalModel
 from patcher.triton.openvocab_client import classify_labels
 from patcher.triton.repository.configs import read_config
@@ -41,9 +42,10 @@ def test_classify_is_warmed_with_its_task_label_set_and_serves_it_without_the_te
     sample = tiny_export / record["samples"]["digits"]["file"]
     # served alone: the warmup (Triton runs it before READY) and the task's label set need no `digits_text`
     with TritonServer(repo, models=["digits_classify"], settings=ServerSettings(startup_timeout_s=120)) as server:
-        [served] = classify_labels([sample], "digits", labels, templates, url=server.grpc_url, top_k=len(labels))
+        [served] = classify_labels([sample], "digits", labels, templates, endpoint=Endpoint(url=server.grpc_url),
+                                   options=ClassifyOptions(top_k=len(labels)))
         with pytest.raises(PatcherError, match="digits_text"):  # any other label set asks the text model
-            classify_labels([sample], "digits", ["a cat", "a dog"], url=server.grpc_url)
+            classify_labels([sample], "digits", ["a cat", "a dog"], endpoint=Endpoint(url=server.grpc_url))
     [expected] = local.classify_labels([sample.read_bytes()], [sample.name],
                                        check_label_set(labels, templates, 1000, 1000), len(labels))
     assert [item["label"] for item in served["tasks"]["labels"]] == [item["label"] for item in expected]

@@ -16,7 +16,7 @@ from patcher.base.errors import PatcherError
 from patcher.data.evaluation import Scorer, accuracies
 from patcher.data.image_store import StoreItems, build_store, open_store
 from patcher.data.items import TransformedItems
-from patcher.data.loading import TrainSplit, prepare_splits
+from patcher.data.loading import SplitTasks, TrainSplit, prepare_splits
 from patcher.data.options import DataOptions
 from patcher.data.tasks import get_task
 from patcher.data.tasks.views import ArrayImages
@@ -157,7 +157,7 @@ def test_streamed_and_in_memory_evaluation_agree(tmp_path: Path):
     results = {}
     for mode in ("memory", "stream"):
         options = DataOptions(mode=mode, workers=1, cache_dir=tmp_path / "cache")
-        splits = prepare_splits([], [fashion], loaded.preprocess_cfg, options)
+        splits = prepare_splits(SplitTasks(evaluate=[fashion]), loaded.preprocess_cfg, options)
         assert splits.val["fashion-mnist"].in_memory == (mode == "memory")
         scorer = Scorer(classifier=classifier, normalize=splits.normalize, batch_size=512)
         results[mode] = accuracies(scorer, splits.val)
@@ -168,8 +168,8 @@ def test_streamed_and_in_memory_evaluation_agree(tmp_path: Path):
 def test_splits_are_found_before_anything_is_decoded(tmp_path: Path):
     loaded_cfg = {**CFG, "size": 28}
     with pytest.raises(PatcherError, match="not found"):
-        prepare_splits([get_task("digits")], [get_task("digits"), get_task("mnist")], loaded_cfg,
-                       DataOptions(cache_dir=tmp_path / "cache"), data_dir=tmp_path / "no-data")
+        prepare_splits(SplitTasks(train=[get_task("digits")], evaluate=[get_task("digits"), get_task("mnist")]),
+                       loaded_cfg, DataOptions(cache_dir=tmp_path / "cache"), data_dir=tmp_path / "no-data")
     assert not (tmp_path / "cache").exists()
 
 

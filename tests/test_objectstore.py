@@ -17,7 +17,7 @@ from s3_support import BUCKET, objects, s3_server, text
 from serving_support import Served, entry_models, variant, wait_for_version
 
 from patcher.base.errors import PatcherError
-from patcher.triton.client import classify_files
+from patcher.triton.client import ClassifyOptions, Endpoint, classify_files
 from patcher.triton.repository.objectstore import INTENT, WRITER_LOCK, pinned_versions
 from patcher.triton.repository.publish import JOURNAL
 from patcher.triton.repository.s3 import Bucket, Digest, parse_location
@@ -37,6 +37,11 @@ def endpoint() -> Iterator[str]:
     with s3_server() as url:
         yield url
 
+
+
+def _top1(grpc: str, sample: Path) -> dict:
+    """The served digits entry's best label for one image."""
+    return classify_files([sample], "digits", endpoint=Endpoint(url=grpc), options=ClassifyOptions(top_k=1))[0]
 
 def test_locations_are_what_triton_reads() -> None:
     assert parse_location("s3://http://127.0.0.1:9000/models/a/b").uri == "s3://http://127.0.0.1:9000/models/a/b"
@@ -118,7 +123,7 @@ def test_s3_publish_serve_and_killed_uploads(endpoint: str, tiny_export: Path, t
         assert all(reference.values()) and all(pinned(endpoint, prefix, models)[m] == 1 for m in models)
         served = Served(repo, tmp_path / "key.json")  # type: ignore[arg-type]
         grpc = served.grpc_url
-        first = classify_files([sample], "digits", url=grpc, top_k=1)[0]
+        first = _top1(grpc, sample)
         assert first["version"] == "1"
 
         started = time.perf_counter()  # version 2, uninterrupted: the upload's duration for the kills below
@@ -132,7 +137,7 @@ def test_s3_publish_serve_and_killed_uploads(endpoint: str, tiny_export: Path, t
 
         live = grpcclient.InferenceServerClient(grpc)
         wait_for_version(live, models, "2", 120)
-        label = classify_files([sample], "digits", url=grpc, top_k=1)[0]["tasks"]["digits"][0]["label"]
+        label = _top1(grpc, sample)["tasks"]["digits"][0]["label"]
         assert label.endswith(" v2"), label
         live.close()
         partial = [line for line in served.lines if "failed" in line or "did not load" in line]
@@ -156,7 +161,7 @@ def test_s3_publish_serve_and_killed_uploads(endpoint: str, tiny_export: Path, t
             child.kill9()
             seen.append(state(endpoint, prefix, serial))
             assert_pinned_versions_complete(endpoint, prefix, models, reference)
-            answer = classify_files([sample], "digits", url=grpc, top_k=1)[0]  # the server keeps serving
+            answer = _top1(grpc, sample)  # the server keeps serving
             assert answer["version"] in {str(version), str(version + 1)}, answer
             code, stderr = cli.run("triton", str(export), "--repo", repo)
             assert code == 0, stderr
@@ -167,7 +172,7 @@ def test_s3_publish_serve_and_killed_uploads(endpoint: str, tiny_export: Path, t
             assert leftovers == [] and not any(k.startswith(f"{m}/{version + 1}/") for m in models
                                                for k in objects(endpoint, prefix))
             wait_for_version(live, ROUNDS_SERVED, str(version), 120)
-            label = classify_files([sample], "digits", url=grpc, top_k=1)[0]["tasks"]["digits"][0]["label"]
+            label = _top1(grpc, sample)["tasks"]["digits"][0]["label"]
             assert label.endswith(f" {tag}"), label
         live.close()
         assert seen[0] in ("untouched", "uploading") and len(set(seen)) >= 2, seen

@@ -28,7 +28,7 @@ from triton_support import requires_bundled_triton
 
 from patcher.base.errors import PatcherError
 from patcher.data.tasks import get_task
-from patcher.triton.client import classify_files
+from patcher.triton.client import ClassifyOptions, Endpoint, classify_files
 from patcher.triton.onnxruntime_local import LocalModel
 from patcher.triton.openvocab_client import classify_labels, embed_files, embed_texts, served_templates
 from patcher.triton.repository.configs import read_config
@@ -115,9 +115,10 @@ def test_the_tasks_names_and_templates_reproduce_the_baked_logits(served: Served
                                                                   task: str) -> None:
     paths, _ = images[task]
     names = export_record(tiny_export)["tasks"][task]["classnames"]
-    templates = served_templates("digits", served.grpc_url)[task]
-    open_vocabulary = classify_labels(paths, "digits", names, templates, url=served.grpc_url, top_k=len(names))
-    baked = classify_files(paths, "digits", url=served.grpc_url, top_k=len(names))
+    templates = served_templates("digits", Endpoint(url=served.grpc_url))[task]
+    endpoint, options = Endpoint(url=served.grpc_url), ClassifyOptions(top_k=len(names))
+    open_vocabulary = classify_labels(paths, "digits", names, templates, endpoint=endpoint, options=options)
+    baked = classify_files(paths, "digits", endpoint=endpoint, options=options)
     assert {r["model"] for r in open_vocabulary} == {"digits_classify"}
     assert all(list(r["tasks"]) == ["labels"] for r in open_vocabulary)
     ours, theirs = _scores(open_vocabulary, names), _scores([{"tasks": {task: r["tasks"][task]}} for r in baked], names)
@@ -137,8 +138,9 @@ def test_a_two_label_set_is_the_baked_logits_restricted_to_those_classes(served:
     paths, labels = images[task]
     chosen = [i for i, label in enumerate(labels) if label in classes]
     subset, truth = [paths[i] for i in chosen], labels[chosen]
-    templates = served_templates("digits", served.grpc_url)[task]
-    results = classify_labels(subset, "digits", list(pair), templates, url=served.grpc_url, top_k=2)
+    templates = served_templates("digits", Endpoint(url=served.grpc_url))[task]
+    results = classify_labels(subset, "digits", list(pair), templates, endpoint=Endpoint(url=served.grpc_url),
+                              options=ClassifyOptions(top_k=2))
     served_classes = np.array([classes[r["tasks"]["labels"][0]["index"]] for r in results])
     restricted = torch_logits(subset, task)[:, classes]
     torch_classes = np.array(classes)[restricted.argmax(1)]
@@ -220,7 +222,8 @@ def test_the_classify_model_answers_probabilities_and_labelled_rankings_beside_i
         assert [int(index) for _, index, _ in parsed] == list(np.argsort(-probs[row], kind="stable"))
         assert [label.encode() for _, index, label in parsed] == [labels[int(index)] for _, index, _ in parsed]
         np.testing.assert_allclose([float(p) for p, _, _ in parsed], np.sort(probs[row])[::-1], atol=1e-6)
-    ranked = classify_labels(paths, "digits", [label.decode() for label in labels], url=served.grpc_url, top_k=3)
+    ranked = classify_labels(paths, "digits", [label.decode() for label in labels],
+                             endpoint=Endpoint(url=served.grpc_url), options=ClassifyOptions(top_k=3))
     np.testing.assert_allclose([[e["probability"] for e in r["tasks"]["labels"]] for r in ranked],
                                np.sort(probs, axis=1)[:, ::-1], atol=1e-6)
     client.close()
@@ -257,12 +260,12 @@ def test_served_embeddings_are_the_exported_graphs(served: Served, tiny_export: 
     paths = images["digits"][0][:40]
     names = [str(p) for p in paths]
     prompts = ["a photo of a dog.", "7", "T-shirt/top", "an ankle boot"] * 20
-    np.testing.assert_allclose(embed_files(paths, "digits", url=served.grpc_url),
+    np.testing.assert_allclose(embed_files(paths, "digits", endpoint=Endpoint(url=served.grpc_url)),
                                local.embed_images([p.read_bytes() for p in paths], names), atol=1e-5)
-    np.testing.assert_allclose(embed_texts(prompts, "digits", url=served.grpc_url, batch_size=64),
+    np.testing.assert_allclose(embed_texts(prompts, "digits", endpoint=Endpoint(url=served.grpc_url), batch_size=64),
                                local.embed_texts(prompts), atol=1e-5)
     with pytest.raises(PatcherError, match=r"item 41: prompt is empty"):
-        embed_texts([*prompts[:41], " "], "digits", url=served.grpc_url, batch_size=16)
+        embed_texts([*prompts[:41], " "], "digits", endpoint=Endpoint(url=served.grpc_url), batch_size=16)
 
 
 def test_the_image_embedding_model_follows_nvidias_image_conventions(served: Served, tiny_export: Path,

@@ -44,7 +44,7 @@ from serving_support import (
 from triton_support import requires_bundled_triton
 
 from patcher.base.errors import PatcherError
-from patcher.triton.client import classify_files
+from patcher.triton.client import ClassifyOptions, Endpoint, classify_files
 from patcher.triton.repository.publish import (
     STAGING_PREFIX,
     read_journal,
@@ -166,9 +166,10 @@ def test_inference_health_metadata_stay_open_and_patchers_commands_use_the_key(s
     assert http.get_model_config("digits_digits_pixels")["input"][0]["format"] == "FORMAT_NCHW"
     assert http.get_inference_statistics("digits")["model_stats"]
     http.close()
-    assert len(classify_files([p for p, _, _ in digits[:3]], "digits", url=served.grpc_url)) == 3
+    assert len(classify_files([p for p, _, _ in digits[:3]], "digits", endpoint=Endpoint(url=served.grpc_url))) == 3
     with pytest.raises(PatcherError, match=r"no ready model 'nope'.*digits_patched \(READY\)"):
-        classify_files([digits[0][0]], "nope", url=served.grpc_url, key_file=served.key_file)  # index needs the key
+        # the index needs the key
+        classify_files([digits[0][0]], "nope", endpoint=Endpoint(url=served.grpc_url, key_file=served.key_file))
 
 
 # --- bounded inputs ---------------------------------------------------------------------------------------------
@@ -326,7 +327,8 @@ def test_per_task_bytes_models_answer_as_ensemble_image_client_expects(served: S
     client = _grpc(served)
     blobs = [np.array([path.read_bytes()], dtype=bytes) for path, _, _ in digits[:MAX_BATCH]]  # as that client does
     batch = np.stack(blobs, axis=0)
-    multi = classify_files([path for path, _, _ in digits[:MAX_BATCH]], "digits", url=served.grpc_url, top_k=2)
+    multi = classify_files([path for path, _, _ in digits[:MAX_BATCH]], "digits",
+                           endpoint=Endpoint(url=served.grpc_url), options=ClassifyOptions(top_k=2))
     for task in record["tasks"]:
         model = f"digits_{task.replace('-', '_')}_bytes"
         metadata, config = client.get_model_metadata(model), client.get_model_config(model).config
@@ -405,7 +407,8 @@ def test_a_new_version_is_live_within_60_s_with_no_failed_requests(served: Serve
     assert not load.failures and not other.failures, (load.failures + other.failures)[:3]
     assert load.succeeded > 0 and other.succeeded > 0
     assert served.wait_for_line("rollout: digits_patched version 2 serving", 5)
-    swapped = classify_files([p for p, _, _ in digits[:30]], "digits", url=served.grpc_url, top_k=1)
+    swapped = classify_files([p for p, _, _ in digits[:30]], "digits", endpoint=Endpoint(url=served.grpc_url),
+                             options=ClassifyOptions(top_k=1))
     record = export_record(export)
     session = ort.InferenceSession(str(export / "zeroshot.onnx"), providers=["CPUExecutionProvider"])
     from patcher.triton.imaging import decode_image, preprocess_image
@@ -434,6 +437,7 @@ def test_a_half_published_update_is_never_loaded_and_the_next_run_completes_it(s
     assert read_journal(repo).serial == journal.serial and not read_journal(repo).publishing  # nothing new to commit
     assert not list(repo.glob(f"{STAGING_PREFIX}*"))
     wait_for_version(client, models, "3", ROLLOUT_S)
-    results = classify_files([digits[0][0]], "digits", url=served.grpc_url, top_k=1)
+    results = classify_files([digits[0][0]], "digits", endpoint=Endpoint(url=served.grpc_url),
+                             options=ClassifyOptions(top_k=1))
     assert results[0]["tasks"]["digits"][0]["label"].startswith("digit ")  # labels went live with the version
     client.close()

@@ -30,7 +30,7 @@ from triton_support import requires_bundled_triton
 from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
-from patcher.triton.client import classify_files
+from patcher.triton.client import ClassifyOptions, Endpoint, classify_files
 from patcher.triton.imaging import preprocess_image
 from patcher.triton.repository.configs import read_config
 from patcher.triton.repository.writer import RepositoryOptions, model_versions, write_repository
@@ -235,7 +235,8 @@ def test_int8_models_are_served_and_answer_as_onnxruntime_does(case: ExportCase,
     assert served == (case.path / data["models"]["patched_int8"]["file"]).read_bytes()
     paths, decoded = images
     with TritonServer(repo, models=["digits"], settings=ServerSettings(startup_timeout_s=60)) as running:
-        results = classify_files(paths[:64], "digits", url=running.grpc_url, top_k=1, batch_size=16)
+        results = classify_files(paths[:64], "digits", endpoint=Endpoint(url=running.grpc_url),
+                                 options=ClassifyOptions(top_k=1, batch_size=16))
     predicted = np.array([int(r["tasks"]["digits"][0]["label"]) for r in results])
     scores = np.array([r["tasks"]["digits"][0]["score"] for r in results])
     # Dynamic quantisation scales activations over the whole batch, so outputs depend on batch-mates: compare
@@ -303,7 +304,8 @@ def test_configs_explain_themselves(case: ExportCase, tmp_path: Path) -> None:
 @needs_server
 def test_grpc_classification_matches_onnxruntime_and_pytorch(case: ExportCase, server: TritonServer, images) -> None:
     paths, decoded = images
-    results = classify_files(paths, "digits", url=server.grpc_url, top_k=3, batch_size=16)
+    results = classify_files(paths, "digits", endpoint=Endpoint(url=server.grpc_url),
+                             options=ClassifyOptions(top_k=3, batch_size=16))
     assert len(results) == len(paths) and results[0]["version"] == "1"
     predicted = np.array([int(r["tasks"]["digits"][0]["label"]) for r in results])
     ort_logits = _ort_logits(case, "patched", decoded)
@@ -315,7 +317,8 @@ def test_grpc_classification_matches_onnxruntime_and_pytorch(case: ExportCase, s
     np.testing.assert_allclose(scores, ort_logits["digits"].max(axis=1), rtol=1e-4, atol=1e-4)
     for task in ort_logits:
         assert all(len(r["tasks"][task]) == 3 for r in results)
-    raw = classify_files(paths[:40], "digits", url=server.grpc_url, top_k=3, raw=True)
+    raw = classify_files(paths[:40], "digits", endpoint=Endpoint(url=server.grpc_url), options=ClassifyOptions(top_k=3),
+                         raw=True)
     assert [r["tasks"]["digits"][0]["label"] for r in raw] == [r["tasks"]["digits"][0]["label"] for r in results[:40]]
 
 
@@ -324,7 +327,8 @@ def test_batches_of_one_and_of_max_batch_size(server: TritonServer, images) -> N
     import tritonclient.grpc as grpcclient
 
     paths, _ = images
-    expected = classify_files(paths[:MAX_BATCH], "digits", url=server.grpc_url, top_k=1, batch_size=1)
+    expected = classify_files(paths[:MAX_BATCH], "digits", endpoint=Endpoint(url=server.grpc_url),
+                              options=ClassifyOptions(top_k=1, batch_size=1))
     client = grpcclient.InferenceServerClient(server.grpc_url)
     for size in (1, MAX_BATCH):
         tensor = grpcclient.InferInput("image_bytes", [size, 1], "BYTES")
@@ -368,15 +372,15 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     paths = images[0]
     with pytest.raises(PatcherError, match=r"bad\.png is not a readable image"):
-        classify_files([*paths[:3], bad], "digits", url=server.grpc_url)
+        classify_files([*paths[:3], bad], "digits", endpoint=Endpoint(url=server.grpc_url))
     with pytest.raises(PatcherError, match=r"cannot read image file .*missing\.png"):
-        classify_files([tmp_path / "missing.png"], "digits", url=server.grpc_url)
+        classify_files([tmp_path / "missing.png"], "digits", endpoint=Endpoint(url=server.grpc_url))
     with pytest.raises(PatcherError, match=r"no ready model 'nope'.*digits_patched"):
-        classify_files(paths[:1], "nope", url=server.grpc_url)
+        classify_files(paths[:1], "nope", endpoint=Endpoint(url=server.grpc_url))
     unreachable = f"127.0.0.1:{free_port()}"
     with pytest.raises(PatcherError, match=rf"no Triton server answers at {unreachable}.*patcher serve"):
-        classify_files(paths[:1], "digits", url=unreachable, timeout_s=5)
-    assert len(classify_files(paths[:5], "digits", url=server.grpc_url)) == 5
+        classify_files(paths[:1], "digits", endpoint=Endpoint(url=unreachable, timeout_s=5))
+    assert len(classify_files(paths[:5], "digits", endpoint=Endpoint(url=server.grpc_url))) == 5
 
 
 @needs_server
@@ -440,7 +444,7 @@ def test_patcher_serve_and_classify_import_no_torch_and_serve_stops_cleanly_on_s
                 break
             lines.append(line)
         assert any(f"127.0.0.1:{grpc_port}" in line for line in lines), "".join(lines)
-        assert len(classify_files(images[0][:2], "digits", url=f"127.0.0.1:{grpc_port}")) == 2
+        assert len(classify_files(images[0][:2], "digits", endpoint=Endpoint(url=f"127.0.0.1:{grpc_port}"))) == 2
         classified, _ = cli_probe("classify", str(images[0][0]), "--model", "digits", "--url",
                                   f"127.0.0.1:{grpc_port}", "--json").communicate(timeout=60)
         assert '"tasks"' in classified and "imported: []" in classified, classified

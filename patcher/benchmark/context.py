@@ -14,6 +14,7 @@ from patcher.benchmark.flops import flops_per_image
 from patcher.benchmark.outensemble import KIND as OUTENSEMBLE
 from patcher.benchmark.outensemble import export_outensemble, run_graphs
 from patcher.export.contract import EXPORT_JSON, ExportRecord, read_export_record, verified_model_file
+from patcher.runs.layout import EXPORT_DIR
 from patcher.runs.manifest import Run
 
 
@@ -22,12 +23,16 @@ class RunContext:
     """A run prepared for benchmarking: export directory, ONNX file and PyTorch graph of each kind, FLOPs."""
 
     run: Run
-    export_dir: Path
-    export: ExportRecord
+    export: ExportRecord  # RUN/onnx's export.json, checked to be this manifest's export
     onnx: dict[str, Path]
     graphs: dict[str, nn.Module]
     flops: dict[str, int]
     output: str  # the patch task's logits output
+
+    @property
+    def export_dir(self) -> Path:
+        """RUN/onnx."""
+        return self.run.path / EXPORT_DIR
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -52,7 +57,7 @@ class RunContext:
 def checked_export(run: Run) -> tuple[Path, ExportRecord]:
     """RUN/onnx and its record, checked to be this manifest's export; PatcherError if it is missing or belongs to
     another."""
-    export_dir = run.path / "onnx"
+    export_dir = run.path / EXPORT_DIR
     if not (export_dir / EXPORT_JSON).is_file():
         raise PatcherError(f"{run.path} has no export: run `patcher export {run.path}` first")
     record = read_export_record(export_dir / EXPORT_JSON)
@@ -80,5 +85,4 @@ def prepare_run(run: Run, workdir: Path, outensemble: bool = True, int8: bool = 
     if int8:
         onnx[INT8_KIND] = verified_model_file(export_dir, record, "patched", "int8")  # names `patcher export --int8`
         flops[INT8_KIND] = flops["patched"]  # the same operations, on int8 weights
-    return RunContext(run=run, export_dir=export_dir, export=record, onnx=onnx, graphs=graphs, flops=flops,
-                      output=output)
+    return RunContext(run=run, export=record, onnx=onnx, graphs=graphs, flops=flops, output=output)

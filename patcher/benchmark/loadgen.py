@@ -33,6 +33,21 @@ class Payload:
     outputs: int  # raw output tensors a good response carries (0: do not check)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Load:
+    """The closed loop's shape: `concurrency` requests in flight until `duration_s` passes or `max_requests` are
+    sent, whichever comes first."""
+
+    concurrency: int
+    duration_s: float
+    max_requests: int = 10**9
+
+    def check(self) -> None:
+        """ValueError for a load that cannot run."""
+        if self.concurrency < 1 or self.max_requests < 1 or self.duration_s <= 0:
+            raise ValueError("concurrency and max_requests must be at least 1, duration_s positive")
+
+
 @dataclass
 class LoadResult:
     """What the client saw during one measurement: counts, wall time, per-request latencies."""
@@ -126,24 +141,18 @@ def open_channel(url: str) -> grpc.Channel:
 
 
 def run_load(
-    url: str,
-    payload: Payload,
-    concurrency: int,
-    duration_s: float,
-    max_requests: int,
-    *,
-    timeout_s: float = 30.0,
-    channel: grpc.Channel | None = None,
+    url: str, payload: Payload, load: Load, *, timeout_s: float = 30.0, channel: grpc.Channel | None = None,
 ) -> LoadResult:
-    """Keep `concurrency` requests in flight until `duration_s` passes or `max_requests` are sent; wait for all.
+    """Keep `load.concurrency` requests in flight until `load.duration_s` passes or `load.max_requests` are sent;
+    wait for all.
 
     Every request's latency counts. Throughput is measured over the window from the start to the deadline, while
     every slot is busy: a request counts with the share of its duration that lies inside the window (1 if it
     ended before the deadline), which is unbiased however short the window is against the latency; the drain
     after the deadline does not dilute it. Pass an open `channel` to reuse its connection across measurements.
     """
-    if concurrency < 1 or max_requests < 1 or duration_s <= 0:
-        raise ValueError("concurrency and max_requests must be at least 1, duration_s positive")
+    load.check()
+    concurrency, max_requests = load.concurrency, load.max_requests
     owned = channel is None
     channel = channel or open_channel(url)
     call = channel.unary_unary(MODEL_INFER, request_serializer=None,
@@ -180,7 +189,7 @@ def run_load(
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
     try:
-        elapsed = _drive(threads, start, clock, duration_s)
+        elapsed = _drive(threads, start, clock, load.duration_s)
     finally:
         if owned:
             channel.close()
@@ -230,7 +239,8 @@ def warm_up(
     channel: grpc.Channel | None = None,
 ) -> LoadResult:
     """A few uncounted requests at the setting about to be measured (new shapes make onnxruntime allocate)."""
-    return run_load(url, payload, concurrency, timeout_s, requests, timeout_s=timeout_s, channel=channel)
+    return run_load(url, payload, Load(concurrency=concurrency, duration_s=timeout_s, max_requests=requests),
+                    timeout_s=timeout_s, channel=channel)
 
 
 def latency_summary(latencies_s: np.ndarray) -> dict[str, float | None]:

@@ -20,7 +20,7 @@ from patcher.benchmark.defaults import (
     DEFAULT_MAX_REQUESTS,
 )
 from patcher.benchmark.inprocess import Runner, measure, onnxruntime_runner, torch_runner
-from patcher.benchmark.loadgen import LoadResult, Payload, open_channel, run_load, warm_up
+from patcher.benchmark.loadgen import Load, LoadResult, Payload, open_channel, run_load, warm_up
 from patcher.benchmark.machine import cpu_seconds_group, cpu_seconds_self
 from patcher.benchmark.results import Setting, result_row
 from patcher.benchmark.shm import shared_input
@@ -185,7 +185,8 @@ def _window(rig: _Rig, request: Payload, concurrency: int, setting: Sweep, poole
     before = server_stats.snapshot(client, request.model)
     client_cpu = cpu_seconds_self()
     server_cpu = cpu_seconds_group(pgid) if pgid else None
-    load = run_load(rig.server.url, request, concurrency, setting.round_duration_s, requests,
+    load = run_load(rig.server.url, request,
+                    Load(concurrency=concurrency, duration_s=setting.round_duration_s, max_requests=requests),
                     timeout_s=setting.timeout_s, channel=rig.channel)
     client_cpu = cpu_seconds_self() - client_cpu
     if server_cpu is not None:

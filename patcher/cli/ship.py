@@ -206,8 +206,10 @@ def classify(
     per task, or against a label set given now (--labels)."""
     import json
 
-    from patcher.triton.openvocab_client import classify_labels
+    from patcher.triton.client import ClassifyOptions, Endpoint, classify_files
+    from patcher.triton.openvocab_client import classify_labels, served_templates
 
+    endpoint, options = Endpoint(url=url, key_file=key_file), ClassifyOptions(top_k=top_k, batch_size=batch_size)
     label_list = comma_list(labels)
     if labels.strip() and not label_list:
         raise PatcherError(f"--labels {labels!r} names no label: pass comma-separated labels, e.g. --labels cat,dog")
@@ -224,14 +226,10 @@ def classify(
     if run is not None:
         results = _classify_in_process(images, run, label_list, templates, top_k)
     elif label_list:
-        chosen = _templates(templates, lambda: _served_templates(model, url, key_file))
-        results = classify_labels(images, model, label_list, chosen, url=url, top_k=top_k, batch_size=batch_size,
-                                  key_file=key_file)
+        chosen = _templates(templates, lambda: served_templates(model or "", endpoint))
+        results = classify_labels(images, model, label_list, chosen, endpoint=endpoint, options=options)
     else:
-        from patcher.triton.client import classify_files
-
-        results = classify_files(images, model, url=url, top_k=top_k, raw=raw, batch_size=batch_size,
-                                 key_file=key_file)
+        results = classify_files(images, model, endpoint=endpoint, options=options, raw=raw)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
@@ -244,12 +242,6 @@ def classify(
 
 def _probability(entry: dict) -> str:
     return f", p={entry['probability']:.3f}" if "probability" in entry else ""
-
-
-def _served_templates(model: str | None, url: str, key_file: Path | None) -> dict[str, list[str]]:
-    from patcher.triton.openvocab_client import served_templates
-
-    return served_templates(model or "", url, key_file=key_file)
 
 
 def _templates(spec: str | None, known: Callable[[], dict[str, list[str]]]) -> list[str] | None:
@@ -319,6 +311,7 @@ def embed(
     (--model) or in process (--run)."""
     import json
 
+    from patcher.triton.client import Endpoint
     from patcher.triton.openvocab_client import embed_files, embed_texts, embedding_records, save_embeddings
 
     if bool(images) == bool(text):
@@ -334,9 +327,9 @@ def embed(
         local = LocalModel(run)
         array = local.embed_images(read_images(images), keys) if images else local.embed_texts(keys)
     elif images:
-        array = embed_files(images, model or "", url=url, batch_size=batch_size, key_file=key_file)
+        array = embed_files(images, model or "", endpoint=Endpoint(url=url, key_file=key_file), batch_size=batch_size)
     else:
-        array = embed_texts(keys, model or "", url=url, batch_size=batch_size, key_file=key_file)
+        array = embed_texts(keys, model or "", endpoint=Endpoint(url=url, key_file=key_file), batch_size=batch_size)
     if out is None:
         typer.echo(json.dumps(embedding_records(keys, array, what)))
         return

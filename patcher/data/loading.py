@@ -61,6 +61,16 @@ class Splits:
         self.one_off.clear()
 
 
+@dataclass(frozen=True, kw_only=True)
+class SplitTasks:
+    """Which splits a job reads: the training split of each `train` task (K images per class with `shots`), and the
+    held-out and test splits of each `evaluate` task."""
+
+    train: list[Task] = field(default_factory=list)
+    evaluate: list[Task] = field(default_factory=list)
+    shots: FewShot | None = None
+
+
 def _dataset(task: Task, split: str, data_dir: Path | None, download: bool, bad_images: SkipReport | None) -> Dataset:
     dataset = task.dataset(split, data_root=data_dir, download=download, bad_images=bad_images)
     if len(dataset) == 0:  # type: ignore[arg-type]
@@ -69,22 +79,22 @@ def _dataset(task: Task, split: str, data_dir: Path | None, download: bool, bad_
 
 
 def prepare_splits(
-    train_tasks: list[Task], eval_tasks: list[Task], preprocess_cfg: Mapping[str, Any], options: DataOptions,
-    data_dir: Path | None = None, download: bool = False, device: str = "cpu", shots: FewShot | None = None,
+    tasks: SplitTasks, preprocess_cfg: Mapping[str, Any], options: DataOptions, *, data_dir: Path | None = None,
+    download: bool = False, device: str = "cpu",
 ) -> Splits:
     """Find every split (failing before any work if one is missing), then build the held-out and test stores;
-    with `shots`, training splits keep K images per class (held-out and test splits stay whole)."""
+    with `tasks.shots`, training splits keep K images per class (held-out and test splits stay whole)."""
     options.check()
     report = SkipReport() if options.skip_bad_images else None
     found = {(task.name, split): _dataset(task, split, data_dir, download, report)
-             for tasks, splits in ((train_tasks, ("train",)), (eval_tasks, ("val", "test")))
-             for task in tasks for split in splits}
+             for group, splits in ((tasks.train, ("train",)), (tasks.evaluate, ("val", "test")))
+             for task in group for split in splits}
     normalize = Normalize(preprocess_cfg)
     result = Splits({}, {}, {}, normalize, skipped=dict(report.skipped) if report else {})
-    for task in train_tasks:
+    for task in tasks.train:
         dataset = found[task.name, "train"]
-        if shots is not None:
-            dataset = shots.select(dataset, task.name, len(task.classnames))
+        if tasks.shots is not None:
+            dataset = tasks.shots.select(dataset, task.name, len(task.classnames))
         small = options.in_memory(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
         workers = options.workers_for(len(dataset), preprocess_cfg)  # type: ignore[arg-type]
         plain = TransformedItems(dataset, eval_transform(preprocess_cfg))
@@ -96,7 +106,7 @@ def prepare_splits(
         else:
             items = plain
         result.train[task.name] = TrainSplit(items, workers, plain, pin_memory=device.startswith("cuda"))
-    for task in eval_tasks:
+    for task in tasks.evaluate:
         for split, stores in (("val", result.val), ("test", result.test)):
             dataset = found[task.name, split]
             count = len(dataset)  # type: ignore[arg-type]

@@ -94,7 +94,7 @@ class ExportedModel:
     optimization: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportedSample:
     """A real held-out image of one task (PNG at the model's input size) and its label index."""
 

@@ -32,5 +32,6 @@ def write_samples(folder: Path, heldout: HeldOut, preprocess: Preprocess) -> dic
     for task, span in heldout.spans.items():
         relative = f"{SAMPLES_DIR}/{tensor_name(task)}.png"
         (folder / relative).write_bytes(sample_png(heldout.images[span.start].float().numpy(), preprocess))
-        samples[task] = ExportedSample(relative, sha256_file(folder / relative), int(heldout.labels[span.start]))
+        samples[task] = ExportedSample(file=relative, sha256=sha256_file(folder / relative),
+                                       label=int(heldout.labels[span.start]))
     return samples

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from patcher.base.errors import PatcherError
+from patcher.base.registry import Registered, Registry
 
 Accuracies = Mapping[str, float]
 Evaluate = Callable[[float], Accuracies]
@@ -142,7 +143,15 @@ def golden_search(evaluate: Evaluate, rule: AlphaRule, grid: Sequence[float] = D
     return rule.choose(curve)
 
 
-SEARCHES: dict[str, Callable[[Evaluate, AlphaRule], Selection]] = {"golden": golden_search, "grid": grid_search}
+Search = Callable[..., Selection]  # (evaluate, rule, grid) -> the rule's choice
+PAINT = "Ilharco et al., Patching open-vocabulary models by interpolating weights (PAINT), NeurIPS 2022"
+SEARCHES: Registry[Registered[Search]] = Registry("--search", [
+    Registered(name="golden", builds=golden_search, reference=f"golden-section search (Kiefer, 1953) on {PAINT}'s grid",
+          summary="golden-section search over the grid's alphas (fewer evaluations; the grid's answer when the "
+                  "objective is unimodal)"),
+    Registered(name="grid", builds=grid_search, reference=PAINT,
+          summary="every alpha of the grid (the papers' 11 points), then the rule"),
+])
 
 
 def parse_support(entries: Sequence[str], tolerance: float) -> tuple[list[str], dict[str, float]]:

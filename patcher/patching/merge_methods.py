@@ -18,20 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from patcher.base.errors import PatcherError
+from patcher.base.registry import Parameter, Registry
 from patcher.patching.sources import TaskVectors
 
 Delta = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One hyperparameter of a method: its default and the grid searched on held-out data."""
-
-    name: str
-    default: float
-    grid: tuple[float, ...]
-    help: str
-    integer: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +50,12 @@ class MergeMethod:
         return [{p.name: (int(v) if p.integer else float(v)) for p, v in zip(self.parameters, values, strict=True)}
                 for values in itertools.product(*grids)]
 
+    @property
+    def summary(self) -> str:
+        """One line on what it computes (the registry's shape)."""
+        return self.title
+
+    @property
     def reference(self) -> str:
         """Paper and code, as the manifest records them."""
         return f"{self.paper}; code: {self.code}"
@@ -270,41 +266,45 @@ def wudi_delta(vectors: TaskVectors, params: Mapping[str, float], seed: int) -> 
 # ---- the registry -------------------------------------------------------------------------------------------------
 
 HELDOUT = "labelled held-out images of every merged and supported task (the coefficient and parameters are chosen)"
-LAYERWISE = (Parameter("steps", 60, (60,), "optimiser steps", integer=True),
-             Parameter("lr", 0.05, (0.05,), "Adam learning rate of the coefficients"),
-             Parameter("init", 0.3, (0.3,), "initial coefficient of every task and block"))
+LAYERWISE = (Parameter(name="steps", default=60, grid=(60,), help="optimiser steps", integer=True),
+             Parameter(name="lr", default=0.05, grid=(0.05,), help="Adam learning rate of the coefficients"),
+             Parameter(name="init", default=0.3, grid=(0.3,), help="initial coefficient of every task and block"))
 
-METHODS: dict[str, MergeMethod] = {method.name: method for method in (
+METHODS: Registry[MergeMethod] = Registry("merge method", (
     MergeMethod("task-arithmetic", "Task arithmetic", "Ilharco et al., Editing models with task arithmetic, "
                 "ICLR 2023 (arXiv:2212.04089)", "https://github.com/mlfoundations/task_vectors", HELDOUT,
                 combine=task_arithmetic_delta),
     MergeMethod("ties", "TIES-Merging", "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
                 "https://github.com/prateeky2806/ties-merging", HELDOUT,
-                (Parameter("density", 0.2, (0.1, 0.2, 0.5), "share of each flattened task vector kept (top-k)"),),
+                (Parameter(name="density", default=0.2, grid=(0.1, 0.2, 0.5),
+                           help="share of each flattened task vector kept (top-k)"),),
                 combine=ties_delta),
     MergeMethod("dare", "DARE (drop and rescale) + task arithmetic", "Yu et al., Language models are Super Mario, "
                 "ICML 2024 (arXiv:2311.03099)", "https://github.com/yule-BUAA/MergeLM", HELDOUT,
-                (Parameter("drop", 0.9, (0.5, 0.9), "probability of dropping each entry"),),
+                (Parameter(name="drop", default=0.9, grid=(0.5, 0.9), help="probability of dropping each entry"),),
                 combine=dare_delta),
     MergeMethod("breadcrumbs", "Model Breadcrumbs", "Davari and Belilovsky, Model Breadcrumbs, ECCV 2024 "
                 "(arXiv:2312.06795)", "https://github.com/arcee-ai/mergekit (sparsify.magnitude_outliers)", HELDOUT,
-                (Parameter("density", 0.2, (0.1, 0.2, 0.5), "share of each tensor kept"),
-                 Parameter("gamma", 0.01, (0.01,), "share of each tensor's largest magnitudes dropped")),
+                (Parameter(name="density", default=0.2, grid=(0.1, 0.2, 0.5), help="share of each tensor kept"),
+                 Parameter(name="gamma", default=0.01, grid=(0.01,),
+                           help="share of each tensor's largest magnitudes dropped")),
                 combine=breadcrumbs_delta),
     MergeMethod("consensus", "Consensus merging (TALL masks)", "Wang et al., Localizing task information for "
                 "improved model merging and compression, ICML 2024 (arXiv:2405.07813)",
                 "https://github.com/nik-dim/tall_masks; https://github.com/tanganke/fusion_bench", HELDOUT,
-                (Parameter("tall_lambda", 0.6, (0.4, 0.6), "TALL mask threshold lambda"),
-                 Parameter("agreement", 2, (2,), "tasks whose masks must hold to keep a weight", integer=True)),
+                (Parameter(name="tall_lambda", default=0.6, grid=(0.4, 0.6), help="TALL mask threshold lambda"),
+                 Parameter(name="agreement", default=2, grid=(2,), help="tasks whose masks must hold to keep a weight",
+                           integer=True)),
                 combine=consensus_delta),
     MergeMethod("wudi", "WUDI-Merging (data-free interference minimisation)", "Cheng et al., Whoever started "
                 "the interference should end it: guiding data-free model merging via task vectors, ICML 2025 "
                 "(arXiv:2503.08099)", "https://github.com/nathanielyvo/WUDI-Merging; https://github.com/tanganke/"
                 "fusion_bench (fusion_bench/method/wudi/wudi.py)", "no data to merge (weights only); labelled "
                 "held-out images only for patcher's coefficient and PAINT's rule",
-                (Parameter("steps", 300, (300,), "Adam steps per matrix (the authors' iter_num)", integer=True),
-                 Parameter("lr", 1e-5, (1e-5, 1e-4), "Adam learning rate (the authors' 1e-5, tuned for ViT-B/32's "
-                           "task-vector scale)")),
+                (Parameter(name="steps", default=300, grid=(300,), help="Adam steps per matrix (the authors' iter_num)",
+                           integer=True),
+                 Parameter(name="lr", default=1e-5, grid=(1e-5, 1e-4), help="Adam learning rate (the authors' 1e-5, "
+                           "tuned for ViT-B/32's task-vector scale)")),
                 combine=wudi_delta),
     MergeMethod("layerwise", "Layer-wise AdaMerging (entropy, unlabelled)", "Yang et al., AdaMerging, ICLR 2024 "
                 "(arXiv:2310.02575)", "https://github.com/EnnengYang/AdaMerging; https://github.com/tanganke/"
@@ -315,11 +315,12 @@ METHODS: dict[str, MergeMethod] = {method.name: method for method in (
                 "parametrisation trained on labels (Yang et al., 2024)", "https://github.com/EnnengYang/AdaMerging",
                 "labelled held-out images, to learn the coefficients and to bound them by PAINT's rule", LAYERWISE,
                 learnt="cross-entropy"),
-)}
+))
 
 
-NULLSPACE = Parameter("energy", 0.9, (0.7, 0.8, 0.9, 0.95), "share of the supported tasks' input second moment (its "
-                      "trace) whose directions each layer's merged change is kept out of")
+NULLSPACE = Parameter(name="energy", default=0.9, grid=(0.7, 0.8, 0.9, 0.95),
+                      help="share of the supported tasks' input second moment (its trace) whose directions each "
+                      "layer's merged change is kept out of")
 
 
 def nullspace_variant(method: MergeMethod) -> MergeMethod:
@@ -338,16 +339,13 @@ def nullspace_variant(method: MergeMethod) -> MergeMethod:
 
 
 for _base in [m for m in METHODS.values() if m.combine is not None]:
-    METHODS[f"{_base.name}-nullspace"] = nullspace_variant(_base)
+    METHODS.add(nullspace_variant(_base))
 del _base
 
 
 def get_method(name: str) -> MergeMethod:
     """A registered method by name; PatcherError naming the registered ones otherwise."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise PatcherError(f"unknown merge method {name!r}: use one of {', '.join(METHODS)}") from None
+    return METHODS.entry(name)
 
 
 def parse_params(method: MergeMethod, entries: list[str]) -> dict[str, float]:

@@ -51,8 +51,7 @@ class MergeSpec:
         """The method; PatcherError for an unknown one, unknown parameters or a bound outside (0, 1]."""
         method = get_method(self.method)
         method.settings(self.params)
-        if self.search not in SEARCHES:
-            raise PatcherError(f"unknown coefficient search {self.search!r}: use one of {', '.join(SEARCHES)}")
+        SEARCHES.entry(self.search)  # the coefficient search: an unknown one is one error line
         if self.min_retained is not None and not 0 < self.min_retained <= 1:
             raise PatcherError(f"--min-retained {self.min_retained:g} is not a share in (0, 1]: e.g. 0.9 keeps 90% "
                                "of each merged task's own fine-tuned accuracy")
@@ -202,7 +201,7 @@ class MergeOutcomeParts:
         shares = test_retained or val_retained
         worst = min(shares, key=lambda task: shares[task]) if shares else rule.patch[0]
         layerwise = choice.layerwise.as_record(list(rule.patch)) if choice.layerwise is not None else None
-        return MergeRecord(method=self.method.name, title=self.method.title, reference=self.method.reference(),
+        return MergeRecord(method=self.method.name, title=self.method.title, reference=self.method.reference,
                            needs=self.method.needs, params=choice.params, seed=self.spec.seed,
                            min_retained=self.spec.min_retained, own_val_accuracy=dict(rule.own),
                            own_test_accuracy=dict(self.own_test), val_retained=_rounded(val_retained),

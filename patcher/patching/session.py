@@ -193,7 +193,7 @@ class Session:
                 return result
 
             if fixed_alpha is None:
-                selection = SEARCHES[search](evaluate, rule, grid)
+                selection = SEARCHES.entry(search).builds(evaluate, rule, grid)
                 progress.update(bar, total=selection.evaluations)
             else:
                 curve = {a: evaluate(a) for a in sorted({0.0, fixed_alpha, 1.0})}

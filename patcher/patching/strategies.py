@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from patcher.base.registry import Registered, Registry
 from patcher.models.state import State
 from patcher.patching.alpha import DEFAULT_GRID, AlphaRule, Selection
 from patcher.patching.merge_search import MERGE_GRID, MergeOutcomeParts, MergeSpec, merge_states
@@ -281,6 +282,14 @@ def _title(plan: Plan, parameter: str) -> str:
     return f"{', '.join(plan.patch)}: held-out accuracy against {parameter}"
 
 
-STRATEGIES: dict[str, Callable[[Session, Plan], Outcome]] = {
-    "joint": joint, "sequential": sequential, "parallel": parallel,
-}
+PAINT = "Ilharco et al., Patching open-vocabulary models by interpolating weights (PAINT), NeurIPS 2022"
+Strategy = Callable[[Session, Plan], Outcome]
+STRATEGIES: Registry[Registered[Strategy]] = Registry("--multi", [
+    Registered(name="joint", builds=joint, reference=PAINT,
+          summary="one fine-tune on the balanced mixture of every patch task, then interpolation"),
+    Registered(name="sequential", builds=sequential, reference=PAINT,
+          summary="task after task, each fine-tune from the previous patched model, alpha chosen per step"),
+    Registered(name="parallel", builds=parallel, reference=f"{PAINT}; Ilharco et al., Editing models with task "
+          "arithmetic, ICLR 2023", summary="each task fine-tuned from the zero-shot model, the task vectors merged "
+          "(--merge-method)"),
+])

@@ -254,11 +254,11 @@ class TrainingRecord:
     evaluations: list[HeldoutEvaluation] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergedTraining:
     """A merged run trained nothing itself: where it was merged and the steps its runs trained."""
 
-    merged: bool
+    merged: bool = True  # what tells it from a TrainingRecord
     device: str
     total_steps: int
 

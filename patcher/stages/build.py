@@ -21,7 +21,7 @@ from patcher.base import distributed
 from patcher.base.errors import PatcherError
 from patcher.base.progress import console, make_progress
 from patcher.base.staging import Resume, Staging, staged_output
-from patcher.data.loading import Splits, prepare_splits
+from patcher.data.loading import Splits, SplitTasks, prepare_splits
 from patcher.data.metrics import Scores
 from patcher.data.options import DataOptions
 from patcher.data.shots import FewShot
@@ -143,10 +143,9 @@ def check_options(options: BuildOptions) -> Checked:
     """PatcherError, before any work, for options that cannot build a run."""
     method = get_method(options.method)
     params = parse_params(method, options.method_params)
-    if options.search not in SEARCHES:
-        raise PatcherError(f"unknown --search {options.search!r}: use one of {', '.join(SEARCHES)}")
-    if options.multi is not None and options.multi not in STRATEGIES:
-        raise PatcherError(f"unknown --multi {options.multi!r}: use one of {', '.join(STRATEGIES)}")
+    SEARCHES.entry(options.search)  # an unknown name is one error line naming the registered ones
+    if options.multi is not None:
+        STRATEGIES.entry(options.multi)
     if options.tolerance < 0:
         raise PatcherError(f"--tolerance {options.tolerance:g} is negative: pass points of accuracy, e.g. 1")
     options.merge.check()
@@ -247,9 +246,10 @@ class Build:
                 loaded = load_clip(options.model, options.pretrained, options.image_size, device=device)
                 config = options.hyperparameters
                 shots = FewShot(config.shots, config.seed) if config.shots is not None else None
+                wanted = SplitTasks(train=self.checked.patch, evaluate=list(self.checked.tasks.values()), shots=shots)
                 splits = self._timed("data", lambda: prepare_splits(
-                    self.checked.patch, list(self.checked.tasks.values()), loaded.preprocess_cfg, options.data,
-                    data_dir=options.data_dir, download=options.download, device=device, shots=shots))
+                    wanted, loaded.preprocess_cfg, options.data, data_dir=options.data_dir, download=options.download,
+                    device=device))
                 try:
                     return self._patch_and_write(loaded, splits, staging, device)
                 finally:
@@ -271,7 +271,7 @@ class Build:
         session = Session(loaded, self.checked.tasks, heads, splits, device, self.options.eval_batch_size)
         reporter = self.reporter(folder, staging.final.name)
         try:
-            outcome = self._timed("finetune_and_alpha", lambda: STRATEGIES[self.options.strategy](
+            outcome = self._timed("finetune_and_alpha", lambda: STRATEGIES.entry(self.options.strategy).builds(
                 session, self.plan(splits, folder, reporter)))
             if reporter is not None:
                 report_alpha(reporter, outcome)

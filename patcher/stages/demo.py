@@ -115,7 +115,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 def _serve_and_classify(export_dir: Path, options: DemoOptions) -> dict[str, Any]:
     """Write the export into the local repository, serve it, classify test images over gRPC; what was seen."""
     from patcher.data.tasks import get_task
-    from patcher.triton.client import classify_files
+    from patcher.triton.client import ClassifyOptions, Endpoint, classify_files
     from patcher.triton.repository.publish import DEFAULT_REPOSITORY
     from patcher.triton.repository.writer import write_repository
     from patcher.triton.serving.access import new_key
@@ -136,7 +136,8 @@ def _serve_and_classify(export_dir: Path, options: DemoOptions) -> dict[str, Any
         truth.append(str(label))
     with TritonServer(DEFAULT_REPOSITORY, models=list(written.models), key=new_key()) as server:
         console.print(f"Triton serving at {server.grpc_url} (gRPC), models {', '.join(written.models)}")
-        results = classify_files(files, written.name, url=server.grpc_url, top_k=1)
+        results = classify_files(files, written.name, endpoint=Endpoint(url=server.grpc_url),
+                                 options=ClassifyOptions(top_k=1))
     rows = []
     for path, label, result in zip(files, truth, results, strict=True):
         predicted = result["tasks"]["digits"][0]["label"]

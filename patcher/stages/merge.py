@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from patcher.base.errors import PatcherError
 from patcher.base.progress import console
 from patcher.base.staging import staged_output
-from patcher.data.loading import prepare_splits
+from patcher.data.loading import SplitTasks, prepare_splits
 from patcher.data.options import DataOptions
 from patcher.data.tasks import Task, task_of
 from patcher.models import LoadedModel, build_from_config, load_clip, state_dict_digest
@@ -208,7 +208,7 @@ def merge_runs(options: MergeOptions) -> Path:
     tasks = _load_tasks(runs, [*patch, *support])
     heads = _zeroshot_heads(runs, tasks, loaded, device)
 
-    splits = prepare_splits([], list(tasks.values()), loaded.preprocess_cfg, options.data,
+    splits = prepare_splits(SplitTasks(evaluate=list(tasks.values())), loaded.preprocess_cfg, options.data,
                             data_dir=options.data_dir, download=options.download, device=device)
     session = Session(loaded, tasks, heads, splits, device, options.eval_batch_size)
     files = [run_files(run) for run in runs]
@@ -225,8 +225,8 @@ def merge_runs(options: MergeOptions) -> Path:
                               title=f"merged {', '.join(patch)} ({parts.method.name}): held-out accuracy against "
                               "the coefficient", merged_runs=sources, merge=parts)
     tested = test_scores(session, outcome)
-    training = MergedTraining(True, device, sum(run.manifest.training.total_steps for run in runs))
-    method = _merged_method(runs, parts.method.reference())
+    training = MergedTraining(device=device, total_steps=sum(run.manifest.training.total_steps for run in runs))
+    method = _merged_method(runs, parts.method.reference)
     alpha = outcome.alpha_record(fixed_alpha is not None, options.merge.search, options.tolerance,
                                  {task: options.tolerance for task in support})
     contents = RunContents(name=out.name, options_sha256=options_sha256(options.fingerprint(runs)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,38 @@ class ServedModel:
     tasks: dict[str, tuple[str, int]]  # task -> (output name, class count)
     preprocess: dict[str, Any] | None
     limits: dict[str, Any] | None = None  # the preprocessing model's input limits
+
+
+@dataclass(frozen=True, kw_only=True)
+class Endpoint:
+    """Where a served entry answers and how to reach it: the gRPC address (HOST:PORT), the seconds a call may take,
+    and the server's key file (only used to list its models when a name is not one of them; default: the file
+    `patcher serve` wrote for `url`)."""
+
+    url: str = "127.0.0.1:8001"
+    timeout_s: float = 30
+    key_file: Path | None = None
+
+    def headers(self) -> dict[str, str] | None:
+        """The server's key as gRPC headers, when one is found for this address."""
+        from patcher.triton.serving.access import find_key
+
+        key = find_key(self.url, self.key_file)
+        return key.grpc_headers if key else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifyOptions:
+    """How many labels an answer ranks per task, and how many images go in one request (capped by the model's
+    batch limit)."""
+
+    top_k: int = 5
+    batch_size: int = 16
+
+    def check(self) -> None:
+        """PatcherError for values that cannot work."""
+        if self.top_k < 1 or self.batch_size < 1:
+            raise PatcherError("top_k and batch_size must be at least 1")
 
 
 def grpc_modules():
@@ -72,6 +105,17 @@ def connect(url: str, timeout_s: float = 30) -> Any:
     if not live:
         raise PatcherError(f"the Triton server at {url} is not live: check `patcher serve`'s log")
     return client
+
+
+@contextlib.contextmanager
+def connected(endpoint: Endpoint) -> Iterator[Any]:
+    """A gRPC client for the live server at `endpoint` (PatcherError if nothing answers there), closed on the way
+    out."""
+    client = connect(endpoint.url, endpoint.timeout_s)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def _config(client: Any, model: str, timeout_s: float) -> dict[str, Any]:
@@ -164,35 +208,24 @@ def parse_classification(entry: bytes | str) -> dict[str, Any]:
     return {"label": label or index, "index": int(index), "score": float(score)}
 
 
-def classify_files(
-    paths: list[Path],
-    model: str,
-    url: str = "127.0.0.1:8001",
-    top_k: int = 5,
-    raw: bool = False,
-    batch_size: int = 16,
-    timeout_s: float = 30,
-    key_file: Path | None = None,
-) -> list[dict]:
+def classify_files(paths: list[Path], model: str, *, endpoint: Endpoint = Endpoint(),
+                   options: ClassifyOptions = ClassifyOptions(), raw: bool = False) -> list[dict]:
     """Top-k (label, score) per task for each image file, from the ensemble `model` (or `<model>_patched` if raw).
 
     raw=True preprocesses here (as the served model's config records it) and sends float tensors. The server's key
-    (`key_file`, else the file `patcher serve` wrote for `url`) only serves to list its models when `model` is not
-    one of them.
+    (`endpoint.key_file`, else the file `patcher serve` wrote for its URL) only serves to list its models when
+    `model` is not one of them.
     """
-    from patcher.triton.serving.access import find_key
-
     grpcclient, InferenceServerException = grpc_modules()
-    key = find_key(url, key_file)
+    url, timeout_s = endpoint.url, endpoint.timeout_s
+    headers = endpoint.headers()
     paths = [Path(p) for p in paths]
-    if top_k < 1 or batch_size < 1:
-        raise PatcherError("top_k and batch_size must be at least 1")
-    client = connect(url, timeout_s)
-    try:
+    options.check()
+    with connected(endpoint) as client:
         target = model if not raw or model.endswith("_patched") else f"{model}_patched"
-        served = describe_model(client, target, url, timeout_s, key.grpc_headers if key else None)
+        served = describe_model(client, target, url, timeout_s, headers)
         _check_classifies(served, target, url, raw)
-        step = min(batch_size, served.max_batch_size) if served.max_batch_size > 0 else 1
+        step = min(options.batch_size, served.max_batch_size) if served.max_batch_size > 0 else 1
         results: list[dict] = []
         for start in range(0, len(paths), step):
             chunk = paths[start : start + step]
@@ -205,7 +238,7 @@ def classify_files(
                 tensor = grpcclient.InferInput(IMAGE_BYTES, list(array.shape), "BYTES")
             tensor.set_data_from_numpy(array)
             requested = [
-                grpcclient.InferRequestedOutput(output, class_count=min(top_k, classes))
+                grpcclient.InferRequestedOutput(output, class_count=min(options.top_k, classes))
                 for output, classes in served.tasks.values()
             ]
             try:
@@ -217,8 +250,6 @@ def classify_files(
                                      {task: values[row] for task, values in per_task.items()})
                         for row, path in enumerate(chunk)]
         return results
-    finally:
-        client.close()
 
 
 def _check_classifies(served: ServedModel, target: str, url: str, raw: bool) -> None:

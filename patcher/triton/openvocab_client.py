@@ -13,7 +13,16 @@ import numpy as np
 from patcher.base.errors import PatcherError
 from patcher.export.contract import EMBEDDING_OUTPUT, TEXT_OUTPUT
 from patcher.export.openvocab import rank
-from patcher.triton.client import connect, describe_model, grpc_modules, infer_error, known_models, read_image_file
+from patcher.triton.client import (
+    ClassifyOptions,
+    Endpoint,
+    connected,
+    describe_model,
+    grpc_modules,
+    infer_error,
+    known_models,
+    read_image_file,
+)
 from patcher.triton.item_errors import item_error
 from patcher.triton.repository.configs import IMAGE_BYTES
 
@@ -40,21 +49,11 @@ def _parameters(client: Any, model: str, url: str, timeout_s: float, headers: di
     return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
 
 
-def _headers(url: str, key_file: Path | None) -> dict[str, str] | None:
-    from patcher.triton.serving.access import find_key
-
-    key = find_key(url, key_file)
-    return key.grpc_headers if key else None
-
-
-def served_templates(model: str, url: str = "127.0.0.1:8001", timeout_s: float = 30,
-                     key_file: Path | None = None) -> dict[str, list[str]]:
+def served_templates(model: str, endpoint: Endpoint = Endpoint()) -> dict[str, list[str]]:
     """The prompt templates of the served entry's tasks, from its open-vocabulary model's config."""
-    client = connect(url, timeout_s)
-    try:
-        parameters = _parameters(client, f"{entry_of(model)}_classify", url, timeout_s, _headers(url, key_file))
-    finally:
-        client.close()
+    with connected(endpoint) as client:
+        parameters = _parameters(client, f"{entry_of(model)}_classify", endpoint.url, endpoint.timeout_s,
+                                 endpoint.headers())
     return json.loads(parameters.get("templates") or "{}")
 
 
@@ -77,20 +76,18 @@ def _strings(values: Sequence[str]) -> np.ndarray:
     return np.array([value.encode("utf-8") for value in values], dtype=np.object_)
 
 
-def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templates: Sequence[str] | None = None,
-                    url: str = "127.0.0.1:8001", top_k: int = 5, batch_size: int = 16, timeout_s: float = 30,
-                    key_file: Path | None = None) -> list[dict]:
+def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templates: Sequence[str] | None = None, *,
+                    endpoint: Endpoint = Endpoint(), options: ClassifyOptions = ClassifyOptions()) -> list[dict]:
     """Per image file, the label set's top-k labels with scores, from `<entry>_classify`; each result's `tasks`
     holds one entry, `labels`, ranked as the baked tasks are."""
     grpcclient, InferenceServerException = grpc_modules()
-    if top_k < 1 or batch_size < 1:
-        raise PatcherError("top_k and batch_size must be at least 1")
+    options.check()
+    url, timeout_s, top_k = endpoint.url, endpoint.timeout_s, options.top_k
     target = f"{entry_of(model)}_classify"
-    client = connect(url, timeout_s)
-    try:
-        parameters = _parameters(client, target, url, timeout_s, _headers(url, key_file))
+    with connected(endpoint) as client:
+        parameters = _parameters(client, target, url, timeout_s, endpoint.headers())
         version = str(client.get_model_metadata(target, as_json=True).get("versions", ["?"])[-1])
-        step = min(batch_size, int(parameters.get("max_images", batch_size)))
+        step = min(options.batch_size, int(parameters.get("max_images", options.batch_size)))
         names = tuple(labels)
         results: list[dict] = []
         for start in range(0, len(paths), step):
@@ -111,18 +108,16 @@ def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templa
             for path, ranked in zip(chunk, rank(scores, names, top_k, probs), strict=True):
                 results.append({"file": str(path), "model": target, "version": version, "tasks": {"labels": ranked}})
         return results
-    finally:
-        client.close()
 
 
-def embed_files(paths: list[Path], model: str, url: str = "127.0.0.1:8001", batch_size: int = 16,
-                timeout_s: float = 30, key_file: Path | None = None) -> np.ndarray:
+def embed_files(paths: list[Path], model: str, *, endpoint: Endpoint = Endpoint(), batch_size: int = 16
+                ) -> np.ndarray:
     """[N, D] L2-normalised image embeddings of image files, from the entry's ensemble (the server preprocesses)."""
     grpcclient, InferenceServerException = grpc_modules()
+    url, timeout_s = endpoint.url, endpoint.timeout_s
     target = entry_of(model)
-    client = connect(url, timeout_s)
-    try:
-        served = describe_model(client, target, url, timeout_s, _headers(url, key_file))
+    with connected(endpoint) as client:
+        served = describe_model(client, target, url, timeout_s, endpoint.headers())
         step = min(batch_size, served.max_batch_size) if served.max_batch_size > 0 else 1
         parts = []
         for start in range(0, len(paths), step):
@@ -136,18 +131,16 @@ def embed_files(paths: list[Path], model: str, url: str = "127.0.0.1:8001", batc
                 raise infer_error(error, chunk, target, url) from None
             parts.append(response.as_numpy(EMBEDDING_OUTPUT))
         return np.concatenate(parts)
-    finally:
-        client.close()
 
 
-def embed_texts(texts: Sequence[str], model: str, url: str = "127.0.0.1:8001", batch_size: int = 64,
-                timeout_s: float = 30, key_file: Path | None = None) -> np.ndarray:
+def embed_texts(texts: Sequence[str], model: str, *, endpoint: Endpoint = Endpoint(), batch_size: int = 64
+                ) -> np.ndarray:
     """[N, D] L2-normalised text embeddings of prompts, from `<entry>_text`."""
     grpcclient, InferenceServerException = grpc_modules()
+    url, timeout_s = endpoint.url, endpoint.timeout_s
     target = f"{entry_of(model)}_text"
-    client = connect(url, timeout_s)
-    try:
-        _parameters(client, target, url, timeout_s, _headers(url, key_file))
+    with connected(endpoint) as client:
+        _parameters(client, target, url, timeout_s, endpoint.headers())
         limit = int(client.get_model_config(target, as_json=True)["config"].get("max_batch_size", 1)) or 1
         step = min(batch_size, limit)
         parts = []
@@ -163,8 +156,6 @@ def embed_texts(texts: Sequence[str], model: str, url: str = "127.0.0.1:8001", b
                 shown = str(item.shifted(start)) if item else message  # numbered in the whole list, not the request
                 raise PatcherError(f"{target} on {url} refused the request: {shown}") from None
         return np.concatenate(parts)
-    finally:
-        client.close()
 
 
 def save_embeddings(out: Path, keys: Sequence[str], embeddings: np.ndarray, what: str) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from patcher.base.errors import PatcherError
+from patcher.base.registry import Parameter, Registered, Registry
 from patcher.training.config import TrainConfig
 from patcher.training.methods.base import Method, MethodSetup, Stage, params_dict, parse_params
 from patcher.training.methods.carft import ContextAwareFineTune
@@ -12,17 +13,25 @@ from patcher.training.methods.flyp import ContrastiveFineTune
 from patcher.training.methods.ft import FineTune
 from patcher.training.methods.probe import LinearProbe, LinearProbeThenFineTune
 
-METHODS: dict[str, type[Method]] = {
-    method.name: method
+
+def registered(method: type[Method]) -> Registered[type[Method]]:
+    """A method class as its registry entry: name, summary, reference, and its Params' fields as parameters."""
+    defaults = method.Params()
+    parameters = tuple(Parameter(name=field.name, default=getattr(defaults, field.name))
+                       for field in dataclasses.fields(method.Params))
+    return Registered(name=method.name, summary=method.summary, reference=method.reference, parameters=parameters,
+                      builds=method)
+
+
+METHODS: Registry[Registered[type[Method]]] = Registry("--method", [
+    registered(method)
     for method in (FineTune, LinearProbe, LinearProbeThenFineTune, ContrastiveFineTune, ContextAwareFineTune)
-}
+])
 
 
 def get_method(name: str) -> type[Method]:
-    """The method class called `name`; PatcherError naming the available ones otherwise."""
-    if name not in METHODS:
-        raise PatcherError(f"unknown --method {name!r}: available: {', '.join(METHODS)}")
-    return METHODS[name]
+    """The method class called `name`; PatcherError naming the nearest registered ones otherwise."""
+    return METHODS.entry(name).builds
 
 
 def train_config(name: str, **given: Any) -> TrainConfig:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from patcher.base.errors import PatcherError
+from patcher.base.registry import Registered, Registry
 from patcher.triton.repository.configs import (
     IMAGE_BYTES,
     NUMPY_TYPES,
@@ -18,13 +19,12 @@ from patcher.triton.repository.configs import (
 from patcher.triton.repository.entry import Entry, Model
 from patcher.triton.repository.entry_context import (
     IMAGE_FORMAT,
-    IMAGING,
-    IMAGING_FILE,
     TEMPLATES,
     EntryContext,
     ModelPlan,
     Options,
     Source,
+    python_model,
     task_outputs,
 )
 from patcher.triton.repository.export_info import ExportInfo, TensorSpec, onnx_io
@@ -71,8 +71,7 @@ def build_preprocess(context: EntryContext, model: Model) -> ModelPlan:
     """Encoded image bytes -> the classifier's normalised input (python backend, bounded inputs)."""
     parameters = {**context.common(), "preprocess": context.preprocess, "limits": context.options.limits}
     config = preprocess_config(model.name, context.image, context.options.batching, parameters)
-    return context.plan(model, config, {"model.py": (TEMPLATES / "preprocess_model.py").read_text(),
-                                        IMAGING_FILE: IMAGING.read_text()})
+    return context.plan(model, config, python_model("preprocess_model.py", imaging=True))
 
 
 def _classifier(context: EntryContext, model: Model, spec: TensorSpec, image_format: str | None,
@@ -84,8 +83,7 @@ def _classifier(context: EntryContext, model: Model, spec: TensorSpec, image_for
     tensors = Tensors(image=spec, outputs=context.outputs, labels=context.labels, image_format=image_format)
     config = classifier_config(model.name, tensors, options.backend, options.batching, parameters, options.tensorrt)
     # model.onnx serves platform onnxruntime_onnx and the python backend's model.py alike
-    return context.plan(model, config, {"model.onnx": onnx_file,
-                                        "model.py": (TEMPLATES / "onnx_model.py").read_text()})
+    return context.plan(model, config, {"model.onnx": onnx_file, **python_model("onnx_model.py")})
 
 
 def build_classifier(context: EntryContext, model: Model) -> ModelPlan:
@@ -130,21 +128,6 @@ def build_task_bytes(context: EntryContext, model: Model) -> ModelPlan:
     return context.plan(model, config)
 
 
-# One builder per model kind (entry.py lists the kinds); kinds not named here are extra classifiers.
-BUILDERS: dict[str, Callable[[EntryContext, Model], ModelPlan]] = {
-    "preprocess": build_preprocess,
-    "patched": build_classifier,
-    "zeroshot": build_classifier,
-    "pixels": build_pixels,
-    "ensemble": build_ensemble,
-    "task_pixels": build_task_pixels,
-    "task_bytes": build_task_bytes,
-    "text": build_text,
-    "embed": build_embed,
-    "classify": build_classify,
-}
-
-
 # What each model is for, as `patcher triton` writes it into the model's config (parameter "description"), so that a
 # user reading the config (GET /v2/models/<model>/config, tritonclient's get_model_config) can tell them apart.
 DESCRIPTIONS = {
@@ -171,14 +154,38 @@ DESCRIPTIONS = {
                 "label (logits: logit_scale x cosine), 'probabilities' (their softmax over your labels) and "
                 "'classification' ('probability:index:label', most probable first).",
 }
+# The conventions the models follow.
+PYTHON_BACKEND = "Triton's python backend (github.com/triton-inference-server/python_backend)"
+ONNXRUNTIME = ("Triton's onnxruntime backend (github.com/triton-inference-server/onnxruntime_backend), or the python "
+               "backend running the same model.onnx (--backend)")
+ENSEMBLE = "Triton's ensemble models (triton-inference-server/server, docs/user_guide/ensemble_models.md)"
+IMAGE_CLIENT = "NVIDIA's image_client convention (triton-inference-server/client, examples/image_client.py)"
+Builder = Callable[[EntryContext, Model], ModelPlan]
+# One builder per model kind (entry.py lists the kinds); kinds not named here are extra classifiers.
+BUILDERS: Registry[Registered[Builder]] = Registry("model kind", [
+    Registered(name=kind, builds=builds, reference=reference, summary=DESCRIPTIONS[kind])
+    for kind, builds, reference in (
+        ("preprocess", build_preprocess, PYTHON_BACKEND),
+        ("patched", build_classifier, ONNXRUNTIME),
+        ("zeroshot", build_classifier, ONNXRUNTIME),
+        ("pixels", build_pixels, IMAGE_CLIENT),
+        ("ensemble", build_ensemble, ENSEMBLE),
+        ("task_pixels", build_task_pixels, IMAGE_CLIENT),
+        ("task_bytes", build_task_bytes, ENSEMBLE),
+        ("text", build_text, PYTHON_BACKEND),
+        ("embed", build_embed, IMAGE_CLIENT),
+        ("classify", build_classify, PYTHON_BACKEND),
+    )
+])
+EXTRA_CLASSIFIER = "An extra classifier ({kind}), served like {entry}_patched: CLIP-normalised float images in."
 CLASSIFIERS = ("patched", "zeroshot", "pixels", "ensemble", "task_pixels", "task_bytes", "embed")
 
 
 def describe(context: EntryContext, plan: ModelPlan) -> None:
     """Add what the model is for, and for the image models the precision and alpha they serve, to its config."""
     model = plan.model
-    text = DESCRIPTIONS.get(model.kind, "An extra classifier ({kind}), served like {entry}_patched: CLIP-normalised "
-                                        "float images in.")
+    registered = BUILDERS.get(model.kind)
+    text = registered.summary if registered else EXTRA_CLASSIFIER
     parameters = {"description": text.format(entry=context.entry.name, image=context.image.name, task=model.task,
                                              kind=model.kind)}
     kind = "zeroshot" if model.kind == "zeroshot" else "patched"
@@ -192,6 +199,11 @@ def describe(context: EntryContext, plan: ModelPlan) -> None:
         plan.config.parameters[key].string_value = value
 
 
+def _builder(kind: str) -> Builder:
+    entry = BUILDERS.get(kind)
+    return entry.builds if entry else build_classifier  # an extra classifier
+
+
 def plan_entry(info: ExportInfo, entry: Entry, files: dict[str, Path], options: Options, record: str
                ) -> list[ModelPlan]:
     """Every model of the entry with its configuration and files; `record` is the version record (patcher.json)."""
@@ -201,7 +213,7 @@ def plan_entry(info: ExportInfo, entry: Entry, files: dict[str, Path], options: 
             raise PatcherError(f"{path} and {files['patched']} have different inputs or outputs")
     context = EntryContext(info=info, entry=entry, options=options, files=files, image=image, outputs=outputs,
                            record=record)
-    plans = [BUILDERS.get(model.kind, build_classifier)(context, model) for model in entry.models()]
+    plans = [_builder(model.kind)(context, model) for model in entry.models()]
     for plan in plans:
         describe(context, plan)
     return plans

@@ -24,6 +24,15 @@ IMAGE_FORMAT = "FORMAT_NCHW"
 Source = Path | str | Callable[[Path], Any]
 
 
+def python_model(template: str, *, imaging: bool = False) -> dict[str, Source]:
+    """A python-backend model's version files: its model.py from templates/, and the imaging module it imports as
+    `patcher_imaging` when it decodes images."""
+    files: dict[str, Source] = {"model.py": (TEMPLATES / template).read_text()}
+    if imaging:
+        files[IMAGING_FILE] = IMAGING.read_text()
+    return files
+
+
 @dataclass
 class ModelPlan:
     """One model to write: its configuration, labels files (name -> class names) and version files."""

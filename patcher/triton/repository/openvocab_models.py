@@ -24,14 +24,7 @@ from patcher.base.records import to_json
 from patcher.export.contract import EMBEDDING_OUTPUT, TEXT_OUTPUT, TextExport
 from patcher.triton.repository.configs import IMAGE_BYTES, Step, Tensors, classifier_config, ensemble_config
 from patcher.triton.repository.entry import Model
-from patcher.triton.repository.entry_context import (
-    IMAGE_FORMAT,
-    IMAGING,
-    IMAGING_FILE,
-    TEMPLATES,
-    EntryContext,
-    ModelPlan,
-)
+from patcher.triton.repository.entry_context import IMAGE_FORMAT, EntryContext, ModelPlan, python_model
 from patcher.triton.repository.export_info import TensorSpec
 from patcher.triton.repository.pixels import PIXELS_INPUT
 
@@ -93,8 +86,8 @@ def build_text(context: EntryContext, model: Model) -> ModelPlan:
     config = classifier_config(model.name, tensors, "python", batching, parameters)
     vocabulary = context.info.vocabulary_file()
     return context.plan(model, config, {"model.onnx": context.info.text_file("patched"),
-                                        "model.py": (TEMPLATES / "text_model.py").read_text(),
-                                        TOKENIZER_FILE: _source(tokenizer), vocabulary.name: vocabulary})
+                                        **python_model("text_model.py"), TOKENIZER_FILE: _source(tokenizer),
+                                        vocabulary.name: vocabulary})
 
 
 def build_embed(context: EntryContext, model: Model) -> ModelPlan:
@@ -136,5 +129,5 @@ def build_classify(context: EntryContext, model: Model) -> ModelPlan:
     instances = limits["classify_instances"] or context.options.batching.instances
     config = classify_config(model.name, instances, parameters)
     return context.plan(model, config, {"model.onnx": context.files["patched"],
-                                        "model.py": (TEMPLATES / "openvocab_model.py").read_text(),
-                                        IMAGING_FILE: IMAGING.read_text(), OPENVOCAB_FILE: _source(label_sets)})
+                                        **python_model("openvocab_model.py", imaging=True),
+                                        OPENVOCAB_FILE: _source(label_sets)})
