@@ -55,7 +55,8 @@ class NoParams:
 
 
 class Method(ABC):
-    """A fine-tuning method: subclasses set the class attributes and implement `stages` and `state`."""
+    """A fine-tuning method: a subclass declares its registry entry in its class line (`name=`, `summary=`,
+    `reference=`, `trains=`, `params=`; what it leaves out it inherits) and implements `stages` and `state`."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -63,10 +64,19 @@ class Method(ABC):
     trains: ClassVar[tuple[str, ...]]  # what `state()` holds: "visual", "text", "heads"
     Params: ClassVar[type] = NoParams
 
+    def __init_subclass__(cls, *, name: str = "", summary: str = "", reference: str = "",
+                          trains: tuple[str, ...] = (), params: type | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = {"name": name, "summary": summary, "reference": reference, "trains": trains, "Params": params}
+        for attribute, value in declared.items():
+            if value:
+                setattr(cls, attribute, value)
+
     def __init__(self, setup: MethodSetup, params: Any) -> None:
         self.setup = setup
         self.params = params
         self.device = setup.device
+        torch.manual_seed(setup.train_config.seed)  # what a method draws at setup is the seed's
 
     @classmethod
     def default_config(cls) -> TrainConfig:

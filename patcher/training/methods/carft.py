@@ -71,14 +71,10 @@ def context_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> torch
     return F.kl_div(F.log_softmax(logits.float(), dim=-1), reference_log_probs, log_target=True, reduction="batchmean")
 
 
-class ContextAwareFineTune(FineTune):
+class ContextAwareFineTune(FineTune, name="carft", trains=("visual",), params=ContextParams,
+                           summary="ft + KL to the starting model's distribution over context prompts",
+                           reference="Mao et al., Context-Aware Robust Fine-Tuning, 2022 (arXiv:2211.16175)"):
     """ft's cross-entropy plus kl_weight * KL(p_start(context | x) || p_current(context | x))."""
-
-    name = "carft"
-    summary = "ft + KL to the starting model's distribution over context prompts"
-    reference = "Mao et al., Context-Aware Robust Fine-Tuning, 2022 (arXiv:2211.16175)"
-    trains = ("visual",)
-    Params = ContextParams
 
     def __init__(self, setup: MethodSetup, params: ContextParams) -> None:
         super().__init__(setup, params)

@@ -76,18 +76,15 @@ class ContrastiveParams:
     same_class_positives: bool = True  # False: the reference code's identity target (same-class pairs negatives)
 
 
-class ContrastiveFineTune(Method):
+class ContrastiveFineTune(Method, name="flyp", trains=("visual", "text"), params=ContrastiveParams,
+                          summary="both towers trained with CLIP's contrastive loss on class-name captions; "
+                                  "heads rebuilt from text",
+                          reference="Goyal et al., Finetune like you pretrain: improved finetuning of zero-shot "
+                                    "vision models, CVPR 2023"):
     """Image and text towers (and the temperature) trained contrastively on class-name captions."""
-
-    name = "flyp"
-    summary = "both towers trained with CLIP's contrastive loss on class-name captions; heads rebuilt from text"
-    reference = "Goyal et al., Finetune like you pretrain: improved finetuning of zero-shot vision models, CVPR 2023"
-    trains = ("visual", "text")
-    Params = ContrastiveParams
 
     def __init__(self, setup: MethodSetup, params: ContrastiveParams) -> None:
         super().__init__(setup, params)
-        torch.manual_seed(setup.train_config.seed)
         self.model = setup.loaded.model.to(self.device)
         self.mixture = TaskMixture(setup.train_splits, setup.train_config.batch_size, setup.train_config.seed)
         uneven = [task for task, share in self.mixture.shares.items() if share % distributed.world_size()]

@@ -11,17 +11,14 @@ from patcher.training.methods.base import Method, MethodSetup, Stage
 from patcher.training.sampling import WHOLE, Micro, TaskMixture
 
 
-class FineTune(Method):
+class FineTune(Method, name="ft", trains=("visual",),
+               summary="image encoder trained through the frozen zero-shot heads",
+               reference="Ilharco et al., Patching open-vocabulary models by interpolating weights (PAINT), "
+                         "NeurIPS 2022"):
     """Full fine-tuning of the image encoder; heads stay the zero-shot ones (Ilharco et al., 2022)."""
-
-    name = "ft"
-    summary = "image encoder trained through the frozen zero-shot heads"
-    reference = "Ilharco et al., Patching open-vocabulary models by interpolating weights (PAINT), NeurIPS 2022"
-    trains = ("visual",)
 
     def __init__(self, setup: MethodSetup, params: object) -> None:
         super().__init__(setup, params)
-        torch.manual_seed(setup.train_config.seed)
         self.encoder = setup.loaded.model.visual
         heads = {task: setup.heads[task] for task in setup.train_splits}
         self.classifier = MultiHeadClassifier(self.encoder, heads).to(self.device)

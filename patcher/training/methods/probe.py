@@ -48,18 +48,14 @@ class CosineHeads(nn.Module):
         return F.normalize(self.weights[index], dim=0) * self.scales[index]
 
 
-class LinearProbe(Method):
+class LinearProbe(Method, name="lp", trains=("heads",), params=NoParams,
+                  summary="linear probe: patch-task heads trained (from the zero-shot head), encoder frozen",
+                  reference="Kumar et al., Fine-Tuning can Distort Pretrained Features and Underperform OOD, "
+                            "ICLR 2022"):
     """Heads of the patch tasks trained on frozen embeddings; the encoder is left exactly as it was."""
-
-    name = "lp"
-    summary = "linear probe: patch-task heads trained (from the zero-shot head), encoder frozen"
-    reference = "Kumar et al., Fine-Tuning can Distort Pretrained Features and Underperform OOD, ICLR 2022"
-    trains = ("heads",)
-    Params = NoParams
 
     def __init__(self, setup: MethodSetup, params: object) -> None:
         super().__init__(setup, params)
-        torch.manual_seed(setup.train_config.seed)
         self.encoder = setup.loaded.model.visual
         self.probe = CosineHeads({task: setup.heads[task] for task in setup.train_splits}).to(self.device)
         frozen = MultiHeadClassifier(self.encoder, {}).to(self.device)
@@ -118,13 +114,10 @@ class ProbeThenFineTuneParams:
     lp_weight_decay: float = PROBE_WEIGHT_DECAY
 
 
-class LinearProbeThenFineTune(LinearProbe):
+class LinearProbeThenFineTune(LinearProbe, name="lpft", trains=("visual", "heads"), params=ProbeThenFineTuneParams,
+                              summary="linear probe, then full fine-tuning (encoder and probed heads) starting "
+                                      "from it"):
     """LP, then every parameter (encoder and the probed heads) fine-tuned from there with cross-entropy."""
-
-    name = "lpft"
-    summary = "linear probe, then full fine-tuning (encoder and probed heads) starting from it"
-    trains = ("visual", "heads")
-    Params = ProbeThenFineTuneParams
 
     @classmethod
     def default_config(cls) -> TrainConfig:
