@@ -143,8 +143,12 @@ def _fast_lane_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    os.environ["PATCHER_CACHE"] = str(tmp_path_factory.mktemp("patcher-cache"))
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session's own model cache; given back at its end (a suite that pytester runs in this process sets its
+    own, which must not outlive it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATCHER_CACHE", str(tmp_path_factory.mktemp("patcher-cache")))
+        yield
 
 
 @contextmanager
