@@ -9,7 +9,8 @@ before its gRPC port and an HttpFront before its HTTP port, and runs a closed-lo
 `--concurrency` threads of blocking calls) for `--seconds` against each path in turn, `--rounds` times interleaved:
 the patched classifier at batch 1 and 8 (tensors), and the entry's ensemble with one encoded image per request
 (bytes). With --bare, a bare gRPC pass-through (a handler that only calls tritonserver: no bounds, no metadata,
-no deadline handling) is measured too, as the floor of what any Python gRPC hop costs. The ratios table gives,
+no deadline handling) is measured too, as the floor of what any Python gRPC hop costs, on grpc's thread pool ("bare")
+and on grpc.aio ("bare aio"). The ratios table gives,
 per round, the front's throughput over the direct path's measured just before it, median and range over rounds.
 Then one HTTP request announcing `--oversized-mb` of body is sent to each path while tritonserver's
 resident memory is sampled. With --arenas, a second server with glibc's default arenas (MALLOC_ARENA_MAX unset by
@@ -20,6 +21,7 @@ patcher) is measured over gRPC, direct, to show what one arena costs. Writes ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -132,6 +134,57 @@ class BareProxy:
         """Stop serving and close the upstream channel."""
         self.server.stop(1).wait()
         self.channel.close()
+
+
+class AsyncBareProxy:
+    """The same floor on grpc.aio (one event loop on a thread of its own instead of a thread per call): whether an
+    asyncio front would forward cheaper. The upstream call is shielded, so a client that gives up does not cancel it."""
+
+    def __init__(self, address: str, upstream: str) -> None:
+        import asyncio
+
+        self.address, self.upstream = address, upstream
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self.loop.run_until_complete, args=(self._serve(),), daemon=True)
+        self._thread.start()
+        self._started.wait(30)
+
+    async def _serve(self) -> None:
+        import asyncio
+
+        import grpc
+
+        from patcher.triton.serving.front import CHANNEL_OPTIONS, SERVICE
+
+        channel = grpc.aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
+        calls: dict[str, Any] = {}
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details: Any) -> Any:
+                method = details.method
+                if not method.startswith(f"/{SERVICE}/"):
+                    return None
+                call = calls.get(method) or calls.setdefault(method, channel.unary_unary(method))
+
+                async def forward(request: bytes, context: Any) -> bytes:
+                    return await asyncio.shield(call(request))
+
+                return grpc.unary_unary_rpc_method_handler(forward)
+
+        self._server = grpc.aio.server(handlers=[Handler()], options=[("grpc.max_receive_message_length", -1)])
+        self._server.add_insecure_port(self.address)
+        await self._server.start()
+        self._started.set()
+        await self._server.wait_for_termination()
+        await channel.close()
+
+    def stop(self) -> None:
+        """Stop serving, waiting at most 5 s (the loop's thread is a daemon: it goes with the process)."""
+        import asyncio
+
+        with contextlib.suppress(TimeoutError):
+            asyncio.run_coroutine_threadsafe(self._server.stop(1), self.loop).result(timeout=5)
 
 
 def ratios(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -249,7 +302,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--protocols", default="grpc,http")
-    parser.add_argument("--bare", action="store_true", help="also a bare gRPC pass-through (the floor)")
+    parser.add_argument("--bare", action="store_true",
+                        help="also bare gRPC pass-throughs, threaded and asyncio (the floors)")
     parser.add_argument("--arenas", action="store_true", help="also a server with glibc's default arenas")
     parser.add_argument("--oversized-mb", type=int, default=400, help="0: skip the oversized HTTP body")
     parser.add_argument("--out-name", default="serving-front",
@@ -276,9 +330,10 @@ def main() -> None:
             paths = {("grpc", "direct"): server.grpc_url, ("grpc", "front"): grpc_front.address,
                      ("http", "direct"): f"127.0.0.1:{http_port}",
                      ("http", "front"): f"127.0.0.1:{http_front.address[1]}"}
-            bare = BareProxy(f"127.0.0.1:{free_port()}", server.grpc_url) if args.bare else None
-            if bare is not None:
-                paths[("grpc", "bare")] = bare.address
+            floors = ([BareProxy(f"127.0.0.1:{free_port()}", server.grpc_url),
+                       AsyncBareProxy(f"127.0.0.1:{free_port()}", server.grpc_url)] if args.bare else [])
+            for floor, path in zip(floors, ("bare", "bare aio"), strict=False):
+                paths[("grpc", path)] = floor.address
             chosen = {key: url for key, url in paths.items() if key[0] in protocols}
             if server_kind != "patcher":
                 chosen = {("grpc", "direct"): server.grpc_url}
@@ -297,8 +352,8 @@ def main() -> None:
             finally:
                 grpc_front.stop()
                 http_front.stop()
-                if bare is not None:
-                    bare.stop()
+                for floor in floors:
+                    floor.stop()
                 server.stop()
     summary = {key: {"images_per_s": float(np.median([r["images_per_s"] for r in runs])),
                      "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
