@@ -170,8 +170,8 @@ def throughput_section(work: Path, quick: bool) -> dict[str, Any]:
     """Training images/s at 224 px: streaming from JPEG files against a RAM store, interleaved rounds."""
     from patcher.data.image_store import StoreItems, build_store
     from patcher.data.items import TransformedItems
-    from patcher.data.loading import TrainSplit
     from patcher.data.options import default_workers
+    from patcher.data.prepared_splits import TrainSplit
     from patcher.data.tasks import get_task
     from patcher.data.transforms import Normalize, eval_transform, train_transform
 

@@ -61,7 +61,7 @@ def measure(model: str, image_size: int, batch: int, config: str, steps: int, de
     import torch
 
     from patcher.data.items import TensorItems
-    from patcher.data.loading import TrainSplit
+    from patcher.data.prepared_splits import TrainSplit
     from patcher.data.tasks import get_task
     from patcher.models import load_clip
     from patcher.training.config import TrainConfig

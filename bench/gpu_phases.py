@@ -120,7 +120,7 @@ def machine(device: str) -> dict[str, Any]:
 def _fine_tune(loaded: Any, shape: Shape, config: str, plan: Plan) -> dict[str, Any]:
     """Warm-up steps, then timed steps of patcher's `ft` through its training loop (AMP on CUDA) on random images."""
     from patcher.data.items import TensorItems
-    from patcher.data.loading import TrainSplit
+    from patcher.data.prepared_splits import TrainSplit
     from patcher.data.tasks import get_task
     from patcher.training.config import TrainConfig
     from patcher.training.loop import MethodTracking, precision_name, train_method

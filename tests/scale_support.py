@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from patcher.data.items import TensorItems
-from patcher.data.loading import TrainSplit
+from patcher.data.prepared_splits import TrainSplit
 from patcher.data.tasks import get_task
 from patcher.models import load_clip
 from patcher.models.heads import build_head

@@ -16,8 +16,8 @@ from patcher.base.errors import PatcherError
 from patcher.data.evaluation import Scorer, accuracies
 from patcher.data.image_store import StoreItems, build_store, open_store
 from patcher.data.items import TransformedItems
-from patcher.data.loading import SplitTasks, TrainSplit, prepare_splits
 from patcher.data.options import DataOptions
+from patcher.data.prepared_splits import SplitTasks, TrainSplit, prepare_splits
 from patcher.data.tasks import get_task
 from patcher.data.tasks.views import ArrayImages
 from patcher.data.transforms import Normalize, eval_transform, train_transform

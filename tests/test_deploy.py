@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from patcher.base.errors import PatcherError
 from patcher.cli import app
 from patcher.deploy.manifests import manifests, write_manifests
-from patcher.deploy.options import DeployOptions
+from patcher.deploy.settings import DeployOptions
 from patcher.triton.repository.objectstore import ObjectStore
 
 EXAMPLE = Path(__file__).parents[1] / "triton_models"

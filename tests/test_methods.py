@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from patcher.base.compat import import_open_clip
 from patcher.base.errors import PatcherError
 from patcher.data.items import TensorItems
-from patcher.data.loading import TrainSplit
+from patcher.data.prepared_splits import TrainSplit
 from patcher.data.tasks import get_task
 from patcher.models import load_clip
 from patcher.models.heads import HeadResolver, build_head

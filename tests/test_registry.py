@@ -1,4 +1,4 @@
-"""The registries share one shape (patcher/base/registry.py): every entry names itself, says what it does and where
+"""The registries share one shape (patcher/base/registries.py): every entry names itself, says what it does and where
 it comes from, and an unknown name is one error line naming the nearest registered ones."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from patcher.base.errors import PatcherError
-from patcher.base.registry import Registered, Registry
+from patcher.base.registries import Registered, Registry
 
 
 def test_an_unknown_name_suggests_the_nearest_and_lists_them_all():

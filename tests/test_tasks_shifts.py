@@ -208,7 +208,7 @@ def imagenet_scoring(tmp_path_factory: pytest.TempPathFactory):
     from methods_support import make_tiny_model
 
     from patcher.data.image_store import build_store
-    from patcher.data.loading import Splits
+    from patcher.data.prepared_splits import Splits
     from patcher.data.transforms import Normalize
     from patcher.models import load_clip
     from patcher.patching.session import Session

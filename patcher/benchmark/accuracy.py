@@ -20,7 +20,7 @@ def test_images(
     """Preprocessed test images of a task and their labels (a seeded subset of at most `limit`), and the split size."""
     from torch.utils.data import Subset
 
-    from patcher.data.loading import load_images
+    from patcher.data.prepared_splits import load_images
     from patcher.data.tasks import task_of
 
     config = verified_config(run)

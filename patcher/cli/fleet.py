@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from patcher.cli.shared import DataDir, HiddenName, Url, served_model
-from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
+from patcher.deploy.triton_image import TRITON_IMAGE, TRITON_TAG
 
 
 def deploy(
@@ -43,7 +43,7 @@ def deploy(
 ) -> None:
     """Write Kubernetes manifests serving a repository with NVIDIA's Triton container, and a KServe alternative."""
     from patcher.deploy.manifests import next_steps, write_manifests
-    from patcher.deploy.options import DeployOptions
+    from patcher.deploy.settings import DeployOptions
 
     options = DeployOptions(name=name, namespace=namespace, image=image, tag=tag, gpus=gpus, cpu=cpu, memory=memory,
                             replicas=replicas, max_replicas=max_replicas, autoscale=autoscale,

@@ -373,7 +373,7 @@ def tasks(
 
 def models(pretrained: Annotated[bool, typer.Option(help="Also list pretrained tags.")] = False) -> None:
     """List open_clip model names (and their pretrained tags)."""
-    from patcher.models.loading import open_clip
+    from patcher.models.clip_loader import open_clip
 
     if pretrained:
         for name, tag in open_clip.list_pretrained():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from patcher.deploy.kubernetes import key_env, metadata, resources, server_args, serving_image
-from patcher.deploy.options import DeployOptions, Source
+from patcher.deploy.settings import DeployOptions, Source
 
 
 def storage_account(options: DeployOptions) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from patcher.deploy.options import DeployOptions, Source
+from patcher.deploy.settings import DeployOptions, Source
 from patcher.triton.serving.access import HEADER, RESTRICTED
 
 KEY_ENV = "PATCHER_KEY"

@@ -16,7 +16,7 @@ from patcher.base.errors import PatcherError
 from patcher.base.staging import staged_output
 from patcher.deploy.kserve import kserve_manifests
 from patcher.deploy.kubernetes import kubernetes_manifests
-from patcher.deploy.options import DeployOptions, Source, read_source
+from patcher.deploy.settings import DeployOptions, Source, read_source
 
 DOCKERFILE = """\
 # The image the manifests beside this file run ({built}): NVIDIA's Triton with what patcher's python-backend

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Subset
 
 from patcher.base.errors import PatcherError
-from patcher.data.loading import load_images
+from patcher.data.prepared_splits import load_images
 from patcher.data.tasks import task_of
 from patcher.data.tasks.checks import SkipReport
 

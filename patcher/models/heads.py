@@ -21,7 +21,7 @@ from patcher.base.compat import import_open_clip
 from patcher.base.errors import PatcherError
 from patcher.base.files import atomic_file
 from patcher.data.tasks import Task
-from patcher.models.loading import LoadedModel
+from patcher.models.clip_loader import LoadedModel
 from patcher.models.state import (
     HEAD_PREFIX,
     TEXT_PREFIX,

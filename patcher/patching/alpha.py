@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from patcher.base.errors import PatcherError
-from patcher.base.registry import Registered, Registry
+from patcher.base.registries import Registered, Registry
 
 Accuracies = Mapping[str, float]
 Evaluate = Callable[[float], Accuracies]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from patcher.base.errors import PatcherError
-from patcher.base.registry import Parameter, Registry
+from patcher.base.registries import Parameter, Registry
 from patcher.patching.sources import TaskVectors
 
 Delta = dict[str, torch.Tensor]

@@ -18,8 +18,8 @@ from patcher.base.errors import PatcherError
 from patcher.base.progress import make_progress
 from patcher.data.evaluation import Labelling, Scorer, scores
 from patcher.data.image_store import ImageStore
-from patcher.data.loading import Splits
 from patcher.data.metrics import Scores
+from patcher.data.prepared_splits import Splits
 from patcher.data.tasks import Task
 from patcher.models import LoadedModel
 from patcher.models.classifier import MultiHeadClassifier

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from patcher.base.registry import Registered, Registry
+from patcher.base.registries import Registered, Registry
 from patcher.models.state import State
 from patcher.patching.alpha import DEFAULT_GRID, AlphaRule, Selection
 from patcher.patching.merge_search import MERGE_GRID, MergeOutcomeParts, MergeSpec, merge_states

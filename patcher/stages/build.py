@@ -21,9 +21,9 @@ from patcher.base import distributed
 from patcher.base.errors import PatcherError
 from patcher.base.progress import console, make_progress
 from patcher.base.staging import Resume, Staging, staged_output
-from patcher.data.loading import Splits, SplitTasks, prepare_splits
 from patcher.data.metrics import Scores
 from patcher.data.options import DataOptions
+from patcher.data.prepared_splits import Splits, SplitTasks, prepare_splits
 from patcher.data.shots import FewShot
 from patcher.data.tasks import Task, get_task, short_name
 from patcher.models import LoadedModel, load_clip

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from patcher.base.errors import PatcherError
 from patcher.base.progress import console
 from patcher.base.staging import staged_output
-from patcher.data.loading import SplitTasks, prepare_splits
 from patcher.data.options import DataOptions
+from patcher.data.prepared_splits import SplitTasks, prepare_splits
 from patcher.data.tasks import Task, task_of
 from patcher.models import LoadedModel, build_from_config, load_clip, state_dict_digest
 from patcher.models.heads import zero_shot_head

@@ -34,15 +34,15 @@ from patcher.base.versions import versions
 from patcher.benchmark.machine import machine_info
 from patcher.data.evaluation import Scorer, predict
 from patcher.data.image_store import StoreItems, build_store
-from patcher.data.loading import TrainSplit
+from patcher.data.prepared_splits import TrainSplit
 from patcher.data.tasks import Task, get_task
 from patcher.data.tasks.rendered.canvas import RecolouredView
 from patcher.data.tasks.suites import suite_tasks
 from patcher.data.transforms import Normalize
 from patcher.models import load_clip
 from patcher.models.classifier import MultiHeadClassifier
+from patcher.models.clip_loader import CONFIG_FILENAME, LoadedModel
 from patcher.models.heads import build_head
-from patcher.models.loading import CONFIG_FILENAME, LoadedModel
 from patcher.models.reference import TOKEN_TABLE, round_to_stored, token_table, write_shipped
 from patcher.models.reference import WEIGHTS_FILE as SHIPPED_WEIGHTS
 from patcher.models.state import state_dict_digest

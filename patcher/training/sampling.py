@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from patcher.base import distributed
 from patcher.base.errors import PatcherError
 from patcher.data.items import Batch, ItemError, unbatched
-from patcher.data.loading import TrainSplit
+from patcher.data.prepared_splits import TrainSplit
 
 SEED_STRIDE = 7919  # task i draws its batches with seed + SEED_STRIDE * i, so tasks shuffle independently
 WORKER_TIMEOUT_S = 600

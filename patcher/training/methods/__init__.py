@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from patcher.base.registry import Parameter, Registered, Registry
+from patcher.base.registries import Parameter, Registered, Registry
 from patcher.training.config import TrainConfig
 from patcher.training.methods.base import Method, MethodSetup, Stage, params_dict, parse_params
 from patcher.training.methods.carft import ContextAwareFineTune

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from patcher.base.errors import PatcherError
-from patcher.data.loading import TrainSplit
+from patcher.data.prepared_splits import TrainSplit
 from patcher.data.tasks import Task
 from patcher.models import LoadedModel
 from patcher.models.state import State

@@ -14,7 +14,7 @@ from patcher.base import distributed
 from patcher.base.errors import PatcherError
 from patcher.data.evaluation import shard
 from patcher.data.items import ItemError, unbatched
-from patcher.data.loading import TrainSplit
+from patcher.data.prepared_splits import TrainSplit
 from patcher.models.classifier import MultiHeadClassifier
 
 

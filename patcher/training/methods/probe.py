@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patcher.data.items import TensorItems
-from patcher.data.loading import TrainSplit
+from patcher.data.prepared_splits import TrainSplit
 from patcher.models.classifier import MultiHeadClassifier
 from patcher.models.state import HEAD_PREFIX, VISUAL_PREFIX, State, head_scale, prefixed
 from patcher.training.config import TrainConfig

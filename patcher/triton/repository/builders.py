@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from patcher.base.errors import PatcherError
-from patcher.base.registry import Registered, Registry
+from patcher.base.registries import Registered, Registry
 from patcher.triton.repository.configs import (
     IMAGE_BYTES,
     NUMPY_TYPES,

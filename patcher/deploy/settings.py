@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from patcher.base.errors import PatcherError
-from patcher.deploy.defaults import TRITON_IMAGE, TRITON_TAG
+from patcher.deploy.triton_image import TRITON_IMAGE, TRITON_TAG
 from patcher.triton.repository.configs import CONFIG_FILE
 from patcher.triton.repository.objectstore import pinned_versions
 from patcher.triton.repository.s3 import parse_location
