@@ -276,3 +276,9 @@ def test_no_module_imports_itself_back() -> None:
         if start in seen:
             circles.append(start)
     assert circles == []
+
+
+def test_no_file_name_repeats_across_packages() -> None:
+    """A file's name says what it holds, once: two `loading.py` in two packages make a reader open the wrong one."""
+    names = sorted(path.name for path in ROOT.rglob("*.py") if path.name != "__init__.py")
+    assert sorted({name for name in names if names.count(name) > 1}) == []
