@@ -8,8 +8,8 @@ key file. SIGINT or SIGTERM stops it at any phase, start-up included. A tritonse
 finds stopped or hung (`watchdog.py`), is started again on the same ports with the same key and models, after a
 back-off that doubles with each restart (none for the first, at most BACKOFF_MAX_S), the reason named (its signal,
 and the log's last error line only if there is one); one replaced RESTARTS_PER_WINDOW times within RESTART_WINDOW_S
-is given up, with its log named. A tritonserver killed by a signal while starting is started again
-(STARTUP_TRIES).
+is given up, with its log named. A tritonserver killed by a signal while starting, or stopped by a python stub that
+missed its health check while warming up, is started again (STARTUP_TRIES).
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ RESTARTS_PER_WINDOW = 8
 RESTART_WINDOW_S = 300.0
 BACKOFF_MAX_S = 30.0
 STARTUP_TRIES = 3
+# python_backend's stub marks itself healthy every 300 ms and the server gives it 1 s: a stub starved that long on a
+# saturated machine, or one that died, fails the model's warmup with "Stub process '<model>' is not healthy."
+STUB_MISSED_HEALTH = "is not healthy"
 Echo = Callable[[str], None]
 
 
@@ -136,13 +139,14 @@ def backoff_s(restarts: int) -> float:
 
 def _start(server: TritonServer, echo: Echo) -> None:
     """Start tritonserver; one killed by a signal while starting (e.g. SIGABRT from a race in its epoll loop on a
-    loaded machine) is started again, up to STARTUP_TRIES times. A model that fails to load is not retried."""
+    loaded machine), or one that exited because a python stub missed its health check, is started again, up to
+    STARTUP_TRIES times. A model that fails to load is not retried."""
     for attempt in range(1, STARTUP_TRIES + 1):
         try:
             server.start()
             return
         except ServerDied as died:
-            if "(signal " not in str(died) or attempt == STARTUP_TRIES:
+            if not any(sign in str(died) for sign in ("(signal ", STUB_MISSED_HEALTH)) or attempt == STARTUP_TRIES:
                 raise
             echo(f"{died}; starting it again (try {attempt + 1} of {STARTUP_TRIES})")
             time.sleep(backoff_s(attempt + 1))
