@@ -26,9 +26,10 @@ def test_every_registry_entry_declares_what_it_does_and_where_it_comes_from():
     from patcher.patching.merge_methods import METHODS as MERGE_METHODS
     from patcher.patching.strategies import STRATEGIES
     from patcher.training.methods import METHODS
+    from patcher.data.tasks.registry import TASKS
     from patcher.triton.repository.builders import BUILDERS
 
-    for registry in (SEARCHES, STRATEGIES, METHODS, BUILDERS, MERGE_METHODS):
+    for registry in (SEARCHES, STRATEGIES, METHODS, BUILDERS, MERGE_METHODS, TASKS):
         assert isinstance(registry, Registry) and len(registry) >= 2
         for name, entry in registry.items():
             assert entry.name == name and entry.summary and entry.reference, (registry.what, name)

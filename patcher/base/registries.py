@@ -2,8 +2,8 @@
 mergekit's merge methods do (mergekit/merge_methods/registry.py). An unknown name is one `PatcherError` naming the
 nearest registered ones.
 
-The training methods, the patching strategies, the alpha searches, the Triton model builders and the merge methods
-are registries of `Registered` entries; an entry that carries more (a merge method's grids and the data it needs)
+The training methods, the patching strategies, the alpha searches, the Triton model builders, the merge methods and
+the tasks are registries of `Registered` entries; an entry that carries more (a merge method's grids and the data it needs)
 keeps it beside these fields.
 """
 

@@ -345,7 +345,8 @@ def tasks(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list instead of the table.")] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """List the registered tasks: classes, whether their data is here, their suites."""
+    """List the registered tasks: classes, whether their data is here, their suites (--json: also what each is and
+    its paper)."""
     import json
     from dataclasses import asdict
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from patcher.base.errors import PatcherError
 from patcher.data.tasks.paths import resolve_data_root
-from patcher.data.tasks.registry import get_task, known_tasks
+from patcher.data.tasks.registry import TASKS, get_task, known_tasks
 from patcher.data.tasks.rendered.catalog import RENDERED_TASKS
 from patcher.data.tasks.suites import suites_of
 
@@ -24,6 +24,8 @@ class TaskListing:
     classnames: tuple[str, ...]
     data_here: bool
     suites: tuple[str, ...]
+    summary: str = ""
+    reference: str = ""
 
 
 def data_here(name: str, data_root: Path | None = None) -> bool:
@@ -45,5 +47,6 @@ def list_tasks(suite: str | None = None, data_root: Path | None = None) -> list[
         if suite is not None and suite not in suites:
             continue
         task = get_task(name)
-        rows.append(TaskListing(name, len(task.classnames), task.classnames, data_here(name, data_root), suites))
+        rows.append(TaskListing(name, len(task.classnames), task.classnames, data_here(name, data_root), suites,
+                                TASKS[name].summary, TASKS[name].reference))
     return rows
