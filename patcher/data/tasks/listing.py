@@ -47,6 +47,7 @@ def list_tasks(suite: str | None = None, data_root: Path | None = None) -> list[
         if suite is not None and suite not in suites:
             continue
         task = get_task(name)
-        rows.append(TaskListing(name, len(task.classnames), task.classnames, data_here(name, data_root), suites,
-                                TASKS[name].summary, TASKS[name].reference))
+        rows.append(TaskListing(name=name, classes=len(task.classnames), classnames=task.classnames,
+                                data_here=data_here(name, data_root), suites=suites, summary=TASKS[name].summary,
+                                reference=TASKS[name].reference))
     return rows
