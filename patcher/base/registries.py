@@ -3,8 +3,8 @@ mergekit's merge methods do (mergekit/merge_methods/registry.py). An unknown nam
 nearest registered ones.
 
 The training methods, the patching strategies, the alpha searches, the Triton model builders, the merge methods and
-the tasks are registries of `Registered` entries; an entry that carries more (a merge method's grids and the data it needs)
-keeps it beside these fields.
+the tasks are registries of `Registered` entries; an entry that carries more (a merge method's grids and the data it
+needs) keeps it beside these fields.
 """
 
 from __future__ import annotations
