@@ -22,11 +22,11 @@ def test_an_unknown_name_suggests_the_nearest_and_lists_them_all():
 
 
 def test_every_registry_entry_declares_what_it_does_and_where_it_comes_from():
+    from patcher.data.tasks.registry import TASKS
     from patcher.patching.alpha import SEARCHES
     from patcher.patching.merge_methods import METHODS as MERGE_METHODS
     from patcher.patching.strategies import STRATEGIES
     from patcher.training.methods import METHODS
-    from patcher.data.tasks.registry import TASKS
     from patcher.triton.repository.builders import BUILDERS
 
     for registry in (SEARCHES, STRATEGIES, METHODS, BUILDERS, MERGE_METHODS, TASKS):
