@@ -331,14 +331,15 @@ def test_a_killed_tritonserver_is_restarted_on_the_same_ports_with_the_same_key(
 
 def test_a_stub_that_dies_during_warmup_once_is_started_again(tiny_export: Path, tmp_path: Path) -> None:
     """A python stub that misses its health check while warming up ("Stub process '...' is not healthy": starved for
-    a second on a saturated machine, or dead) makes tritonserver exit; `patcher serve` starts it again, saying so.
-    Here the stub kills itself, for real, on its first warmup request only."""
+    a second on a saturated machine) makes tritonserver exit; `patcher serve` starts it again, saying so. Here the
+    stub stops itself (SIGSTOP: its health thread too) on its first warmup request only. (A stub killed outright
+    instead makes tritonserver exit either way: that message, or a SIGSEGV, which was retried before.)"""
     repo, marker = tmp_path / "repo", tmp_path / "killed-once"
     write_repository(tiny_export, repo)
     model = repo / "digits_preprocess" / "1" / "model.py"
     head = "    def execute(self, requests: list[Any]) -> list[Any]:\n"
     suicide = (f"        if not os.path.exists({str(marker)!r}):\n            open({str(marker)!r}, 'w').close()\n"
-               "            os.kill(os.getpid(), 9)\n")
+               "            os.kill(os.getpid(), 19)\n")  # SIGSTOP
     assert head in model.read_text()
     model.write_text(model.read_text().replace(head, head + suicide, 1))
     published_by_hand(repo, "digits_preprocess/1/model.py")
