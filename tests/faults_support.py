@@ -140,9 +140,8 @@ class ForkedCLI:
 
     def run(self, *arguments: str, timeout: float = 300) -> tuple[int, str]:
         """Run `patcher ARGUMENTS` to the end: (exit code, stderr)."""
-        child = self.start(*arguments)
-        wait_for(lambda: child.poll() is not None, timeout, interval=0.01)
-        return int(child.poll()), child.stderr()  # type: ignore[arg-type]
+        done = self.completed(*arguments, timeout=timeout)
+        return done.returncode, done.stderr
 
     def completed(self, *arguments: str, timeout: float = 300, env: dict[str, str] | None = None,
                   cwd: Path | str | None = None) -> subprocess.CompletedProcess:

@@ -37,23 +37,21 @@ def entry_of(model: str) -> str:
     return model
 
 
-def _parameters(client: Any, model: str, url: str, timeout_s: float, headers: dict[str, str] | None
-                ) -> dict[str, str]:
+def _parameters(client: Any, model: str, endpoint: Endpoint) -> dict[str, str]:
     _, InferenceServerException = grpc_modules()
     try:
-        config = client.get_model_config(model, as_json=True, client_timeout=timeout_s)["config"]
+        config = client.get_model_config(model, as_json=True, client_timeout=endpoint.timeout_s)["config"]
     except InferenceServerException as error:
-        raise PatcherError(f"the server at {url} has no ready model {model!r} ({error.message()}): is the entry's "
-                           "export older than its text tower (re-run `patcher export` and `patcher triton`)? its "
-                           f"models: {known_models(client, timeout_s, headers)}") from None
+        raise PatcherError(f"the server at {endpoint.url} has no ready model {model!r} ({error.message()}): is the "
+                           "entry's export older than its text tower (re-run `patcher export` and `patcher triton`)? "
+                           f"its models: {known_models(client, endpoint.timeout_s, endpoint.headers())}") from None
     return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
 
 
 def served_templates(model: str, endpoint: Endpoint = Endpoint()) -> dict[str, list[str]]:
     """The prompt templates of the served entry's tasks, from its open-vocabulary model's config."""
     with connected(endpoint) as client:
-        parameters = _parameters(client, f"{entry_of(model)}_classify", endpoint.url, endpoint.timeout_s,
-                                 endpoint.headers())
+        parameters = _parameters(client, f"{entry_of(model)}_classify", endpoint)
     return json.loads(parameters.get("templates") or "{}")
 
 
@@ -85,7 +83,7 @@ def classify_labels(paths: list[Path], model: str, labels: Sequence[str], templa
     url, timeout_s, top_k = endpoint.url, endpoint.timeout_s, options.top_k
     target = f"{entry_of(model)}_classify"
     with connected(endpoint) as client:
-        parameters = _parameters(client, target, url, timeout_s, endpoint.headers())
+        parameters = _parameters(client, target, endpoint)
         version = str(client.get_model_metadata(target, as_json=True).get("versions", ["?"])[-1])
         step = min(options.batch_size, int(parameters.get("max_images", options.batch_size)))
         names = tuple(labels)
@@ -140,7 +138,7 @@ def embed_texts(texts: Sequence[str], model: str, *, endpoint: Endpoint = Endpoi
     url, timeout_s = endpoint.url, endpoint.timeout_s
     target = f"{entry_of(model)}_text"
     with connected(endpoint) as client:
-        _parameters(client, target, url, timeout_s, endpoint.headers())
+        _parameters(client, target, endpoint)
         limit = int(client.get_model_config(target, as_json=True)["config"].get("max_batch_size", 1)) or 1
         step = min(batch_size, limit)
         parts = []
