@@ -82,8 +82,8 @@ class Model:
 
     def classify(self, images: Sequence[Image], labels: Sequence[str] | None = None,
                  templates: Sequence[str] | None = None, top_k: int = 3) -> list[dict[str, list[dict]]]:
-        """Per image, the top-k {"label", "score"} of every task (or, with `labels`, of that label set: key
-        "labels"); scores are logits, as the served models give them."""
+        """Per image, the top-k {"label", "index", "score", "probability"} of every task (or, with `labels`, of that
+        label set: key "labels"); scores are logits, as the served models give them, probabilities their softmax."""
         from patcher.triton.onnxruntime_local import label_set
 
         blobs, names = encoded(images)
@@ -130,7 +130,8 @@ class Client:
 
     def classify(self, images: Sequence[Image], labels: Sequence[str] | None = None,
                  templates: Sequence[str] | None = None, top_k: int = 3) -> list[dict[str, list[dict]]]:
-        """Per image, the top-k {"label", "score"} of every served task (or of the label set `labels`)."""
+        """Per image, the top-k {"label", "index", "score", "probability"} of every served task (or of the label set
+        `labels`); probabilities are the softmax of all of a task's logits."""
         from patcher.triton.client import ClassifyOptions, classify_files
         from patcher.triton.openvocab_client import classify_labels
 

@@ -30,6 +30,7 @@ from triton_support import requires_bundled_triton
 from tritonclient.grpc import model_config_pb2 as mc
 
 from patcher.base.errors import PatcherError
+from patcher.export.openvocab import probabilities
 from patcher.triton.client import ClassifyOptions, Endpoint, classify_files
 from patcher.triton.imaging import preprocess_image
 from patcher.triton.repository.configs import read_config
@@ -315,6 +316,9 @@ def test_grpc_classification_matches_onnxruntime_and_pytorch(case: ExportCase, s
     _assert_same_top1(predicted, torch_logits["digits"], "triton vs pytorch")
     scores = np.array([r["tasks"]["digits"][0]["score"] for r in results])
     np.testing.assert_allclose(scores, ort_logits["digits"].max(axis=1), rtol=1e-4, atol=1e-4)
+    top_probabilities = np.array([r["tasks"]["digits"][0]["probability"] for r in results])
+    np.testing.assert_allclose(top_probabilities, probabilities(ort_logits["digits"]).max(axis=1), atol=1e-4)
+    assert all(np.diff([e["probability"] for e in r["tasks"]["digits"]]).max() <= 0 for r in results)
     for task in ort_logits:
         assert all(len(r["tasks"][task]) == 3 for r in results)
     raw = classify_files(paths[:40], "digits", endpoint=Endpoint(url=server.grpc_url), options=ClassifyOptions(top_k=3),

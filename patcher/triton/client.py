@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from patcher.base.errors import PatcherError
+from patcher.export.openvocab import probabilities
 from patcher.triton.item_errors import item_error
 from patcher.triton.repository.configs import IMAGE_BYTES
 
@@ -237,17 +238,16 @@ def classify_files(paths: list[Path], model: str, *, endpoint: Endpoint = Endpoi
                 array = np.array(blobs, dtype=np.object_).reshape(-1, 1)
                 tensor = grpcclient.InferInput(IMAGE_BYTES, list(array.shape), "BYTES")
             tensor.set_data_from_numpy(array)
-            requested = [
-                grpcclient.InferRequestedOutput(output, class_count=min(options.top_k, classes))
-                for output, classes in served.tasks.values()
-            ]
+            # every class, ranked: the probabilities are a softmax over all of a task's logits
+            requested = [grpcclient.InferRequestedOutput(output, class_count=classes)
+                         for output, classes in served.tasks.values()]
             try:
                 response = client.infer(target, [tensor], outputs=requested, client_timeout=timeout_s)
             except InferenceServerException as error:
                 raise infer_error(error, chunk, target, url) from None
             per_task = {task: response.as_numpy(output) for task, (output, _) in served.tasks.items()}
             results += [_file_result(path, target, served.version,
-                                     {task: values[row] for task, values in per_task.items()})
+                                     {task: values[row] for task, values in per_task.items()}, options.top_k)
                         for row, path in enumerate(chunk)]
         return results
 
@@ -262,15 +262,23 @@ def _check_classifies(served: ServedModel, target: str, url: str, raw: bool) -> 
         raise PatcherError(f"{target} takes {served.input_datatype} tensors, not image bytes: pass raw=True")
 
 
-def _file_result(path: Path, target: str, version: str, per_task: dict[str, Any]) -> dict:
+def _file_result(path: Path, target: str, version: str, per_task: dict[str, Any], top_k: int) -> dict:
     """One file's answer: the model and version that gave it, each task's top-k classifications."""
     return {
         "file": str(path),
         "model": target,
         "version": version,
-        "tasks": {task: [parse_classification(e) for e in np.asarray(values).reshape(-1)]
+        "tasks": {task: with_probabilities([parse_classification(e) for e in np.asarray(values).reshape(-1)])[:top_k]
                   for task, values in per_task.items()},
     }
+
+
+def with_probabilities(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A task's whole ranking with each entry's probability added: the softmax of its logit over all the classes."""
+    if not ranked:
+        return ranked
+    scores = np.array([[entry["score"] for entry in ranked]], dtype=np.float64)
+    return [{**entry, "probability": float(p)} for entry, p in zip(ranked, probabilities(scores)[0], strict=True)]
 
 
 def infer_error(error: Any, chunk: list[Path], model: str, url: str) -> PatcherError:
