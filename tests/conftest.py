@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ("pytester",)  # tests/test_lanes.py runs small suites under the rules below
+pytest_plugins = ("pytester", "cpu_report")  # pytester: tests/test_lanes.py runs small suites under the rules below
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning slows torch many times over

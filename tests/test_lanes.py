@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import heavy_command
+from cpu_report import read_report
 
 # torch and open_clip imported here, before any small suite runs in process: pytester takes out of sys.modules what
 # a run imported, and torch's extension modules cannot be imported a second time in one process
@@ -88,3 +89,25 @@ def test_an_unmarked_test_that_starts_a_server_or_builds_a_model_fails(suite: py
 ])
 def test_heavy_commands(command: list[str] | str, reason: str | None) -> None:
     assert heavy_command(command) == reason
+
+
+def test_the_cpu_report_counts_each_tests_own_and_its_childrens_cpu(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_sample="""
+        import subprocess
+        import sys
+
+        SPIN = "import time\\nend = time.process_time() + 0.3\\nwhile time.process_time() < end: pass"
+
+        def test_child_spins():
+            subprocess.run([sys.executable, "-c", SPIN], check=True)
+
+        def test_idle():
+            pass
+    """)
+    report = suite.path / "cpu.tsv"
+    result = suite.runpytest_inprocess("-q", "-p", "no:cacheprovider", "--cpu-report", str(report))
+    result.assert_outcomes(passed=2)
+    rows = {test.split("::")[-1]: (own, children) for test, own, children, _ in read_report(report)}
+    assert set(rows) == {"test_child_spins", "test_idle"}
+    assert rows["test_child_spins"][1] >= 0.3 and rows["test_idle"][1] < 0.3  # the child counted where it ran
+    result.stdout.fnmatch_lines(["*CPU seconds: * in 2 tests*", "* children *test_sample.py::test_child_spins"])
