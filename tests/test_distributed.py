@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults_support import run_patcher
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -26,8 +27,7 @@ def _env() -> dict[str, str]:
 
 
 def _one(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "patcher", *BUILD, "--out", str(out), *extra]
-    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300, check=False)
+    return run_patcher(*BUILD, "--out", str(out), *extra, env=_env())
 
 
 def _torchrun(out: Path, *extra: str, processes: int = 2) -> list[str]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faults_support import run_patcher
 from PIL import Image
 
 from patcher.base.errors import PatcherError
@@ -136,8 +135,7 @@ def test_the_cli_says_one_line_exits_2_and_writes_nothing(tmp_path: Path) -> Non
     bad = plant(root, "symlink-to-text")
     runs = tmp_path / "runs"
     runs.mkdir()
-    result = subprocess.run([*BUILD, "--task", f"folder:{root}", "--out", str(runs / "r")],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = run_patcher(*BUILD[3:], "--task", f"folder:{root}", "--out", str(runs / "r"))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and str(bad) in lines[0], result.stderr
