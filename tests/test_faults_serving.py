@@ -332,8 +332,10 @@ def test_a_killed_tritonserver_is_restarted_on_the_same_ports_with_the_same_key(
 def test_a_stub_that_dies_during_warmup_once_is_started_again(tiny_export: Path, tmp_path: Path) -> None:
     """A python stub that misses its health check while warming up ("Stub process '...' is not healthy": starved for
     a second on a saturated machine) makes tritonserver exit; `patcher serve` starts it again, saying so. Here the
-    stub stops itself (SIGSTOP: its health thread too) on its first warmup request only. (A stub killed outright
-    instead makes tritonserver exit either way: that message, or a SIGSEGV, which was retried before.)"""
+    stub stops itself (SIGSTOP: its health thread too) on its first warmup request only. tritonserver then exits
+    with that message, or now and then dies of SIGSEGV in its clean-up (seen once in a fresh clone's CI; a stub killed
+    outright does so often): either is started again once. Without the retry of the message (a SIGSEGV was retried
+    before) the test fails on the usual path."""
     repo, marker = tmp_path / "repo", tmp_path / "killed-once"
     write_repository(tiny_export, repo)
     model = repo / "digits_preprocess" / "1" / "model.py"
@@ -345,8 +347,9 @@ def test_a_stub_that_dies_during_warmup_once_is_started_again(tiny_export: Path,
     published_by_hand(repo, "digits_preprocess/1/model.py")
     served = Served(repo, tmp_path / "key.json", models=["digits_preprocess"])
     try:
-        again = [line for line in served.lines if "is not healthy" in line and "starting it again (try 2" in line]
+        again = [line for line in served.lines if "starting it again (try 2" in line]
         assert marker.exists() and len(again) == 1, served.lines
+        assert "is not healthy" in again[0] or "(signal 11: SIGSEGV)" in again[0], again
     finally:
         assert served.stop() == 0
 
