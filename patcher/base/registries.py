@@ -50,12 +50,17 @@ class Named(Protocol):
 E = TypeVar("E", bound=Named)
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """"did you mean A or B?" naming the (at most three) known names nearest `name`; "" when none is near."""
+    near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(near)}?" if near else ""
+
+
 def unknown_name(what: str, name: str, known: Iterable[str]) -> PatcherError:
     """The one error for a name no registry entry has: the nearest registered names first, then all of them."""
     names = list(known)
-    near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(near)}? " if near else ""
-    return PatcherError(f"unknown {what} {name!r}: {hint}use one of {', '.join(names)}")
+    hint = did_you_mean(name, names)
+    return PatcherError(f"unknown {what} {name!r}: {hint + ' ' if hint else ''}use one of {', '.join(names)}")
 
 
 class Registry(Mapping[str, E]):

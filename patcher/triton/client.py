@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from patcher.base.errors import PatcherError
+from patcher.base.registries import did_you_mean
 from patcher.export.openvocab import probabilities
 from patcher.triton.item_errors import item_error
 from patcher.triton.repository.configs import IMAGE_BYTES
@@ -155,8 +155,8 @@ def describe_model(client: Any, model: str, url: str, timeout_s: float = 30,
     except InferenceServerException as error:
         known = known_models(client, timeout_s, headers)
         names = [entry.rsplit(" (", 1)[0] for entry in known.split(", ")]
-        near = difflib.get_close_matches(model, names, n=3, cutoff=0.6)
-        listed = f"did you mean {' or '.join(near)}? ({len(names)} models served)" if near else f"its models: {known}"
+        near = did_you_mean(model, names)
+        listed = f"{near} ({len(names)} models served)" if near else f"its models: {known}"
         raise PatcherError(f"the server at {url} has no ready model {model!r} ({error.message()}); {listed}") from None
     parameters = _parameters(config)
     outputs = {o["name"]: o for o in config.get("output", [])}
@@ -275,8 +275,6 @@ def _file_result(path: Path, target: str, version: str, per_task: dict[str, Any]
 
 def with_probabilities(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A task's whole ranking with each entry's probability added: the softmax of its logit over all the classes."""
-    if not ranked:
-        return ranked
     scores = np.array([[entry["score"] for entry in ranked]], dtype=np.float64)
     return [{**entry, "probability": float(p)} for entry, p in zip(ranked, probabilities(scores)[0], strict=True)]
 

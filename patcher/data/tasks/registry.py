@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import patcher.data.tasks.classnames as names
@@ -12,7 +11,7 @@ import patcher.data.tasks.loaders as loaders
 import patcher.data.tasks.shards as shards
 import patcher.data.tasks.templates as prompts
 from patcher.base.errors import PatcherError
-from patcher.base.registries import Registered, Registry
+from patcher.base.registries import Registered, Registry, did_you_mean
 from patcher.data.tasks.digits import PARTS as DIGITS_PARTS
 from patcher.data.tasks.digits import load_digits
 from patcher.data.tasks.fashion_mnist import load_fashion_mnist
@@ -149,9 +148,8 @@ def get_task(name: str, task_name_: str | None = None) -> Task:
         return make(spec, task_name(spec, task_name_, TASKS))
     entry = TASKS.get(name.strip().lower().replace("_", "-"))
     if entry is None:
-        near = difflib.get_close_matches(name.strip().lower().replace("_", "-"), known_tasks(), n=3, cutoff=0.6)
-        listed = f"did you mean {' or '.join(near)}? (`patcher tasks` lists all)" if near else (
-            f"known tasks: {', '.join(known_tasks())}")
+        near = did_you_mean(name.strip().lower().replace("_", "-"), known_tasks())
+        listed = f"{near} (`patcher tasks` lists all)" if near else f"known tasks: {', '.join(known_tasks())}"
         raise PatcherError(f"unknown task {name!r}; {listed}, or a dataset of your own: {SPEC_HELP}")
     return entry.builds()
 

@@ -38,6 +38,7 @@ from patcher.triton.serving.access import (
     write_key_file,
 )
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, ByteBudget, GrpcFront, message_limit
+from patcher.triton.serving.health import backend_died
 from patcher.triton.serving.http_front import HttpFront
 from patcher.triton.serving.ports import free_port, port_in_use
 from patcher.triton.serving.server import ServerDied, ServerPorts, ServerSettings, TritonServer, exit_reason
@@ -51,9 +52,6 @@ RESTARTS_PER_WINDOW = 8
 RESTART_WINDOW_S = 300.0
 BACKOFF_MAX_S = 30.0
 STARTUP_TRIES = 3
-# python_backend's stub marks itself healthy every 300 ms and the server gives it 1 s: a stub starved that long on a
-# saturated machine, or one that died, fails the model's warmup with "Stub process '<model>' is not healthy."
-STUB_MISSED_HEALTH = "is not healthy"
 Echo = Callable[[str], None]
 
 
@@ -146,7 +144,9 @@ def _start(server: TritonServer, echo: Echo) -> None:
             server.start()
             return
         except ServerDied as died:
-            if not any(sign in str(died) for sign in ("(signal ", STUB_MISSED_HEALTH)) or attempt == STARTUP_TRIES:
+            # python_backend's stub marks itself healthy every 300 ms and the server gives it 1 s: a stub starved that
+            # long on a saturated machine fails the model's warmup with "Stub process '<model>' is not healthy."
+            if not ("(signal " in str(died) or backend_died(str(died))) or attempt == STARTUP_TRIES:
                 raise
             echo(f"{died}; starting it again (try {attempt + 1} of {STARTUP_TRIES})")
             time.sleep(backoff_s(attempt + 1))
