@@ -2,7 +2,7 @@
 fronts, side by side; and what one oversized HTTP body makes tritonserver hold, directly and through the front.
 
     .venv/bin/python bench/serving_front.py EXPORT_OR_RUN [--seconds 5] [--rounds 3] [--concurrency 4]
-        [--protocols grpc,http] [--bare] [--native] [--arenas] [--oversized-mb 400] [--out-name serving-front]
+        [--protocols grpc,http] [--bare] [--arenas] [--oversized-mb 400] [--out-name serving-front]
 
 Writes a repository of the export in a temporary folder, starts the bundled tritonserver on free ports, a GrpcFront
 before its gRPC port and an HttpFront before its HTTP port, and runs a closed-loop client (its own process,
@@ -10,9 +10,8 @@ before its gRPC port and an HttpFront before its HTTP port, and runs a closed-lo
 the patched classifier at batch 1 and 8 (tensors), and the entry's ensemble with one encoded image per request
 (bytes). With --bare, a bare gRPC pass-through (a handler that only calls tritonserver: no bounds, no metadata,
 no deadline handling) is measured too, as the floor of what any Python gRPC hop costs, on grpc's thread pool ("bare")
-and on grpc.aio ("bare aio"). With --native, the compiled pass-through in bench/grpc_hop (Go, grpc-go; built here,
-needs Debian's golang-go and golang-google-grpc-dev) is measured too: what a second hop costs when it is not Python
-("native"). The ratios table gives,
+and on grpc.aio ("bare aio"). gRPC goes through both of patcher's fronts where Go and grpc-go are installed: the
+compiled one (`patcher serve`'s default there, "compiled front") and the Python one ("front"). The ratios table gives,
 per round, the front's throughput over the direct path's measured just before it, median and range over rounds.
 Then one HTTP request announcing `--oversized-mb` of body is sent to each path while tritonserver's
 resident memory is sampled. With --arenas, a second server with glibc's default arenas (MALLOC_ARENA_MAX unset by
@@ -189,36 +188,6 @@ class AsyncBareProxy:
             asyncio.run_coroutine_threadsafe(self._server.stop(1), self.loop).result(timeout=5)
 
 
-class NativeHop:
-    """bench/grpc_hop, built with Debian's Go and grpc-go into `folder` and started on `address`."""
-
-    SOURCE = Path(__file__).parent / "grpc_hop"
-
-    def __init__(self, address: str, upstream: str, folder: Path) -> None:
-        binary = folder / "grpc_hop"
-        env = {**os.environ, "GOPATH": "/usr/share/gocode", "GO111MODULE": "off", "GOCACHE": str(folder / "gocache")}
-        try:
-            subprocess.run(["go", "build", "-o", str(binary), "."], cwd=self.SOURCE, env=env, check=True)
-        except (OSError, subprocess.CalledProcessError) as error:
-            raise SystemExit(f"error: --native needs Go and grpc-go ({error}): "
-                             "apt-get install golang-go golang-google-grpc-dev") from None
-        self.address = address
-        self.process = subprocess.Popen([str(binary), "-listen", address, "-upstream", upstream])
-        host, port = address.rsplit(":", 1)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1):
-                break
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise SystemExit(f"error: bench/grpc_hop did not listen on {address}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Stop the process."""
-        self.process.terminate()
-        self.process.wait(10)
-
-
 def ratios(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per setting and path other than direct: this path's img/s over direct's in the same round, median and range."""
     found = {}
@@ -336,8 +305,6 @@ def main() -> None:
     parser.add_argument("--protocols", default="grpc,http")
     parser.add_argument("--bare", action="store_true",
                         help="also bare gRPC pass-throughs, threaded and asyncio (the floors)")
-    parser.add_argument("--native", action="store_true",
-                        help="also the compiled pass-through bench/grpc_hop (needs golang-go, golang-google-grpc-dev)")
     parser.add_argument("--arenas", action="store_true", help="also a server with glibc's default arenas")
     parser.add_argument("--oversized-mb", type=int, default=400, help="0: skip the oversized HTTP body")
     parser.add_argument("--out-name", default="serving-front",
@@ -347,6 +314,7 @@ def main() -> None:
     from patcher.triton.repository.writer import write_repository
     from patcher.triton.serving.front import GrpcFront
     from patcher.triton.serving.http_front import HttpFront
+    from patcher.triton.serving.native_front import NativeGrpcFront, native_front_missing
     from patcher.triton.serving.ports import free_port
 
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
@@ -366,11 +334,11 @@ def main() -> None:
                      ("http", "front"): f"127.0.0.1:{http_front.address[1]}"}
             floors: list[Any] = ([BareProxy(f"127.0.0.1:{free_port()}", server.grpc_url),
                                      AsyncBareProxy(f"127.0.0.1:{free_port()}", server.grpc_url)] if args.bare else [])
-            floor_paths = ["bare", "bare aio"] if args.bare else []
-            if args.native:
-                floors.append(NativeHop(f"127.0.0.1:{free_port()}", server.grpc_url, Path(folder)))
-                floor_paths.append("native")
-            for floor, path in zip(floors, floor_paths, strict=True):
+            if native_front_missing() is None:
+                floors.insert(0, NativeGrpcFront("127.0.0.1", free_port(), server.grpc_url).start())
+                paths[("grpc", "compiled front")] = floors[0].address
+            bare = zip(floors[-2:], ("bare", "bare aio"), strict=True) if args.bare else []
+            for floor, path in bare:
                 paths[("grpc", path)] = floor.address
             chosen = {key: url for key, url in paths.items() if key[0] in protocols}
             if server_kind != "patcher":

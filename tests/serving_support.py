@@ -58,13 +58,13 @@ class Served:
     """`python -m patcher serve` on a repository, on free ports, its output collected line by line."""
 
     def __init__(self, repo: Path, key_file: Path, timeout_s: float = 180, log: Path | None = None,
-                 models: list[str] | None = None) -> None:
+                 models: list[str] | None = None, grpc_front: str = "auto") -> None:
         self.repo, self.key_file, self.log = repo, key_file, log
         self.http_port, self.grpc_port, self.metrics_port = distinct_free_ports(3)
         command = [sys.executable, "-m", "patcher", "serve", "--repo", str(repo), "--key-file", str(key_file),
                    "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                    "--metrics-port", str(self.metrics_port), *(["--log", str(log)] if log else []),
-                   *(["--models", ",".join(models)] if models else [])]
+                   *(["--models", ",".join(models)] if models else []), "--grpc-front", grpc_front]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

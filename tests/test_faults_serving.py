@@ -36,6 +36,7 @@ from serving_support import (
 from triton_support import requires_bundled_triton
 
 from patcher.triton.repository.writer import write_repository
+from patcher.triton.serving.native_front import native_front_missing
 from patcher.triton.serving.processes import group_pids
 from patcher.triton.serving.server import ServerSettings, TritonServer
 
@@ -136,7 +137,8 @@ def test_a_bare_tritonserver_dies_under_a_burst_of_1ms_deadlines(repo: Path) -> 
     assert code == -signal.SIGSEGV or code == -signal.SIGABRT, (code, sent)
 
 
-def test_under_a_burst_of_1ms_deadlines_good_requests_are_answered_by_the_same_server(served: Served) -> None:
+def _good_requests_answered_under_a_burst(served: Served) -> None:
+    """The burst at the front while a good client asks: the good client answered, tritonserver the same process."""
     pid = served.server_pid()
     with GoodClient(served.grpc_url) as good:
         time.sleep(1)
@@ -146,13 +148,44 @@ def test_under_a_burst_of_1ms_deadlines_good_requests_are_answered_by_the_same_s
     hostile = sum(count for count, _ in sent)
     assert hostile > 1000 and all(status.get("StatusCode.DEADLINE_EXCEEDED") for _, status in sent), sent
     total = good.answered + len(good.failed)
-    assert good.answered / total >= ANSWERED, (good.answered, good.failed[:3])
+    assert good.answered / total >= ANSWERED, (good.answered, good.failed[:3], served.lines[-15:])
     assert served.server_pid() == pid and not [line for line in served.lines if "exited unexpectedly" in line]
     print(f"\nhostile requests {hostile} ({sent}); good: {good.answered} answered of {total}, "
           f"latency median {np.median(good.latencies) * 1000:.0f} ms, max {max(good.latencies) * 1000:.0f} ms")
 
 
+def test_under_a_burst_of_1ms_deadlines_good_requests_are_answered_by_the_same_server(served: Served) -> None:
+    """Through the default front: the compiled one where Go and grpc-go are installed (CI installs them)."""
+    front = "compiled" if native_front_missing() is None else "Python"
+    assert f"(a {front} front that never passes" in served.wait_for_line("  gRPC ", 1)
+    _good_requests_answered_under_a_burst(served)
+
+
+def test_the_python_front_holds_under_the_same_burst(repo: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the compiled front cannot be built (here: no grpc-go where it is looked for), `patcher serve` says so
+    and serves through the Python front, with the same guarantee."""
+    monkeypatch.setenv("PATCHER_GOPATH", str(tmp_path / "no-gopath"))
+    served = Served(repo, tmp_path / "serve.key.json", models=BYTES_MODELS)
+    try:
+        note = served.wait_for_line("gRPC front: the Python one", 1)
+        assert "golang-google-grpc-dev" in note or "no Go toolchain" in note, note
+        assert "(a Python front that never passes" in served.wait_for_line("  gRPC ", 1)
+        _good_requests_answered_under_a_burst(served)
+    finally:
+        assert served.stop() == 0, "\n".join(served.lines[-30:])
+
+
 # --- requests of the largest legal size ------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (from any of its threads)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 def _largest_png() -> bytes:
@@ -173,7 +206,8 @@ def test_three_requests_of_the_largest_legal_size_stay_bounded_and_memory_goes_b
 
     largest = _largest_png()
     request = [largest] * 4  # 4 x 16 MB = 64 MB (max_request_bytes), 4 x 36 = 144 megapixels (max_request_pixels)
-    pids = lambda: [*group_pids(served.server_pid()), served.process.pid]  # noqa: E731
+    pids = lambda: sorted({*group_pids(served.server_pid()), served.process.pid,  # noqa: E731
+                           *_children(served.process.pid)})  # the compiled gRPC front is a child of patcher serve
     time.sleep(2)
     baseline = group_pss_mb(pids())
     peak, stop = [baseline], threading.Event()

@@ -26,6 +26,7 @@ from patcher.triton.repository.entry import MAX_NAME, Entry, check_entry_name
 from patcher.triton.serving.access import find_key, new_key, read_key_file, write_key_file
 from patcher.triton.serving.http_front import HttpFront
 from patcher.triton.serving.install import find_tritonserver
+from patcher.triton.serving.native_front import native_front_binary, native_front_missing
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -164,3 +165,26 @@ def test_a_refused_client_that_keeps_sending_still_reads_its_refusal() -> None:
     finally:
         front.stop()
         upstream.close()
+
+
+def test_a_compiled_front_that_cannot_be_built_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    monkeypatch.setenv("PATCHER_GOPATH", str(tmp_path / "no-gopath"))
+    assert "golang-google-grpc-dev" in (native_front_missing() or "")
+    with pytest.raises(PatcherError, match=r"cannot be built: .*golang-google-grpc-dev.*--grpc-front python"):
+        native_front_binary()
+
+
+def test_serve_names_the_fronts_it_has(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from patcher.cli import app
+
+    (tmp_path / "repo").mkdir()
+    result = CliRunner().invoke(app, ["serve", "--repo", str(tmp_path / "repo"), "--grpc-front", "rust",
+                                      "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+                                      "--key-file", str(tmp_path / "key.json")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "--grpc-front 'rust': choose one of auto, native, python" in errors[0]
+    assert not (tmp_path / "key.json").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-KINDS = ("heads", "images", "models", "serve")  # datasets have their own root (PATCHER_DATA)
+KINDS = ("bin", "heads", "images", "models", "serve")  # datasets have their own root (PATCHER_DATA)
 
 
 def cache_root() -> Path:
@@ -14,7 +14,7 @@ def cache_root() -> Path:
 
 
 def cache_dir(kind: str) -> Path:
-    """The cache subfolder for one kind of thing (zero-shot heads, image stores, models, server keys, data)."""
+    """The cache subfolder for one kind of thing (built programs, zero-shot heads, image stores, models, keys)."""
     if kind not in KINDS:
         raise ValueError(f"unknown cache kind {kind!r}: one of {', '.join(KINDS)}")
     return cache_root() / kind

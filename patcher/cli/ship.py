@@ -172,6 +172,8 @@ def serve(
     metrics_port: Annotated[int, typer.Option(help="Metrics port (0: a free one).")] = 8002,
     log: Annotated[Path | None, typer.Option(help="Server log file.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Where to keep the control key (default: the cache).")] = None,
+    grpc_front: Annotated[str, typer.Option(
+        help="gRPC front: auto (compiled where Go is installed), native or python.")] = "auto",
 ) -> None:
     """Serve a model repository with the bundled Triton until Ctrl-C or SIGTERM: control plane closed by a key,
     committed updates rolled out, dead backends reloaded."""
@@ -184,7 +186,8 @@ def serve(
     spare = iter(distinct_free_ports(3, host))
     http_port, grpc_port, metrics_port = (value or next(spare) for value in (http_port, grpc_port, metrics_port))
     serve_forever(repo, ServeOptions(models=comma_list(models) or None, host=host, http_port=http_port,
-                                     grpc_port=grpc_port, metrics_port=metrics_port, log_path=log, key_file=key_file))
+                                     grpc_port=grpc_port, metrics_port=metrics_port, log_path=log, key_file=key_file,
+                                     grpc_front=grpc_front))
 
 
 def classify(

@@ -40,6 +40,7 @@ from patcher.triton.serving.access import (
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, ByteBudget, GrpcFront, message_limit
 from patcher.triton.serving.health import backend_died
 from patcher.triton.serving.http_front import HttpFront
+from patcher.triton.serving.native_front import NativeGrpcFront, native_front_binary
 from patcher.triton.serving.ports import free_port, port_in_use
 from patcher.triton.serving.server import ServerDied, ServerPorts, ServerSettings, TritonServer, exit_reason
 from patcher.triton.serving.supervisor import Supervisor
@@ -47,6 +48,7 @@ from patcher.triton.serving.watchdog import Watchdog
 
 TICK_S = 1.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+GRPC_FRONTS = ("auto", "native", "python")
 PRIVATE = "127.0.0.1"  # tritonserver's own gRPC and HTTP ports, reached by the fronts and the supervisor only
 RESTARTS_PER_WINDOW = 8
 RESTART_WINDOW_S = 300.0
@@ -83,9 +85,11 @@ def _check_ports(host: str, ports: dict[str, int]) -> None:
             raise PatcherError(f"{kind} port {host}:{port} is in use (another server?): choose another port")
 
 
-def _announce(server: TritonServer, urls: dict[str, str], key_path: Path | None, host: str, echo: Echo) -> None:
+def _announce(server: TritonServer, urls: dict[str, str], key_path: Path | None, host: str, front: str,
+              echo: Echo) -> None:
     echo(f"tritonserver ready in {server.timings['start_s']:.1f} s: repository {server.repo}")
-    echo(f"  gRPC    {urls['grpc']} (a front that never passes a client's deadline or cancellation to tritonserver)")
+    echo(f"  gRPC    {urls['grpc']} (a {front} front that never passes a client's deadline or cancellation to "
+         "tritonserver)")
     echo(f"  HTTP    {urls['http']} (a front that refuses a body over the request bound unread)")
     echo(f"  metrics {server.metrics_url}")
     echo(f"  models  {', '.join(server.loaded)}")
@@ -167,6 +171,7 @@ class ServeOptions:
     startup_timeout_s: float = 120
     key_file: Path | None = None
     tick_s: float = TICK_S
+    grpc_front: str = "auto"  # GRPC_FRONTS
 
 
 def serve_forever(repo: Path | str, options: ServeOptions | None = None,
@@ -178,7 +183,7 @@ def serve_forever(repo: Path | str, options: ServeOptions | None = None,
     signals = _Signals()
     host = options.host
     grpc_url, http_url = f"{host}:{options.grpc_port}", f"http://{host}:{options.http_port}"
-    fronts: list[GrpcFront | HttpFront] = []
+    fronts: list[GrpcFront | NativeGrpcFront | HttpFront] = []
     key = new_key()
     ports = ServerPorts(host=host, private_host=PRIVATE, http=free_port(PRIVATE), grpc=free_port(PRIVATE),
                         metrics=options.metrics_port)
@@ -191,11 +196,12 @@ def serve_forever(repo: Path | str, options: ServeOptions | None = None,
         owner = live_owner(key_path)
         if owner is not None:
             raise PatcherError(f"{key_path} is the key file of the running server {owner}: choose another --key-file")
-        grpc_front = _open_fronts(server, options, fronts)
+        grpc_front = _open_fronts(server, options, fronts, echo)
         _start(server, echo)
         endpoints = {"grpc": grpc_url, "http": http_url, "repository": str(server.repo)}
         key = write_key_file(key, key_path, endpoints)  # only now: the ports are this server's
-        _announce(server, endpoints, key.path, host, echo)
+        _announce(server, endpoints, key.path, host,
+                  "compiled" if isinstance(grpc_front, NativeGrpcFront) else "Python", echo)
         supervisor = Supervisor(server, serve_all=options.models is None, echo=echo)
         watchdog = Watchdog(PRIVATE, int(server.ports["http"] or 0)).watch(
             lambda: server.pgid if server.running() else None)
@@ -214,19 +220,39 @@ def serve_forever(repo: Path | str, options: ServeOptions | None = None,
     echo(f"tritonserver stopped in {server.timings.get('stop_s', 0):.1f} s")
 
 
-def _open_fronts(server: TritonServer, options: ServeOptions, fronts: list[GrpcFront | HttpFront]) -> GrpcFront:
+def _open_fronts(server: TritonServer, options: ServeOptions, fronts: list[GrpcFront | NativeGrpcFront | HttpFront],
+                 echo: Echo) -> GrpcFront | NativeGrpcFront:
     """The public gRPC and HTTP fronts, started and added to `fronts` one by one (so a failure stops those up);
-    the gRPC front."""
-    limit, budget = message_limit(server.repo, options.models), ByteBudget(MAX_INFLIGHT_BYTES)  # one budget, both
-    grpc_front = GrpcFront(options.host, options.grpc_port, server.grpc_url, limit, budget).start()
-    fronts.append(grpc_front)
+    the gRPC front: the compiled one where it can be built (or is asked for), else the Python one."""
+    if options.grpc_front not in GRPC_FRONTS:
+        raise PatcherError(f"--grpc-front {options.grpc_front!r}: choose one of {', '.join(GRPC_FRONTS)}")
+    limit = message_limit(server.repo, options.models)
+    binary, missing = None, None
+    if options.grpc_front != "python":
+        try:
+            binary = native_front_binary()
+        except PatcherError as error:
+            if options.grpc_front == "native":
+                raise
+            missing = str(error).split("; or serve with")[0]
+    grpc_front: GrpcFront | NativeGrpcFront
+    if binary is None:
+        budget = ByteBudget(MAX_INFLIGHT_BYTES)  # one budget, both fronts
+        grpc_front = GrpcFront(options.host, options.grpc_port, server.grpc_url, limit, budget)
+        if missing:
+            echo(f"gRPC front: the Python one ({missing})")
+    else:  # a process of its own: the bytes in flight are split between the two fronts
+        budget = ByteBudget(MAX_INFLIGHT_BYTES // 2)
+        grpc_front = NativeGrpcFront(options.host, options.grpc_port, server.grpc_url, limit, MAX_INFLIGHT_BYTES // 2,
+                                     binary)
+    fronts.append(grpc_front.start())
     http_private = (PRIVATE, int(server.ports["http"] or 0))
     fronts.append(HttpFront(options.host, options.http_port, http_private, limit, budget).start())
     return grpc_front
 
 
 def _serve(server: TritonServer, supervisor: Supervisor, watchdog: Watchdog, signals: _Signals,
-           grpc_front: GrpcFront, tick_s: float) -> None:
+           grpc_front: GrpcFront | NativeGrpcFront, tick_s: float) -> None:
     """Every tick until SIGINT or SIGTERM: a dead, stopped or hung tritonserver replaced, updates rolled out, the log
     and the memory large requests left free given back."""
     history: list[float] = []
