@@ -282,3 +282,28 @@ def test_no_file_name_repeats_across_packages() -> None:
     """A file's name says what it holds, once: two `loading.py` in two packages make a reader open the wrong one."""
     names = sorted(path.name for path in ROOT.rglob("*.py") if path.name != "__init__.py")
     assert sorted({name for name in names if names.count(name) > 1}) == []
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_every_file_the_package_reads(tmp_path: Path) -> None:
+    """`pip install .` (not editable) must get the model configs, the shipped reference weights and the compiled
+    front's source: every tracked file under patcher/, not only the modules (built from a copy of the tracked files,
+    so that no earlier build/ folder hides a missing one)."""
+    import shutil
+    import zipfile
+
+    tracked = subprocess.run(["git", "ls-files", "patcher", "pyproject.toml", "README.md"], cwd=ROOT.parent,
+                             capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    source = tmp_path / "source"
+    for name in tracked.stdout.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT.parent / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel")], cwd=source, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("patcher-*.whl")
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    missing = [name for name in tracked.stdout.split() if name.startswith("patcher/") and name not in packaged]
+    assert missing == [], missing

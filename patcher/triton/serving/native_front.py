@@ -38,6 +38,8 @@ def _go_environment() -> dict[str, str]:
 
 def native_front_missing() -> str | None:
     """Why the compiled front cannot be built here (None: it can)."""
+    if not SOURCE.is_file():
+        return f"its source {SOURCE} is not installed"
     if shutil.which("go") is None:
         return f"no Go toolchain on PATH ({INSTALL_HINT})"
     gopath = Path(_go_environment()["GOPATH"])
