@@ -332,14 +332,14 @@ def main() -> None:
             paths = {("grpc", "direct"): server.grpc_url, ("grpc", "front"): grpc_front.address,
                      ("http", "direct"): f"127.0.0.1:{http_port}",
                      ("http", "front"): f"127.0.0.1:{http_front.address[1]}"}
-            floors: list[Any] = ([BareProxy(f"127.0.0.1:{free_port()}", server.grpc_url),
-                                     AsyncBareProxy(f"127.0.0.1:{free_port()}", server.grpc_url)] if args.bare else [])
+            extra: list[Any] = []  # fronts and floors beyond patcher serve's Python ones, stopped at the end
             if native_front_missing() is None:
-                floors.insert(0, NativeGrpcFront("127.0.0.1", free_port(), server.grpc_url).start())
-                paths[("grpc", "compiled front")] = floors[0].address
-            bare = zip(floors[-2:], ("bare", "bare aio"), strict=True) if args.bare else []
-            for floor, path in bare:
-                paths[("grpc", path)] = floor.address
+                extra.append(NativeGrpcFront("127.0.0.1", free_port(), server.grpc_url).start())
+                paths[("grpc", "compiled front")] = extra[-1].address
+            if args.bare:
+                for proxy, path in ((BareProxy, "bare"), (AsyncBareProxy, "bare aio")):
+                    extra.append(proxy(f"127.0.0.1:{free_port()}", server.grpc_url))
+                    paths[("grpc", path)] = extra[-1].address
             chosen = {key: url for key, url in paths.items() if key[0] in protocols}
             if server_kind != "patcher":
                 chosen = {("grpc", "direct"): server.grpc_url}
@@ -358,8 +358,8 @@ def main() -> None:
             finally:
                 grpc_front.stop()
                 http_front.stop()
-                for floor in floors:
-                    floor.stop()
+                for started in extra:
+                    started.stop()
                 server.stop()
     summary = {key: {"images_per_s": float(np.median([r["images_per_s"] for r in runs])),
                      "p50_ms": float(np.median([r["p50_ms"] for r in runs])),

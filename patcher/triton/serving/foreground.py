@@ -40,7 +40,7 @@ from patcher.triton.serving.access import (
 from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, ByteBudget, GrpcFront, message_limit
 from patcher.triton.serving.health import backend_died
 from patcher.triton.serving.http_front import HttpFront
-from patcher.triton.serving.native_front import NativeGrpcFront, native_front_binary
+from patcher.triton.serving.native_front import FrontUnavailable, NativeGrpcFront, native_front_binary
 from patcher.triton.serving.ports import free_port, port_in_use
 from patcher.triton.serving.server import ServerDied, ServerPorts, ServerSettings, TritonServer, exit_reason
 from patcher.triton.serving.supervisor import Supervisor
@@ -231,10 +231,10 @@ def _open_fronts(server: TritonServer, options: ServeOptions, fronts: list[GrpcF
     if options.grpc_front != "python":
         try:
             binary = native_front_binary()
-        except PatcherError as error:
+        except FrontUnavailable as error:
             if options.grpc_front == "native":
                 raise
-            missing = str(error).split("; or serve with")[0]
+            missing = error.reason
     grpc_front: GrpcFront | NativeGrpcFront
     if binary is None:
         budget = ByteBudget(MAX_INFLIGHT_BYTES)  # one budget, both fronts

@@ -14,14 +14,14 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from patcher.base.cache import cache_dir
 from patcher.base.errors import PatcherError
-from patcher.triton.serving.front import MAX_MESSAGE_BYTES, WAIT_S, WORKERS
+from patcher.triton.serving.front import MAX_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, WAIT_S, WORKERS
 from patcher.triton.serving.processes import die_with_parent
 
 SOURCE = Path(__file__).parent / "native_front" / "main.go"
@@ -29,6 +29,15 @@ GOPATH = Path("/usr/share/gocode")  # where Debian's golang-google-grpc-dev puts
 INSTALL_HINT = "apt-get install golang-go golang-google-grpc-dev"
 BUILD_TIMEOUT_S = 300
 START_TIMEOUT_S = 10.0
+GRACE_S = 2.0  # what calls under way get at a stop
+
+
+class FrontUnavailable(PatcherError):
+    """The compiled front cannot be built here; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the compiled gRPC front cannot be built: {reason}; or serve with --grpc-front python")
+        self.reason = reason
 
 
 def _go_environment() -> dict[str, str]:
@@ -50,10 +59,10 @@ def native_front_missing() -> str | None:
 
 def native_front_binary() -> Path:
     """The built front for this source and Go, built into the cache on first use (atomically: concurrent builds are
-    safe); PatcherError if it cannot be built."""
+    safe); FrontUnavailable if it cannot be built."""
     missing = native_front_missing()
     if missing:
-        raise PatcherError(f"the compiled gRPC front cannot be built: {missing}; or serve with --grpc-front python")
+        raise FrontUnavailable(missing)
     version = subprocess.run(["go", "version"], capture_output=True, text=True, check=False).stdout
     digest = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
     binary = cache_dir("bin") / f"patcher-grpc-front-{digest}"
@@ -70,7 +79,7 @@ def native_front_binary() -> Path:
         failure = f"go build took more than {BUILD_TIMEOUT_S} s"
     try:
         if failure is not None:
-            raise PatcherError(f"the compiled gRPC front did not build: {failure}; or serve with --grpc-front python")
+            raise FrontUnavailable(f"it did not build: {failure}")
         os.replace(partial, binary)
     finally:
         partial.unlink(missing_ok=True)
@@ -81,19 +90,18 @@ class NativeGrpcFront:
     """The compiled pass-through on `host:port` to tritonserver's gRPC at `upstream`, as a child process."""
 
     def __init__(self, host: str, port: int, upstream: str, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 budget_bytes: int = 256 << 20, binary: Path | None = None) -> None:
+                 budget_bytes: int = MAX_INFLIGHT_BYTES, binary: Path | None = None) -> None:
         self.address, self.upstream = f"{host}:{port}", upstream
         self.max_message_bytes, self.budget_bytes = max_message_bytes, budget_bytes
         self.binary = binary
         self.process: subprocess.Popen[str] | None = None
-        self.errors: deque[str] = deque(maxlen=50)  # its last stderr lines (grpc-go's own warnings)
 
     def start(self) -> NativeGrpcFront:
         """Build if needed, start and wait until it listens; PatcherError if the port cannot be bound."""
         binary = self.binary or native_front_binary()
         command = [str(binary), "-listen", self.address, "-upstream", self.upstream,
                    "-max-message-bytes", str(self.max_message_bytes), "-budget-bytes", str(self.budget_bytes),
-                   "-wait-s", str(WAIT_S), "-workers", str(WORKERS)]
+                   "-wait-s", str(WAIT_S), "-workers", str(WORKERS), "-grace-s", str(GRACE_S)]
         # one thread runs Go code unless GOMAXPROCS says otherwise: the front's work is a small share of a request,
         # and on 2 shared cores a second one idling for work cost throughput (0.74 against 0.84 of direct)
         environment = {"GOMAXPROCS": "1", **os.environ}
@@ -105,7 +113,7 @@ class NativeGrpcFront:
             ready, _, _ = select.select([process.stdout], [], [], 0.1)
             if ready and process.stdout.readline().startswith("listening"):
                 self.process = process
-                threading.Thread(target=self._keep_errors, args=(process,), daemon=True).start()
+                threading.Thread(target=_pass_on, args=(process,), daemon=True).start()
                 return self
             if process.poll() is not None:
                 error = process.stderr.read().strip().splitlines()
@@ -115,24 +123,26 @@ class NativeGrpcFront:
         process.wait()
         raise PatcherError(f"the compiled gRPC front did not listen on {self.address} within {START_TIMEOUT_S:.0f} s")
 
-    def _keep_errors(self, process: subprocess.Popen[str]) -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            self.errors.append(line.rstrip("\n"))
-
     def trim(self) -> None:
         """Nothing to do: the front gives back the memory of large requests itself, once a second."""
 
-    def stop(self, grace_s: float = 2.0) -> None:
-        """Stop listening; requests in flight get `grace_s` to finish."""
+    def stop(self) -> None:
+        """Stop listening; requests in flight get GRACE_S to finish."""
         if self.process is None:
             return
         self.process.terminate()
         try:
-            self.process.wait(grace_s + 5)
+            self.process.wait(GRACE_S + 5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
         self.process = None
+
+
+def _pass_on(process: subprocess.Popen[str]) -> None:
+    """The running front's own messages (grpc-go's errors) onto this process's stderr, named."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        print(f"gRPC front: {line.rstrip()}", file=sys.stderr, flush=True)
